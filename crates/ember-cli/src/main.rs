@@ -1,0 +1,3 @@
+//! The `ember` binary. (Being built: see issue 2.)
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Guest artifacts: kernel extraction, root filesystem, initramfs, copy-on-write disks.

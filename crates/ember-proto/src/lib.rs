@@ -1,0 +1,1 @@
+//! gRPC definitions between the control plane and host agents.

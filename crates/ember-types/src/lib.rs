@@ -1,0 +1,47 @@
+//! Ember's shared vocabulary: typed identifiers and the fixed facts every
+//! component agrees on (the guest's network identity, the guest agent's port).
+//!
+//! This crate does no I/O. Wire types of the REST API live in `ember-control`,
+//! those of the host↔guest protocol in `ember-guest-api`.
+
+pub mod guest;
+mod id;
+
+pub use id::{BuildId, HostId, IdError, SandboxId, TeamId, TemplateId};
+
+/// Which virtual machine monitor runs (or made) a VM. A build records its
+/// backend and is restored only by the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Firecracker,
+    Qemu,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => "firecracker",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "firecracker" => Ok(BackendKind::Firecracker),
+            "qemu" => Ok(BackendKind::Qemu),
+            other => Err(format!(
+                "unknown backend {other:?}: expected \"firecracker\" or \"qemu\""
+            )),
+        }
+    }
+}

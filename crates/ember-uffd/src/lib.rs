@@ -1,0 +1,1 @@
+//! The userfaultfd page server that restores Firecracker VMs lazily from snapshot builds.

@@ -1,0 +1,1 @@
+//! Firecracker backend. (Being built: see issue 3.)

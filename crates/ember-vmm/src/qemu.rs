@@ -1,0 +1,1 @@
+//! QEMU `-M microvm` backend. (Being built: see issue 2.)
