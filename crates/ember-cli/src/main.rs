@@ -1,3 +1,63 @@
-//! The `ember` binary. (Being built: see issue 2.)
+//! The `ember` binary. Each subcommand lives in its own module under `cmd/`
+//! and is a thin layer over a library crate; nothing depends on this crate.
 
-fn main() {}
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ember", version, about = "Ember: sandboxes in microVMs that pause, resume and fork in milliseconds")]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `ember_vmm=debug`.
+    #[arg(long, global = true, env = "EMBER_LOG", default_value = "warn")]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "EMBER_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Guest images: kernel, initramfs and root filesystem.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCommand),
+    /// Serve a restored VM's memory through userfaultfd (started by the host agent).
+    Uffd(cmd::uffd::UffdArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Image(c) => cmd::image::run(c).await,
+            Command::Uffd(a) => cmd::uffd::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand.
+
+pub mod image;
+pub mod uffd;
