@@ -14,6 +14,18 @@
 //! - `apply`: the one place that changes the system.
 //! - `pool`: allocation across processes, crash recovery.
 //!
+//! Operating notes:
+//! - The host needs `net.ipv4.ip_forward=1`; the first slot sets it (and
+//!   logs that it did) and nothing ever resets it.
+//! - The host table `<prefix>` only adds accepts; a host firewall whose own
+//!   forward chain drops by default must also accept the pool's traffic
+//!   (see [`HostPlan::new`]).
+//! - A host agent that restarts while VMs run must [`SlotPool::adopt`] its
+//!   slots before calling [`SlotPool::reclaim_stale`].
+//! - Refused guest traffic gets a TCP reset or ICMP admin-prohibited at once.
+//!   DNS servers on private ranges (a LAN resolver, the host's stub) are
+//!   refused by default like any other private address.
+//!
 //! Not here: starting VMMs (they get [`VmmNet`]), DNS for the guest, IPv6
 //! (dropped for guests in v1).
 

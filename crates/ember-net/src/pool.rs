@@ -413,3 +413,30 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
     }
     Ok(names)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_and_pools_move_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Slot>();
+        shareable::<SlotPool>();
+    }
+
+    #[test]
+    fn new_pool_creates_only_its_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("net");
+        let pool = SlotPool::new(PoolConfig {
+            prefix: "u".into(),
+            pool: "10.9.0.0/24".parse().unwrap(),
+            run_dir: run_dir.clone(),
+        })
+        .unwrap();
+        assert_eq!(pool.layout().capacity(), 64);
+        assert!(run_dir.is_dir());
+        assert_eq!(std::fs::read_dir(&run_dir).unwrap().count(), 0);
+    }
+}
