@@ -34,7 +34,7 @@ impl BlockSet {
 
     /// Every block in `0..blocks`.
     pub fn full(blocks: u64) -> Self {
-        Self::from_ranges([0..blocks])
+        Self::from_ranges(std::iter::once(0..blocks))
     }
 
     /// Add one block.

@@ -13,16 +13,16 @@ pub enum SnapshotError {
     HeaderTruncated { len: usize, expected: usize },
     #[error("not an Ember snapshot header (bad magic)")]
     HeaderMagic,
-    #[error("header format version {found} is not supported (this Ember reads version {supported})")]
+    #[error(
+        "header format version {found} is not supported (this Ember reads version {supported})"
+    )]
     HeaderVersion { found: u32, supported: u32 },
     #[error("header checksum does not match its contents")]
     HeaderChecksum,
     #[error("header is inconsistent: {reason}")]
     HeaderInvalid { reason: String },
 
-    #[error(
-        "block size {block_size} is not supported: use a power of two between 512 B and 1 GiB"
-    )]
+    #[error("block size {block_size} is not supported: use a power of two between 512 B and 1 GiB")]
     BlockSize { block_size: u64 },
     #[error("image size must be greater than zero")]
     EmptyImage,
@@ -80,11 +80,15 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("header of build {build} references builds that are not in the store: {}", list(missing))]
-    ReferencedBuildsMissing { build: BuildId, missing: Vec<BuildId> },
     #[error(
-        "{file} of build {build} is {len} bytes but a header reads up to byte {needed} of it"
+        "header of build {build} references builds that are not in the store: {}",
+        list(missing)
     )]
+    ReferencedBuildsMissing {
+        build: BuildId,
+        missing: Vec<BuildId>,
+    },
+    #[error("{file} of build {build} is {len} bytes but a header reads up to byte {needed} of it")]
     StorageOutOfRange {
         build: BuildId,
         file: &'static str,
@@ -99,6 +103,8 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    #[error("a build is being written; run gc again once it is committed")]
+    StoreBusy,
     #[error("{path} already exists; materialize writes a new file")]
     DestinationExists { path: PathBuf },
 }
@@ -114,7 +120,10 @@ fn list(builds: &[BuildId]) -> String {
 pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;
 
 /// Wrap an `io::Error` with the operation and path it concerns.
-pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+pub(crate) fn io(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let path = path.into();
     move |source| SnapshotError::Io { op, path, source }
 }

@@ -268,7 +268,9 @@ impl Header {
     /// past the end, clipped at `size`.
     pub fn segments(&self, range: Range<u64>) -> Segments<'_> {
         let end = range.end.min(self.meta.size);
-        let index = self.mapping_index(range.start).unwrap_or(self.mappings.len());
+        let index = self
+            .mapping_index(range.start)
+            .unwrap_or(self.mappings.len());
         Segments {
             mappings: &self.mappings,
             index,
@@ -459,10 +461,7 @@ impl Header {
         }
         if bytes.len() > expected {
             return Err(SnapshotError::HeaderInvalid {
-                reason: format!(
-                    "{} bytes follow the checksum",
-                    bytes.len() - expected
-                ),
+                reason: format!("{} bytes follow the checksum", bytes.len() - expected),
             });
         }
         let (body, checksum) = bytes.split_at(expected - CHECKSUM_LEN);
@@ -617,7 +616,11 @@ fn overlay(meta: &HeaderMeta, dirty: &BlockSet, zero: &BlockSet) -> Result<Vec<M
             storage += r.end - r.start;
             (r, meta.build_id, at)
         } else {
-            (byte_range(zero_runs.next().expect("peeked")), BuildId::NIL, 0)
+            (
+                byte_range(zero_runs.next().expect("peeked")),
+                BuildId::NIL,
+                0,
+            )
         };
         out.push(Mapping {
             offset: range.start,
@@ -650,7 +653,8 @@ pub fn merge(base: &[Mapping], overlay: &[Mapping]) -> Vec<Mapping> {
     let mut out = Vec::with_capacity(kept.len() + overlay.len());
     let (mut i, mut j) = (0, 0);
     while i < kept.len() || j < overlay.len() {
-        let take_kept = j == overlay.len() || (i < kept.len() && kept[i].offset < overlay[j].offset);
+        let take_kept =
+            j == overlay.len() || (i < kept.len() && kept[i].offset < overlay[j].offset);
         if take_kept {
             out.push(kept[i]);
             i += 1;

@@ -1,3 +1,6 @@
+// Block sets are written as slices of block ranges; one-range slices are intended.
+#![allow(clippy::single_range_in_vec_init)]
+
 use super::*;
 use proptest::prelude::*;
 
@@ -26,7 +29,10 @@ fn base_maps_the_whole_image_at_identity_offsets() {
     let h = Header::base(b, 10 * KIB4, KIB4).unwrap();
     assert_eq!(h.mappings(), &[m(0, 10 * KIB4, b, 0)]);
     let r = h.resolve(5 * KIB4 + 7).unwrap();
-    assert_eq!((r.build_id, r.storage_offset, r.remaining), (b, 5 * KIB4 + 7, 5 * KIB4 - 7));
+    assert_eq!(
+        (r.build_id, r.storage_offset, r.remaining),
+        (b, 5 * KIB4 + 7, 5 * KIB4 - 7)
+    );
     assert_eq!(h.resolve(10 * KIB4), None);
     assert_eq!(h.meta().generation, 0);
     assert_eq!(h.meta().base_build_id, b);
@@ -109,17 +115,35 @@ fn bad_generation_inputs_are_typed_errors() {
     let [a, b] = ids(2).try_into().unwrap();
     let g0 = Header::base(a, 4 * KIB4, KIB4).unwrap();
     let err = Header::next_generation(&g0, b, &set(&[1..3]), &set(&[2..4])).unwrap_err();
-    assert!(matches!(err, SnapshotError::DirtyAndZero { block: 2 }), "{err}");
+    assert!(
+        matches!(err, SnapshotError::DirtyAndZero { block: 2 }),
+        "{err}"
+    );
     let err = Header::next_generation(&g0, b, &set(&[3..5]), &BlockSet::new()).unwrap_err();
-    assert!(matches!(err, SnapshotError::BlockOutOfRange { block: 4, blocks: 4 }), "{err}");
-    let err = Header::next_generation(&g0, BuildId::NIL, &BlockSet::new(), &BlockSet::new())
-        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SnapshotError::BlockOutOfRange {
+                block: 4,
+                blocks: 4
+            }
+        ),
+        "{err}"
+    );
+    let err =
+        Header::next_generation(&g0, BuildId::NIL, &BlockSet::new(), &BlockSet::new()).unwrap_err();
     assert!(matches!(err, SnapshotError::NilBuild));
     for bs in [0, 100, 256, 3000, 1 << 31] {
         let err = Header::base(a, KIB4, bs).unwrap_err();
-        assert!(matches!(err, SnapshotError::BlockSize { .. }), "{bs}: {err}");
+        assert!(
+            matches!(err, SnapshotError::BlockSize { .. }),
+            "{bs}: {err}"
+        );
     }
-    assert!(matches!(Header::base(a, 0, KIB4), Err(SnapshotError::EmptyImage)));
+    assert!(matches!(
+        Header::base(a, 0, KIB4),
+        Err(SnapshotError::EmptyImage)
+    ));
 }
 
 #[test]
@@ -127,21 +151,36 @@ fn validate_rejects_gaps_overlaps_misalignment_and_reused_storage() {
     let a = BuildId::new();
     let meta = base_meta(a, 4 * KIB4, KIB4);
     let cases: Vec<(&str, Vec<Mapping>)> = vec![
-        ("gap", vec![m(0, KIB4, a, 0), m(2 * KIB4, 2 * KIB4, a, KIB4)]),
-        ("overlap", vec![m(0, 2 * KIB4, a, 0), m(KIB4, 3 * KIB4, a, 2 * KIB4)]),
+        (
+            "gap",
+            vec![m(0, KIB4, a, 0), m(2 * KIB4, 2 * KIB4, a, KIB4)],
+        ),
+        (
+            "overlap",
+            vec![m(0, 2 * KIB4, a, 0), m(KIB4, 3 * KIB4, a, 2 * KIB4)],
+        ),
         ("short", vec![m(0, 3 * KIB4, a, 0)]),
         ("past end", vec![m(0, 5 * KIB4, a, 0)]),
         ("empty", vec![m(0, 0, a, 0), m(0, 4 * KIB4, a, 0)]),
-        ("unaligned length", vec![m(0, 100, a, 0), m(100, 4 * KIB4 - 100, a, 100)]),
+        (
+            "unaligned length",
+            vec![m(0, 100, a, 0), m(100, 4 * KIB4 - 100, a, 100)],
+        ),
         ("unaligned storage", vec![m(0, 4 * KIB4, a, 512)]),
         ("nil storage", vec![m(0, 4 * KIB4, BuildId::NIL, KIB4)]),
-        ("reused storage", vec![m(0, 2 * KIB4, a, 0), m(2 * KIB4, 2 * KIB4, a, KIB4)]),
+        (
+            "reused storage",
+            vec![m(0, 2 * KIB4, a, 0), m(2 * KIB4, 2 * KIB4, a, KIB4)],
+        ),
         ("overflow", vec![m(0, 4 * KIB4, a, u64::MAX - KIB4 + 1)]),
         ("none", vec![]),
     ];
     for (what, mappings) in cases {
         let err = Header::from_parts(meta, mappings).unwrap_err();
-        assert!(matches!(err, SnapshotError::HeaderInvalid { .. }), "{what}: {err}");
+        assert!(
+            matches!(err, SnapshotError::HeaderInvalid { .. }),
+            "{what}: {err}"
+        );
     }
     let wrong_base = HeaderMeta {
         base_build_id: BuildId::new(),
@@ -166,7 +205,11 @@ fn merge_splits_base_mappings_around_the_overlay() {
         ]
     );
     // An overlay entry spanning several base mappings replaces all of them.
-    let base = [m(0, KIB4, a, 0), m(KIB4, KIB4, b, 0), m(2 * KIB4, KIB4, a, KIB4)];
+    let base = [
+        m(0, KIB4, a, 0),
+        m(KIB4, KIB4, b, 0),
+        m(2 * KIB4, KIB4, a, KIB4),
+    ];
     let overlay = [m(0, 3 * KIB4, BuildId::NIL, 0)];
     assert_eq!(merge(&base, &overlay), overlay.to_vec());
 }
@@ -215,7 +258,12 @@ fn segments_clip_a_range_to_mappings() {
         ]
     );
     assert_eq!(g1.segments(4 * KIB4..5 * KIB4).count(), 0);
-    assert_eq!(g1.segments(4 * KIB4 - 1..5 * KIB4).map(|s| s.length).sum::<u64>(), 1);
+    assert_eq!(
+        g1.segments(4 * KIB4 - 1..5 * KIB4)
+            .map(|s| s.length)
+            .sum::<u64>(),
+        1
+    );
 }
 
 #[test]
@@ -227,35 +275,62 @@ fn decode_reports_what_is_wrong() {
     assert_eq!(Header::decode(&bytes).unwrap(), g1);
 
     let err = Header::decode(&bytes[..bytes.len() - 1]).unwrap_err();
-    assert!(matches!(err, SnapshotError::HeaderTruncated { .. }), "{err}");
+    assert!(
+        matches!(err, SnapshotError::HeaderTruncated { .. }),
+        "{err}"
+    );
     let err = Header::decode(&bytes[..20]).unwrap_err();
-    assert!(matches!(err, SnapshotError::HeaderTruncated { .. }), "{err}");
-    assert!(matches!(Header::decode(&[]), Err(SnapshotError::HeaderTruncated { .. })));
+    assert!(
+        matches!(err, SnapshotError::HeaderTruncated { .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        Header::decode(&[]),
+        Err(SnapshotError::HeaderTruncated { .. })
+    ));
 
     let mut wrong = bytes.clone();
     wrong[0] = b'X';
-    assert!(matches!(Header::decode(&wrong), Err(SnapshotError::HeaderMagic)));
-    assert!(matches!(Header::decode(b"{\"json\":1}"), Err(SnapshotError::HeaderMagic)));
+    assert!(matches!(
+        Header::decode(&wrong),
+        Err(SnapshotError::HeaderMagic)
+    ));
+    assert!(matches!(
+        Header::decode(b"{\"json\":1}"),
+        Err(SnapshotError::HeaderMagic)
+    ));
 
     let mut wrong = bytes.clone();
     wrong[8..12].copy_from_slice(&2u32.to_le_bytes());
     assert!(matches!(
         Header::decode(&wrong),
-        Err(SnapshotError::HeaderVersion { found: 2, supported: 1 })
+        Err(SnapshotError::HeaderVersion {
+            found: 2,
+            supported: 1
+        })
     ));
 
     let mut wrong = bytes.clone();
     wrong[FIXED_LEN + 3] ^= 0x10;
-    assert!(matches!(Header::decode(&wrong), Err(SnapshotError::HeaderChecksum)));
+    assert!(matches!(
+        Header::decode(&wrong),
+        Err(SnapshotError::HeaderChecksum)
+    ));
 
     let mut longer = bytes.clone();
     longer.push(0);
-    assert!(matches!(Header::decode(&longer), Err(SnapshotError::HeaderInvalid { .. })));
+    assert!(matches!(
+        Header::decode(&longer),
+        Err(SnapshotError::HeaderInvalid { .. })
+    ));
 
     // A huge mapping count must not make decode allocate or overflow.
     let mut huge = bytes.clone();
     huge[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(Header::decode(&huge), Err(SnapshotError::HeaderTruncated { .. })));
+    assert!(matches!(
+        Header::decode(&huge),
+        Err(SnapshotError::HeaderTruncated { .. })
+    ));
 }
 
 #[test]
@@ -306,12 +381,14 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop::option::of(prop::collection::vec((any::<bool>(), 1u64..6), 1..20)),
         prop::collection::vec(prop::collection::vec((action(), 1u64..6), 1..20), 0..8),
     )
-        .prop_map(|(block_size, blocks, tail, base_stored, generations)| Scenario {
-            block_size,
-            size: blocks * block_size - tail % block_size,
-            base_stored,
-            generations,
-        })
+        .prop_map(
+            |(block_size, blocks, tail, base_stored, generations)| Scenario {
+                block_size,
+                size: blocks * block_size - tail % block_size,
+                base_stored,
+                generations,
+            },
+        )
 }
 
 /// Expand run-length actions to one per block, cycling if they run short.
@@ -338,7 +415,9 @@ fn run(s: &Scenario) -> Vec<(Header, Model)> {
     let (h0, m0) = match &s.base_stored {
         None => (
             Header::base(base, s.size, s.block_size).unwrap(),
-            (0..blocks).map(|b| (base, b * s.block_size)).collect::<Model>(),
+            (0..blocks)
+                .map(|b| (base, b * s.block_size))
+                .collect::<Model>(),
         ),
         Some(runs) => {
             let stored = per_block(runs, blocks);
@@ -354,7 +433,10 @@ fn run(s: &Scenario) -> Vec<(Header, Model)> {
                     }
                 })
                 .collect();
-            (Header::base_sparse(base, s.size, s.block_size, &set).unwrap(), model)
+            (
+                Header::base_sparse(base, s.size, s.block_size, &set).unwrap(),
+                model,
+            )
         }
     };
     out.push((h0, m0));
@@ -362,10 +444,12 @@ fn run(s: &Scenario) -> Vec<(Header, Model)> {
         let actions = per_block(gen_runs, blocks);
         let build = BuildId::new();
         let (parent, parent_model) = out.last().unwrap();
-        let dirty: BlockSet =
-            (0..blocks).filter(|&b| matches!(actions[b as usize], Action::Dirty)).collect();
-        let zero: BlockSet =
-            (0..blocks).filter(|&b| matches!(actions[b as usize], Action::Zero)).collect();
+        let dirty: BlockSet = (0..blocks)
+            .filter(|&b| matches!(actions[b as usize], Action::Dirty))
+            .collect();
+        let zero: BlockSet = (0..blocks)
+            .filter(|&b| matches!(actions[b as usize], Action::Zero))
+            .collect();
         let mut model = parent_model.clone();
         let mut cursor = 0;
         for b in 0..blocks {
@@ -404,7 +488,11 @@ fn check_against_model(s: &Scenario, h: &Header, model: &Model, maximal: bool) {
         let len = block_len(s, b);
         for offset in [start, start + len / 2, start + len - 1] {
             let r = h.resolve(offset).unwrap();
-            assert_eq!((r.build_id, r.storage_offset), model_at(s, model, offset), "offset {offset}");
+            assert_eq!(
+                (r.build_id, r.storage_offset),
+                model_at(s, model, offset),
+                "offset {offset}"
+            );
             let end = offset + r.remaining;
             assert!(r.remaining > 0 && end <= s.size);
             // Every block start inside the run continues it in the model.
@@ -415,7 +503,11 @@ fn check_against_model(s: &Scenario, h: &Header, model: &Model, maximal: bool) {
                 } else {
                     (r.build_id, r.storage_offset + (next - offset))
                 };
-                assert_eq!(model_at(s, model, next), expect, "run from {offset} breaks at {next}");
+                assert_eq!(
+                    model_at(s, model, next),
+                    expect,
+                    "run from {offset} breaks at {next}"
+                );
                 next += s.block_size;
             }
             if maximal && end < s.size {
@@ -424,7 +516,11 @@ fn check_against_model(s: &Scenario, h: &Header, model: &Model, maximal: bool) {
                 } else {
                     (r.build_id, r.storage_offset + r.remaining)
                 };
-                assert_ne!(model_at(s, model, end), continued, "run from {offset} stops early");
+                assert_ne!(
+                    model_at(s, model, end),
+                    continued,
+                    "run from {offset} stops early"
+                );
             }
         }
     }
