@@ -139,10 +139,28 @@ pub struct Segment {
 
 /// A validated header. Constructed only through operations that keep the
 /// invariants in the module documentation, so readers can trust it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Header {
     meta: HeaderMeta,
     mappings: Vec<Mapping>,
+    index: MappingIndex,
+}
+
+impl PartialEq for Header {
+    fn eq(&self, other: &Self) -> bool {
+        self.meta == other.meta && self.mappings == other.mappings
+    }
+}
+
+impl Eq for Header {}
+
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Header")
+            .field("meta", &self.meta)
+            .field("mappings", &self.mappings)
+            .finish()
+    }
 }
 
 impl Header {
@@ -206,9 +224,13 @@ impl Header {
 
     /// A header from its parts, if they satisfy every invariant.
     pub fn from_parts(meta: HeaderMeta, mappings: Vec<Mapping>) -> Result<Header> {
-        let header = Header { meta, mappings };
-        header.validate()?;
-        Ok(header)
+        validate(&meta, &mappings)?;
+        let index = MappingIndex::new(&mappings, meta.size);
+        Ok(Header {
+            meta,
+            mappings,
+            index,
+        })
     }
 
     pub fn meta(&self) -> &HeaderMeta {
@@ -257,7 +279,7 @@ impl Header {
         if offset >= self.meta.size {
             return None;
         }
-        Some(self.mappings.partition_point(|m| m.offset <= offset) - 1)
+        Some(self.index.find(offset))
     }
 
     fn mapping_at(&self, offset: u64) -> Option<&Mapping> {
@@ -313,110 +335,17 @@ impl Header {
     /// Coalesce adjacent mappings where that changes no resolution.
     pub fn normalize(&mut self) {
         self.mappings = normalize(std::mem::take(&mut self.mappings));
+        self.index = MappingIndex::new(&self.mappings, self.meta.size);
     }
 
     /// Check every invariant in the module documentation.
     pub fn validate(&self) -> Result<()> {
-        let HeaderMeta {
-            version,
-            block_size,
-            size,
-            generation,
-            build_id,
-            base_build_id,
-        } = self.meta;
-        let invalid = |reason: String| Err(SnapshotError::HeaderInvalid { reason });
-        if version != HEADER_VERSION {
-            return Err(SnapshotError::HeaderVersion {
-                found: version,
-                supported: HEADER_VERSION,
-            });
-        }
-        if let Err(e) = check_geometry(size, block_size) {
-            return invalid(e.to_string());
-        }
-        if build_id.is_nil() || base_build_id.is_nil() {
-            return invalid("build_id and base_build_id must not be nil".into());
-        }
-        if generation == 0 && base_build_id != build_id {
-            return invalid("a generation-0 header is its own base build".into());
-        }
-        let mut pos = 0u64;
-        let mut storage_end: HashMap<BuildId, u64> = HashMap::new();
-        for (i, m) in self.mappings.iter().enumerate() {
-            if m.offset != pos {
-                return invalid(format!(
-                    "mapping {i} starts at {} where {pos} was expected",
-                    m.offset
-                ));
-            }
-            if m.length == 0 {
-                return invalid(format!("mapping {i} is empty"));
-            }
-            let end = match m.offset.checked_add(m.length) {
-                Some(end) if end <= size => end,
-                _ => return invalid(format!("mapping {i} ends past the image size {size}")),
-            };
-            if m.length % block_size != 0 && end != size {
-                return invalid(format!(
-                    "mapping {i} length {} is not a multiple of the block size {block_size}",
-                    m.length
-                ));
-            }
-            if m.is_nil() {
-                if m.build_storage_offset != 0 {
-                    return invalid(format!("nil mapping {i} has a storage offset"));
-                }
-            } else {
-                let s = m.build_storage_offset;
-                if s % block_size != 0 {
-                    return invalid(format!(
-                        "mapping {i} storage offset {s} is not block-aligned"
-                    ));
-                }
-                if s.checked_add(m.length).is_none_or(|e| e > MAX_IMAGE_SIZE) {
-                    return invalid(format!("mapping {i} storage range overflows"));
-                }
-                let last = storage_end.entry(m.build_id).or_insert(0);
-                if s < *last {
-                    return invalid(format!(
-                        "mapping {i} reuses or reorders storage of build {}",
-                        m.build_id
-                    ));
-                }
-                *last = s + m.length;
-            }
-            pos = end;
-        }
-        if pos != size {
-            return invalid(format!("mappings cover {pos} bytes of {size}"));
-        }
-        Ok(())
+        validate(&self.meta, &self.mappings)
     }
 
     /// The binary form described in the module documentation.
     pub fn encode(&self) -> Vec<u8> {
-        let mut buf =
-            Vec::with_capacity(FIXED_LEN + self.mappings.len() * MAPPING_LEN + CHECKSUM_LEN);
-        let m = &self.meta;
-        buf.extend_from_slice(&HEADER_MAGIC);
-        buf.extend_from_slice(&m.version.to_le_bytes());
-        buf.extend_from_slice(&0u32.to_le_bytes());
-        buf.extend_from_slice(&m.block_size.to_le_bytes());
-        buf.extend_from_slice(&m.size.to_le_bytes());
-        buf.extend_from_slice(&m.generation.to_le_bytes());
-        buf.extend_from_slice(m.build_id.as_bytes());
-        buf.extend_from_slice(m.base_build_id.as_bytes());
-        buf.extend_from_slice(&(self.mappings.len() as u64).to_le_bytes());
-        for mapping in &self.mappings {
-            buf.extend_from_slice(&mapping.offset.to_le_bytes());
-            buf.extend_from_slice(&mapping.length.to_le_bytes());
-            buf.extend_from_slice(mapping.build_id.as_bytes());
-            buf.extend_from_slice(&mapping.build_storage_offset.to_le_bytes());
-        }
-        let digest = Sha256::digest(&buf);
-        buf.extend_from_slice(&digest);
-        buf
+        encode(&self.meta, &self.mappings)
     }
 
     /// Parse and validate an encoded header. Any malformed input is an
@@ -493,6 +422,162 @@ impl Header {
             },
             mappings,
         )
+    }
+}
+
+/// Check the invariants in the module documentation.
+fn validate(meta: &HeaderMeta, mappings: &[Mapping]) -> Result<()> {
+    let HeaderMeta {
+        version,
+        block_size,
+        size,
+        generation,
+        build_id,
+        base_build_id,
+    } = *meta;
+    let invalid = |reason: String| Err(SnapshotError::HeaderInvalid { reason });
+    if version != HEADER_VERSION {
+        return Err(SnapshotError::HeaderVersion {
+            found: version,
+            supported: HEADER_VERSION,
+        });
+    }
+    if let Err(e) = check_geometry(size, block_size) {
+        return invalid(e.to_string());
+    }
+    if build_id.is_nil() || base_build_id.is_nil() {
+        return invalid("build_id and base_build_id must not be nil".into());
+    }
+    if generation == 0 && base_build_id != build_id {
+        return invalid("a generation-0 header is its own base build".into());
+    }
+    let mut pos = 0u64;
+    let mut storage_end: HashMap<BuildId, u64> = HashMap::new();
+    for (i, m) in mappings.iter().enumerate() {
+        if m.offset != pos {
+            return invalid(format!(
+                "mapping {i} starts at {} where {pos} was expected",
+                m.offset
+            ));
+        }
+        if m.length == 0 {
+            return invalid(format!("mapping {i} is empty"));
+        }
+        let end = match m.offset.checked_add(m.length) {
+            Some(end) if end <= size => end,
+            _ => return invalid(format!("mapping {i} ends past the image size {size}")),
+        };
+        if m.length % block_size != 0 && end != size {
+            return invalid(format!(
+                "mapping {i} length {} is not a multiple of the block size {block_size}",
+                m.length
+            ));
+        }
+        if m.is_nil() {
+            if m.build_storage_offset != 0 {
+                return invalid(format!("nil mapping {i} has a storage offset"));
+            }
+        } else {
+            let s = m.build_storage_offset;
+            if s % block_size != 0 {
+                return invalid(format!(
+                    "mapping {i} storage offset {s} is not block-aligned"
+                ));
+            }
+            if s.checked_add(m.length).is_none_or(|e| e > MAX_IMAGE_SIZE) {
+                return invalid(format!("mapping {i} storage range overflows"));
+            }
+            let last = storage_end.entry(m.build_id).or_insert(0);
+            if s < *last {
+                return invalid(format!(
+                    "mapping {i} reuses or reorders storage of build {}",
+                    m.build_id
+                ));
+            }
+            *last = s + m.length;
+        }
+        pos = end;
+    }
+    if pos != size {
+        return invalid(format!("mappings cover {pos} bytes of {size}"));
+    }
+    Ok(())
+}
+
+/// The binary form described in the module documentation.
+fn encode(meta: &HeaderMeta, mappings: &[Mapping]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(FIXED_LEN + mappings.len() * MAPPING_LEN + CHECKSUM_LEN);
+    let m = meta;
+    buf.extend_from_slice(&HEADER_MAGIC);
+    buf.extend_from_slice(&m.version.to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&m.block_size.to_le_bytes());
+    buf.extend_from_slice(&m.size.to_le_bytes());
+    buf.extend_from_slice(&m.generation.to_le_bytes());
+    buf.extend_from_slice(m.build_id.as_bytes());
+    buf.extend_from_slice(m.base_build_id.as_bytes());
+    buf.extend_from_slice(&(mappings.len() as u64).to_le_bytes());
+    for mapping in mappings {
+        buf.extend_from_slice(&mapping.offset.to_le_bytes());
+        buf.extend_from_slice(&mapping.length.to_le_bytes());
+        buf.extend_from_slice(mapping.build_id.as_bytes());
+        buf.extend_from_slice(&mapping.build_storage_offset.to_le_bytes());
+    }
+    let digest = Sha256::digest(&buf);
+    buf.extend_from_slice(&digest);
+    buf
+}
+
+/// Finds the mapping holding an offset without searching them all: the
+/// image is cut into at most `MAX_BUCKETS` power-of-two buckets, each
+/// remembering the mapping its first byte is in, so a lookup binary-searches
+/// only the few mappings of one bucket (random lookups in a 100k-mapping
+/// header otherwise miss the cache at every step).
+#[derive(Clone, Default)]
+struct MappingIndex {
+    shift: u32,
+    /// Per bucket: index of the mapping containing the bucket's first byte.
+    first: Vec<u32>,
+    /// `mappings[i].offset`.
+    starts: Vec<u64>,
+}
+
+const MAX_BUCKETS: u64 = 1 << 16;
+
+impl MappingIndex {
+    /// `mappings` must be valid for `size`.
+    fn new(mappings: &[Mapping], size: u64) -> MappingIndex {
+        let starts: Vec<u64> = mappings.iter().map(|m| m.offset).collect();
+        let mut shift = MIN_BLOCK_SIZE.trailing_zeros();
+        while (size >> shift) >= MAX_BUCKETS {
+            shift += 1;
+        }
+        let buckets = size.div_ceil(1 << shift);
+        let mut first = Vec::with_capacity(buckets as usize);
+        let mut i = 0;
+        for b in 0..buckets {
+            let start = b << shift;
+            while i + 1 < starts.len() && starts[i + 1] <= start {
+                i += 1;
+            }
+            first.push(i as u32);
+        }
+        MappingIndex {
+            shift,
+            first,
+            starts,
+        }
+    }
+
+    /// Index of the mapping containing `offset`, which is inside the image.
+    fn find(&self, offset: u64) -> usize {
+        let bucket = (offset >> self.shift) as usize;
+        let lo = self.first[bucket] as usize;
+        let hi = self
+            .first
+            .get(bucket + 1)
+            .map_or(self.starts.len(), |&i| i as usize + 1);
+        lo + self.starts[lo..hi].partition_point(|&s| s <= offset) - 1
     }
 }
 

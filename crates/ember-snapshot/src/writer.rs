@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -156,7 +157,8 @@ impl BuildWriter {
     }
 
     /// Way (a): a complete image. With a parent, a block is stored only if
-    /// it differs from what the parent header reads there.
+    /// it differs from what the parent header reads there. Holes in the
+    /// image (a RAM file's untouched pages) are zeros and are not read.
     pub fn write_image_from_full(
         &mut self,
         kind: ImageKind,
@@ -170,22 +172,21 @@ impl BuildWriter {
             Base::Fresh { .. } => None,
         };
         let mut diff = self.start_image(kind, base, size)?;
-        let mut buf = vec![0u8; chunk_len(diff.block_size)];
-        let mut offset = 0;
-        while offset < size {
-            let n = (size - offset).min(buf.len() as u64) as usize;
-            image
-                .read_exact_at(&mut buf[..n], offset)
-                .map_err(io("read", image_path))?;
-            diff.add(offset, &buf[..n], parent.as_ref())?;
-            offset += n as u64;
+        let data = data_blocks(&image, image_path, size, diff.block_size)?;
+        for run in data.complement(size.div_ceil(diff.block_size)).runs() {
+            diff.zero.insert_run(run);
+        }
+        for run in data.runs() {
+            diff.add_from_file(&image, image_path, run, parent.as_ref())?;
         }
         self.finish_image(diff, base)
     }
 
     /// Way (b): a full-size sparse file whose data extents are exactly the
     /// dirty blocks (holes are inherited from the parent, or zeros for a
-    /// fresh build). Extents are widened to whole blocks.
+    /// fresh build). Extents are widened to whole blocks. Needs a file
+    /// system that reports holes (ext4, XFS, btrfs, tmpfs all do); on one
+    /// that does not, the whole file counts as dirty.
     pub fn write_image_from_sparse(
         &mut self,
         kind: ImageKind,
@@ -195,31 +196,8 @@ impl BuildWriter {
         let image = File::open(image_path).map_err(io("open", image_path))?;
         let size = image.metadata().map_err(io("stat", image_path))?.len();
         let mut diff = self.start_image(kind, base, size)?;
-        let bs = diff.block_size;
-        let mut buf = vec![0u8; chunk_len(bs)];
-        let mut cursor = 0;
-        while cursor < size {
-            let Some(data) =
-                sys::next_data(&image, cursor).map_err(io("seek data in", image_path))?
-            else {
-                break;
-            };
-            if data >= size {
-                break;
-            }
-            let hole = sys::next_hole(&image, data).map_err(io("seek hole in", image_path))?;
-            let start = (data / bs * bs).max(cursor);
-            let end = hole.div_ceil(bs).saturating_mul(bs).min(size);
-            let mut offset = start;
-            while offset < end {
-                let n = (end - offset).min(buf.len() as u64) as usize;
-                image
-                    .read_exact_at(&mut buf[..n], offset)
-                    .map_err(io("read", image_path))?;
-                diff.add(offset, &buf[..n], None)?;
-                offset += n as u64;
-            }
-            cursor = end.max(hole);
+        for run in data_blocks(&image, image_path, size, diff.block_size)?.runs() {
+            diff.add_from_file(&image, image_path, run, None)?;
         }
         self.finish_image(diff, base)
     }
@@ -291,6 +269,7 @@ impl BuildWriter {
             dirty: BlockSet::new(),
             zero: BlockSet::new(),
             parent_buf: Vec::new(),
+            read_buf: Vec::new(),
         })
     }
 
@@ -432,6 +411,7 @@ struct ImageDiff {
     dirty: BlockSet,
     zero: BlockSet,
     parent_buf: Vec<u8>,
+    read_buf: Vec<u8>,
 }
 
 impl ImageDiff {
@@ -472,6 +452,36 @@ impl ImageDiff {
         Ok(())
     }
 
+    /// [`add`](Self::add) every block of `blocks`, read from `image`.
+    fn add_from_file(
+        &mut self,
+        image: &File,
+        path: &Path,
+        blocks: Range<u64>,
+        parent: Option<&ImageReader>,
+    ) -> Result<()> {
+        let bs = self.block_size;
+        let end = (blocks.end * bs).min(self.size);
+        let mut buf = std::mem::take(&mut self.read_buf);
+        buf.resize(chunk_len(bs), 0);
+        let mut offset = blocks.start * bs;
+        let result = loop {
+            if offset >= end {
+                break Ok(());
+            }
+            let n = (end - offset).min(buf.len() as u64) as usize;
+            if let Err(e) = image.read_exact_at(&mut buf[..n], offset) {
+                break Err(io("read", path)(e));
+            }
+            if let Err(e) = self.add(offset, &buf[..n], parent) {
+                break Err(e);
+            }
+            offset += n as u64;
+        };
+        self.read_buf = buf;
+        result
+    }
+
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
         self.file
             .write_all(bytes)
@@ -480,6 +490,25 @@ impl ImageDiff {
         self.written += bytes.len() as u64;
         Ok(())
     }
+}
+
+/// The blocks of `image` that hold data (not holes), extents widened to
+/// whole blocks. A file system without hole tracking reports all data.
+fn data_blocks(image: &File, path: &Path, size: u64, bs: u64) -> Result<BlockSet> {
+    let mut blocks = BlockSet::new();
+    let mut cursor = 0;
+    while cursor < size {
+        let Some(data) = sys::next_data(image, cursor).map_err(io("seek data in", path))? else {
+            break;
+        };
+        if data >= size {
+            break;
+        }
+        let hole = sys::next_hole(image, data).map_err(io("seek hole in", path))?;
+        blocks.insert_run(data / bs..hole.min(size).div_ceil(bs));
+        cursor = hole.max(data + 1);
+    }
+    Ok(blocks)
 }
 
 /// Whole blocks of about `CHUNK` bytes.

@@ -330,6 +330,55 @@ fn disk_generations_at_4k_blocks_with_sparse_random_changes() {
 }
 
 #[test]
+fn holes_in_a_full_image_are_zeros_never_inherited() {
+    let fx = fixture();
+    let pages = 64u64;
+    // A RAM file where the guest touched two pages.
+    let path = fx.path("ram");
+    let ram = File::create(&path).unwrap();
+    ram.set_len(pages * PAGE).unwrap();
+    ram.write_all_at(&[1; PAGE as usize], 3 * PAGE).unwrap();
+    ram.write_all_at(&[2; PAGE as usize], 40 * PAGE).unwrap();
+    let b0 = BuildId::new();
+    let mut w = fx.store.begin(b0, vm_info()).unwrap();
+    let r = w
+        .write_image_from_full(ImageKind::Memory, Base::Fresh { block_size: PAGE }, &path)
+        .unwrap();
+    w.commit().unwrap();
+    assert_eq!(
+        (r.bytes_written, r.dirty_blocks, r.zero_blocks),
+        (2 * PAGE, 2, 62)
+    );
+
+    // The next full image punched page 3 back to a hole: it must read as
+    // zeros, not as the parent's page.
+    let ram = OpenOptions::new().write(true).open(&path).unwrap();
+    ram.set_len(0).unwrap();
+    ram.set_len(pages * PAGE).unwrap();
+    ram.write_all_at(&[2; PAGE as usize], 40 * PAGE).unwrap();
+    ram.write_all_at(&[3; PAGE as usize], 41 * PAGE).unwrap();
+    drop(ram);
+    let h0 = fx.store.open_header(b0, ImageKind::Memory).unwrap();
+    let b1 = BuildId::new();
+    let mut w = fx.store.begin(b1, vm_info()).unwrap();
+    let r = w
+        .write_image_from_full(ImageKind::Memory, Base::Parent(&h0), &path)
+        .unwrap();
+    w.commit().unwrap();
+    assert_eq!(
+        (r.bytes_written, r.dirty_blocks),
+        (PAGE, 1),
+        "only page 41 is new"
+    );
+    let mut expect = vec![0u8; (pages * PAGE) as usize];
+    set_page(&mut expect, 40, &[2; PAGE as usize]);
+    set_page(&mut expect, 41, &[3; PAGE as usize]);
+    let h1 = fx.store.open_header(b1, ImageKind::Memory).unwrap();
+    assert!(fx.materialized(&h1, ImageKind::Memory) == expect);
+    assert_reads_back(&fx.store, b1, ImageKind::Memory, &expect);
+}
+
+#[test]
 fn a_fresh_image_from_a_block_list_reads_zero_elsewhere() {
     let fx = fixture();
     let build = BuildId::new();

@@ -616,3 +616,50 @@ proptest! {
         }
     }
 }
+
+/// The bucket index must agree with a plain binary search, including when
+/// buckets hold many mappings (large images) or mappings span many buckets.
+#[test]
+fn mapping_index_agrees_with_binary_search() {
+    let mut rng_state = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let cases: Vec<(u64, u64, BlockSet)> = vec![
+        // 800 MiB, 4 KiB blocks: a bucket covers several blocks.
+        (
+            200_000,
+            KIB4,
+            BlockSet::from_ranges((0..50_000).map(|k| 4 * k..4 * k + 2)),
+        ),
+        // 1 TiB with a few runs: a mapping covers thousands of buckets.
+        (
+            1 << 28,
+            KIB4,
+            set(&[5..6, 1_000_000..1_000_003, (1 << 28) - 1..1 << 28]),
+        ),
+        // Irregular runs with a partial last block.
+        (
+            333_333,
+            512,
+            (0..333_333u64)
+                .filter(|b| b % 7 < 3 || b % 11 == 0)
+                .collect(),
+        ),
+    ];
+    for (blocks, bs, dirty) in cases {
+        let size = blocks * bs - 17;
+        let g0 = Header::base(BuildId::new(), size, bs).unwrap();
+        let g1 = Header::next_generation(&g0, BuildId::new(), &dirty, &BlockSet::new()).unwrap();
+        let mut offsets: Vec<u64> = (0..20_000).map(|_| next() % size).collect();
+        offsets.extend(g1.mappings().iter().flat_map(|m| [m.offset, m.end() - 1]));
+        offsets.push(size - 1);
+        for offset in offsets {
+            let expect = g1.mappings().partition_point(|m| m.offset <= offset) - 1;
+            assert_eq!(g1.index.find(offset), expect, "offset {offset} of {size}");
+        }
+    }
+}
