@@ -74,7 +74,7 @@ pub struct BuildWriter {
     info: BuildInfo,
     tmp: PathBuf,
     files: BTreeMap<BuildFile, FileDigest>,
-    headers: Vec<Header>,
+    headers: Vec<(ImageKind, Header)>,
     committed: bool,
     // Held until commit or drop: the directory lock tells `recover` this
     // temporary directory is alive; the store lock keeps gc from deleting a
@@ -95,18 +95,17 @@ impl BuildWriter {
             rand::random::<u64>()
         ));
         fs::create_dir(&tmp).map_err(io("create", &tmp))?;
-        let locked = File::open(&tmp)
-            .and_then(|dir| sys::lock(dir, LockMode::Exclusive, false))
-            .map_err(io("lock", &tmp));
-        let dir_lock = match locked {
-            Ok(Some(lock)) => lock,
-            Ok(None) | Err(_) => {
-                let _ = fs::remove_dir_all(&tmp);
-                return Err(locked.err().unwrap_or_else(|| {
-                    io("lock", &tmp)(io::Error::from(io::ErrorKind::WouldBlock))
-                }));
-            }
-        };
+        let dir_lock =
+            match File::open(&tmp).and_then(|dir| sys::lock(dir, LockMode::Exclusive, false)) {
+                Ok(Some(lock)) => lock,
+                other => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    let e = other
+                        .err()
+                        .unwrap_or_else(|| io::ErrorKind::WouldBlock.into());
+                    return Err(io("lock", &tmp)(e));
+                }
+            };
         Ok(BuildWriter {
             store,
             build_id,
@@ -297,7 +296,7 @@ impl BuildWriter {
                 sha256: hex(&Sha256::digest(&bytes)),
             },
         );
-        self.headers.push(header.clone());
+        self.headers.push((diff.kind, header.clone()));
         tracing::debug!(
             build = %self.build_id,
             kind = ?diff.kind,
@@ -313,6 +312,49 @@ impl BuildWriter {
             zero_blocks: diff.zero.len(),
             header,
         })
+    }
+
+    /// Every other build `header` reads from must be committed with a data
+    /// file of this kind long enough for what the header reads: a parent
+    /// deleted meanwhile, or a header of the other kind passed as parent,
+    /// fails here instead of producing a build that cannot be read.
+    fn check_references(&self, kind: ImageKind, header: &Header) -> Result<()> {
+        let mut extents: Vec<(BuildId, u64)> = header
+            .storage_extents()
+            .into_iter()
+            .filter(|(b, _)| *b != self.build_id)
+            .collect();
+        extents.sort();
+        let missing: Vec<BuildId> = extents
+            .iter()
+            .map(|(b, _)| *b)
+            .filter(|b| !self.store.exists(*b))
+            .collect();
+        if !missing.is_empty() {
+            return Err(SnapshotError::ReferencedBuildsMissing {
+                build: self.build_id,
+                missing,
+            });
+        }
+        for (build, needed) in extents {
+            let path = self.store.data_path(build, kind);
+            let len = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(self.store.missing(build, kind.data_file().name()));
+                }
+                Err(e) => return Err(io("stat", path)(e)),
+            };
+            if len < needed {
+                return Err(SnapshotError::StorageOutOfRange {
+                    build,
+                    file: kind.data_file().name(),
+                    needed,
+                    len,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Create `file` in the staging directory; each file is written once.
@@ -331,31 +373,25 @@ impl BuildWriter {
     }
 
     /// Make the build durable and visible under its ID. Fails, leaving
-    /// nothing behind, if a build its headers reference is gone.
+    /// nothing behind, if a build its headers read from is gone or lacks
+    /// the data they read.
     pub fn commit(mut self) -> Result<BuildMeta> {
         if !self.files.contains_key(&BuildFile::Vmstate) {
             // A VMM may have written the state straight to `vmstate_path`.
             let path = self.vmstate_path();
-            if let Ok(file) = File::open(&path) {
-                let (size, sha256) = hash_file(&file).map_err(io("read", &path))?;
-                file.sync_all().map_err(io("sync", &path))?;
-                self.files
-                    .insert(BuildFile::Vmstate, FileDigest { size, sha256 });
+            match File::open(&path) {
+                Ok(file) => {
+                    let (size, sha256) = hash_file(&file).map_err(io("read", &path))?;
+                    file.sync_all().map_err(io("sync", &path))?;
+                    self.files
+                        .insert(BuildFile::Vmstate, FileDigest { size, sha256 });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("open", path)(e)),
             }
         }
-        let mut missing: Vec<BuildId> = self
-            .headers
-            .iter()
-            .flat_map(|h| h.referenced_builds())
-            .filter(|&b| b != self.build_id && !self.store.exists(b))
-            .collect();
-        missing.sort();
-        missing.dedup();
-        if !missing.is_empty() {
-            return Err(SnapshotError::ReferencedBuildsMissing {
-                build: self.build_id,
-                missing,
-            });
+        for (kind, header) in &self.headers {
+            self.check_references(*kind, header)?;
         }
         let created_at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -783,6 +783,34 @@ fn a_missing_referenced_build_is_a_clear_error() {
 }
 
 #[test]
+fn a_memory_header_cannot_parent_a_disk() {
+    let fx = fixture();
+    let (a, ha) = memory_build(&fx, None, 8, &[0, 1, 2], 1);
+    let mut w = fx
+        .store
+        .begin(BuildId::new(), BuildInfo::default())
+        .unwrap();
+    let set: BlockSet = [5].into_iter().collect();
+    w.write_image_from_blocks(
+        ImageKind::Rootfs,
+        Base::Parent(&ha),
+        8 * PAGE,
+        &set,
+        |_, buf| {
+            buf.fill(7);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let err = w.commit().unwrap_err();
+    assert!(
+        matches!(err, SnapshotError::BuildFileMissing { build, file: "rootfs" } if build == a),
+        "{err}"
+    );
+    assert_eq!(fx.store.list().unwrap(), vec![a]);
+}
+
+#[test]
 fn a_data_file_shorter_than_its_header_needs_is_caught_on_open() {
     let fx = fixture();
     let (a, _) = memory_build(&fx, None, 8, &[0, 1, 2], 1);
