@@ -184,7 +184,13 @@ impl GuestClient {
         let op = "start_process";
         let call = async {
             let resp = self
-                .send(op, Method::POST, "/processes".into(), json_body(req), Some(JSON))
+                .send(
+                    op,
+                    Method::POST,
+                    "/processes".into(),
+                    json_body(req),
+                    Some(JSON),
+                )
                 .await?;
             let mut events = ProcessEvents::new(self.addr(), 0, resp.into_body());
             let first = events.next().await.ok_or_else(|| GuestError::Malformed {
@@ -232,9 +238,16 @@ impl GuestClient {
 
     /// `POST /processes/{pid}/stdin` with `data`.
     pub async fn write_stdin(&self, pid: u32, data: impl Into<Bytes>) -> Result<u64, GuestError> {
-        let body = Full::new(data.into()).map_err(|e| match e {}).boxed_unsync();
+        let body = Full::new(data.into())
+            .map_err(|e| match e {})
+            .boxed_unsync();
         let written: StdinWritten = self
-            .call_json("write_stdin", Method::POST, format!("/processes/{pid}/stdin"), body)
+            .call_json(
+                "write_stdin",
+                Method::POST,
+                format!("/processes/{pid}/stdin"),
+                body,
+            )
             .await?;
         Ok(written.written)
     }
@@ -245,7 +258,12 @@ impl GuestClient {
         R: AsyncRead + Send + 'static,
     {
         let written: StdinWritten = self
-            .upload("write_stdin", Method::POST, format!("/processes/{pid}/stdin"), reader)
+            .upload(
+                "write_stdin",
+                Method::POST,
+                format!("/processes/{pid}/stdin"),
+                reader,
+            )
             .await?;
         Ok(written.written)
     }
@@ -327,8 +345,13 @@ impl GuestClient {
             parents: options.parents,
             user: options.user.as_ref().map(UserSpec::to_query_value),
         };
-        self.upload("write_file", Method::PUT, format!("/files?{}", query(&q)), reader)
-            .await
+        self.upload(
+            "write_file",
+            Method::PUT,
+            format!("/files?{}", query(&q)),
+            reader,
+        )
+        .await
     }
 
     /// `GET /files/stat`.
@@ -374,8 +397,13 @@ impl GuestClient {
 
     /// `POST /files/rename`.
     pub async fn rename(&self, req: &RenameRequest) -> Result<FileInfo, GuestError> {
-        self.call_json("rename", Method::POST, "/files/rename".into(), json_body(req))
-            .await
+        self.call_json(
+            "rename",
+            Method::POST,
+            "/files/rename".into(),
+            json_body(req),
+        )
+        .await
     }
 
     // ---- plumbing ----

@@ -167,7 +167,9 @@ impl GuestError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            GuestError::Connect { .. } | GuestError::Timeout { .. } | GuestError::Disconnected { .. }
+            GuestError::Connect { .. }
+                | GuestError::Timeout { .. }
+                | GuestError::Disconnected { .. }
         )
     }
 }

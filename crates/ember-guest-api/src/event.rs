@@ -181,10 +181,7 @@ mod tests {
             lines[1],
             "{\"seq\":2,\"type\":\"stdout\",\"data\":\"aGVsbG8K\"}\n"
         );
-        assert_eq!(
-            lines[3],
-            "{\"seq\":9,\"type\":\"lost\",\"first_seq\":4}\n"
-        );
+        assert_eq!(lines[3], "{\"seq\":9,\"type\":\"lost\",\"first_seq\":4}\n");
         assert_eq!(
             lines[4],
             "{\"seq\":10,\"type\":\"exit\",\"exit_code\":null,\"signal\":9,\"core_dumped\":false,\"timed_out\":true}\n"
@@ -223,10 +220,7 @@ mod tests {
     fn garbage_and_truncation_are_malformed() {
         let mut d = NdjsonDecoder::new();
         d.push(b"not json\n");
-        assert!(matches!(
-            d.next_record(),
-            Err(GuestError::Malformed { .. })
-        ));
+        assert!(matches!(d.next_record(), Err(GuestError::Malformed { .. })));
         let mut d = NdjsonDecoder::new();
         d.push(b"{\"seq\":1,\"type\":\"sta");
         assert!(d.next_record().unwrap().is_none());
