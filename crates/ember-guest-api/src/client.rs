@@ -262,7 +262,7 @@ impl GuestClient {
                 "write_stdin",
                 Method::POST,
                 format!("/processes/{pid}/stdin"),
-                reader,
+                ReaderStream::with_capacity(reader, UPLOAD_CHUNK),
             )
             .await?;
         Ok(written.written)
@@ -339,6 +339,24 @@ impl GuestClient {
     where
         R: AsyncRead + Send + 'static,
     {
+        self.write_file_stream(
+            path,
+            options,
+            ReaderStream::with_capacity(reader, UPLOAD_CHUNK),
+        )
+        .await
+    }
+
+    /// `PUT /files` from a stream of chunks.
+    pub async fn write_file_stream<S>(
+        &self,
+        path: &str,
+        options: &WriteOptions,
+        chunks: S,
+    ) -> Result<FileInfo, GuestError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+    {
         let q = WriteQuery {
             path: path.to_owned(),
             mode: options.mode.map(|m| format!("{m:o}")),
@@ -349,7 +367,7 @@ impl GuestClient {
             "write_file",
             Method::PUT,
             format!("/files?{}", query(&q)),
-            reader,
+            chunks,
         )
         .await
     }
@@ -439,25 +457,25 @@ impl GuestClient {
         .await
     }
 
-    /// Streams `reader` as the request body. The timeout is the longest the
+    /// Streams `chunks` as the request body. The timeout is the longest the
     /// upload may make no progress, then the longest wait for the answer.
-    async fn upload<T, R>(
+    async fn upload<T, S>(
         &self,
         operation: &'static str,
         method: Method,
         path_and_query: String,
-        reader: R,
+        chunks: S,
     ) -> Result<T, GuestError>
     where
         T: DeserializeOwned,
-        R: AsyncRead + Send + 'static,
+        S: Stream<Item = io::Result<Bytes>> + Send + 'static,
     {
         let progress = Arc::new(AtomicU64::new(0));
         let source_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
         let chunks = {
             let progress = progress.clone();
             let source_error = source_error.clone();
-            ReaderStream::with_capacity(reader, UPLOAD_CHUNK).map(move |chunk| {
+            chunks.map(move |chunk| {
                 progress.fetch_add(1, Ordering::Relaxed);
                 chunk.map(Frame::data).map_err(|e| {
                     let message = e.to_string();

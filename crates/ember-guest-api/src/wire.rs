@@ -118,10 +118,11 @@ impl UserSpec {
 impl FromStr for UserSpec {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(uid) = s.parse() {
-                return Ok(UserSpec::Uid(uid));
-            }
+        if !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(uid) = s.parse()
+        {
+            return Ok(UserSpec::Uid(uid));
         }
         Ok(UserSpec::Name(s.to_owned()))
     }

@@ -327,7 +327,7 @@ impl ProcessTable {
         let mut table = lock(&self.inner);
         // Descriptors are made under the lock too: every fork happens under
         // it, so none can inherit a descriptor before it is close-on-exec.
-        let io = ChildIo::new(req.stdin, req.pty)?;
+        let io = ChildIo::new(req.stdin, req.pty, id.uid)?;
         let mut cmd = Command::new(program);
         cmd.arg0(&req.cmd)
             .args(&req.args)
@@ -797,7 +797,7 @@ struct ChildIo {
 
 impl ChildIo {
     /// Pipes are (read end, write end); the PTY is (master, slave).
-    fn new(stdin: bool, pty: Option<PtySize>) -> Result<Self, AgentError> {
+    fn new(stdin: bool, pty: Option<PtySize>, uid: u32) -> Result<Self, AgentError> {
         let pipe = || {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| AgentError::io("pipe", e.into()))
@@ -814,6 +814,14 @@ impl ChildIo {
             for fd in [&pair.master, &pair.slave] {
                 set_cloexec(fd).map_err(|e| AgentError::io("fcntl", e))?;
             }
+            // The terminal belongs to its user, as login programs arrange,
+            // so that tools that reopen or check it work.
+            nix::unistd::fchown(
+                pair.slave.as_raw_fd(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                None,
+            )
+            .map_err(|e| AgentError::io("chown of the terminal", e.into()))?;
             return Ok(ChildIo {
                 stdin: None,
                 stdout: None,

@@ -529,3 +529,59 @@ async fn concurrent_uploads_do_not_mix() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[tokio::test]
+async fn uploads_from_streams_and_failed_uploads_leave_nothing_behind() {
+    let agent = Agent::start();
+    let client = agent.init().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = s(&dir.path().join("f"));
+    let chunks = futures::stream::iter(
+        ["one ", "two ", "three"].map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))),
+    );
+    client
+        .write_file_stream(&path, &WriteOptions::default(), chunks)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"one two three");
+
+    // The source fails half-way: the old content stays, no temporary file remains.
+    let failing = futures::stream::iter(vec![
+        Ok(bytes::Bytes::from(vec![1u8; 1 << 20])),
+        Err(std::io::Error::other("the source broke")),
+    ]);
+    let err = client
+        .write_file_stream(&path, &WriteOptions::default(), failing)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GuestError::Source { .. }), "{err:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if names == ["f"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "leftovers: {names:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), b"one two three");
+}
+
+#[tokio::test]
+async fn pseudo_files_without_a_size_stream_to_the_end() {
+    let agent = Agent::start();
+    let client = agent.init().await;
+    let path = format!("/proc/{}/status", agent.pid());
+    let content = client.read_file(&path, None).await.unwrap();
+    assert_eq!(
+        content.size(),
+        None,
+        "procfs reports size 0: no Content-Length"
+    );
+    let chunks: Vec<bytes::Bytes> = content.try_collect().await.unwrap();
+    let text = String::from_utf8(chunks.concat()).unwrap();
+    assert!(text.starts_with("Name:\tember-guest\n"), "{text}");
+}

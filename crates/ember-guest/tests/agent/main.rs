@@ -6,3 +6,4 @@ mod auth;
 mod common;
 mod exec;
 mod files;
+mod pid1;
