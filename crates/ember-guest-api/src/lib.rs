@@ -87,11 +87,15 @@
 //! files it creates belong to it. Without `user` they run as root.
 //!
 //! `PUT /files` writes the body to a temporary file in the target's
-//! directory (`.<name>.ember-tmp-<random>`), fsyncs it and renames it over
+//! directory (`.ember-tmp-<16 hex digits>`), fsyncs it and renames it over
 //! the target, so a reader sees the old or the new content, never a mix.
 //! Missing parent directories are created unless `parents=false`. Without
 //! `mode`, a replaced file keeps its mode and a new one gets `644`. `stat` and
 //! `list` describe a symlink itself (`lstat`), with its `symlink_target`.
+//! `GET /files` of a pseudo-file that reports size 0 (procfs, sysfs) has no
+//! `Content-Length` and streams until end of file; devices, FIFOs and
+//! sockets are refused with `bad_request`. Names and paths are UTF-8; a file
+//! name that is not is listed with U+FFFD replacement characters.
 //!
 //! # Process events (NDJSON)
 //!
@@ -109,10 +113,15 @@
 //! ```
 //!
 //! `data` is standard base64 (with padding) of the bytes exactly as the
-//! process wrote them, in chunks of arbitrary size. A PTY process has a
+//! process wrote them, in chunks of arbitrary size. `stdout` and `stderr`
+//! events are in the order the agent read them, which across the two pipes
+//! is only approximately the order they were written. A PTY process has a
 //! single output stream, reported as `stdout`. `exit` is the last event;
 //! exactly one of `exit_code` and `signal` is non-null; `timed_out` says the
 //! agent killed it for exceeding `timeout_ms`. The stream ends after `exit`.
+//! `exit` comes once the process has been reaped and its output pipes have
+//! closed; if descendants keep them open, the agent stops collecting 200 ms
+//! after the output falls quiet and reports the exit then.
 //!
 //! The agent keeps a bounded buffer of each process's events. A reader that
 //! asks for events the buffer no longer holds first gets one
@@ -124,6 +133,10 @@
 //! then blocks writing, as with any pipe), so an attached reader loses
 //! nothing; a process with no reader attached never blocks and its oldest
 //! output is dropped instead.
+//!
+//! The agent remembers up to 64 exited processes (for `GET /processes` and
+//! late readers) while their buffered events total at most 16 MiB; the
+//! oldest are forgotten first, after which their pid is `not_found`.
 //!
 //! A foreground process (`background: false`) is killed (`SIGKILL` to its
 //! process group) when the client of its `POST /processes` stream

@@ -88,7 +88,8 @@ impl EventLog {
         self.appended
     }
 
-    fn retained(&self) -> u64 {
+    /// Cost of the events held now.
+    pub fn retained(&self) -> u64 {
         match self.events.front() {
             Some(front) => self.appended - (front.end_offset - cost(&front.record.event)),
             None => 0,

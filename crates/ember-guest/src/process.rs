@@ -46,8 +46,12 @@ use crate::eventlog::EventLog;
 use crate::fsid;
 use crate::users::{Identity, UserDb};
 
-/// Exited processes remembered for `GET /processes` and late readers.
+/// Exited processes remembered for `GET /processes` and late readers...
 const EXITED_KEPT: usize = 64;
+/// ...as long as their buffered events stay under this much (or one
+/// process's buffer, if that is larger): a small VM must not fill up with
+/// the output of processes nobody reads.
+const EXITED_EVENTS_BUDGET: u64 = 16 << 20;
 /// Between `SIGTERM` and `SIGKILL` when a timeout or shutdown kills a process.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// After the process exits, output still arriving (from children that kept
