@@ -453,12 +453,25 @@ impl ProcessTable {
     }
 
     fn retire(&self, pid: i32) {
+        let budget = EXITED_EVENTS_BUDGET.max(self.buffer_limit as u64);
         let mut table = lock(&self.inner);
         table.exited.push_back(pid);
-        while table.exited.len() > EXITED_KEPT {
+        loop {
+            let held: u64 = table
+                .exited
+                .iter()
+                .filter_map(|p| table.procs.get(p))
+                .map(|p| lock(&p.log).retained())
+                .sum();
+            let too_many = table.exited.len() > EXITED_KEPT;
+            let too_big = held > budget && table.exited.len() > 1;
+            if !(too_many || too_big) {
+                break;
+            }
             let Some(old) = table.exited.pop_front() else {
                 break;
             };
+            // A pid the kernel reused for a new process is no longer ours to drop.
             if table.procs.get(&old).is_some_and(|p| !p.running()) {
                 table.procs.remove(&old);
             }

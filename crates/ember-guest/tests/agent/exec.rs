@@ -682,3 +682,34 @@ async fn attached_reader_loses_nothing_with_a_tiny_buffer() {
     assert_eq!(out.lost_events, 0);
     assert_eq!(out.stdout.len(), 3_000_000);
 }
+
+#[tokio::test]
+async fn exited_processes_are_forgotten_oldest_first_beyond_the_budget() {
+    let agent = Agent::start();
+    let client = agent.init().await;
+    let mut pids = Vec::new();
+    // 20 exited processes holding ~1 MB of unread output each: over the 16 MiB budget.
+    for _ in 0..20 {
+        let mut req = sh("head -c 1000000 /dev/zero");
+        req.background = true;
+        let pid = client.start_process(&req).await.unwrap().pid();
+        assert!(exited(&client, pid).await.success());
+        pids.push(pid);
+    }
+    assert_code(client.process(pids[0]).await, ErrorCode::NotFound);
+    assert_code(client.process_events(pids[0], 0).await, ErrorCode::NotFound);
+    let newest = client
+        .process_events(pids[19], 0)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.stdout.len(),
+        1_000_000,
+        "the newest exited process keeps its output"
+    );
+    let listed = client.list_processes().await.unwrap().len();
+    assert!((15..20).contains(&listed), "{listed} processes listed");
+}
