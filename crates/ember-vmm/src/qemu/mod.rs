@@ -317,9 +317,25 @@ impl Vmm for Qemu {
         Ok(format!("{line}; accel {}", self.accel))
     }
 
+    async fn boot(&self, launch: &Launch) -> Result<Box<dyn Vm>> {
+        Ok(Box::new(self.boot_vm(launch).await?))
+    }
+
+    async fn restore(&self, launch: &Launch, restore: &RestoreSpec) -> Result<Box<dyn Vm>> {
+        Ok(Box::new(self.restore_vm(launch, restore).await?))
+    }
+
+    async fn adopt(&self, launch: &Launch, pid: u32) -> Result<Box<dyn Vm>> {
+        Ok(Box::new(self.adopt_vm(launch, pid).await?))
+    }
+}
+
+/// The [`Vmm`] operations returning the concrete [`QemuVm`] (with its QMP
+/// client) for callers that need more than the trait.
+impl Qemu {
     /// Boot from the kernel over a fresh, zeroed `Launch::memory_file`
     /// (required: it becomes the guest RAM and later the memory snapshot).
-    async fn boot(&self, launch: &Launch) -> Result<Box<dyn Vm>> {
+    pub async fn boot_vm(&self, launch: &Launch) -> Result<QemuVm> {
         let Some(memory_file) = &launch.memory_file else {
             return Err(VmmError::Config(
                 "QEMU keeps guest RAM in a file: set Launch::memory_file".into(),
@@ -336,7 +352,7 @@ impl Vmm for Qemu {
             });
         }
         tracing::info!(vm_id = %launch.vm_id, pid = vm.pid(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "QEMU VM booted");
-        Ok(Box::new(vm))
+        Ok(vm)
     }
 
     /// Restore over `restore.memory`, which must be `MemoryBackend::File`:
@@ -344,7 +360,7 @@ impl Vmm for Qemu {
     /// machine's size. QEMU maps it shared and the guest writes into it, so
     /// never pass the snapshot's own file. `Launch::memory_file` is ignored.
     /// `track_dirty_pages` has no effect (the whole file is the memory).
-    async fn restore(&self, launch: &Launch, restore: &RestoreSpec) -> Result<Box<dyn Vm>> {
+    pub async fn restore_vm(&self, launch: &Launch, restore: &RestoreSpec) -> Result<QemuVm> {
         let memory_file = match &restore.memory {
             MemoryBackend::File(path) => path,
             MemoryBackend::Uffd(_) => {
@@ -381,13 +397,13 @@ impl Vmm for Qemu {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "QEMU VM restored"
         );
-        Ok(Box::new(vm))
+        Ok(vm)
     }
 
     /// Re-attach to the QEMU of `launch.vm_id` running as `pid`, e.g. after
     /// a host-agent restart. The memory file is read back from QEMU's
     /// command line. A process that is not this VM's QEMU is left alone.
-    async fn adopt(&self, launch: &Launch, pid: u32) -> Result<Box<dyn Vm>> {
+    pub async fn adopt_vm(&self, launch: &Launch, pid: u32) -> Result<QemuVm> {
         cmdline::validate_vm_id(&launch.vm_id)?;
         let paths = RunPaths::new(&launch.run_dir);
         let process = Process::adopt(pid).map_err(|e| VmmError::Exited {
@@ -423,7 +439,7 @@ impl Vmm for Qemu {
         );
         let state = vm.run_state().await?;
         tracing::info!(vm_id = %launch.vm_id, pid, %state, "QEMU VM adopted");
-        Ok(Box::new(vm))
+        Ok(vm)
     }
 }
 
