@@ -14,7 +14,6 @@
 mod spec;
 
 pub mod firecracker;
-pub mod layout;
 pub mod qemu;
 
 use std::path::PathBuf;

@@ -40,7 +40,7 @@ pub struct LaunchPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedDrive {
     pub id: String,
-    /// The stable link the VM sees (see `layout`), not the real disk.
+    /// The stable link the VM sees (see `drives`), not the real disk.
     pub path: PathBuf,
     pub format: DiskFormat,
     pub read_only: bool,

@@ -6,12 +6,13 @@
 //! snapshot; a snapshot writes only device state (see [`vm`]).
 //!
 //! Submodules: [`qmp`] (the protocol client), `cmdline` (the command line as
-//! a pure function), `accel` (KVM or TCG, and why), `process` (spawn,
-//! signal, exit), `vm` (the running VM).
+//! a pure function), `accel` (KVM or TCG, and why), `drives` (the stable
+//! per-VM drive paths), `process` (spawn, signal, exit), `vm` (the running
+//! VM).
 //!
 //! Files in a VM's run directory: `qmp.sock` (removed on kill and shutdown),
 //! `serial.log` (the guest console, appended to), `qemu.log` (QEMU's own
-//! stdout and stderr), and `drives/<id>` links (see [`crate::layout`]). Logs
+//! stdout and stderr), and `drives/<id>` links (see `drives`). Logs
 //! are left for post-mortems; the caller removes the run directory.
 //!
 //! Not owned here: the network namespace and TAP (`ember-net`), disks and
@@ -19,6 +20,7 @@
 
 pub mod accel;
 mod cmdline;
+mod drives;
 mod process;
 pub mod qmp;
 mod vm;
@@ -35,7 +37,7 @@ pub use vm::QemuVm;
 use self::cmdline::{DiskFormat, LaunchPlan, PlannedDrive, PlannedNet};
 use self::process::{Process, log_tail};
 use self::qmp::{Qmp, QmpError, RunState};
-use crate::{BackendKind, Launch, MemoryBackend, RestoreSpec, Result, Vm, Vmm, VmmError, layout};
+use crate::{BackendKind, Launch, MemoryBackend, RestoreSpec, Result, Vm, Vmm, VmmError};
 
 /// How to run QEMU on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,10 +174,10 @@ impl Qemu {
         let paths = RunPaths::new(&launch.run_dir);
         cmdline::validate_socket_path(&paths.qmp)?;
 
-        let links = layout::link_drives(&launch.run_dir, &config.drives)?;
-        let mut drives = Vec::with_capacity(links.len());
+        let links = drives::link_drives(&launch.run_dir, &config.drives)?;
+        let mut planned = Vec::with_capacity(links.len());
         for (drive, link) in config.drives.iter().zip(links) {
-            drives.push(PlannedDrive {
+            planned.push(PlannedDrive {
                 id: drive.id.clone(),
                 path: link,
                 format: DiskFormat::detect(&first_bytes(&drive.host_path)?),
@@ -194,7 +196,7 @@ impl Qemu {
             initrd: config.initrd.clone(),
             kernel_args: config.kernel_args.clone(),
             memory_file: std::path::absolute(memory_file).unwrap_or_else(|_| memory_file.into()),
-            drives,
+            drives: planned,
             net,
             qmp_socket: paths.qmp.clone(),
             serial_log: paths.serial.clone(),
@@ -211,7 +213,7 @@ impl Qemu {
         tracing::debug!(vm_id = %launch.vm_id, ?args, "QEMU command line");
         let netns = config.net.as_ref().and_then(|n| n.netns.as_deref());
         let process = Process::spawn(&binary, &args, &paths.log, netns).inspect_err(|_| {
-            layout::unlink_drives(&launch.run_dir);
+            drives::unlink_drives(&launch.run_dir);
         })?;
         let qmp = match self.connect(&process, &paths).await {
             Ok(qmp) => qmp,
@@ -219,7 +221,7 @@ impl Qemu {
                 let _ = process.kill();
                 let _ = process.wait_timeout(Duration::from_secs(10)).await;
                 let _ = std::fs::remove_file(&paths.qmp);
-                layout::unlink_drives(&launch.run_dir);
+                drives::unlink_drives(&launch.run_dir);
                 return Err(e);
             }
         };

@@ -22,15 +22,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::RunPaths;
+use super::drives;
 use super::process::{Process, log_tail};
 use super::qmp::{
     CapabilityState, CloseFd, Command, Cont, Event, Migrate, MigrateIncoming,
     MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, MigrationStatus, Qmp,
     QmpError, QmpEvent, QueryMigrate, QueryStatus, Quit, RunState, Stop, SystemPowerdown,
 };
-use crate::{
-    MemoryDump, Result, SnapshotKind, SnapshotOutput, SnapshotRequest, Vm, VmmError, layout,
-};
+use crate::{MemoryDump, Result, SnapshotKind, SnapshotOutput, SnapshotRequest, Vm, VmmError};
 
 /// Lines of QEMU's log quoted in [`VmmError::Exited`].
 const LOG_TAIL_LINES: usize = 12;
@@ -243,7 +242,7 @@ impl QemuVm {
                 tracing::warn!(path = %self.paths.qmp.display(), error = %e, "cannot remove QMP socket")
             }
         }
-        layout::unlink_drives(&self.paths.run_dir);
+        drives::unlink_drives(&self.paths.run_dir);
     }
 
     async fn kill_and_wait(&self) -> Result<String> {

@@ -1,21 +1,26 @@
-//! Stable paths inside a VM's run directory, shared by both backends.
+//! Where a QEMU VM sees its drives: `<run_dir>/drives/<id>`, a symlink to
+//! wherever [`DriveSpec::host_path`](crate::DriveSpec) really is today.
 //!
-//! A VMM never opens [`DriveSpec::host_path`](crate::DriveSpec) directly: it
-//! opens `<run_dir>/drives/<id>`, a symlink to wherever the disk really is
-//! today. The name a VM sees therefore depends only on the drive's `id`, so a
-//! snapshot taken on one host restores on another whose disks live elsewhere:
-//! the restorer points the same link name at its own copy.
+//! QEMU does not record drive paths in its migration stream (a restore's
+//! command line names them again), so a symlink suffices where Firecracker
+//! needs a private mount namespace. The rule is the same for both backends:
+//! the VMM is only told a per-VM name derived from the drive's `id` (the same
+//! `drives/<id>` entry as the Firecracker layout), so nothing about a VM,
+//! its command line or its snapshot depends on where the disk lives.
 //!
-//! This module owns those names and the links; it does not own the disks, the
-//! run directory itself (the caller creates it) or anything a backend puts
-//! there besides drive links.
+//! One consequence: a qcow2 overlay's *relative* backing-file name resolves
+//! against the link's directory, so overlays must name their backing file by
+//! absolute path.
+//!
+//! This module owns the links; it does not own the disks or the run
+//! directory itself (the caller creates it).
 
 use std::path::{Path, PathBuf};
 
 use crate::{DriveSpec, Result, VmmError};
 
 /// Directory under the run directory that holds one link per drive.
-pub const DRIVES_DIR: &str = "drives";
+const DRIVES_DIR: &str = "drives";
 
 /// Where a VM sees drive `id`.
 pub fn drive_link(run_dir: &Path, id: &str) -> PathBuf {
