@@ -6,15 +6,15 @@
 //! `EMBER_TEST_KERNEL=/path/to/vmlinux cargo bench -p ember-vmm --bench qemu`
 //! (`EMBER_BENCH_ROUNDS` sets the rounds per size, default 5).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/guest/mod.rs"]
+mod guest;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ember_vmm::qemu::{Qemu, QemuConfig};
 use ember_vmm::{MemoryBackend, RestoreSpec, SnapshotKind, SnapshotRequest, Vm};
-use support::{Console, Workspace, copy_sparse};
+use guest::{Console, Workspace, copy_sparse};
 
 #[derive(Default)]
 struct Samples {
@@ -27,7 +27,7 @@ struct Samples {
 }
 
 fn main() {
-    let kernel = match support::guest_prerequisites() {
+    let kernel = match guest::guest_prerequisites() {
         Ok(kernel) => kernel,
         Err(why) => {
             eprintln!("SKIPPED qemu bench: {why}");

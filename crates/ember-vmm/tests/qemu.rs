@@ -5,7 +5,7 @@
 //! missing. The network-namespace test also needs root. Every test ends by
 //! checking that no QEMU process and no socket is left behind.
 
-mod support;
+mod guest;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,9 +16,7 @@ use ember_vmm::{
     DriveSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind, SnapshotRequest, Vm,
     Vmm, VmmError,
 };
-use support::{
-    Console, Workspace, copy_sparse, pid_exists, qemu_pids_for, sockets_in, wait_console,
-};
+use guest::{Console, Workspace, copy_sparse, pid_exists, qemu_pids_for, sockets_in, wait_console};
 
 /// Generous: two cores are shared with other builds and TCG is slow.
 const BOOT: Duration = Duration::from_secs(90);
@@ -26,7 +24,7 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 macro_rules! guest_or_skip {
     () => {
-        match support::guest_prerequisites() {
+        match guest::guest_prerequisites() {
             Ok(kernel) => Workspace::new(kernel),
             Err(why) => {
                 ember_testkit::report_skip(module_path!(), &why);
@@ -531,6 +529,24 @@ async fn a_missing_binary_is_reported_as_such() {
         .await
         .unwrap_err();
     assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn dropping_the_handle_kills_the_vm() {
+    let ws = guest_or_skip!();
+    let launch = ws.launch("dropped", 128);
+    let vm = qemu().boot(&launch).await.unwrap();
+    let pid = vm.pid();
+    drop(vm);
+    // The kill is immediate; reaping happens on the runtime.
+    for _ in 0..250 {
+        if !pid_exists(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid_exists(pid), "QEMU {pid} outlived its dropped handle");
+    assert_eq!(sockets_in(&launch.run_dir), Vec::<PathBuf>::new());
 }
 
 #[tokio::test]

@@ -35,19 +35,30 @@ while true; do
 done
 "#;
 
-/// The guest kernel, or why there is none.
+/// The guest kernel, or why there is none: `EMBER_TEST_KERNEL` (an
+/// uncompressed vmlinux), else the one `ember image build` left in
+/// `$EMBER_DATA_DIR/images/current/`.
 pub fn kernel() -> Result<PathBuf, String> {
-    let path = std::env::var_os("EMBER_TEST_KERNEL")
-        .map(PathBuf::from)
-        .ok_or("EMBER_TEST_KERNEL is not set (path to an uncompressed vmlinux; see MACHINE.md)")?;
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "EMBER_TEST_KERNEL={} is not a file",
-            path.display()
-        ))
+    if let Some(path) = std::env::var_os("EMBER_TEST_KERNEL").map(PathBuf::from) {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "EMBER_TEST_KERNEL={} is not a file",
+                path.display()
+            ))
+        };
     }
+    let data = std::env::var_os("EMBER_DATA_DIR").unwrap_or_else(|| "/var/lib/ember".into());
+    let built = Path::new(&data).join("images/current/vmlinux");
+    if built.is_file() {
+        return Ok(built);
+    }
+    Err(format!(
+        "no guest kernel: set EMBER_TEST_KERNEL to an uncompressed vmlinux (see MACHINE.md) \
+         or run `ember image build` (looked for {})",
+        built.display()
+    ))
 }
 
 /// A statically linked busybox (Debian: `busybox-static`), or why there is none.
