@@ -285,6 +285,66 @@ async fn a_snapshot_restores_with_counter_and_memory_intact() {
 }
 
 #[tokio::test]
+async fn a_vm_runs_on_after_a_snapshot_and_snapshots_again() {
+    let ws = guest_or_skip!();
+    let qemu = qemu();
+    let mut launch = ws.launch("template", 128);
+    let disk = ws.path().join("template.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    launch.config.drives.push(DriveSpec {
+        id: "root".into(),
+        host_path: disk,
+        read_only: false,
+        root: true,
+    });
+    let vm = qemu.boot_vm(&launch).await.unwrap();
+    let log = vm.serial_log();
+    wait_console(&log, BOOT, |c| !c.sums.is_empty()).await;
+    let request = |n: u32| SnapshotRequest {
+        kind: SnapshotKind::Full,
+        vmstate: ws.path().join(format!("template-{n}.vmstate")),
+        memory: ws.path().join("unused"),
+    };
+
+    vm.pause().await.unwrap();
+    vm.snapshot(&request(1)).await.unwrap();
+    // A second snapshot of the same paused VM also works.
+    vm.snapshot(&request(2)).await.unwrap();
+    let first = Console::read(&log).last_tick().unwrap();
+
+    // A template keeps running after its snapshot (disks reactivated).
+    vm.resume().await.unwrap();
+    assert_eq!(vm.run_state().await.unwrap().as_str(), "running");
+    wait_console(&log, SETTLE, |c| c.last_tick() >= Some(first + 15)).await;
+    vm.pause().await.unwrap();
+    let out = vm.snapshot(&request(3)).await.unwrap();
+    let later = Console::read(&log);
+    vm.kill().await.unwrap();
+    assert_gone(&vm, &launch.run_dir).await;
+
+    // The latest snapshot restores to the latest point, not the first one.
+    let copy = ws.path().join("later.ram");
+    copy_sparse(&launch.memory_file.clone().unwrap(), &copy);
+    let mut restored = ws.launch("later", 128);
+    restored.config.drives = launch.config.drives.clone();
+    let vm = qemu
+        .restore_vm(
+            &restored,
+            &RestoreSpec {
+                vmstate: out.vmstate,
+                memory: MemoryBackend::File(copy),
+                track_dirty_pages: false,
+                resume: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_continues(&vm, &later).await;
+    vm.kill().await.unwrap();
+    assert_gone(&vm, &restored.run_dir).await;
+}
+
+#[tokio::test]
 async fn two_restores_from_one_snapshot_run_at_once() {
     let ws = guest_or_skip!();
     let qemu = qemu();

@@ -283,7 +283,9 @@ impl Vm for QemuVm {
     /// Writes device state to `request.vmstate` and returns the RAM file as
     /// the memory (`request.memory` is not written). The RAM file is all of
     /// guest memory for `Full` and `Diff` requests alike; it stays a valid
-    /// snapshot only while the VM stays paused.
+    /// snapshot only while the VM stays paused. A second snapshot without a
+    /// resume in between lets the guest run for an instant first (QEMU will
+    /// not migrate a VM twice from one pause).
     async fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotOutput> {
         let state = self.run(&QueryStatus).await?.status;
         if !matches!(state, RunState::Paused | RunState::Postmigrate) {
@@ -291,6 +293,14 @@ impl Vm for QemuVm {
                 operation: "snapshot",
                 state: state.to_string(),
             });
+        }
+        if state == RunState::Postmigrate {
+            // Paused by an earlier snapshot: QEMU refuses to migrate again
+            // ("paused due to previous migration") until the VM has run, so
+            // it runs for an instant and the new snapshot is of that state.
+            tracing::debug!(vm_id = %self.vm_id, "resuming briefly to allow another snapshot");
+            self.run(&Cont).await?;
+            self.run(&Stop).await?;
         }
         if request.kind == SnapshotKind::Diff {
             tracing::debug!(vm_id = %self.vm_id, "QEMU has no diff snapshots; returning the full RAM file");
