@@ -122,6 +122,32 @@ impl Qemu {
         })
     }
 
+    /// Clean up a run directory whose QEMU died unseen (the host agent and
+    /// the VM both crashed): remove its stale QMP socket and drive links,
+    /// keeping the logs. Refuses while a QEMU still listens on the socket;
+    /// adopt that one instead.
+    pub fn reclaim(run_dir: &Path) -> Result<()> {
+        let paths = RunPaths::new(run_dir);
+        if std::os::unix::net::UnixStream::connect(&paths.qmp).is_ok() {
+            return Err(VmmError::InvalidState {
+                operation: "reclaiming a run directory",
+                state: format!("still served by a live QEMU at {}", paths.qmp.display()),
+            });
+        }
+        match std::fs::remove_file(&paths.qmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(VmmError::Io {
+                    context: format!("removing stale {}", paths.qmp.display()),
+                    source,
+                });
+            }
+        }
+        drives::unlink_drives(run_dir);
+        Ok(())
+    }
+
     /// Which accelerator VMs run on, and why.
     pub fn accel(&self) -> &AccelDecision {
         &self.accel
@@ -577,6 +603,38 @@ mod tests {
         assert_eq!(identify(&not_qemu, "sbx-1"), None);
         let no_ram = argv(&["qemu-system-x86_64", "-name", "guest=sbx-1"]);
         assert_eq!(identify(&no_ram, "sbx-1"), None);
+    }
+
+    #[test]
+    fn reclaim_removes_a_dead_socket_but_not_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk");
+        std::fs::write(&disk, b"d").unwrap();
+        drives::link_drives(
+            dir.path(),
+            &[crate::DriveSpec {
+                id: "root".into(),
+                host_path: disk.clone(),
+                read_only: false,
+                root: true,
+            }],
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("serial.log"), b"console").unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(matches!(
+            Qemu::reclaim(dir.path()),
+            Err(VmmError::InvalidState { .. })
+        ));
+        assert!(sock.exists() && dir.path().join("drives/root").exists());
+        drop(listener);
+        Qemu::reclaim(dir.path()).unwrap();
+        assert!(!sock.exists());
+        assert!(!dir.path().join("drives").exists());
+        assert!(dir.path().join("serial.log").exists() && disk.exists());
+        // Nothing left to do is fine.
+        Qemu::reclaim(dir.path()).unwrap();
     }
 
     #[test]
