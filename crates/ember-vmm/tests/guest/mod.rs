@@ -264,8 +264,12 @@ pub struct Console {
 
 impl Console {
     pub fn read(path: &Path) -> Console {
-        let text = std::fs::read(path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
+        let mut bytes = std::fs::read(path).unwrap_or_default();
+        // A VM paused or snapshotted mid-line finishes that line elsewhere
+        // (after resume, or in the restored VM's log): count whole lines only.
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(complete);
+        let text = String::from_utf8_lossy(&bytes);
         let mut console = Console::default();
         for line in text.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
