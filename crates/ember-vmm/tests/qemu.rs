@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ember_vmm::qemu::qmp::QmpError;
-use ember_vmm::qemu::{Accel, Qemu, QemuConfig, QemuVm};
+use ember_vmm::qemu::{Accel, Qemu, QemuConfig, QemuVm, RestoreMemory};
 use ember_vmm::{
     DriveSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind, SnapshotRequest, Vm,
     Vmm, VmmError,
@@ -381,6 +381,51 @@ async fn two_restores_from_one_snapshot_run_at_once() {
         vm.kill().await.unwrap();
         assert_gone(vm, &launch.run_dir).await;
     }
+}
+
+#[tokio::test]
+async fn forks_map_one_memory_file_copy_on_write() {
+    let ws = guest_or_skip!();
+    let qemu = qemu();
+    let snap = boot_and_snapshot(&qemu, &ws, "base", 128).await;
+    let pristine = std::fs::read(&snap.ram).unwrap();
+
+    let spec = RestoreSpec {
+        vmstate: snap.vmstate.clone(),
+        memory: MemoryBackend::File(snap.ram.clone()),
+        track_dirty_pages: false,
+        resume: true,
+    };
+    let (la, lb) = (ws.launch("cow-a", 128), ws.launch("cow-b", 128));
+    let (a, b) = tokio::join!(
+        qemu.restore_vm_with(&la, &spec, RestoreMemory::PrivateMapping),
+        qemu.restore_vm_with(&lb, &spec, RestoreMemory::PrivateMapping)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    tokio::join!(
+        assert_continues(&a, &snap.console),
+        assert_continues(&b, &snap.console)
+    );
+    // Their memory is in no file, so there is nothing to snapshot.
+    a.pause().await.unwrap();
+    let err = a
+        .snapshot(&SnapshotRequest {
+            kind: SnapshotKind::Full,
+            vmstate: ws.path().join("cow.vmstate"),
+            memory: ws.path().join("cow.mem"),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
+    for (vm, launch) in [(&a, &la), (&b, &lb)] {
+        vm.kill().await.unwrap();
+        assert_gone(vm, &launch.run_dir).await;
+    }
+    // Both guests ran and wrote memory; the shared file did not change.
+    assert!(
+        std::fs::read(&snap.ram).unwrap() == pristine,
+        "a private restore wrote its memory file"
+    );
 }
 
 #[tokio::test]

@@ -29,6 +29,9 @@ pub struct LaunchPlan {
     pub initrd: Option<PathBuf>,
     pub kernel_args: String,
     pub memory_file: PathBuf,
+    /// `share=on`: guest writes land in `memory_file`. `share=off`: the file
+    /// is mapped copy-on-write and never written.
+    pub memory_shared: bool,
     pub drives: Vec<PlannedDrive>,
     pub net: Option<PlannedNet>,
     pub qmp_socket: PathBuf,
@@ -110,7 +113,10 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
             Some(format!("{}M", plan.machine.memory_mib).as_ref()),
         ),
         ("mem-path", Some(plan.memory_file.as_os_str())),
-        ("share", Some("on".as_ref())),
+        (
+            "share",
+            Some(if plan.memory_shared { "on" } else { "off" }.as_ref()),
+        ),
     ]));
 
     args.push("-kernel").push(plan.kernel.as_os_str());
@@ -309,6 +315,7 @@ mod tests {
             initrd: Some("/k/initrd".into()),
             kernel_args: "console=ttyS0 quiet".into(),
             memory_file: "/mem/ram,1".into(),
+            memory_shared: true,
             drives: vec![
                 PlannedDrive {
                     id: "root".into(),
@@ -419,6 +426,19 @@ mod tests {
         }));
         assert_eq!(&restore[..boot.len()], &boot[..]);
         assert_eq!(&restore[boot.len()..], ["-incoming", "defer", "-S"]);
+    }
+
+    #[test]
+    fn a_private_restore_maps_the_memory_file_copy_on_write() {
+        let args = strings(qemu_args(&LaunchPlan {
+            incoming: true,
+            memory_shared: false,
+            ..plan()
+        }));
+        assert_eq!(
+            after(&args, "-object"),
+            "memory-backend-file,id=ram,size=256M,mem-path=/mem/ram,,1,share=off"
+        );
     }
 
     #[test]

@@ -54,6 +54,24 @@ pub struct QemuConfig {
     pub command_timeout: Duration,
     /// Deadline of a snapshot's or restore's device-state transfer.
     pub migration_timeout: Duration,
+    /// How [`Vmm::restore`] uses the memory file (see [`RestoreMemory`]).
+    pub restore_memory: RestoreMemory,
+}
+
+/// How a restored VM uses its `MemoryBackend::File`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreMemory {
+    /// `share=on`: the file becomes the VM's RAM file and QEMU writes guest
+    /// memory into it, so the caller passes a private, writable copy. The
+    /// VM can be snapshotted again like a booted one.
+    #[default]
+    SharedCopy,
+    /// `share=off`: the file is mapped copy-on-write and never written, so
+    /// any number of restores (forks of one template) share its clean pages
+    /// through the page cache and need no copy. Such a VM's memory lives in
+    /// no file: it cannot be snapshotted.
+    PrivateMapping,
 }
 
 impl Default for QemuConfig {
@@ -66,6 +84,7 @@ impl Default for QemuConfig {
             socket_timeout: Duration::from_secs(20),
             command_timeout: Duration::from_secs(10),
             migration_timeout: Duration::from_secs(60),
+            restore_memory: RestoreMemory::SharedCopy,
         }
     }
 }
@@ -159,7 +178,13 @@ impl Qemu {
 
     /// Start QEMU for `launch` over `memory_file` and connect to its QMP
     /// socket. On any failure nothing is left running.
-    async fn start(&self, launch: &Launch, memory_file: &Path, incoming: bool) -> Result<QemuVm> {
+    async fn start(
+        &self,
+        launch: &Launch,
+        memory_file: &Path,
+        memory_shared: bool,
+        incoming: bool,
+    ) -> Result<QemuVm> {
         let config = &launch.config;
         cmdline::validate_vm_id(&launch.vm_id)?;
         if config.machine.vcpus == 0 || config.machine.memory_mib == 0 {
@@ -222,6 +247,7 @@ impl Qemu {
             initrd: config.initrd.clone(),
             kernel_args: config.kernel_args.clone(),
             memory_file: std::path::absolute(memory_file).unwrap_or_else(|_| memory_file.into()),
+            memory_shared,
             drives: planned,
             net,
             qmp_socket: paths.qmp.clone(),
@@ -255,6 +281,7 @@ impl Qemu {
             launch.vm_id.clone(),
             paths,
             plan.memory_file,
+            memory_shared,
             process,
             qmp,
             self.timeouts(),
@@ -371,7 +398,7 @@ impl Qemu {
         };
         create_ram_file(memory_file, launch.config.machine.memory_mib)?;
         let started = std::time::Instant::now();
-        let vm = self.start(launch, memory_file, false).await?;
+        let vm = self.start(launch, memory_file, true, false).await?;
         let state = vm.run_state().await?;
         if state != RunState::Running {
             return Err(VmmError::InvalidState {
@@ -383,12 +410,25 @@ impl Qemu {
         Ok(vm)
     }
 
-    /// Restore over `restore.memory`, which must be `MemoryBackend::File`:
-    /// a private, writable copy of the snapshot's RAM file, exactly the
-    /// machine's size. QEMU maps it shared and the guest writes into it, so
-    /// never pass the snapshot's own file. `Launch::memory_file` is ignored.
-    /// `track_dirty_pages` has no effect (the whole file is the memory).
+    /// Restore over `restore.memory`, which must be `MemoryBackend::File`
+    /// of exactly the machine's size, used as `QemuConfig::restore_memory`
+    /// says: by default QEMU writes guest memory into it, so the caller
+    /// passes a private, writable copy, never the snapshot's own file.
+    /// `Launch::memory_file` is ignored. `track_dirty_pages` has no effect
+    /// (the whole file is the memory).
     pub async fn restore_vm(&self, launch: &Launch, restore: &RestoreSpec) -> Result<QemuVm> {
+        self.restore_vm_with(launch, restore, self.config.restore_memory)
+            .await
+    }
+
+    /// [`Qemu::restore_vm`] with the memory mode chosen per call (a fork of
+    /// a template maps it privately, a resumed sandbox takes a copy).
+    pub async fn restore_vm_with(
+        &self,
+        launch: &Launch,
+        restore: &RestoreSpec,
+        memory: RestoreMemory,
+    ) -> Result<QemuVm> {
         let memory_file = match &restore.memory {
             MemoryBackend::File(path) => path,
             MemoryBackend::Uffd(_) => {
@@ -405,7 +445,8 @@ impl Qemu {
             ))
         })?;
         let started = std::time::Instant::now();
-        let vm = self.start(launch, memory_file, true).await?;
+        let shared = memory == RestoreMemory::SharedCopy;
+        let vm = self.start(launch, memory_file, shared, true).await?;
         let loaded = async {
             vm.load_incoming(&vmstate).await?;
             if restore.resume {
@@ -444,7 +485,7 @@ impl Qemu {
                 context: format!("reading the command line of process {pid}"),
                 source,
             })?;
-        let memory_file = identify(&argv, &launch.vm_id).ok_or_else(|| {
+        let (memory_file, memory_shared) = identify(&argv, &launch.vm_id).ok_or_else(|| {
             VmmError::Config(format!(
                 "process {pid} is not the QEMU of VM {}",
                 launch.vm_id
@@ -461,6 +502,7 @@ impl Qemu {
             launch.vm_id.clone(),
             paths,
             memory_file,
+            memory_shared,
             process,
             qmp,
             self.timeouts(),
@@ -472,8 +514,8 @@ impl Qemu {
 }
 
 /// If `argv` (NUL-separated, from `/proc/<pid>/cmdline`) is a QEMU started
-/// for `vm_id`, the path of its RAM file.
-fn identify(argv: &[u8], vm_id: &str) -> Option<PathBuf> {
+/// for `vm_id`, the path of its RAM file and whether it is mapped shared.
+fn identify(argv: &[u8], vm_id: &str) -> Option<(PathBuf, bool)> {
     use std::os::unix::ffi::OsStrExt;
     let args: Vec<&[u8]> = argv.split(|&b| b == 0).collect();
     let program = Path::new(std::ffi::OsStr::from_bytes(args.first()?));
@@ -489,10 +531,14 @@ fn identify(argv: &[u8], vm_id: &str) -> Option<PathBuf> {
     }
     args.windows(2).find_map(|w| {
         let opts = w[1];
-        (w[0] == b"-object"
+        let is_ram = w[0] == b"-object"
             && opts.starts_with(b"memory-backend-file,")
-            && cmdline::option_value(opts, "id").as_deref() == Some(Path::new(cmdline::RAM_ID)))
-        .then(|| cmdline::option_value(opts, "mem-path"))?
+            && cmdline::option_value(opts, "id").as_deref() == Some(Path::new(cmdline::RAM_ID));
+        if !is_ram {
+            return None;
+        }
+        let shared = cmdline::option_value(opts, "share").as_deref() == Some(Path::new("on"));
+        Some((cmdline::option_value(opts, "mem-path")?, shared))
     })
 }
 
@@ -596,7 +642,10 @@ mod tests {
             "-object",
             "memory-backend-file,id=ram,size=256M,mem-path=/m/ra,,m,share=on",
         ]);
-        assert_eq!(identify(&ours, "sbx-1"), Some(PathBuf::from("/m/ra,m")));
+        assert_eq!(
+            identify(&ours, "sbx-1"),
+            Some((PathBuf::from("/m/ra,m"), true))
+        );
         assert_eq!(identify(&ours, "sbx-2"), None);
         assert_eq!(identify(&ours, "sbx"), None);
         let not_qemu = argv(&["/bin/sleep", "-name", "guest=sbx-1"]);

@@ -289,6 +289,13 @@ mod tests {
         let sid = std::fs::read_to_string(format!("/proc/{}/stat", p.pid())).unwrap();
         let fields: Vec<&str> = sid.rsplit_once(')').unwrap().1.split_whitespace().collect();
         assert_eq!(fields[3], p.pid().to_string(), "session id");
+        // Kill only once the shell has written both lines.
+        for _ in 0..250 {
+            if log_tail(&log, 10) == "starting\nfailing" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         p.kill().unwrap();
         assert_eq!(p.wait().await, "killed by signal 9");
         assert_eq!(p.exit_status().as_deref(), Some("killed by signal 9"));

@@ -53,6 +53,9 @@ pub struct QemuVm {
     paths: RunPaths,
     /// The guest RAM file: what a snapshot returns as its memory.
     memory_file: PathBuf,
+    /// False for a private (copy-on-write) restore: guest memory is then in
+    /// no file and cannot be snapshotted.
+    memory_shared: bool,
     process: Process,
     qmp: Qmp,
     timeouts: Timeouts,
@@ -65,6 +68,7 @@ impl QemuVm {
         vm_id: String,
         paths: RunPaths,
         memory_file: PathBuf,
+        memory_shared: bool,
         process: Process,
         qmp: Qmp,
         timeouts: Timeouts,
@@ -73,6 +77,7 @@ impl QemuVm {
             vm_id,
             paths,
             memory_file,
+            memory_shared,
             process,
             qmp,
             timeouts,
@@ -287,6 +292,11 @@ impl Vm for QemuVm {
     /// resume in between lets the guest run for an instant first (QEMU will
     /// not migrate a VM twice from one pause).
     async fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotOutput> {
+        if !self.memory_shared {
+            return Err(VmmError::Unsupported(
+                "snapshotting a QEMU VM restored with a private memory mapping",
+            ));
+        }
         let state = self.run(&QueryStatus).await?.status;
         if !matches!(state, RunState::Paused | RunState::Postmigrate) {
             return Err(VmmError::InvalidState {

@@ -15,10 +15,11 @@ use ember_vmm::{Launch, MachineSpec, VmConfig};
 pub const KERNEL_ARGS: &str =
     "console=ttyS0 quiet cryptomgr.notests lsm=capability audit=0 pci=off panic=-1";
 
-/// The guest's `/init`: write 1 MiB of random bytes to the initramfs (guest
-/// RAM), print its checksum once, then print a counter every ~100 ms and the
-/// checksum again every tenth tick.
+/// The guest's `/init`: say it started, write 1 MiB of random bytes to the
+/// initramfs (guest RAM), print its checksum once, then print a counter every
+/// ~100 ms and the checksum again every tenth tick.
 const INIT: &str = r#"#!/bin/busybox sh
+echo INIT
 bb=/bin/busybox
 $bb mount -t devtmpfs dev /dev
 $bb mount -t proc proc /proc
@@ -256,6 +257,8 @@ pub fn copy_sparse(src: &Path, dst: &Path) {
 /// What the test guest has printed so far.
 #[derive(Debug, Default, Clone)]
 pub struct Console {
+    /// `/init` started.
+    pub init: bool,
     pub pattern: Option<String>,
     pub ticks: Vec<u64>,
     /// (tick, checksum) pairs.
@@ -274,6 +277,7 @@ impl Console {
         for line in text.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
+                ["INIT"] => console.init = true,
                 ["PATTERN", sum] => console.pattern = Some(sum.to_string()),
                 ["TICK", n] => {
                     if let Ok(n) = n.parse() {
