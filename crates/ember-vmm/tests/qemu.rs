@@ -681,6 +681,21 @@ async fn a_detached_vm_survives_and_is_adopted() {
     assert!(pid_exists(pid), "a detached VM must outlive its handle");
     assert!(launch.run_dir.join("qmp.sock").exists());
 
+    // Its run directory is taken: a second boot there is refused before it
+    // touches the running VM's RAM file.
+    let ram_before = std::fs::metadata(launch.memory_file.as_ref().unwrap())
+        .unwrap()
+        .len();
+    let err = qemu.boot(&launch).await.unwrap_err();
+    assert!(matches!(err, VmmError::InvalidState { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::metadata(launch.memory_file.as_ref().unwrap())
+            .unwrap()
+            .len(),
+        ram_before
+    );
+    assert!(launch.run_dir.join("qmp.sock").exists());
+
     // Another VM's id: refused, and the process is left alone.
     let mut other = launch.clone();
     other.vm_id = "someone-else".into();

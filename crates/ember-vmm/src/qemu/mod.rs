@@ -225,18 +225,11 @@ impl Qemu {
         let paths = RunPaths::new(&launch.run_dir);
         cmdline::validate_socket_path(&paths.qmp)?;
 
-        let links = drives::link_drives(&launch.run_dir, &config.drives)?;
-        let mut planned = Vec::with_capacity(links.len());
-        for (drive, link) in config.drives.iter().zip(links) {
-            planned.push(PlannedDrive {
-                id: drive.id.clone(),
-                path: link,
-                format: DiskFormat::detect(&first_bytes(&drive.host_path)?),
-                read_only: drive.read_only,
-            });
-        }
-        // Left by a crashed predecessor in this run directory.
-        let _ = std::fs::remove_file(&paths.qmp);
+        // A live QEMU in this run directory is a caller bug; a dead one's
+        // socket and links are stale.
+        Qemu::reclaim(&launch.run_dir)?;
+        let planned = plan_drives(&launch.run_dir, &config.drives)
+            .inspect_err(|_| drives::unlink_drives(&launch.run_dir))?;
 
         let plan = LaunchPlan {
             vm_id: launch.vm_id.clone(),
@@ -244,7 +237,10 @@ impl Qemu {
             tsc_khz: self.tsc_khz,
             machine: config.machine,
             kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
-            initrd: config.initrd.clone(),
+            initrd: config
+                .initrd
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             kernel_args: config.kernel_args.clone(),
             memory_file: std::path::absolute(memory_file).unwrap_or_else(|_| memory_file.into()),
             memory_shared,
@@ -396,6 +392,8 @@ impl Qemu {
                 "QEMU keeps guest RAM in a file: set Launch::memory_file".into(),
             ));
         };
+        // Before touching the RAM file: it may belong to a VM still running.
+        Qemu::reclaim(&launch.run_dir)?;
         create_ram_file(memory_file, launch.config.machine.memory_mib)?;
         let started = std::time::Instant::now();
         let vm = self.start(launch, memory_file, true, false).await?;
@@ -540,6 +538,23 @@ fn identify(argv: &[u8], vm_id: &str) -> Option<(PathBuf, bool)> {
         let shared = cmdline::option_value(opts, "share").as_deref() == Some(Path::new("on"));
         Some((cmdline::option_value(opts, "mem-path")?, shared))
     })
+}
+
+/// Link each drive at its stable path and detect its format.
+fn plan_drives(run_dir: &Path, specs: &[crate::DriveSpec]) -> Result<Vec<PlannedDrive>> {
+    let links = drives::link_drives(run_dir, specs)?;
+    specs
+        .iter()
+        .zip(links)
+        .map(|(drive, link)| {
+            Ok(PlannedDrive {
+                id: drive.id.clone(),
+                path: link,
+                format: DiskFormat::detect(&first_bytes(&drive.host_path)?),
+                read_only: drive.read_only,
+            })
+        })
+        .collect()
 }
 
 fn resolve_binary(binary: &Path) -> Result<PathBuf> {
