@@ -6,15 +6,15 @@
 //! `EMBER_TEST_KERNEL=/path/to/vmlinux cargo bench -p ember-vmm --bench qemu`
 //! (`EMBER_BENCH_ROUNDS` sets the rounds per size, default 5).
 
-#[path = "../tests/guest/mod.rs"]
-mod guest;
+#[path = "../tests/linux_guest/mod.rs"]
+mod linux_guest;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ember_vmm::qemu::{Qemu, QemuConfig};
 use ember_vmm::{MemoryBackend, RestoreSpec, SnapshotKind, SnapshotRequest, Vm};
-use guest::{Console, Workspace, copy_sparse};
+use linux_guest::{Console, Workspace, copy_sparse};
 
 #[derive(Default)]
 struct Samples {
@@ -28,7 +28,7 @@ struct Samples {
 }
 
 fn main() {
-    let kernel = match guest::guest_prerequisites() {
+    let kernel = match linux_guest::guest_prerequisites() {
         Ok(kernel) => kernel,
         Err(why) => {
             eprintln!("SKIPPED qemu bench: {why}");

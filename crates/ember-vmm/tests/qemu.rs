@@ -5,7 +5,7 @@
 //! missing. The network-namespace test also needs root. Every test ends by
 //! checking that no QEMU process and no socket is left behind.
 
-mod guest;
+mod linux_guest;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +16,9 @@ use ember_vmm::{
     DriveSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind, SnapshotRequest, Vm,
     Vmm, VmmError,
 };
-use guest::{Console, Workspace, copy_sparse, pid_exists, qemu_pids_for, sockets_in, wait_console};
+use linux_guest::{
+    Console, Workspace, copy_sparse, pid_exists, qemu_pids_for, sockets_in, wait_console,
+};
 
 /// Generous: two cores are shared with other builds and TCG is slow.
 const BOOT: Duration = Duration::from_secs(90);
@@ -24,7 +26,7 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 macro_rules! guest_or_skip {
     () => {
-        match guest::guest_prerequisites() {
+        match linux_guest::guest_prerequisites() {
             Ok(kernel) => Workspace::new(kernel),
             Err(why) => {
                 ember_testkit::report_skip(module_path!(), &why);
