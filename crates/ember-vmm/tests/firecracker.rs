@@ -61,6 +61,8 @@ suite!(
     restore_through_a_userfaultfd_page_server,
     restore_finds_drives_moved_elsewhere_in_another_netns,
     refusals_match_firecracker,
+    every_endpoint_accepts_the_driver_s_bodies,
+    a_failed_boot_leaves_nothing_behind,
     api_failures_are_typed,
     failed_load_ends_the_process,
     adopt_reattaches_after_an_agent_restart,
@@ -287,6 +289,24 @@ mod scenarios {
         let a_serial = a.serial_log();
         let (a_pid, a_run) = (a.pid(), a_launch.run_dir.clone());
         a.kill().await.unwrap();
+
+        // A launch that asks for another machine than the snapshot's is
+        // refused, and the process it started is gone.
+        let mut wrong = env.launch("wrong-shape");
+        wrong.config.machine.memory_mib *= 2;
+        let err = vmm
+            .restore_vm(
+                &wrong,
+                &restore_spec(&snapshot, MemoryBackend::File(env.path("full.mem")), false),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, VmmError::Config(m) if m.contains("MiB")),
+            "{err}"
+        );
+        assert!(processes_of(&wrong.vm_id).is_empty());
+        assert_no_leftovers(&wrong.run_dir, 0);
 
         let b_launch = env.launch("b");
         let started = Instant::now();
@@ -554,18 +574,8 @@ mod scenarios {
     /// The rules and words the driver relies on, asked of a bare process.
     pub async fn refusals_match_firecracker(t: Target) {
         let env = Env::new();
-        let socket = env.path("api.sock");
-        let mut child = std::process::Command::new(t.binary())
-            .args(["--api-sock", socket.to_str().unwrap(), "--id", "refusals"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let client = ApiClient::new(&socket, ApiTimeouts::default());
-        let started = Instant::now();
-        while client.describe_instance().await.is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "no API socket");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let bare = support::BareVmm::start(&t, env.dir.path(), "refusals").await;
+        let socket = bare.socket.clone();
         let kernel = env.kernel.to_str().unwrap();
         let cases: Vec<(&str, &str, String, u16, &str)> = vec![
             ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":32,"bogus":1}"#.into(), 400,
@@ -620,14 +630,172 @@ mod scenarios {
                 ));
             }
         }
-        assert_eq!(state_of(&client).await, InstanceState::Paused);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        assert_eq!(
+            bare.client.describe_instance().await.unwrap().state,
+            InstanceState::Paused
+        );
         assert!(mismatches.is_empty(), "{t:?}:\n{}", mismatches.join("\n"));
     }
 
-    async fn state_of(client: &ApiClient) -> InstanceState {
-        client.describe_instance().await.unwrap().state
+    /// Every typed call, with every optional field the driver can send,
+    /// accepted by the VMM (so the models' field names are right), and read
+    /// back through `GET /vm/config`.
+    pub async fn every_endpoint_accepts_the_driver_s_bodies(t: Target) {
+        use ember_vmm::firecracker::models::*;
+        let env = Env::new();
+        let bare = support::BareVmm::start(&t, env.dir.path(), "endpoints").await;
+        let api = &bare.client;
+        let bucket = TokenBucket {
+            size: 1 << 20,
+            refill_time: 100,
+            one_time_burst: Some(1 << 20),
+        };
+        let limiter = RateLimiter {
+            bandwidth: Some(bucket),
+            ops: Some(TokenBucket {
+                size: 1000,
+                refill_time: 1000,
+                one_time_burst: None,
+            }),
+        };
+
+        api.put_logger(&Logger {
+            log_path: Some(env.path("fc.log")),
+            level: Some(LogLevel::Debug),
+            show_level: Some(true),
+            show_log_origin: Some(false),
+            module: None,
+        })
+        .await
+        .unwrap();
+        api.put_metrics(&Metrics {
+            metrics_path: env.path("metrics.json"),
+        })
+        .await
+        .unwrap();
+        api.put_machine_config(&MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 64,
+            smt: Some(false),
+            track_dirty_pages: Some(true),
+            huge_pages: Some(HugePages::None),
+        })
+        .await
+        .unwrap();
+        api.patch_machine_config(&MachineConfigUpdate {
+            mem_size_mib: Some(guest::MEMORY_MIB as usize),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        api.put_boot_source(&BootSource {
+            kernel_image_path: env.kernel.clone(),
+            boot_args: Some("console=ttyS0".into()),
+            initrd_path: None,
+        })
+        .await
+        .unwrap();
+        api.put_drive(&Drive {
+            drive_id: "root".into(),
+            path_on_host: Some(env.root_drive.clone()),
+            is_root_device: true,
+            is_read_only: Some(false),
+            partuuid: None,
+            cache_type: Some(CacheType::Writeback),
+            io_engine: Some(IoEngine::Sync),
+            rate_limiter: Some(limiter),
+        })
+        .await
+        .unwrap();
+        std::fs::write(env.path("data.img"), vec![0u8; 4096]).unwrap();
+        api.put_drive(&Drive {
+            drive_id: "data".into(),
+            path_on_host: Some(env.path("data.img")),
+            is_root_device: false,
+            is_read_only: Some(true),
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+        })
+        .await
+        .unwrap();
+        api.put_vsock(&Vsock {
+            guest_cid: 3,
+            uds_path: env.path("v.sock"),
+        })
+        .await
+        .unwrap();
+        api.put_balloon(&Balloon {
+            amount_mib: 0,
+            deflate_on_oom: true,
+            stats_polling_interval_s: Some(1),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            api.balloon().await.unwrap().stats_polling_interval_s,
+            Some(1)
+        );
+        api.put_entropy(&EntropyDevice {
+            rate_limiter: Some(limiter),
+        })
+        .await
+        .unwrap();
+        api.put_serial(&SerialDevice::default()).await.unwrap();
+
+        let config = api.vm_config().await.unwrap();
+        assert_eq!(
+            config.machine_config.as_ref().unwrap().mem_size_mib,
+            guest::MEMORY_MIB as usize
+        );
+        assert_eq!(
+            config.machine_config.as_ref().unwrap().track_dirty_pages,
+            Some(true)
+        );
+        assert_eq!(config.drives.len(), 2);
+        let root = config.drives.iter().find(|d| d.drive_id == "root").unwrap();
+        assert_eq!(root.rate_limiter, Some(limiter));
+        assert_eq!(root.cache_type, Some(CacheType::Writeback));
+        assert_eq!(config.vsock.as_ref().unwrap().uds_path, env.path("v.sock"));
+        assert_eq!(config.balloon.unwrap().amount_mib, 0);
+        assert!(config.entropy.is_some());
+
+        api.action(ActionType::InstanceStart).await.unwrap();
+        api.patch_drive(&PartialDrive {
+            drive_id: "data".into(),
+            path_on_host: Some(env.path("data.img")),
+            rate_limiter: None,
+        })
+        .await
+        .unwrap();
+        api.action(ActionType::FlushMetrics).await.unwrap();
+        api.action(ActionType::SendCtrlAltDel).await.unwrap();
+        api.patch_vm(VmState::Paused).await.unwrap();
+        api.patch_vm(VmState::Resumed).await.unwrap();
+        assert_eq!(
+            api.describe_instance().await.unwrap().state,
+            InstanceState::Running
+        );
+        assert_eq!(api.version().await.unwrap().firecracker_version, "1.16.1");
+        // The tiny guest has no balloon driver: what the VMM says about the
+        // device then is recorded here, and the fake must say the same.
+        let patched = api.patch_balloon(&BalloonUpdate { amount_mib: 1 }).await;
+        let stats = api.balloon_stats().await;
+        let stats_interval = api
+            .patch_balloon_stats(&BalloonStatsUpdate {
+                stats_polling_interval_s: 2,
+            })
+            .await;
+        eprintln!(
+            "{t:?}: PATCH /balloon → {patched:?}; GET /balloon/statistics → {stats:?}; PATCH /balloon/statistics → {stats_interval:?}"
+        );
+        let metrics = std::fs::read_to_string(env.path("metrics.json")).unwrap();
+        assert!(!metrics.trim().is_empty(), "FlushMetrics wrote nothing");
+        assert!(
+            std::fs::metadata(env.path("fc.log")).unwrap().len() > 0,
+            "nothing logged"
+        );
     }
 
     pub async fn api_failures_are_typed(t: Target) {
@@ -683,6 +851,50 @@ mod scenarios {
         // Socket removed: connecting fails outright.
         let err = vm.client().describe_instance().await.unwrap_err();
         assert!(matches!(err, VmmError::Connection { .. }), "{err}");
+    }
+
+    pub async fn a_failed_boot_leaves_nothing_behind(t: Target) {
+        let env = Env::new();
+        let vmm = t.vmm();
+        // Firecracker refuses a kernel that is not an ELF at InstanceStart,
+        // after the process is up: the driver must kill it and clean up.
+        let mut launch = env.launch("not-elf");
+        launch.config.kernel = env.root_drive.clone();
+        let err = vmm.boot_vm(&launch).await.unwrap_err();
+        assert!(
+            matches!(&err, VmmError::Refused { call, message } if call == "PUT /actions" && message.contains("Invalid Elf magic number")),
+            "{err}"
+        );
+        assert!(processes_of(&launch.vm_id).is_empty(), "VMM left running");
+        assert_no_leftovers(&launch.run_dir, 0);
+
+        // Refused before anything starts: a missing drive, a missing netns.
+        let mut launch = env.launch("no-drive");
+        launch.config.drives[0].host_path = env.path("missing.img");
+        let err = vmm.boot_vm(&launch).await.unwrap_err();
+        assert!(
+            matches!(&err, VmmError::Config(m) if m.contains("missing.img")),
+            "{err}"
+        );
+        let mut launch = env.launch("no-netns");
+        launch.config.net = Some(NetSpec {
+            tap: "tap0".into(),
+            guest_mac: "06:00:ac:10:00:02".into(),
+            netns: Some("/run/netns/ember-test-does-not-exist".into()),
+        });
+        let err = vmm.boot_vm(&launch).await.unwrap_err();
+        assert!(matches!(err, VmmError::Io { .. }), "{err}");
+        assert_no_leftovers(&launch.run_dir, 0);
+
+        // A run directory a live VMM still serves is not taken over.
+        let launch = env.launch("busy");
+        let vm = vmm.boot_vm(&launch).await.unwrap();
+        let err = vmm.boot_vm(&launch).await.unwrap_err();
+        assert!(matches!(err, VmmError::InvalidState { .. }), "{err}");
+        assert_eq!(state(&vm).await, InstanceState::Running);
+        let pid = vm.pid();
+        drop(vm);
+        assert_no_leftovers(&launch.run_dir, pid);
     }
 
     pub async fn failed_load_ends_the_process(t: Target) {
@@ -1047,5 +1259,74 @@ mod transport {
         });
         let err = vmm.version().await.unwrap_err();
         assert!(matches!(err, VmmError::BinaryMissing { .. }), "{err}");
+    }
+}
+
+/// Processes that are not a working VMM.
+mod startup {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn script(env: &Env, name: &str, body: &str) -> PathBuf {
+        let path = env.path(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn vmm(binary: PathBuf, startup: Duration) -> FirecrackerVmm {
+        FirecrackerVmm::new(ember_vmm::firecracker::FirecrackerConfig {
+            binary: Some(binary),
+            startup_timeout: startup,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_at_once_reports_its_status_and_log() {
+        ember_testkit::require!(
+            ember_testkit::is_root(),
+            "needs root: the VMM runs in its own mount namespace"
+        );
+        let env = Env::new();
+        let binary = script(&env, "dies", "echo 'no KVM here' >&2; exit 3");
+        let launch = env.launch("dies");
+        let err = vmm(binary, Duration::from_secs(10))
+            .boot_vm(&launch)
+            .await
+            .unwrap_err();
+        match err {
+            VmmError::Exited { status, log_tail } => {
+                assert_eq!(status, "exit status: 3");
+                assert!(log_tail.contains("no KVM here"), "{log_tail}");
+            }
+            other => panic!("expected Exited, got {other}"),
+        }
+        assert_no_leftovers(&launch.run_dir, 0);
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_never_opens_its_socket_is_killed_after_the_deadline() {
+        ember_testkit::require!(
+            ember_testkit::is_root(),
+            "needs root: the VMM runs in its own mount namespace"
+        );
+        let env = Env::new();
+        let binary = script(&env, "silent", "exec /bin/sleep 60");
+        let launch = env.launch("silent");
+        let err = vmm(binary, Duration::from_millis(300))
+            .boot_vm(&launch)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, VmmError::SocketTimeout { path, .. } if path.ends_with("api.sock")),
+            "{err}"
+        );
+        assert!(
+            processes_of(&launch.vm_id).is_empty(),
+            "sleeper left running"
+        );
+        assert_no_leftovers(&launch.run_dir, 0);
     }
 }

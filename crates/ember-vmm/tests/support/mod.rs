@@ -62,6 +62,45 @@ impl Target {
     }
 }
 
+/// A VMM process started by hand (no driver, no namespaces) for talking to
+/// its API directly. Killed on drop.
+#[derive(Debug)]
+pub struct BareVmm {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    pub client: ember_vmm::firecracker::ApiClient,
+}
+
+impl BareVmm {
+    pub async fn start(target: &Target, dir: &Path, id: &str) -> Self {
+        let socket = dir.join(format!("{id}.sock"));
+        let child = std::process::Command::new(target.binary())
+            .args(["--api-sock", socket.to_str().unwrap(), "--id", id])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = ember_vmm::firecracker::ApiClient::new(&socket, ApiTimeouts::default());
+        let started = Instant::now();
+        while client.describe_instance().await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "no API socket");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            child,
+            socket,
+            client,
+        }
+    }
+}
+
+impl Drop for BareVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 /// A test's private directory with the guest kernel and a root drive.
 #[derive(Debug)]
 pub struct Env {

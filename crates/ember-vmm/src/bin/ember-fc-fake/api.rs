@@ -277,6 +277,7 @@ pub struct Balloon {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)] // Parsed so bad values are refused; the fake has no use for them.
 pub struct BalloonUpdate {
     pub amount_mib: u32,
 }
