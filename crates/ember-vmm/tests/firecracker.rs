@@ -439,7 +439,7 @@ mod scenarios {
         let b = vmm
             .restore_vm(
                 &b_launch,
-                &restore_spec(&diff, MemoryBackend::File(merged), true),
+                &restore_spec(&diff, MemoryBackend::File(merged.clone()), true),
             )
             .await
             .unwrap();
@@ -452,10 +452,56 @@ mod scenarios {
             );
         }
         t.note_skipped("that the guest restored from base + diff continues");
+
+        // The next generation, as a paused sandbox makes it: a diff of the
+        // restored VM holds only what it wrote since the restore, and goes
+        // on top of the memory it was restored from.
+        if t.is_real() {
+            let last = guest::ticks(&guest::read(&b.serial_log()))
+                .last()
+                .unwrap()
+                .0;
+            guest::wait_for_ticks(&b.serial_log(), last + 2, TICK_WAIT);
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        b.pause().await.unwrap();
+        let gen2 = b
+            .snapshot(&request(SnapshotKind::Diff, &env, "gen2"))
+            .await
+            .unwrap();
+        let gen2_extents = support::data_extents(memory_path(&gen2.memory));
+        eprintln!("{t:?}: second-generation diff extents {gen2_extents:x?}");
+        let gen2_data: u64 = gen2_extents.iter().map(|(_, l)| l).sum();
+        assert!(gen2_data > 0 && gen2_data <= 64 * 1024, "{gen2_data} bytes");
+        let b_serial = a_serial.clone() + &guest::read(&b.serial_log());
         let (b_pid, b_run) = (b.pid(), b_launch.run_dir.clone());
         b.kill().await.unwrap();
+        let merged2 = env.path("merged2.mem");
+        support::merge(&merged, memory_path(&gen2.memory), &merged2);
+        let server = support::uffd::PageServer::start(&env.path("gen2.sock"), &merged2);
+        let c_launch = env.launch("c");
+        let c = vmm
+            .restore_vm(
+                &c_launch,
+                &restore_spec(&gen2, MemoryBackend::Uffd(server.socket().to_owned()), true),
+            )
+            .await
+            .unwrap();
+        if t.is_real() {
+            continues(&b_serial, &c);
+        } else {
+            assert_eq!(
+                fake_checksum(&b_run.join("serial.log"), "snapshot Diff memory checksum"),
+                fake_checksum(&c.serial_log(), "restored memory checksum")
+            );
+        }
+        let (c_pid, c_run) = (c.pid(), c_launch.run_dir.clone());
+        c.kill().await.unwrap();
+        drop(server);
         assert_no_leftovers(&a_run, a_pid);
         assert_no_leftovers(&b_run, b_pid);
+        assert_no_leftovers(&c_run, c_pid);
     }
 
     pub async fn restore_through_a_userfaultfd_page_server(t: Target) {

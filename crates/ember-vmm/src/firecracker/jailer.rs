@@ -62,9 +62,43 @@ impl JailerConfig {
             )
         })?;
         let base = std::fs::canonicalize(&self.chroot_base)?;
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let parent = self
+            .parent_cgroup
+            .clone()
+            .unwrap_or_else(|| name.to_string_lossy().into_owned());
         Ok(Jail {
             dir: base.join(name).join(vm_id),
+            cgroups: self.cgroup_dirs(&mounts, &parent, vm_id),
         })
+    }
+
+    /// The cgroup directories the jailer creates for a VM: one per
+    /// controller named in `cgroups` (v1), or one in the unified hierarchy
+    /// (v2), each `<mount>/<parent>/<vm id>`. The jailer creates none when
+    /// no `--cgroup` is given.
+    fn cgroup_dirs(&self, proc_mounts: &str, parent: &str, vm_id: &str) -> Vec<PathBuf> {
+        let version = self.cgroup_version.unwrap_or(1);
+        let mut dirs = Vec::new();
+        for setting in &self.cgroups {
+            let controller = setting.split(['.', '=']).next().unwrap_or_default();
+            let mount = proc_mounts.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (dir, fstype, options) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+                let matches = match version {
+                    2 => *fstype == "cgroup2",
+                    _ => *fstype == "cgroup" && options.split(',').any(|o| o == controller),
+                };
+                matches.then(|| PathBuf::from(dir))
+            });
+            if let Some(mount) = mount {
+                let dir = mount.join(parent).join(vm_id);
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        dirs
     }
 
     /// The jailer's command line. `firecracker_args` follow `--`; the jailer
@@ -109,11 +143,13 @@ impl JailerConfig {
     }
 }
 
-/// One VM's jail directory.
+/// One VM's jail: its directory and cgroups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jail {
     /// `<chroot base>/<exec name>/<vm id>`: removed with the VM.
     pub dir: PathBuf,
+    /// Cgroup directories the jailer makes for the VM: removed with it.
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Jail {
@@ -123,12 +159,21 @@ impl Jail {
     }
 
     /// Remove the jail (the jailer's copy of the binary, device nodes, mount
-    /// points). Already gone is fine.
+    /// points) and its cgroups, once the VM's process is gone. Already gone
+    /// is fine.
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_dir_all(&self.dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
+        for cgroup in &self.cgroups {
+            // A cgroup is removed with rmdir (its files are not real files).
+            match std::fs::remove_dir(cgroup) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -252,6 +297,35 @@ mod tests {
         let base = std::fs::canonicalize(dir.path()).unwrap();
         assert_eq!(jail.dir, base.join("firecracker-v1").join("sb-1"));
         assert_eq!(jail.root(), base.join("firecracker-v1/sb-1/root"));
+    }
+
+    #[test]
+    fn cgroup_dirs_follow_the_jailers_layout() {
+        let mounts = "\
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+        let mut cfg = JailerConfig::new("/usr/bin/jailer", 0, 0);
+        assert!(cfg.cgroup_dirs(mounts, "firecracker", "sb-1").is_empty());
+        cfg.cgroups = vec![
+            "cpu.shares=512".into(),
+            "memory.limit_in_bytes=1".into(),
+            "cpu.cfs_quota_us=1".into(),
+        ];
+        assert_eq!(
+            cfg.cgroup_dirs(mounts, "firecracker", "sb-1"),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/cpu/firecracker/sb-1"),
+                PathBuf::from("/sys/fs/cgroup/memory/firecracker/sb-1"),
+            ]
+        );
+        cfg.cgroup_version = Some(2);
+        cfg.cgroups = vec!["cpu.max=50000 100000".into(), "memory.max=1G".into()];
+        assert_eq!(
+            cfg.cgroup_dirs(mounts, "ember", "sb-1"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified/ember/sb-1")]
+        );
     }
 
     #[test]

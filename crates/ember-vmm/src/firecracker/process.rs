@@ -166,6 +166,11 @@ impl VmmProcess {
         self.pid
     }
 
+    /// A receiver that sees the exit status once the process is gone.
+    pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<String>> {
+        self.exit.clone()
+    }
+
     pub(crate) fn exit_status(&self) -> Option<String> {
         self.exit.borrow().clone()
     }

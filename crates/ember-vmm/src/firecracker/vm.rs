@@ -112,15 +112,13 @@ impl FirecrackerVm {
         }
     }
 
-    /// Remove what the process left in the run directory (and the jail).
+    /// Remove what the exited process left in the run directory, and its jail.
     fn clean_up(&self) {
         if let Err(e) = self.layout.remove_transient() {
             tracing::warn!(vm_id = %self.vm_id, error = %e, "could not remove VMM sockets");
         }
-        if let Some(jail) = &self.jail
-            && let Err(e) = jail.remove()
-        {
-            tracing::warn!(vm_id = %self.vm_id, jail = %jail.dir.display(), error = %e, "could not remove jail");
+        if let Some(jail) = &self.jail {
+            remove_jail(&self.vm_id, jail);
         }
     }
 
@@ -311,6 +309,12 @@ impl Vm for FirecrackerVm {
     }
 }
 
+fn remove_jail(vm_id: &str, jail: &Jail) {
+    if let Err(e) = jail.remove() {
+        tracing::warn!(vm_id, jail = %jail.dir.display(), error = %e, "could not remove jail");
+    }
+}
+
 impl Drop for FirecrackerVm {
     fn drop(&mut self) {
         if self.detached {
@@ -319,6 +323,26 @@ impl Drop for FirecrackerVm {
         if let Err(e) = self.process.kill() {
             tracing::warn!(vm_id = %self.vm_id, pid = self.process.pid(), error = %e, "could not kill VMM on drop");
         }
-        self.clean_up();
+        // Sockets and mount points can go now; the jail (and its cgroups,
+        // which cannot be removed while the process is in them) once the
+        // process is gone.
+        if let Err(e) = self.layout.remove_transient() {
+            tracing::warn!(vm_id = %self.vm_id, error = %e, "could not remove VMM sockets");
+        }
+        let Some(jail) = self.jail.take() else {
+            return;
+        };
+        let exited = self.process.exit_watch();
+        let vm_id = self.vm_id.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let mut exited = exited;
+                    let _ = exited.wait_for(Option::is_some).await;
+                    remove_jail(&vm_id, &jail);
+                });
+            }
+            Err(_) => remove_jail(&vm_id, &jail),
+        }
     }
 }
