@@ -161,7 +161,7 @@ impl FirecrackerVm {
             SnapshotKind::Full => SnapshotType::Full,
             SnapshotKind::Diff => SnapshotType::Diff,
         });
-        let Some(_) = &self.jail else {
+        if self.jail.is_none() {
             return self
                 .client
                 .create_snapshot(&SnapshotCreateParams {
@@ -170,7 +170,7 @@ impl FirecrackerVm {
                     mem_file_path: request.memory.clone(),
                 })
                 .await;
-        };
+        }
         // Jailed: write inside the jail (the run directory), then move out.
         let dir = self.layout.host(entry::SNAPSHOT_DIR);
         let io = |context: String| move |source| VmmError::Io { context, source };
@@ -268,13 +268,20 @@ impl Vm for FirecrackerVm {
     }
 
     async fn shutdown(&self, grace: Duration) -> Result<()> {
-        if self.process.exit_status().is_none() && self.state() == InstanceState::Running {
-            // The guest may ignore it (or have no keyboard controller driver);
-            // the kill below covers that.
-            if let Err(e) = self.client.action(ActionType::SendCtrlAltDel).await {
-                tracing::debug!(vm_id = %self.vm_id, error = %e, "SendCtrlAltDel failed");
-            }
-        }
+        // Only a running guest can react; a paused one is killed at once. The
+        // guest may also ignore the request (or have no keyboard controller
+        // driver): the kill after the grace period covers that.
+        let running =
+            self.process.exit_status().is_none() && self.state() == InstanceState::Running;
+        let asked = running
+            && match self.client.action(ActionType::SendCtrlAltDel).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(vm_id = %self.vm_id, error = %e, "SendCtrlAltDel failed");
+                    false
+                }
+            };
+        let grace = if asked { grace } else { Duration::ZERO };
         if self.process.wait_timeout(grace).await.is_none() {
             self.process.kill().map_err(|source| VmmError::Io {
                 context: format!("killing VMM process {}", self.process.pid()),
