@@ -7,7 +7,10 @@
 //!
 //! Assertions about what the guest does (its counter, its memory pattern)
 //! run only against the real binary; the fake run says what it skipped.
-//! Every scenario needs root (the VMM runs in its own mount namespace).
+//! Every scenario needs root (the VMM runs in its own mount namespace) and
+//! binutils (`as`, `ld`) to build the guest; the network scenario needs
+//! iproute2. The jailer scenario also needs `EMBER_JAILER_BIN`, and then
+//! `EMBER_FIRECRACKER_BIN` must be statically linked (the jail has no libc).
 //! `transport::*` covers failures no VMM produces on purpose (a socket that
 //! never answers, garbage answers).
 
