@@ -14,6 +14,7 @@
 mod spec;
 
 pub mod firecracker;
+pub mod layout;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 pub use ember_types::BackendKind;
 pub use spec::{
-    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec,
-    SnapshotKind, SnapshotOutput, SnapshotRequest, VmConfig,
+    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
+    SnapshotOutput, SnapshotRequest, VmConfig,
 };
 
 /// Everything that can go wrong driving a VMM. Backend-specific detail (a
