@@ -167,7 +167,7 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn resolve(spec: &ImageSpec) -> Result<Inputs> {
+    fn resolve(spec: &ImageSpec, store: &Store) -> Result<Inputs> {
         if !spec.guest_binary.is_file() {
             return Err(Error::GuestBinaryMissing {
                 path: spec.guest_binary.clone(),
@@ -179,7 +179,10 @@ impl Inputs {
             use sha2::Digest;
             store::hex(&sha2::Sha256::digest(&busybox))
         };
-        let kernel = kernel::resolve(&spec.kernel_package)?;
+        let kernel = kernel::resolve_remembered(
+            &spec.kernel_package,
+            &store.kernel_resolution(&spec.kernel_package),
+        )?;
         let mut packages = spec.packages.clone();
         packages.sort();
         packages.dedup();
@@ -270,15 +273,15 @@ impl Image {
         spec: &ImageSpec,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Image> {
+        let store = Store::open(data_dir)?;
         let mut timer = StepTimer::start(Step::Inputs, progress);
-        let inputs = Inputs::resolve(spec)?;
+        let inputs = Inputs::resolve(spec, &store)?;
         timer.detail(format!(
             "{} {}, image {}",
             inputs.kernel.name, inputs.kernel.version, inputs.key
         ));
         timer.finish(false);
 
-        let store = Store::open(data_dir)?;
         let image_dir = store.image_dir(&inputs.key);
         if let Ok(image) = Image::open(&image_dir) {
             return Self::hit(&store, image, progress);
@@ -510,7 +513,10 @@ mod tests {
     #[test]
     fn a_missing_guest_binary_says_how_to_build_it() {
         let spec = ImageSpec::new("/nonexistent/ember-guest");
-        let err = Inputs::resolve(&spec).err().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let err = Inputs::resolve(&spec, &Store::open(data.path()).unwrap())
+            .err()
+            .unwrap();
         let msg = err.to_string();
         assert!(
             msg.contains("/nonexistent/ember-guest") && msg.contains("cargo build -p ember-guest"),

@@ -114,6 +114,89 @@ pub(crate) fn resolve(package: &str) -> Result<KernelPackage> {
     })
 }
 
+/// [`resolve`], remembered in `memo` until apt's package lists or
+/// configuration change. `apt-cache` can take seconds per call (it rebuilds
+/// its cache every time where `pkgcache.bin` is disabled, as in
+/// containers), and this runs on every `ensure`, cache hits included.
+pub(crate) fn resolve_remembered(package: &str, memo: &Path) -> Result<KernelPackage> {
+    #[derive(Serialize, Deserialize)]
+    struct Memo {
+        package: String,
+        apt_state: String,
+        name: String,
+        version: String,
+    }
+    let apt_state = apt_state();
+    if let Some(m) = fs::read(memo)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Memo>(&b).ok())
+        && m.package == package
+        && m.apt_state == apt_state
+    {
+        return Ok(KernelPackage {
+            name: m.name,
+            version: m.version,
+        });
+    }
+    let resolved = resolve(package)?;
+    let json = serde_json::to_vec(&Memo {
+        package: package.to_owned(),
+        apt_state,
+        name: resolved.name.clone(),
+        version: resolved.version.clone(),
+    })
+    .expect("Memo serialises");
+    // Best effort: without the memo the next call just asks apt again.
+    let tmp = memo.with_extension(format!("tmp.{}", std::process::id()));
+    if fs::write(&tmp, json)
+        .and_then(|()| fs::rename(&tmp, memo))
+        .is_err()
+    {
+        let _ = fs::remove_file(&tmp);
+    }
+    Ok(resolved)
+}
+
+/// A fingerprint of what decides apt's candidate versions: its package
+/// lists and configuration (names, sizes and modification times).
+fn apt_state() -> String {
+    let mut parts = Vec::new();
+    let mut add = |path: &Path| {
+        if let Ok(meta) = fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            parts.push((
+                path.display().to_string(),
+                format!("{} {} {}", meta.len(), meta.mtime(), meta.mtime_nsec()),
+            ));
+        }
+    };
+    for file in ["/etc/apt/sources.list", "/etc/apt/preferences"] {
+        add(Path::new(file));
+    }
+    for dir in [
+        "/var/lib/apt/lists",
+        "/etc/apt/sources.list.d",
+        "/etc/apt/preferences.d",
+        "/etc/apt/apt.conf.d",
+    ] {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for entry in entries {
+            add(&entry);
+        }
+    }
+    let borrowed: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    crate::store::key(&borrowed)
+}
+
 /// Build a kernel cache entry in `entry` (which must not exist), using
 /// `work` for the download. Reports the `Kernel` and `Modules` steps.
 pub(crate) fn build(

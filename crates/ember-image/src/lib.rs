@@ -61,7 +61,10 @@ pub use progress::{Progress, Step};
 /// - `pci=off`: virtio devices are on virtio-mmio, found through ACPI (which
 ///   therefore stays on).
 /// - `i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd`: skip probing a mouse
-///   and multiplexer behind the keyboard controller that only exists for
-///   `reboot=k`.
+///   and multiplexer behind the keyboard controller, which Firecracker only
+///   emulates for `reboot=k` (QEMU microvm has none; the probe is instant).
+/// - `tsc=reliable`: without it the clocksource watchdog, comparing against
+///   timer ticks that TCG delivers late, declares the TSC unstable a second
+///   into boot and the guest falls back to jiffies (4 ms clock resolution).
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet cryptomgr.notests \
-lsm=capability audit=0 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+lsm=capability audit=0 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable";

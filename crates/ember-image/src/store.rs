@@ -83,6 +83,12 @@ impl Store {
     pub(crate) fn kernel_dir(&self, key: &str) -> PathBuf {
         self.root.join("kernel").join(key)
     }
+    /// Where the kernel package's resolution to a version is remembered.
+    pub(crate) fn kernel_resolution(&self, package: &str) -> PathBuf {
+        self.root
+            .join("kernel")
+            .join(format!("{}.resolved.json", key(&[("package", package)])))
+    }
     pub(crate) fn tree_dir(&self, key: &str) -> PathBuf {
         self.root.join("tree").join(key)
     }
