@@ -256,6 +256,22 @@ impl Keys {
     }
 }
 
+/// Check for every tool the steps about to run need, so a missing one is
+/// reported before minutes of work rather than after.
+fn preflight(build_kernel: bool, build_tree: bool) -> Result<()> {
+    let mut tools = vec![host::MKFS_EXT4, host::CP];
+    if build_kernel {
+        tools.extend([host::APT_GET, host::DPKG_DEB, host::DEPMOD]);
+    }
+    if build_tree {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::NotRoot);
+        }
+        tools.extend([host::DEBOOTSTRAP, host::CHROOT]);
+    }
+    tools.iter().try_for_each(|tool| tool.path().map(drop))
+}
+
 /// Report a step whose result came from the cache.
 fn cached(step: Step, progress: &mut dyn FnMut(Progress)) {
     StepTimer::start(step, progress).finish(true);
@@ -294,7 +310,10 @@ impl Image {
         store.clear_stale(&lock)?;
 
         let kernel_dir = store.kernel_dir(&inputs.kernel_key);
-        let kernel = match KernelEntry::load(&kernel_dir) {
+        let tree_dir = store.tree_dir(&inputs.tree_key);
+        let cached_kernel = KernelEntry::load(&kernel_dir);
+        preflight(cached_kernel.is_none(), !tree_dir.is_dir())?;
+        let kernel = match cached_kernel {
             Some(entry) => {
                 cached(Step::Kernel, progress);
                 cached(Step::Modules, progress);
@@ -309,7 +328,6 @@ impl Image {
             }
         };
 
-        let tree_dir = store.tree_dir(&inputs.tree_key);
         if tree_dir.is_dir() {
             cached(Step::RootTree, progress);
         } else {

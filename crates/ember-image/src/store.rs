@@ -68,12 +68,14 @@ impl Store {
         ] {
             fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         }
+        // Absolute, because overlays and snapshots record the image's paths.
+        let root = root.canonicalize().map_err(Error::io("resolve", &root))?;
         Ok(Store { root })
     }
 
     /// The store rooted at `<data>/images`, only if it exists.
     pub(crate) fn existing(data_dir: &Path) -> Option<Store> {
-        let root = data_dir.join("images");
+        let root = data_dir.join("images").canonicalize().ok()?;
         root.is_dir().then_some(Store { root })
     }
 
