@@ -16,7 +16,7 @@ use crate::{DEFAULT_KERNEL_ARGS, Error, Result, host, initramfs, rootfs};
 /// Bump when the pipeline's output changes for the same inputs (a new
 /// init script, a different mkfs option, another module), so every cache
 /// layer is rebuilt.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const DEFAULT_SUITE: &str = "bookworm";

@@ -82,7 +82,65 @@ fn configure(root: &Path) -> Result<()> {
         "etc/resolv.conf",
         "# ember-guest configures name resolution at boot\n",
     )?;
-    clean(root)
+    clean(root)?;
+    slim(root)
+}
+
+/// dpkg configuration that keeps documentation and translations out of
+/// packages users install later, as the build leaves them out now.
+const DPKG_SLIM: &str = "\
+# Ember guest images leave out documentation and translations.
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+";
+
+/// Remove documentation, manual pages and message translations (about a
+/// quarter of the tree, and no `man` to read them) but keep each package's
+/// copyright file.
+fn slim(root: &Path) -> Result<()> {
+    let config = root.join("etc/dpkg/dpkg.cfg.d/01-ember-slim");
+    fs::write(&config, DPKG_SLIM).map_err(Error::io("write", &config))?;
+    let remove = |path: &Path| -> Result<()> {
+        let result = if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        };
+        result.map_err(Error::io("remove", path))
+    };
+    let entries = |dir: &Path| -> Vec<std::path::PathBuf> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    for doc in entries(&root.join("usr/share/doc")) {
+        if doc.is_dir() && !doc.is_symlink() {
+            for file in entries(&doc).iter().filter(|f| !f.ends_with("copyright")) {
+                remove(file)?;
+            }
+        } else {
+            remove(&doc)?;
+        }
+    }
+    for dir in ["usr/share/man", "usr/share/info"] {
+        for entry in entries(&root.join(dir)) {
+            remove(&entry)?;
+        }
+    }
+    for entry in entries(&root.join("usr/share/locale"))
+        .iter()
+        .filter(|e| !e.ends_with("locale.alias"))
+    {
+        remove(entry)?;
+    }
+    Ok(())
 }
 
 /// Drop what only served the build: downloaded packages, apt's indexes
@@ -201,6 +259,46 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn slim_keeps_copyright_files_and_locale_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in [
+            "etc/dpkg/dpkg.cfg.d",
+            "usr/share/doc/bash/examples",
+            "usr/share/man/man1",
+            "usr/share/locale/de/LC_MESSAGES",
+        ] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "usr/share/doc/bash/copyright",
+            "usr/share/doc/bash/changelog.gz",
+            "usr/share/doc/bash/examples/x",
+            "usr/share/man/man1/bash.1.gz",
+            "usr/share/locale/locale.alias",
+            "usr/share/locale/de/LC_MESSAGES/bash.mo",
+        ] {
+            fs::write(root.join(f), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink("bash", root.join("usr/share/doc/sh")).unwrap();
+        slim(root).unwrap();
+        let left = |d: &str| {
+            let mut names: Vec<_> = fs::read_dir(root.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left("usr/share/doc"), ["bash"]);
+        assert_eq!(left("usr/share/doc/bash"), ["copyright"]);
+        assert!(left("usr/share/man").is_empty());
+        assert_eq!(left("usr/share/locale"), ["locale.alias"]);
+        let config = fs::read_to_string(root.join("etc/dpkg/dpkg.cfg.d/01-ember-slim")).unwrap();
+        assert!(config.contains("path-exclude=/usr/share/doc/*"));
     }
 
     #[test]
