@@ -113,20 +113,20 @@ fn sizes(path: &Path) -> String {
 
 /// One line per step on stderr: a spinner with the tool's latest output
 /// while it runs (on a terminal), then the step's time.
-struct StepView {
+pub(crate) struct StepView {
     tty: bool,
     spinner: Option<ProgressBar>,
 }
 
 impl StepView {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         StepView {
             tty: std::io::stderr().is_terminal(),
             spinner: None,
         }
     }
 
-    fn show(&mut self, progress: Progress) {
+    pub(crate) fn show(&mut self, progress: Progress) {
         match progress {
             Progress::WaitingForLock { lock } => {
                 self.line(format!(
