@@ -322,10 +322,10 @@ impl LocalSandbox {
     pub async fn teardown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         self.guest = None;
-        if let Some(vm) = self.vm.take() {
-            if let Err(e) = vm.kill().await {
-                problems.push(format!("kill the VM: {e}"));
-            }
+        if let Some(vm) = self.vm.take()
+            && let Err(e) = vm.kill().await
+        {
+            problems.push(format!("kill the VM: {e}"));
         }
         if let Some(slot) = self.slot.take() {
             match tokio::task::spawn_blocking(move || slot.release()).await {
@@ -334,17 +334,16 @@ impl LocalSandbox {
                 Err(e) => problems.push(format!("release the network slot: {e}")),
             }
         }
-        if let Some(f) = self.memory_file.take() {
-            if let Err(e) = std::fs::remove_file(&f) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("remove {}: {e}", f.display()));
-                }
-            }
+        if let Some(f) = self.memory_file.take()
+            && let Err(e) = std::fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(format!("remove {}: {e}", f.display()));
         }
-        if let Some(d) = self.run_dir.take() {
-            if let Err(e) = std::fs::remove_dir_all(&d) {
-                problems.push(format!("remove {}: {e}", d.display()));
-            }
+        if let Some(d) = self.run_dir.take()
+            && let Err(e) = std::fs::remove_dir_all(&d)
+        {
+            problems.push(format!("remove {}: {e}", d.display()));
         }
         problems
     }
