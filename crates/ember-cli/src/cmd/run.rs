@@ -200,6 +200,9 @@ pub async fn ensure_image(data_dir: &Path) -> anyhow::Result<Image> {
 /// even after a failed boot.
 #[derive(Debug, Default)]
 pub struct LocalSandbox {
+    /// flock on `<run_dir>/lock`, held for the sandbox's life: a run
+    /// directory whose lock is free belongs to an `ember run` that died.
+    lock: Option<std::fs::File>,
     vm: Option<Box<dyn Vm>>,
     slot: Option<Slot>,
     run_dir: Option<PathBuf>,
@@ -223,12 +226,14 @@ impl LocalSandbox {
     ) -> anyhow::Result<()> {
         let qemu = Qemu::new(QemuConfig::default()).context("QEMU cannot be used")?;
         info!(accel = %qemu.accel(), "QEMU backend");
+        reclaim_stale_runs();
         let id = format!("run-{}", random_hex(8));
-        let run_dir = PathBuf::from("/run/ember/run").join(&id);
+        let run_dir = PathBuf::from(RUNS_DIR).join(&id);
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("create {}", run_dir.display()))?;
         self.run_dir = Some(run_dir.clone());
-        let mem_dir = PathBuf::from("/dev/shm/ember");
+        self.lock = Some(lock_exclusive(&run_dir.join("lock"))?);
+        let mem_dir = PathBuf::from(MEMORY_DIR);
         std::fs::create_dir_all(&mem_dir)
             .with_context(|| format!("create {}", mem_dir.display()))?;
         self.memory_file = Some(mem_dir.join(format!("{id}.ram")));
@@ -272,6 +277,12 @@ impl LocalSandbox {
         };
         let vm = qemu.boot(&launch).await.context("boot the VM")?;
         let vm = &*self.vm.insert(vm);
+        info!(
+            sandbox = %id,
+            vmm_pid = vm.pid(),
+            netns = %self.slot.as_ref().map(|s| s.netns_name().to_owned()).unwrap_or_default(),
+            "VM started"
+        );
 
         let guest = GuestClient::new(agent_addr);
         let ready = tokio::select! {
@@ -345,8 +356,72 @@ impl LocalSandbox {
         {
             problems.push(format!("remove {}: {e}", d.display()));
         }
+        self.lock = None;
         problems
     }
+}
+
+const RUNS_DIR: &str = "/run/ember/run";
+const MEMORY_DIR: &str = "/dev/shm/ember";
+
+fn lock_exclusive(path: &Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("lock {}", path.display()));
+    }
+    Ok(file)
+}
+
+/// Remove what `ember run`s that were killed (SIGKILL, a crash) left
+/// behind: their run directory, RAM file and any QEMU still running for
+/// them. A run is dead when nobody holds its lock. Their network slots are
+/// reclaimed by the slot pool itself when a later acquire lands on them.
+fn reclaim_stale_runs() {
+    let Ok(entries) = std::fs::read_dir(RUNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if !id.starts_with("run-") || lock_exclusive(&dir.join("lock")).is_err() {
+            continue;
+        }
+        for pid in qemu_pids_for(&id) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        warn!(run = %id, "removing what a killed `ember run` left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(Path::new(MEMORY_DIR).join(format!("{id}.ram")));
+    }
+}
+
+/// QEMU processes started for VM `id` (their command line names it).
+fn qemu_pids_for(id: &str) -> Vec<i32> {
+    let needle = format!("guest={id}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("qemu-system") && cmdline.split('\0').any(|a| a.contains(&needle)))
+                .then_some(pid)
+        })
+        .collect()
 }
 
 fn console_tail(run_dir: &Path) -> String {
