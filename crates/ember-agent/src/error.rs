@@ -57,8 +57,28 @@ pub enum AgentError {
     Guest {
         id: SandboxId,
         #[source]
-        source: ember_guest_api::ClientError,
+        source: ember_guest_api::GuestError,
     },
+    #[error("{0}")]
+    PageServer(String),
+    #[error("{source}; guest console: {console}")]
+    StartFailed {
+        console: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("the {backend} backend cannot be used")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: ember_vmm::VmmError,
+    },
+    #[error("guest image")]
+    Image(#[source] ember_image::Error),
+    #[error("build store")]
+    Store(#[source] ember_snapshot::SnapshotError),
+    #[error("network slot")]
+    Net(#[source] ember_net::NetError),
     #[error("corrupt record {path}: {detail}")]
     CorruptRecord { path: PathBuf, detail: String },
     #[error("{context}")]
@@ -105,24 +125,57 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// gRPC metadata key carrying a machine-readable error code next to the
+/// status, so the control plane can answer with the precise REST error
+/// (e.g. the guest's `not_found` for a missing file vs. an unknown sandbox).
+pub const ERROR_CODE_METADATA: &str = "ember-error-code";
+
+impl AgentError {
+    /// `(gRPC code, Ember error code)` for this error.
+    pub fn codes(&self) -> (tonic::Code, String) {
+        use tonic::Code;
+        let simple = |c: Code, s: &str| (c, s.to_owned());
+        match self {
+            AgentError::SandboxNotFound(_) => simple(Code::NotFound, "sandbox_not_found"),
+            AgentError::BuildNotFound(_) => simple(Code::NotFound, "build_not_found"),
+            AgentError::SandboxExists(_) => simple(Code::AlreadyExists, "already_exists"),
+            AgentError::IllegalTransition { .. } => simple(Code::FailedPrecondition, "conflict"),
+            AgentError::BackendMismatch { .. } => {
+                simple(Code::FailedPrecondition, "backend_mismatch")
+            }
+            AgentError::TemplateShapeMismatch { .. } => {
+                simple(Code::InvalidArgument, "template_shape_mismatch")
+            }
+            AgentError::InvalidArgument(_) => simple(Code::InvalidArgument, "bad_request"),
+            AgentError::NoCapacity { .. } => simple(Code::ResourceExhausted, "no_capacity"),
+            AgentError::Guest { source, .. } => match source {
+                ember_guest_api::GuestError::Api { status, code, .. } => {
+                    let grpc = match status {
+                        400 => Code::InvalidArgument,
+                        403 => Code::PermissionDenied,
+                        404 => Code::NotFound,
+                        409 => Code::FailedPrecondition,
+                        503 => Code::Unavailable,
+                        507 => Code::ResourceExhausted,
+                        _ => Code::Internal,
+                    };
+                    (grpc, format!("guest_{}", code.as_str()))
+                }
+                e if e.is_unreachable() => simple(Code::Unavailable, "guest_unreachable"),
+                _ => simple(Code::Internal, "guest_error"),
+            },
+            _ => simple(Code::Internal, "internal"),
+        }
+    }
+}
+
 impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> tonic::Status {
-        use tonic::Code;
-        let code = match &err {
-            AgentError::SandboxNotFound(_) | AgentError::BuildNotFound(_) => Code::NotFound,
-            AgentError::SandboxExists(_) => Code::AlreadyExists,
-            AgentError::IllegalTransition { .. } | AgentError::BackendMismatch { .. } => {
-                Code::FailedPrecondition
-            }
-            AgentError::TemplateShapeMismatch { .. } | AgentError::InvalidArgument(_) => {
-                Code::InvalidArgument
-            }
-            AgentError::NoCapacity { .. } => Code::ResourceExhausted,
-            AgentError::Guest { source, .. } => source.grpc_code(),
-            AgentError::Operation { .. } | AgentError::CorruptRecord { .. } | AgentError::Io { .. } => {
-                Code::Internal
-            }
-        };
-        tonic::Status::new(code, chain(&err))
+        let (code, ember_code) = err.codes();
+        let mut status = tonic::Status::new(code, chain(&err));
+        if let Ok(v) = ember_code.parse() {
+            status.metadata_mut().insert(ERROR_CODE_METADATA, v);
+        }
+        status
     }
 }

@@ -159,6 +159,10 @@ pub struct RuntimeRecord {
     pub page_server_pid: Option<u32>,
     /// The `ember_vmm::Launch` the VM was started with (JSON), for adoption.
     pub launch: ember_vmm::Launch,
+    /// The build this VM was restored from, if any: its page server and
+    /// disk base read from it while the VM runs.
+    #[serde(default)]
+    pub restored_from: Option<BuildId>,
 }
 
 #[cfg(test)]

@@ -168,6 +168,50 @@ struct MapEntry {
     length: u64,
     /// 0: allocated in the overlay itself; 1+: in a backing file.
     depth: u32,
+    /// Reads as zeros.
+    #[serde(default)]
+    zero: bool,
+    /// Where the data is in the file of layer `depth` (absent for zeros).
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+/// A range of guest-visible disk bytes that the overlay itself holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayExtent {
+    /// Offset in the virtual disk.
+    pub start: u64,
+    pub length: u64,
+    /// Where those bytes are in the overlay file; `None` when the overlay
+    /// records them as zeros.
+    pub file_offset: Option<u64>,
+}
+
+/// The extents `overlay`'s own layer holds (everything written since it was
+/// created), with where each one's bytes are in the overlay file, so a
+/// caller can read them without a qcow2 parser. Unaligned, as QEMU reports
+/// them. The VM using it must be paused or stopped.
+pub fn overlay_extents(overlay: &Path) -> Result<Vec<OverlayExtent>> {
+    Ok(map_overlay(overlay)?
+        .into_iter()
+        .filter(|e| e.depth == 0 && e.length > 0)
+        .map(|e| OverlayExtent {
+            start: e.start,
+            length: e.length,
+            file_offset: if e.zero { None } else { e.offset },
+        })
+        .collect())
+}
+
+fn map_overlay(overlay: &Path) -> Result<Vec<MapEntry>> {
+    let mut cmd = QEMU_IMG.command()?;
+    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
+        .arg(overlay);
+    let json = QEMU_IMG.output(&mut cmd)?;
+    serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
+        tool: "qemu-img map".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// The byte ranges of `overlay` written since it was created (data in its
@@ -175,15 +219,7 @@ struct MapEntry {
 /// blocks, sorted and merged. The VM using it must be paused or stopped:
 /// this reads the qcow2 metadata while another process may hold it.
 pub fn written_blocks(overlay: &Path) -> Result<Vec<Range<u64>>> {
-    let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
-        .arg(overlay);
-    let json = QEMU_IMG.output(&mut cmd)?;
-    let entries: Vec<MapEntry> = serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
-        tool: "qemu-img map".into(),
-        reason: e.to_string(),
-    })?;
-    Ok(top_layer_blocks(&entries))
+    Ok(top_layer_blocks(&map_overlay(overlay)?))
 }
 
 fn top_layer_blocks(entries: &[MapEntry]) -> Vec<Range<u64>> {
@@ -217,6 +253,8 @@ mod tests {
             start,
             length,
             depth,
+            zero: false,
+            offset: None,
         }
     }
 
@@ -295,6 +333,26 @@ mod tests {
             fs::read(&base).unwrap()[4096..8192],
             [0u8; 4096],
             "the base is untouched"
+        );
+
+        // Each extent's bytes are where `overlay_extents` says they are.
+        let extents = overlay_extents(&overlay).unwrap();
+        let file = File::open(&overlay).unwrap();
+        let mut seen = Vec::new();
+        for e in &extents {
+            let mut buf = vec![0u8; e.length as usize];
+            if let Some(off) = e.file_offset {
+                file.read_exact_at(&mut buf, off).unwrap();
+            }
+            seen.push((e.start, e.length, buf.iter().all(|&b| b == 0), buf.first().copied()));
+        }
+        assert_eq!(
+            seen,
+            [
+                (4096, 4096, false, Some(0xab)),
+                (2097152, 12288, false, Some(1)),
+                (8388608, 4096, true, Some(0)),
+            ]
         );
     }
 
