@@ -102,7 +102,11 @@ impl AtomicBitmap {
 fn mask_of(lo: usize, hi: usize) -> u64 {
     debug_assert!(lo < hi && hi <= 64);
     let width = hi - lo;
-    if width == 64 { u64::MAX } else { ((1u64 << width) - 1) << lo }
+    if width == 64 {
+        u64::MAX
+    } else {
+        ((1u64 << width) - 1) << lo
+    }
 }
 
 /// Call `f(word_index, mask)` for each word `range` touches.

@@ -92,7 +92,9 @@ fn serve_client(stream: UnixStream, handle: &SessionHandle) -> std::io::Result<(
         }
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(req) => answer(req, handle),
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}; send {{\"op\":\"metrics\"}}, {{\"op\":\"dirty\"}} or {{\"op\":\"write-working-set\"}}")}),
+            Err(e) => {
+                json!({"ok": false, "error": format!("bad request: {e}; send {{\"op\":\"metrics\"}}, {{\"op\":\"dirty\"}} or {{\"op\":\"write-working-set\"}}")})
+            }
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -104,17 +106,24 @@ fn serve_client(stream: UnixStream, handle: &SessionHandle) -> std::io::Result<(
 fn answer(req: Request, handle: &SessionHandle) -> serde_json::Value {
     match req {
         Request::Metrics => json!({"ok": true, "metrics": handle.metrics()}),
-        Request::Dirty if !handle.dirty_tracking() => json!({"ok": false, "error": Error::DirtyTrackingOff.to_string()}),
+        Request::Dirty if !handle.dirty_tracking() => {
+            json!({"ok": false, "error": Error::DirtyTrackingOff.to_string()})
+        }
         Request::Dirty => match handle.dirty_ranges() {
             Ok(ranges) => {
-                let pairs: Vec<[u64; 2]> = ranges.iter().map(|r| [r.start, r.end - r.start]).collect();
+                let pairs: Vec<[u64; 2]> =
+                    ranges.iter().map(|r| [r.start, r.end - r.start]).collect();
                 json!({"ok": true, "ranges": pairs})
             }
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         Request::WriteWorkingSet => match handle.write_working_set() {
-            Ok(Some((path, ws))) => json!({"ok": true, "path": path, "ranges": ws.ranges.len(), "bytes": ws.bytes()}),
-            Ok(None) => json!({"ok": false, "error": "working-set recording is off; start the page server with --record-working-set"}),
+            Ok(Some((path, ws))) => {
+                json!({"ok": true, "path": path, "ranges": ws.ranges.len(), "bytes": ws.bytes()})
+            }
+            Ok(None) => {
+                json!({"ok": false, "error": "working-set recording is off; start the page server with --record-working-set"})
+            }
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
     }
@@ -154,9 +163,18 @@ mod tests {
 
     #[test]
     fn requests_have_the_documented_wire_form() {
-        assert_eq!(serde_json::to_string(&Request::Metrics).unwrap(), r#"{"op":"metrics"}"#);
-        assert_eq!(serde_json::to_string(&Request::Dirty).unwrap(), r#"{"op":"dirty"}"#);
-        assert_eq!(serde_json::to_string(&Request::WriteWorkingSet).unwrap(), r#"{"op":"write-working-set"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Metrics).unwrap(),
+            r#"{"op":"metrics"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Dirty).unwrap(),
+            r#"{"op":"dirty"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::WriteWorkingSet).unwrap(),
+            r#"{"op":"write-working-set"}"#
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 }

@@ -107,7 +107,9 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake, Erro
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Handshake("timed out waiting for the regions and the userfaultfd".into()));
+            return Err(Error::Handshake(
+                "timed out waiting for the regions and the userfaultfd".into(),
+            ));
         }
         if !poll_readable(stream.as_raw_fd(), left)? {
             continue;
@@ -115,7 +117,9 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake, Erro
         let (n, fd) = recv_with_fd(stream, &mut chunk)?;
         if let Some(fd) = fd {
             if uffd.is_some() {
-                return Err(Error::Handshake("peer sent more than one file descriptor".into()));
+                return Err(Error::Handshake(
+                    "peer sent more than one file descriptor".into(),
+                ));
             }
             uffd = Some(fd);
         }
@@ -125,11 +129,15 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake, Erro
                 (Some(_), true) => "no region description",
                 (Some(_), false) => "a region description that is not valid JSON",
             };
-            return Err(Error::Handshake(format!("peer closed the connection after sending {what}")));
+            return Err(Error::Handshake(format!(
+                "peer closed the connection after sending {what}"
+            )));
         }
         message.extend_from_slice(&chunk[..n]);
         if message.len() > MAX_MESSAGE {
-            return Err(Error::Handshake(format!("region description exceeds {MAX_MESSAGE} bytes")));
+            return Err(Error::Handshake(format!(
+                "region description exceeds {MAX_MESSAGE} bytes"
+            )));
         }
     }
 }
@@ -161,7 +169,10 @@ pub fn send(socket: &Path, regions: &[GuestRegion], uffd: impl AsFd) -> io::Resu
     if sent != json.len() {
         // A Unix stream socket takes a message this small whole; anything
         // else is a broken peer, and Firecracker would not retry either.
-        return Err(io::Error::other(format!("sent {sent} of {} bytes", json.len())));
+        return Err(io::Error::other(format!(
+            "sent {sent} of {} bytes",
+            json.len()
+        )));
     }
     Ok(())
 }
@@ -178,12 +189,19 @@ fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> Result<(usize, Option<Ow
         ) {
             Ok(msg) => break msg,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(Error::Handshake(format!("receiving the handshake failed: {e}"))),
+            Err(e) => {
+                return Err(Error::Handshake(format!(
+                    "receiving the handshake failed: {e}"
+                )));
+            }
         }
     };
     let mut fd = None;
     let mut extra = Vec::new();
-    for c in msg.cmsgs().map_err(|e| Error::Handshake(format!("bad control message: {e}")))? {
+    for c in msg
+        .cmsgs()
+        .map_err(|e| Error::Handshake(format!("bad control message: {e}")))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             for raw in fds {
                 // SAFETY: the kernel just installed `raw` in our fd table
@@ -198,7 +216,9 @@ fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> Result<(usize, Option<Ow
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) || !extra.is_empty() {
-        return Err(Error::Handshake("peer sent more than one file descriptor".into()));
+        return Err(Error::Handshake(
+            "peer sent more than one file descriptor".into(),
+        ));
     }
     Ok((msg.bytes, fd))
 }

@@ -64,13 +64,17 @@ pub enum Error {
     SocketInUse(PathBuf),
     #[error("the VMM's memory regions do not fit build {build}: {reason}")]
     BadRegions { build: String, reason: String },
-    #[error("cannot serve build {build} at image offset {offset:#x}: {reason}; the VMM (pid {pid}) was killed")]
+    #[error(
+        "cannot serve build {build} at image offset {offset:#x}: {reason}; the VMM (pid {pid}) was killed"
+    )]
     FailedClosed {
         build: String,
         offset: u64,
         reason: String,
         pid: i32,
     },
-    #[error("dirty-page tracking is off; start the page server with dirty tracking to ask for dirty pages")]
+    #[error(
+        "dirty-page tracking is off; start the page server with dirty tracking to ask for dirty pages"
+    )]
     DirtyTrackingOff,
 }

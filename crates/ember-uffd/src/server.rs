@@ -124,13 +124,21 @@ impl PageServer {
             return Err(Error::SocketInUse(socket.to_owned()));
         }
         let dir = socket.parent().unwrap_or(Path::new("."));
-        let name = socket.file_name().and_then(|n| n.to_str()).unwrap_or("uffd.sock");
+        let name = socket
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("uffd.sock");
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         // The control socket first: it is the one that can fail for a
         // reason the caller must fix, and the VMM must not connect before.
-        let control = config.control_socket.as_deref().map(control::bind).transpose()?;
-        let listener = UnixListener::bind(&tmp).map_err(|e| io("binding a temporary socket for", e))?;
+        let control = config
+            .control_socket
+            .as_deref()
+            .map(control::bind)
+            .transpose()?;
+        let listener =
+            UnixListener::bind(&tmp).map_err(|e| io("binding a temporary socket for", e))?;
         if let Err(e) = std::fs::rename(&tmp, socket) {
             let _ = std::fs::remove_file(&tmp);
             return Err(io("moving the listening socket to", e));
@@ -163,7 +171,12 @@ impl PageServer {
             regions = hs.regions.len(),
             "VMM connected"
         );
-        Session::start(self.image.clone(), self.config.clone(), hs, self.control.take())
+        Session::start(
+            self.image.clone(),
+            self.config.clone(),
+            hs,
+            self.control.take(),
+        )
     }
 }
 
@@ -185,7 +198,9 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> Result<UnixStrea
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Handshake(format!("no VMM connected within {timeout:?}")));
+            return Err(Error::Handshake(format!(
+                "no VMM connected within {timeout:?}"
+            )));
         }
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -193,7 +208,13 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> Result<UnixStrea
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                left.as_millis().clamp(1, i32::MAX as u128) as i32,
+            )
+        };
         if n > 0 {
             return listener.accept().map(|(s, _)| s).map_err(|e| Error::Io {
                 what: "accepting the VMM's connection".into(),
@@ -452,8 +473,17 @@ pub struct SessionHandle {
 
 impl Session {
     /// Start serving the VMM of an already received handshake.
-    fn start(image: Image, config: Config, hs: handshake::Handshake, control: Option<UnixListener>) -> Result<Session, Error> {
-        let handshake::Handshake { regions, uffd, peer } = hs;
+    fn start(
+        image: Image,
+        config: Config,
+        hs: handshake::Handshake,
+        control: Option<UnixListener>,
+    ) -> Result<Session, Error> {
+        let handshake::Handshake {
+            regions,
+            uffd,
+            peer,
+        } = hs;
         let uffd = Userfaultfd::from_owned(uffd);
         let regions = match validate_regions(&image, &regions, config.dirty_tracking) {
             Ok(r) => r,
@@ -476,7 +506,9 @@ impl Session {
                     return Err(Error::FailedClosed {
                         build: image.name().to_owned(),
                         offset: r.offset,
-                        reason: format!("cannot register the region for write-protect tracking: {e}"),
+                        reason: format!(
+                            "cannot register the region for write-protect tracking: {e}"
+                        ),
                         pid: peer.pid,
                     });
                 }
@@ -493,7 +525,10 @@ impl Session {
         }
         // SAFETY: eventfd returned a fresh fd.
         let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let zero_len = PAGE_2M.max(config.readahead).max(config.prefetch_chunk).next_multiple_of(PAGE_2M);
+        let zero_len = PAGE_2M
+            .max(config.readahead)
+            .max(config.prefetch_chunk)
+            .next_multiple_of(PAGE_2M);
         let zeros = ZeroBuffer::new(zero_len).map_err(|e| {
             peer.kill();
             Error::Io {
@@ -502,11 +537,19 @@ impl Session {
             }
         })?;
         let workers = config.workers.max(1);
-        let recorder = config.record_working_set.as_ref().map(|_| Recorder::new(workers + 1));
+        let recorder = config
+            .record_working_set
+            .as_ref()
+            .map(|_| Recorder::new(workers + 1));
         let prefetch = config.prefetch.clone().filter(|ws| {
             let fits = ws.image_size == image.size();
             if !fits {
-                warn!(build = image.name(), recorded = ws.image_size, image = image.size(), "working set was recorded against another image size; not prefetching");
+                warn!(
+                    build = image.name(),
+                    recorded = ws.image_size,
+                    image = image.size(),
+                    "working set was recorded against another image size; not prefetching"
+                );
             }
             fits
         });
@@ -540,19 +583,30 @@ impl Session {
         Ok(session)
     }
 
-    fn spawn_threads(&mut self, workers: usize, prefetch: Option<WorkingSet>, control: Option<UnixListener>) -> Result<(), Error> {
+    fn spawn_threads(
+        &mut self,
+        workers: usize,
+        prefetch: Option<WorkingSet>,
+        control: Option<UnixListener>,
+    ) -> Result<(), Error> {
         for id in 0..workers {
             let s = Arc::clone(&self.shared);
-            self.threads.push(spawn(format!("uffd-worker-{id}"), move || worker_main(&s, id))?);
+            self.threads
+                .push(spawn(format!("uffd-worker-{id}"), move || {
+                    worker_main(&s, id)
+                })?);
         }
         if let Some(ws) = prefetch {
             let s = Arc::clone(&self.shared);
-            self.threads.push(spawn("uffd-prefetch".into(), move || prefetch_main(&s, workers, &ws))?);
+            self.threads.push(spawn("uffd-prefetch".into(), move || {
+                prefetch_main(&s, workers, &ws)
+            })?);
         }
         if let (Some(listener), Some(path)) = (control, self.shared.config.control_socket.clone()) {
             let handle = self.handle();
-            self.threads
-                .push(spawn("uffd-control".into(), move || control::serve(listener, &path, &handle))?);
+            self.threads.push(spawn("uffd-control".into(), move || {
+                control::serve(listener, &path, &handle)
+            })?);
         }
         Ok(())
     }
@@ -632,7 +686,11 @@ impl Session {
             return Err(err);
         }
         result?;
-        let ending = s.ending.lock().expect("ending poisoned").unwrap_or(Ending::Terminated);
+        let ending = s
+            .ending
+            .lock()
+            .expect("ending poisoned")
+            .unwrap_or(Ending::Terminated);
         Ok(Outcome {
             ending,
             metrics,
@@ -705,7 +763,11 @@ impl SessionHandle {
     /// Stop serving. The VMM is killed first: without its page server it
     /// would hang on its next fault.
     pub fn terminate(&self) {
-        info!(build = self.shared.image.name(), pid = self.shared.peer.pid, "terminating; killing the VMM");
+        info!(
+            build = self.shared.image.name(),
+            pid = self.shared.peer.pid,
+            "terminating; killing the VMM"
+        );
         self.shared.peer.kill();
         self.shared.stop(Some(Ending::Terminated));
     }
@@ -725,15 +787,22 @@ impl SessionHandle {
 }
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
-    std::thread::Builder::new().name(name).spawn(f).map_err(|e| Error::Io {
-        what: "spawning a page server thread".into(),
-        source: e,
-    })
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|e| Error::Io {
+            what: "spawning a page server thread".into(),
+            source: e,
+        })
 }
 
 /// Check the VMM's regions against the image; on failure, the image offset
 /// concerned and why.
-fn validate_regions(image: &Image, regions: &[GuestRegion], dirty: bool) -> Result<Vec<RegionState>, (u64, String)> {
+fn validate_regions(
+    image: &Image,
+    regions: &[GuestRegion],
+    dirty: bool,
+) -> Result<Vec<RegionState>, (u64, String)> {
     if regions.is_empty() {
         return Err((0, "the VMM sent no memory regions".into()));
     }
@@ -743,8 +812,15 @@ fn validate_regions(image: &Image, regions: &[GuestRegion], dirty: bool) -> Resu
         if unit != PAGE_4K && unit != PAGE_2M {
             return Err((r.offset, format!("unsupported page size {unit}")));
         }
-        if r.size == 0 || r.size % unit != 0 || r.base_host_virt_addr % unit != 0 || r.offset % unit != 0 {
-            return Err((r.offset, format!("region {r:?} is not aligned to its page size")));
+        if r.size == 0
+            || r.size % unit != 0
+            || r.base_host_virt_addr % unit != 0
+            || r.offset % unit != 0
+        {
+            return Err((
+                r.offset,
+                format!("region {r:?} is not aligned to its page size"),
+            ));
         }
         let end = r.offset.checked_add(r.size);
         if end.is_none_or(|e| e > image.size()) {
@@ -758,9 +834,18 @@ fn validate_regions(image: &Image, regions: &[GuestRegion], dirty: bool) -> Resu
                 ),
             ));
         }
-        let host_end = r.base_host_virt_addr.checked_add(r.size).ok_or((r.offset, "region wraps the address space".to_string()))?;
-        if out.iter().any(|o| o.base < host_end && r.base_host_virt_addr < o.base + o.size) {
-            return Err((r.offset, "regions overlap in the VMM's address space".into()));
+        let host_end = r
+            .base_host_virt_addr
+            .checked_add(r.size)
+            .ok_or((r.offset, "region wraps the address space".to_string()))?;
+        if out
+            .iter()
+            .any(|o| o.base < host_end && r.base_host_virt_addr < o.base + o.size)
+        {
+            return Err((
+                r.offset,
+                "regions overlap in the VMM's address space".into(),
+            ));
         }
         let pages = (r.size / unit) as usize;
         out.push(RegionState {
@@ -835,7 +920,10 @@ impl<'a> Copier<'a> {
                     log.push_back((seq, start..end));
                     s.events.removal_count.fetch_add(1, Ordering::SeqCst);
                 }
-                Event::Other { event } => warn!(build = s.image.name(), event, "ignoring unexpected userfaultfd event"),
+                Event::Other { event } => warn!(
+                    build = s.image.name(),
+                    event, "ignoring unexpected userfaultfd event"
+                ),
             }
         }
         s.events.seq.fetch_add(1, Ordering::SeqCst);
@@ -860,7 +948,10 @@ impl<'a> Copier<'a> {
         let s = self.s;
         Metrics::add(&s.metrics.faults, 1);
         let Some(r) = s.region_of(addr) else {
-            return s.fail(0, format!("fault at address {addr:#x}, outside every guest memory region"));
+            return s.fail(
+                0,
+                format!("fault at address {addr:#x}, outside every guest memory region"),
+            );
         };
         let page = r.page_of(addr);
         if flags & uffd::UFFD_PAGEFAULT_FLAG_WP != 0 {
@@ -878,7 +969,11 @@ impl<'a> Copier<'a> {
         if write && let Some(d) = &r.dirty {
             d.set(page);
         }
-        let window = if r.unit == PAGE_4K { (s.config.readahead / r.unit).max(1) as usize } else { 1 };
+        let window = if r.unit == PAGE_4K {
+            (s.config.readahead / r.unit).max(1) as usize
+        } else {
+            1
+        };
         let w0 = page - page % window;
         let w1 = (w0 + window).min(r.pages());
         let mut after = std::mem::take(&mut self.after);
@@ -893,6 +988,12 @@ impl<'a> Copier<'a> {
         }
         if before.last().is_some_and(|b| b.end == main.start) {
             main.start = before.pop().expect("checked").start;
+        }
+        // Recorded before copying: the copy wakes the faulting thread, whose
+        // next fault may be recorded by another worker before we return.
+        self.record(r, main.clone());
+        for run in after.iter().chain(before.iter()) {
+            self.record(r, run.clone());
         }
         let mut flow = if write && tracking {
             // The page being written goes in writable; its neighbours
@@ -909,13 +1010,11 @@ impl<'a> Copier<'a> {
             self.populate(r, main.clone(), tracking, Purpose::Fault)
         };
         s.metrics.record_latency(started.elapsed());
-        self.record(r, main);
         for run in after.iter().chain(before.iter()) {
             if flow == Flow::Stop {
                 break;
             }
             flow = self.populate(r, run.clone(), tracking, Purpose::Fault);
-            self.record(r, run.clone());
         }
         self.after = after;
         self.before = before;
@@ -924,7 +1023,10 @@ impl<'a> Copier<'a> {
 
     fn record(&self, r: &RegionState, pages: Range<usize>) {
         if let Some(rec) = &self.s.recorder {
-            rec.record(self.id, r.image_offset(pages.start)..r.image_offset(pages.end));
+            rec.record(
+                self.id,
+                r.image_offset(pages.start)..r.image_offset(pages.end),
+            );
         }
     }
 
@@ -945,7 +1047,12 @@ impl<'a> Copier<'a> {
                 }
                 Ok(CopyOutcome::ProcessGone) => return s.peer_gone(),
                 Ok(_) => return Flow::Continue,
-                Err(e) => return s.fail(r.image_offset(page), format!("cannot lift write protection: {e}")),
+                Err(e) => {
+                    return s.fail(
+                        r.image_offset(page),
+                        format!("cannot lift write protection: {e}"),
+                    );
+                }
             }
         }
     }
@@ -960,7 +1067,13 @@ impl<'a> Copier<'a> {
     }
 
     /// Populate `pages` of `r` (all claimed by the caller) from the image.
-    fn populate(&mut self, r: &RegionState, pages: Range<usize>, wp: bool, purpose: Purpose) -> Flow {
+    fn populate(
+        &mut self,
+        r: &RegionState,
+        pages: Range<usize>,
+        wp: bool,
+        purpose: Purpose,
+    ) -> Flow {
         let s = self.s;
         let stamp = s.events.stamp();
         let mut p = pages.start;
@@ -993,7 +1106,11 @@ impl<'a> Copier<'a> {
             // does not read memory it has given back before reusing it,
             // and the bytes are its own, so this is counted, not repaired.
             Metrics::add(&s.metrics.stale_after_remove, 1);
-            warn!(build = s.image.name(), offset = format_args!("{:#x}", r.image_offset(pages.start)), "copy raced a REMOVE event");
+            warn!(
+                build = s.image.name(),
+                offset = format_args!("{:#x}", r.image_offset(pages.start)),
+                "copy raced a REMOVE event"
+            );
         }
         Flow::Continue
     }
@@ -1003,7 +1120,10 @@ impl<'a> Copier<'a> {
     fn resolve(&mut self, r: &RegionState, offset: u64, want: u64) -> Result<(Piece, u64), Flow> {
         let s = self.s;
         let Some(extent) = s.image.locate(offset) else {
-            return Err(s.fail(offset, "the build's header does not cover this offset".into()));
+            return Err(s.fail(
+                offset,
+                "the build's header does not cover this offset".into(),
+            ));
         };
         let len = extent.len().min(want);
         let whole = len - len % r.unit;
@@ -1014,15 +1134,15 @@ impl<'a> Copier<'a> {
         }
         match extent {
             Extent::Zero { .. } => Ok((Piece::Zero, whole.min(s.zeros.len))),
-            Extent::File { file, file_offset, .. } => {
-                match s.image.file(file).and_then(|f| f.ptr(file_offset, whole)) {
-                    Some(ptr) => Ok((Piece::Mapped(ptr), whole)),
-                    None => {
-                        self.fill_bounce(offset, whole)?;
-                        Ok((Piece::Bounce, whole))
-                    }
+            Extent::File {
+                file, file_offset, ..
+            } => match s.image.file(file).and_then(|f| f.ptr(file_offset, whole)) {
+                Some(ptr) => Ok((Piece::Mapped(ptr), whole)),
+                None => {
+                    self.fill_bounce(offset, whole)?;
+                    Ok((Piece::Bounce, whole))
                 }
-            }
+            },
         }
     }
 
@@ -1044,13 +1164,24 @@ impl<'a> Copier<'a> {
                 Err(e) => last_error = e,
             }
         }
-        Err(s.fail(offset, format!("cannot read the build's data: {last_error}")))
+        Err(s.fail(
+            offset,
+            format!("cannot read the build's data: {last_error}"),
+        ))
     }
 
     /// Copy `len` bytes of `piece` to pages starting at `page`. Returns the
     /// bytes dealt with (all of them, or fewer when an event requires the
     /// rest to be resolved again).
-    fn place(&mut self, r: &RegionState, page: usize, mut piece: Piece, len: u64, wp: bool, purpose: Purpose) -> Result<u64, Flow> {
+    fn place(
+        &mut self,
+        r: &RegionState,
+        page: usize,
+        mut piece: Piece,
+        len: u64,
+        wp: bool,
+        purpose: Purpose,
+    ) -> Result<u64, Flow> {
         let s = self.s;
         let mut done = 0u64;
         // Where the bounce buffer's data starts, in bytes from `page`.
@@ -1064,7 +1195,12 @@ impl<'a> Copier<'a> {
                 // SAFETY (pointer arithmetic): `done < len` and the mapping
                 // covers `len` bytes from `ptr` (checked by `DataFile::ptr`).
                 Piece::Mapped(ptr) => s.uffd.copy(dst, ptr.wrapping_add(done as usize), rest, wp),
-                Piece::Bounce => s.uffd.copy(dst, self.bounce[(done - bounce_base) as usize..].as_ptr(), rest, wp),
+                Piece::Bounce => s.uffd.copy(
+                    dst,
+                    self.bounce[(done - bounce_base) as usize..].as_ptr(),
+                    rest,
+                    wp,
+                ),
             };
             match outcome {
                 Ok(CopyOutcome::Done) => {
@@ -1086,10 +1222,17 @@ impl<'a> Copier<'a> {
                 }
                 Ok(CopyOutcome::ProcessGone) => return Err(s.peer_gone()),
                 Ok(CopyOutcome::Unmapped) => {
-                    warn!(build = s.image.name(), offset = format_args!("{:#x}", r.image_offset(page)), "VMM unmapped guest memory being served");
+                    warn!(
+                        build = s.image.name(),
+                        offset = format_args!("{:#x}", r.image_offset(page)),
+                        "VMM unmapped guest memory being served"
+                    );
                     return Ok(len);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && matches!(piece, Piece::Mapped(_)) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EFAULT)
+                        && matches!(piece, Piece::Mapped(_)) =>
+                {
                     // Reading the file through its mapping failed (it
                     // shrank, or the disk erred): try pread, which reports.
                     Metrics::add(&s.metrics.source_retries, 1);
@@ -1104,7 +1247,12 @@ impl<'a> Copier<'a> {
                         "out of memory for guest pages (for huge pages: the hugetlbfs pool is exhausted)".into(),
                     ));
                 }
-                Err(e) => return Err(s.fail(r.image_offset(page) + done, format!("UFFDIO_COPY failed: {e}"))),
+                Err(e) => {
+                    return Err(s.fail(
+                        r.image_offset(page) + done,
+                        format!("UFFDIO_COPY failed: {e}"),
+                    ));
+                }
             }
         }
         Ok(done)
@@ -1132,12 +1280,18 @@ fn read_image(image: &Image, offset: u64, buf: &mut [u8]) -> Result<(), String> 
     let mut at = 0usize;
     while at < buf.len() {
         let off = offset + at as u64;
-        let extent = image.locate(off).ok_or_else(|| format!("offset {off:#x} is outside the image"))?;
+        let extent = image
+            .locate(off)
+            .ok_or_else(|| format!("offset {off:#x} is outside the image"))?;
         let n = (extent.len() as usize).min(buf.len() - at);
         match extent {
             Extent::Zero { .. } => buf[at..at + n].fill(0),
-            Extent::File { file, file_offset, .. } => {
-                let f = image.file(file).ok_or_else(|| format!("data file {file} is missing"))?;
+            Extent::File {
+                file, file_offset, ..
+            } => {
+                let f = image
+                    .file(file)
+                    .ok_or_else(|| format!("data file {file} is missing"))?;
                 f.read_exact_at(&mut buf[at..at + n], file_offset)
                     .map_err(|e| format!("{} at {file_offset:#x}: {e}", f.path().display()))?;
             }
@@ -1159,7 +1313,10 @@ fn epoll_for(uffd: RawFd, stop: RawFd) -> std::io::Result<OwnedFd> {
         (uffd, (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32),
         (stop, libc::EPOLLIN as u32),
     ] {
-        let mut ev = libc::epoll_event { events, u64: fd as u64 };
+        let mut ev = libc::epoll_event {
+            events,
+            u64: fd as u64,
+        };
         // SAFETY: adding a valid fd to our epoll instance.
         if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -1208,7 +1365,8 @@ fn prefetch_main(s: &Shared, id: usize, ws: &WorkingSet) {
                 if lo >= hi {
                     continue;
                 }
-                let pages = ((lo - r.offset) / r.unit) as usize..((hi - r.offset).div_ceil(r.unit)) as usize;
+                let pages = ((lo - r.offset) / r.unit) as usize
+                    ..((hi - r.offset).div_ceil(r.unit)) as usize;
                 claimed.clear();
                 r.claimed.claim_range(pages, &mut claimed);
                 let chunk = (s.config.prefetch_chunk / r.unit).max(1) as usize;

@@ -24,7 +24,11 @@ pub enum Extent {
     /// `len` bytes of zeros (never written, or a nil mapping).
     Zero { len: u64 },
     /// `len` bytes at `file_offset` in data file `file`.
-    File { file: usize, file_offset: u64, len: u64 },
+    File {
+        file: usize,
+        file_offset: u64,
+        len: u64,
+    },
 }
 
 impl Extent {
@@ -76,7 +80,9 @@ impl Layout {
     pub fn new(size: u64, mappings: Vec<Mapping>, files: usize) -> Result<Layout, Error> {
         let bad = |why: String| Err(Error::CorruptLayout(why));
         if size == 0 || size % ALIGN != 0 {
-            return bad(format!("image size {size} is not a positive multiple of {ALIGN}"));
+            return bad(format!(
+                "image size {size} is not a positive multiple of {ALIGN}"
+            ));
         }
         let mut next = 0u64;
         for m in &mappings {
@@ -87,14 +93,23 @@ impl Layout {
                 ));
             }
             if m.length == 0 || m.length % ALIGN != 0 {
-                return bad(format!("mapping at {:#x} has length {} (not a positive multiple of {ALIGN})", m.offset, m.length));
+                return bad(format!(
+                    "mapping at {:#x} has length {} (not a positive multiple of {ALIGN})",
+                    m.offset, m.length
+                ));
             }
             if let Backing::File { file, file_offset } = m.backing {
                 if file >= files {
-                    return bad(format!("mapping at {:#x} names data file {file} of {files}", m.offset));
+                    return bad(format!(
+                        "mapping at {:#x} names data file {file} of {files}",
+                        m.offset
+                    ));
                 }
                 if file_offset % ALIGN != 0 || file_offset.checked_add(m.length).is_none() {
-                    return bad(format!("mapping at {:#x} has file offset {file_offset:#x}", m.offset));
+                    return bad(format!(
+                        "mapping at {:#x} has file offset {file_offset:#x}",
+                        m.offset
+                    ));
                 }
             }
             next = match m.offset.checked_add(m.length) {
@@ -103,7 +118,9 @@ impl Layout {
             };
         }
         if next != size {
-            return bad(format!("mappings cover [0, {next:#x}) but the image is {size:#x} bytes"));
+            return bad(format!(
+                "mappings cover [0, {next:#x}) but the image is {size:#x} bytes"
+            ));
         }
         Ok(Layout { size, mappings })
     }
@@ -115,7 +132,10 @@ impl Layout {
             vec![Mapping {
                 offset: 0,
                 length: size,
-                backing: Backing::File { file: 0, file_offset: 0 },
+                backing: Backing::File {
+                    file: 0,
+                    file_offset: 0,
+                },
             }],
             1,
         )
@@ -135,7 +155,9 @@ impl MemorySource for Layout {
         if offset >= self.size {
             return None;
         }
-        let i = self.mappings.partition_point(|m| m.offset + m.length <= offset);
+        let i = self
+            .mappings
+            .partition_point(|m| m.offset + m.length <= offset);
         let m = self.mappings.get(i)?;
         let skip = offset - m.offset;
         let len = m.length - skip;
@@ -167,7 +189,10 @@ unsafe impl Sync for DataFile {}
 
 impl DataFile {
     pub fn open(path: &Path) -> Result<DataFile, Error> {
-        let io = |source| Error::SourceFile { path: path.to_owned(), source };
+        let io = |source| Error::SourceFile {
+            path: path.to_owned(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let map = if len == 0 {
@@ -251,20 +276,38 @@ impl Image {
     /// Open `files` and check that every file extent of `source` lies inside
     /// its file, so a build that is short from the start is refused before
     /// any VM depends on it.
-    pub fn open(name: impl Into<String>, source: Arc<dyn MemorySource>, files: &[PathBuf]) -> Result<Image, Error> {
+    pub fn open(
+        name: impl Into<String>,
+        source: Arc<dyn MemorySource>,
+        files: &[PathBuf],
+    ) -> Result<Image, Error> {
         let name = name.into();
-        let files = files.iter().map(|p| DataFile::open(p)).collect::<Result<Vec<_>, _>>()?;
+        let files = files
+            .iter()
+            .map(|p| DataFile::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut offset = 0;
         while offset < source.size() {
             let Some(extent) = source.locate(offset) else {
-                return Err(Error::CorruptLayout(format!("{name}: no mapping covers offset {offset:#x}")));
+                return Err(Error::CorruptLayout(format!(
+                    "{name}: no mapping covers offset {offset:#x}"
+                )));
             };
             if extent.is_empty() {
-                return Err(Error::CorruptLayout(format!("{name}: empty extent at offset {offset:#x}")));
+                return Err(Error::CorruptLayout(format!(
+                    "{name}: empty extent at offset {offset:#x}"
+                )));
             }
-            if let Extent::File { file, file_offset, len } = extent {
+            if let Extent::File {
+                file,
+                file_offset,
+                len,
+            } = extent
+            {
                 let Some(f) = files.get(file) else {
-                    return Err(Error::CorruptLayout(format!("{name}: offset {offset:#x} names missing data file {file}")));
+                    return Err(Error::CorruptLayout(format!(
+                        "{name}: offset {offset:#x} names missing data file {file}"
+                    )));
                 };
                 if file_offset.checked_add(len).is_none_or(|end| end > f.len()) {
                     return Err(Error::CorruptLayout(format!(
@@ -307,7 +350,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn m(offset: u64, length: u64, backing: Backing) -> Mapping {
-        Mapping { offset, length, backing }
+        Mapping {
+            offset,
+            length,
+            backing,
+        }
     }
 
     #[test]
@@ -317,7 +364,10 @@ mod tests {
         assert!(Layout::new(8192, vec![m(0, 4096, z), m(8192, 4096, z)], 0).is_err());
         assert!(Layout::new(8192, vec![m(0, 8192, z), m(4096, 4096, z)], 0).is_err());
         assert!(Layout::new(8192, vec![m(0, 100, z), m(100, 8092, z)], 0).is_err());
-        let f = Backing::File { file: 1, file_offset: 0 };
+        let f = Backing::File {
+            file: 1,
+            file_offset: 0,
+        };
         let err = Layout::new(4096, vec![m(0, 4096, f)], 1).unwrap_err();
         assert!(err.to_string().contains("data file 1 of 1"), "{err}");
         assert!(Layout::new(8192, vec![m(0, 4096, z), m(4096, 4096, z)], 0).is_ok());

@@ -226,12 +226,22 @@ impl Userfaultfd {
 
     /// `UFFDIO_COPY` `len` bytes from `src` (in the caller's address space) to
     /// `dst`, waking the threads that wait on the range.
-    pub fn copy(&self, dst: u64, src: *const u8, len: u64, write_protect: bool) -> io::Result<CopyOutcome> {
+    pub fn copy(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        write_protect: bool,
+    ) -> io::Result<CopyOutcome> {
         let mut copy = UffdioCopy {
             dst,
             src: src as u64,
             len,
-            mode: if write_protect { UFFDIO_COPY_MODE_WP } else { 0 },
+            mode: if write_protect {
+                UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            },
             copy: 0,
         };
         match self.ioctl(UFFDIO_COPY, &mut copy) {
@@ -272,7 +282,11 @@ impl Userfaultfd {
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> io::Result<CopyOutcome> {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start, len },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
         match self.ioctl(UFFDIO_WRITEPROTECT, &mut wp) {
             Ok(()) => Ok(CopyOutcome::Done),

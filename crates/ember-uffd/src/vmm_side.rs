@@ -42,7 +42,12 @@ impl GuestMemory {
         let huge = match page_size {
             4096 => 0,
             0x20_0000 => libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "page size must be 4096 or 2 MiB")),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "page size must be 4096 or 2 MiB",
+                ));
+            }
         };
         let uffd = Userfaultfd::create()?;
         uffd.api(uffd::UFFD_FEATURE_EVENT_REMOVE)?;
@@ -127,7 +132,9 @@ impl GuestMemory {
         let src = self.addr_of(offset);
         let end = offset + buf.len() as u64;
         assert!(
-            self.regions.iter().any(|r| offset >= r.offset && end <= r.offset + r.size),
+            self.regions
+                .iter()
+                .any(|r| offset >= r.offset && end <= r.offset + r.size),
             "read must stay inside one region"
         );
         // SAFETY: the range lies inside one live mapping (asserted above)
@@ -145,7 +152,13 @@ impl GuestMemory {
         let page = (offset - r.offset) / r.page_size * r.page_size;
         let mut vec = [0u8; 1];
         // SAFETY: mincore on one page of a live mapping, one result byte.
-        let rc = unsafe { libc::mincore(r.ptr.wrapping_add(page as usize).cast(), 4096, vec.as_mut_ptr()) };
+        let rc = unsafe {
+            libc::mincore(
+                r.ptr.wrapping_add(page as usize).cast(),
+                4096,
+                vec.as_mut_ptr(),
+            )
+        };
         rc == 0 && vec[0] & 1 != 0
     }
 
@@ -154,7 +167,13 @@ impl GuestMemory {
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: the range lies inside a live mapping (addr_of checks the
         // start; callers keep it within one region).
-        let rc = unsafe { libc::madvise(self.addr_of(offset).cast(), len as usize, libc::MADV_DONTNEED) };
+        let rc = unsafe {
+            libc::madvise(
+                self.addr_of(offset).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -170,4 +189,61 @@ impl Drop for GuestMemory {
             unsafe { libc::munmap(r.ptr.cast(), r.size as usize) };
         }
     }
+}
+
+/// Huge pages taken from the kernel's pool for the lifetime of the value:
+/// if fewer than wanted are free, `nr_hugepages` is raised by the shortfall
+/// (root only) and lowered again on drop.
+#[derive(Debug)]
+pub struct HugePageReservation {
+    added: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePageReservation {
+    /// Make sure `pages` 2 MiB pages are free. `Err` says why they cannot be.
+    pub fn reserve(pages: u64) -> Result<HugePageReservation, String> {
+        let free = free_huge_pages().ok_or("cannot read HugePages_Free from /proc/meminfo")?;
+        if free >= pages {
+            return Ok(HugePageReservation { added: 0 });
+        }
+        let want = pages - free;
+        let total: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|e| format!("cannot read {NR_HUGEPAGES}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad {NR_HUGEPAGES}: {e}"))?;
+        std::fs::write(NR_HUGEPAGES, (total + want).to_string())
+            .map_err(|e| format!("cannot raise {NR_HUGEPAGES} (needs root): {e}"))?;
+        let reservation = HugePageReservation { added: want };
+        let now = free_huge_pages().unwrap_or(0);
+        if now < pages {
+            return Err(format!(
+                "asked the kernel for {want} more huge pages but only {now} of {pages} are free (memory too fragmented?)"
+            ));
+        }
+        Ok(reservation)
+    }
+}
+
+impl Drop for HugePageReservation {
+    fn drop(&mut self) {
+        if self.added == 0 {
+            return;
+        }
+        if let Ok(total) = std::fs::read_to_string(NR_HUGEPAGES)
+            && let Ok(total) = total.trim().parse::<u64>()
+        {
+            let _ = std::fs::write(NR_HUGEPAGES, total.saturating_sub(self.added).to_string());
+        }
+    }
+}
+
+fn free_huge_pages() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
 }

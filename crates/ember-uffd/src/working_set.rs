@@ -92,7 +92,11 @@ impl WorkingSet {
             let at = HEADER + i * 16;
             let (offset, length) = (u64_at(at), u64_at(at + 8));
             let end = offset.checked_add(length);
-            if length == 0 || offset % GRANULARITY != 0 || length % GRANULARITY != 0 || end.is_none_or(|e| e > image_size) {
+            if length == 0
+                || offset % GRANULARITY != 0
+                || length % GRANULARITY != 0
+                || end.is_none_or(|e| e > image_size)
+            {
                 return bad("range outside the image or misaligned");
             }
             ranges.push(offset..offset + length);
@@ -208,15 +212,28 @@ impl Recorder {
     pub fn collect(&self, image_size: u64, base: Option<&WorkingSet>) -> WorkingSet {
         let mut entries: Vec<(u64, Range<u64>)> = Vec::new();
         for shard in &self.shards {
-            entries.extend(shard.lock().expect("recorder shard poisoned").iter().cloned());
+            entries.extend(
+                shard
+                    .lock()
+                    .expect("recorder shard poisoned")
+                    .iter()
+                    .cloned(),
+            );
         }
         entries.sort_by_key(|(seq, _)| *seq);
         let seen = AtomicBitmap::new(image_size.div_ceil(GRANULARITY) as usize);
         let mut ranges: Vec<Range<u64>> = Vec::new();
-        let base_ranges = base.filter(|b| b.image_size == image_size).map(|b| b.ranges.clone()).unwrap_or_default();
+        let base_ranges = base
+            .filter(|b| b.image_size == image_size)
+            .map(|b| b.ranges.clone())
+            .unwrap_or_default();
         let mut claimed = Vec::new();
-        for r in base_ranges.into_iter().chain(entries.into_iter().map(|(_, r)| r)) {
-            let pages = (r.start / GRANULARITY) as usize..(r.end.min(image_size).div_ceil(GRANULARITY)) as usize;
+        for r in base_ranges
+            .into_iter()
+            .chain(entries.into_iter().map(|(_, r)| r))
+        {
+            let pages = (r.start / GRANULARITY) as usize
+                ..(r.end.min(image_size).div_ceil(GRANULARITY)) as usize;
             if pages.is_empty() {
                 continue;
             }
@@ -234,7 +251,9 @@ impl Recorder {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(|s| s.lock().expect("recorder shard poisoned").is_empty())
+        self.shards
+            .iter()
+            .all(|s| s.lock().expect("recorder shard poisoned").is_empty())
     }
 }
 
@@ -265,10 +284,16 @@ mod tests {
 
     #[test]
     fn truncated_files_and_out_of_image_ranges_are_refused() {
-        let ws = WorkingSet { image_size: 8192, ranges: vec![0..4096] };
+        let ws = WorkingSet {
+            image_size: 8192,
+            ranges: vec![0..4096],
+        };
         let bytes = ws.encode();
         assert!(WorkingSet::decode(&bytes[..bytes.len() - 1]).is_err());
-        let outside = WorkingSet { image_size: 8192, ranges: vec![4096..12288] };
+        let outside = WorkingSet {
+            image_size: 8192,
+            ranges: vec![4096..12288],
+        };
         let err = WorkingSet::decode(&outside.encode()).unwrap_err();
         assert!(err.to_string().contains("outside the image"), "{err}");
     }
@@ -278,10 +303,22 @@ mod tests {
         let g = GRANULARITY;
         let ws = WorkingSet {
             image_size: 100 * g,
-            ranges: vec![50 * g..51 * g, 10 * g..11 * g, 11 * g..12 * g, 90 * g..91 * g, 5 * g..6 * g],
+            ranges: vec![
+                50 * g..51 * g,
+                10 * g..11 * g,
+                11 * g..12 * g,
+                90 * g..91 * g,
+                5 * g..6 * g,
+            ],
         };
         let b = ws.batches(3 * g);
-        assert_eq!(b, vec![vec![10 * g..12 * g, 50 * g..51 * g], vec![5 * g..6 * g, 90 * g..91 * g]]);
+        assert_eq!(
+            b,
+            vec![
+                vec![10 * g..12 * g, 50 * g..51 * g],
+                vec![5 * g..6 * g, 90 * g..91 * g]
+            ]
+        );
     }
 
     #[test]
@@ -294,8 +331,14 @@ mod tests {
         r.record(1, g..2 * g); // joins 0..g
         let ws = r.collect(16 * g, None);
         assert_eq!(ws.ranges, vec![4 * g..6 * g, 0..g, 6 * g..7 * g, g..2 * g]);
-        let base = WorkingSet { image_size: 16 * g, ranges: vec![10 * g..11 * g, 4 * g..5 * g] };
+        let base = WorkingSet {
+            image_size: 16 * g,
+            ranges: vec![10 * g..11 * g, 4 * g..5 * g],
+        };
         let merged = r.collect(16 * g, Some(&base));
-        assert_eq!(merged.ranges, vec![10 * g..11 * g, 4 * g..6 * g, 0..g, 6 * g..7 * g, g..2 * g]);
+        assert_eq!(
+            merged.ranges,
+            vec![10 * g..11 * g, 4 * g..6 * g, 0..g, 6 * g..7 * g, g..2 * g]
+        );
     }
 }
