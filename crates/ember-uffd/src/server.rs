@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -65,9 +65,11 @@ pub struct Config {
     pub prefetch: Option<WorkingSet>,
     /// Working-set bytes sorted and coalesced together per prefetch batch.
     pub prefetch_batch: u64,
-    /// Largest single prefetch copy; bounds how long a fault can wait for
-    /// the prefetcher to yield the CPU.
+    /// Largest single prefetch copy: a fault on a page being prefetched
+    /// waits for its chunk.
     pub prefetch_chunk: u64,
+    /// Threads copying the working set.
+    pub prefetch_threads: usize,
     /// Record the working set and write it here (atomically) at the end.
     pub record_working_set: Option<PathBuf>,
     /// Track the pages the guest writes.
@@ -80,6 +82,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Attempts to read a source range before failing closed.
     pub source_attempts: u32,
+    /// Map the source range into the page tables (`MADV_POPULATE_READ`)
+    /// before each 4 KiB-page copy. Always done for huge pages.
+    pub populate_source: bool,
+    /// After serving a fault, one worker keeps polling for this long before
+    /// sleeping, so a burst of faults does not pay a wakeup each.
+    pub spin: Duration,
 }
 
 impl Default for Config {
@@ -89,13 +97,16 @@ impl Default for Config {
             workers: 4,
             prefetch: None,
             prefetch_batch: 16 << 20,
-            prefetch_chunk: 1 << 20,
+            prefetch_chunk: 256 << 10,
+            prefetch_threads: 2,
             record_working_set: None,
             dirty_tracking: false,
             control_socket: None,
             metrics_file: None,
             handshake_timeout: Duration::from_secs(60),
             source_attempts: 3,
+            populate_source: false,
+            spin: Duration::from_micros(50),
         }
     }
 }
@@ -253,6 +264,8 @@ struct RegionState {
     claimed: AtomicBitmap,
     removed: AtomicBitmap,
     dirty: Option<AtomicBitmap>,
+    /// Pages of the working set being prefetched, if any.
+    working_set: Option<AtomicBitmap>,
 }
 
 impl RegionState {
@@ -329,6 +342,8 @@ struct Shared {
     events: EventLog,
     recorder: Option<Recorder>,
     stop: AtomicBool,
+    /// Held by the one worker that may poll instead of sleeping.
+    spinner: AtomicBool,
     stop_fd: OwnedFd,
     ending: Mutex<Option<Ending>>,
     fatal: Mutex<Option<Error>>,
@@ -540,7 +555,7 @@ impl Session {
         let recorder = config
             .record_working_set
             .as_ref()
-            .map(|_| Recorder::new(workers + 1));
+            .map(|_| Recorder::new(workers + config.prefetch_threads.max(1)));
         let prefetch = config.prefetch.clone().filter(|ws| {
             let fits = ws.image_size == image.size();
             if !fits {
@@ -554,6 +569,20 @@ impl Session {
             fits
         });
         let base_working_set = prefetch.clone();
+        let mut regions = regions;
+        if let Some(ws) = &prefetch {
+            for r in &mut regions {
+                let bits = AtomicBitmap::new(r.pages());
+                for range in &ws.ranges {
+                    let lo = range.start.max(r.offset);
+                    let hi = range.end.min(r.offset + r.size);
+                    if lo < hi {
+                        bits.set_range(((lo - r.offset) / r.unit) as usize..(hi - r.offset).div_ceil(r.unit) as usize);
+                    }
+                }
+                r.working_set = Some(bits);
+            }
+        }
         let shared = Arc::new(Shared {
             image,
             config,
@@ -564,6 +593,7 @@ impl Session {
             events: EventLog::default(),
             recorder,
             stop: AtomicBool::new(false),
+            spinner: AtomicBool::new(false),
             stop_fd,
             ending: Mutex::new(None),
             fatal: Mutex::new(None),
@@ -597,10 +627,16 @@ impl Session {
                 })?);
         }
         if let Some(ws) = prefetch {
-            let s = Arc::clone(&self.shared);
-            self.threads.push(spawn("uffd-prefetch".into(), move || {
-                prefetch_main(&s, workers, &ws)
-            })?);
+            let c = &self.shared.config;
+            let threads = c.prefetch_threads.max(1);
+            let plan = Arc::new(PrefetchPlan::new(&ws, c.prefetch_batch, c.prefetch_chunk, threads));
+            for t in 0..threads {
+                let s = Arc::clone(&self.shared);
+                let plan = Arc::clone(&plan);
+                self.threads.push(spawn(format!("uffd-prefetch-{t}"), move || {
+                    prefetch_main(&s, workers + t, &plan)
+                })?);
+            }
         }
         if let (Some(listener), Some(path)) = (control, self.shared.config.control_socket.clone()) {
             let handle = self.handle();
@@ -615,6 +651,22 @@ impl Session {
         SessionHandle {
             shared: Arc::clone(&self.shared),
             base_working_set: self.base_working_set.clone().map(Arc::new),
+        }
+    }
+
+    /// Stop serving and leave the VMM alive. Sound only when the VMM will
+    /// never fault on its guest memory again (it has unmapped it), as when a
+    /// benchmark plays the VMM in its own process; otherwise use
+    /// [`SessionHandle::terminate`].
+    pub fn detach(mut self) -> MetricsSnapshot {
+        self.stop_threads();
+        self.shared.metrics.snapshot()
+    }
+
+    fn stop_threads(&mut self) {
+        self.shared.stop(None);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 
@@ -700,12 +752,16 @@ impl Session {
 }
 
 impl Drop for Session {
+    /// A session dropped without [`Session::wait`] (an early return, a
+    /// panic) can no longer serve its VMM, which would hang on its next
+    /// fault: fail closed.
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.shared.stop(None);
-            for t in self.threads.drain(..) {
-                let _ = t.join();
+            if !self.shared.peer.has_exited() {
+                warn!(build = self.shared.image.name(), pid = self.shared.peer.pid, "page server dropped while its VMM runs; killing the VMM");
+                self.shared.peer.kill();
             }
+            self.stop_threads();
         }
     }
 }
@@ -856,6 +912,7 @@ fn validate_regions(
             claimed: AtomicBitmap::new(pages),
             removed: AtomicBitmap::new(pages),
             dirty: dirty.then(|| AtomicBitmap::new(pages)),
+            working_set: None,
         });
     }
     Ok(out)
@@ -980,8 +1037,22 @@ impl<'a> Copier<'a> {
         let mut before = std::mem::take(&mut self.before);
         after.clear();
         before.clear();
-        r.claimed.claim_range(page + 1..w1, &mut after);
-        r.claimed.claim_range(w0..page, &mut before);
+        match &r.working_set {
+            // While a working set is prefetched, read ahead only within it:
+            // pages outside it were not needed last time.
+            Some(ws) if ws.get(page) => {
+                for p in (page + 1..w1).filter(|p| ws.get(*p)) {
+                    r.claimed.claim_range(p..p + 1, &mut after);
+                }
+                for p in (w0..page).filter(|p| ws.get(*p)) {
+                    r.claimed.claim_range(p..p + 1, &mut before);
+                }
+            }
+            _ => {
+                r.claimed.claim_range(page + 1..w1, &mut after);
+                r.claimed.claim_range(w0..page, &mut before);
+            }
+        }
         let mut main = page..page + 1;
         if after.first().is_some_and(|a| a.start == main.end) {
             main.end = after.remove(0).end;
@@ -1088,7 +1159,7 @@ impl<'a> Copier<'a> {
             let (piece, len) = if removed {
                 (Piece::Zero, want.min(s.zeros.len))
             } else {
-                match self.resolve(r, offset, want) {
+                match self.resolve(r, offset, want, purpose) {
                     Ok(x) => x,
                     Err(flow) => return flow,
                 }
@@ -1117,7 +1188,13 @@ impl<'a> Copier<'a> {
 
     /// What to copy for the image range at `offset` (at most `want`
     /// bytes): a piece and its length, a whole number of pages.
-    fn resolve(&mut self, r: &RegionState, offset: u64, want: u64) -> Result<(Piece, u64), Flow> {
+    fn resolve(
+        &mut self,
+        r: &RegionState,
+        offset: u64,
+        want: u64,
+        purpose: Purpose,
+    ) -> Result<(Piece, u64), Flow> {
         let s = self.s;
         let Some(extent) = s.image.locate(offset) else {
             return Err(s.fail(
@@ -1136,13 +1213,21 @@ impl<'a> Copier<'a> {
             Extent::Zero { .. } => Ok((Piece::Zero, whole.min(s.zeros.len))),
             Extent::File {
                 file, file_offset, ..
-            } => match s.image.file(file).and_then(|f| f.ptr(file_offset, whole)) {
-                Some(ptr) => Ok((Piece::Mapped(ptr), whole)),
-                None => {
-                    self.fill_bounce(offset, whole)?;
-                    Ok((Piece::Bounce, whole))
+            } => {
+                let data = s.image.file(file);
+                match data.and_then(|f| f.ptr(file_offset, whole)) {
+                    Some(ptr) => {
+                        if r.unit != PAGE_4K || s.config.populate_source || purpose == Purpose::Prefetch {
+                            data.expect("ptr came from it").populate(file_offset, whole);
+                        }
+                        Ok((Piece::Mapped(ptr), whole))
+                    }
+                    None => {
+                        self.fill_bounce(offset, whole)?;
+                        Ok((Piece::Bounce, whole))
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -1235,6 +1320,18 @@ impl<'a> Copier<'a> {
                 {
                     // Reading the file through its mapping failed (it
                     // shrank, or the disk erred): try pread, which reports.
+                    Metrics::add(&s.metrics.source_retries, 1);
+                    let offset = r.image_offset(page) + done;
+                    self.fill_bounce(offset, rest)?;
+                    piece = Piece::Bounce;
+                    bounce_base = done;
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOMEM)
+                        && matches!(piece, Piece::Mapped(_)) =>
+                {
+                    // The kernel could not get a temporary page to copy a
+                    // source it had to fault in; a resident buffer needs none.
                     Metrics::add(&s.metrics.source_retries, 1);
                     let offset = r.image_offset(page) + done;
                     self.fill_bounce(offset, rest)?;
@@ -1335,62 +1432,121 @@ fn worker_main(s: &Shared, id: usize) {
     };
     let mut c = Copier::new(s, id);
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
+    let spin = s.config.spin;
+    let mut last_fault = Instant::now() - spin;
     while !s.stopping() {
         if c.serve_queued() == Flow::Stop {
             break;
         }
         match c.read_events(1) {
             Ok(0) => {}
-            Ok(_) => continue,
+            Ok(_) => {
+                last_fault = Instant::now();
+                continue;
+            }
             Err(_) => break,
+        }
+        // A guest that just faulted is likely to fault again within
+        // microseconds; one worker polls for a moment instead of sleeping,
+        // saving a wakeup per fault in bursts.
+        if !spin.is_zero()
+            && last_fault.elapsed() < spin
+            && s.spinner
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            let mut got = false;
+            while last_fault.elapsed() < spin && !s.stopping() {
+                match c.read_events(1) {
+                    Ok(0) => std::hint::spin_loop(),
+                    Ok(_) => {
+                        got = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            s.spinner.store(false, Ordering::Release);
+            if got {
+                last_fault = Instant::now();
+                continue;
+            }
         }
         // SAFETY: `ready` has room for 2 events.
         unsafe { libc::epoll_wait(ep.as_raw_fd(), ready.as_mut_ptr(), 2, -1) };
     }
 }
 
-/// Copy the working set ahead of faults, in batches (each sorted and
-/// coalesced) of at most `prefetch_chunk` per copy, serving any faults it
-/// happens to read first.
-fn prefetch_main(s: &Shared, id: usize, ws: &WorkingSet) {
-    let started = Instant::now();
+/// The working set cut into copy-sized chunks, in batch order, shared by
+/// the prefetch threads.
+#[derive(Debug)]
+struct PrefetchPlan {
+    chunks: Vec<Range<u64>>,
+    next: AtomicUsize,
+    running: AtomicUsize,
+    started: Instant,
+}
+
+impl PrefetchPlan {
+    fn new(ws: &WorkingSet, batch: u64, chunk: u64, threads: usize) -> PrefetchPlan {
+        let mut chunks = Vec::new();
+        for batch in ws.batches(batch) {
+            for range in batch {
+                let mut at = range.start;
+                while at < range.end {
+                    let end = (at + chunk).min(range.end);
+                    chunks.push(at..end);
+                    at = end;
+                }
+            }
+        }
+        PrefetchPlan {
+            chunks,
+            next: AtomicUsize::new(0),
+            running: AtomicUsize::new(threads),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Copy working-set chunks ahead of faults until none are left, serving
+/// any faults this thread happens to read first.
+fn prefetch_main(s: &Shared, id: usize, plan: &PrefetchPlan) {
     let mut c = Copier::new(s, id);
     let tracking = s.config.dirty_tracking;
     let mut claimed = Vec::new();
-    'batches: for batch in ws.batches(s.config.prefetch_batch) {
-        for range in batch {
-            for r in &s.regions {
-                let lo = range.start.max(r.offset);
-                let hi = range.end.min(r.offset + r.size);
-                if lo >= hi {
-                    continue;
-                }
-                let pages = ((lo - r.offset) / r.unit) as usize
-                    ..((hi - r.offset).div_ceil(r.unit)) as usize;
-                claimed.clear();
-                r.claimed.claim_range(pages, &mut claimed);
-                let chunk = (s.config.prefetch_chunk / r.unit).max(1) as usize;
-                for run in &claimed {
-                    let mut p = run.start;
-                    while p < run.end {
-                        if s.stopping() || c.serve_queued() == Flow::Stop {
-                            break 'batches;
-                        }
-                        let q = (p + chunk).min(run.end);
-                        if c.populate(r, p..q, tracking, Purpose::Prefetch) == Flow::Stop {
-                            break 'batches;
-                        }
-                        p = q;
-                    }
+    'chunks: loop {
+        let i = plan.next.fetch_add(1, Ordering::Relaxed);
+        let Some(range) = plan.chunks.get(i) else {
+            break;
+        };
+        if s.stopping() || c.serve_queued() == Flow::Stop {
+            break;
+        }
+        for r in &s.regions {
+            let lo = range.start.max(r.offset);
+            let hi = range.end.min(r.offset + r.size);
+            if lo >= hi {
+                continue;
+            }
+            let pages =
+                ((lo - r.offset) / r.unit) as usize..((hi - r.offset).div_ceil(r.unit)) as usize;
+            claimed.clear();
+            r.claimed.claim_range(pages, &mut claimed);
+            for run in &claimed {
+                if c.populate(r, run.clone(), tracking, Purpose::Prefetch) == Flow::Stop {
+                    break 'chunks;
                 }
             }
         }
     }
     c.serve_queued();
-    info!(
-        build = s.image.name(),
-        pages = s.metrics.pages_prefetched.load(Ordering::Relaxed),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "prefetch done"
-    );
+    if plan.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+        info!(
+            build = s.image.name(),
+            pages = s.metrics.pages_prefetched.load(Ordering::Relaxed),
+            elapsed_ms = plan.started.elapsed().as_millis() as u64,
+            "prefetch done"
+        );
+    }
 }

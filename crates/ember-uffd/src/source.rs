@@ -247,6 +247,22 @@ impl DataFile {
         Some(unsafe { self.map.add(offset as usize) })
     }
 
+    /// Map `[offset, offset+len)` of the file into this process's page
+    /// tables now (`MADV_POPULATE_READ`), from the page cache or the disk.
+    /// A `UFFDIO_COPY` whose source is not mapped takes a slower path in the
+    /// kernel, which for hugetlbfs allocates a second, temporary huge page
+    /// from the pool. Failures are ignored: the copy then reports them.
+    pub fn populate(&self, offset: u64, len: u64) {
+        let Some(ptr) = self.ptr(offset, len) else {
+            return;
+        };
+        let start = (ptr as usize) & !(ALIGN as usize - 1);
+        let end = ptr as usize + len as usize;
+        // SAFETY: the range lies inside our read-only mapping; populating
+        // only fills page tables and cannot change its contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_READ) };
+    }
+
     /// Read exactly `buf.len()` bytes at `offset` with `pread`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
