@@ -21,8 +21,8 @@ use std::time::Duration;
 
 pub use ember_types::BackendKind;
 pub use spec::{
-    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec,
-    SnapshotKind, SnapshotOutput, SnapshotRequest, VmConfig,
+    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
+    SnapshotOutput, SnapshotRequest, VmConfig,
 };
 
 /// Everything that can go wrong driving a VMM. Backend-specific detail (a
