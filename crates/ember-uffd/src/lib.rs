@@ -14,6 +14,7 @@
 //!
 //! Modules, bottom up: [`uffd`] (the kernel interface), [`handshake`]
 //! (Firecracker's socket protocol), [`source`] (where image bytes live),
+//! [`build`] (a build from `ember-snapshot`'s store as a source),
 //! [`working_set`], [`metrics`], [`server`] (the serving threads),
 //! [`control`] (the control socket), [`vmm_side`] (Firecracker's half of the
 //! protocol, for tests, benchmarks and fake VMMs).
@@ -24,6 +25,7 @@
 use std::path::PathBuf;
 
 mod bitmap;
+pub mod build;
 pub mod control;
 pub mod handshake;
 pub mod metrics;
@@ -62,8 +64,6 @@ pub enum Error {
     },
     #[error("socket {0} is in use by a live page server; pick another path or stop that server")]
     SocketInUse(PathBuf),
-    #[error("the VMM's memory regions do not fit build {build}: {reason}")]
-    BadRegions { build: String, reason: String },
     #[error(
         "cannot serve build {build} at image offset {offset:#x}: {reason}; the VMM (pid {pid}) was killed"
     )]
@@ -77,4 +77,10 @@ pub enum Error {
         "dirty-page tracking is off; start the page server with dirty tracking to ask for dirty pages"
     )]
     DirtyTrackingOff,
+    #[error("cannot open build {build}")]
+    Build {
+        build: ember_types::BuildId,
+        #[source]
+        source: ember_snapshot::SnapshotError,
+    },
 }

@@ -600,3 +600,67 @@ fn wait_for_line(child: &mut Child, want: &str) {
     // Keep the pipe open so the peer never sees EPIPE.
     std::mem::forget(reader);
 }
+
+#[test]
+fn a_diff_build_from_the_build_store_is_served_through_its_header() {
+    use ember_snapshot::{Base, BlockSet, BuildInfo, BuildStore, ImageKind};
+    use ember_types::BuildId;
+    require!(can_run(), "needs root and /dev/userfaultfd");
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let store = BuildStore::open(dir.path()).unwrap();
+    let size = 8 * MIB;
+    let blocks = size / PAGE;
+    // Generation 0: data everywhere but every fifth run of 8 blocks.
+    let mut image: Vec<u8> = (0..blocks)
+        .flat_map(|b| if (b / 8) % 5 == 0 { vec![0u8; PAGE as usize] } else { block_bytes(1, b) })
+        .collect();
+    let full = dir.path().join("full.img");
+    std::fs::write(&full, &image).unwrap();
+    let base_id = BuildId::new();
+    let mut w = store.begin(base_id, BuildInfo::default()).unwrap();
+    w.write_image_from_full(ImageKind::Memory, Base::Fresh { block_size: PAGE }, &full).unwrap();
+    w.commit().unwrap();
+    // Generation 1: rewrites scattered blocks, some inside the zero runs.
+    let dirty: BlockSet = (0..blocks).filter(|b| b % 13 == 0 || b % 97 < 3).collect();
+    for b in (0..blocks).filter(|b| b % 13 == 0 || b % 97 < 3) {
+        image[(b * PAGE) as usize..((b + 1) * PAGE) as usize].copy_from_slice(&block_bytes(2, b));
+    }
+    let parent = store.open_header(base_id, ImageKind::Memory).unwrap();
+    let diff_id = BuildId::new();
+    let info = BuildInfo { parent: Some(base_id), ..BuildInfo::default() };
+    let mut w = store.begin(diff_id, info).unwrap();
+    let snapshot = image.clone();
+    w.write_image_from_blocks(ImageKind::Memory, Base::Parent(&parent), size, &dirty, |off, buf| {
+        buf.copy_from_slice(&snapshot[off as usize..off as usize + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    w.commit().unwrap();
+
+    let served = ember_uffd::build::open(&store, diff_id).unwrap();
+    assert_eq!(served.name(), diff_id.to_string());
+    let expected = dir.path().join("expected.img");
+    std::fs::write(&expected, &image).unwrap();
+    let socket = dir.path().join("uffd.sock");
+    let server = PageServer::bind(&socket, served, Config::default()).unwrap();
+    let server = std::thread::spawn(move || server.accept()?.wait());
+    let out = run_peer({
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember-uffd-peer"));
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--regions")
+            .arg(size.to_string())
+            .arg("--expected")
+            .arg(&expected)
+            .args(["--threads", "2", "--order", "random", "verify"]);
+        cmd
+    });
+    assert!(out.status.success(), "peer saw wrong bytes");
+    let m = join(server).unwrap().metrics;
+    assert_eq!(m.pages_copied + m.pages_zeroed, blocks, "{m:?}");
+    assert_eq!(
+        ember_uffd::build::working_set_path(&store, diff_id),
+        store.build_dir(diff_id).join("working-set")
+    );
+}
