@@ -56,7 +56,9 @@ fn touch(base: Ptr, order: &[u64], threads: usize, how: Touch) -> u64 {
                         // SAFETY: `off` is inside the mapping `base` starts.
                         unsafe {
                             match how {
-                                Touch::Read => sum = sum.wrapping_add(p.cast::<u64>().read_volatile()),
+                                Touch::Read => {
+                                    sum = sum.wrapping_add(p.cast::<u64>().read_volatile())
+                                }
                                 Touch::Write => p.write_volatile(1),
                             }
                         }
@@ -65,14 +67,22 @@ fn touch(base: Ptr, order: &[u64], threads: usize, how: Touch) -> u64 {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).fold(0, u64::wrapping_add)
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold(0, u64::wrapping_add)
     })
 }
 
 fn mmap(len: u64, prot: i32, flags: i32, fd: i32) -> *mut u8 {
     // SAFETY: a fresh mapping at a kernel-chosen address.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     p.cast()
 }
 
@@ -93,7 +103,12 @@ impl Bench {
     /// pre-faulted memory: what copying costs with no faults at all.
     fn memcpy(&self, order: &[u64], threads: usize) -> Duration {
         let file = std::fs::File::open(&self.memfile).unwrap();
-        let src = mmap(self.size, libc::PROT_READ, libc::MAP_SHARED | libc::MAP_POPULATE, std::os::fd::AsRawFd::as_raw_fd(&file));
+        let src = mmap(
+            self.size,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+        );
         let dst = mmap(
             self.size,
             libc::PROT_READ | libc::PROT_WRITE,
@@ -108,11 +123,7 @@ impl Bench {
                     for &off in order.iter().skip(t).step_by(threads) {
                         // SAFETY: both mappings cover `off + PAGE`, and do not overlap.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                s.at(off),
-                                d.at(off),
-                                PAGE as usize,
-                            )
+                            std::ptr::copy_nonoverlapping(s.at(off), d.at(off), PAGE as usize)
                         };
                     }
                 });
@@ -142,7 +153,14 @@ impl Bench {
 
     /// (b)/(c)/(d) the page server: map and register guest memory, open the
     /// build, hand over the userfaultfd, touch.
-    fn page_server(&self, order: &[u64], threads: usize, page_size: u64, config: Config, how: Touch) -> (Duration, ember_uffd::MetricsSnapshot) {
+    fn page_server(
+        &self,
+        order: &[u64],
+        threads: usize,
+        page_size: u64,
+        config: Config,
+        how: Touch,
+    ) -> (Duration, ember_uffd::MetricsSnapshot) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("uffd.sock");
         let started = Instant::now();
@@ -170,7 +188,8 @@ impl Bench {
 
 fn write_memfile(path: &Path, size: u64) {
     use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(8 * MIB as usize, std::fs::File::create(path).unwrap());
+    let mut f =
+        std::io::BufWriter::with_capacity(8 * MIB as usize, std::fs::File::create(path).unwrap());
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut buf = vec![0u8; MIB as usize];
     for _ in 0..size / MIB {
@@ -224,23 +243,35 @@ fn working_set_order(pages: u64) -> Vec<u64> {
 /// environment (`EMBER_BENCH_SPIN_US`, `EMBER_BENCH_POPULATE=1`).
 fn tuned() -> Config {
     let mut c = Config::default();
-    if let Some(us) = std::env::var("EMBER_BENCH_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+    if let Some(us) = std::env::var("EMBER_BENCH_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         c.spin = Duration::from_micros(us);
     }
     if std::env::var("EMBER_BENCH_POPULATE").as_deref() == Ok("1") {
         c.populate_source = true;
     }
-    if let Some(n) = std::env::var("EMBER_BENCH_PREFETCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("EMBER_BENCH_PREFETCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         c.prefetch_threads = n;
     }
-    if let Some(kib) = std::env::var("EMBER_BENCH_CHUNK_KIB").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(kib) = std::env::var("EMBER_BENCH_CHUNK_KIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         c.prefetch_chunk = kib * 1024;
     }
     c
 }
 
 fn fault_note(m: &ember_uffd::MetricsSnapshot) -> String {
-    format!("{} faults, mean {:.1} us to serve", m.faults, m.fault_latency_mean_us)
+    format!(
+        "{} faults, mean {:.1} us to serve",
+        m.faults, m.fault_latency_mean_us
+    )
 }
 
 struct Row {
@@ -249,7 +280,14 @@ struct Row {
     note: String,
 }
 
-fn print_block(title: &str, bytes: u64, rows: &[Row], kernel_read: Duration, kernel_write: Duration, memcpy: Duration) {
+fn print_block(
+    title: &str,
+    bytes: u64,
+    rows: &[Row],
+    kernel_read: Duration,
+    kernel_write: Duration,
+    memcpy: Duration,
+) {
     println!("\n{title}");
     println!(
         "  {:<44} {:>9} {:>8} {:>11} {:>11} {:>9}",
@@ -278,16 +316,31 @@ fn main() {
         .with_env_filter(std::env::var("EMBER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
-    let size = std::env::var("EMBER_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024u64) * MIB;
-    let runs = std::env::var("EMBER_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize);
+    let size = std::env::var("EMBER_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024u64)
+        * MIB;
+    let runs = std::env::var("EMBER_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3usize);
     let only: Option<String> = std::env::var("EMBER_BENCH_ONLY").ok();
-    let dir = tempfile::tempdir_in(std::env::var("EMBER_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let dir = tempfile::tempdir_in(
+        std::env::var("EMBER_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+    )
+    .unwrap();
     let memfile = dir.path().join("memfile");
     write_memfile(&memfile, size);
     // Read it once so the page cache holds it all: every method starts from
     // cached file data.
     let _ = std::fs::read(&memfile).unwrap();
-    let bench = Bench { size, memfile, _dir: dir, runs };
+    let bench = Bench {
+        size,
+        memfile,
+        _dir: dir,
+        runs,
+    };
     let pages = size / PAGE;
     let huge = HugePageReservation::reserve(size / (2 * MIB));
     println!(
@@ -305,21 +358,39 @@ fn main() {
     let random = shuffled(pages, 0x5eed);
     for (label, order) in [("sequential", &seq), ("random", &random)] {
         for threads in [1usize, 2] {
-            if only.as_deref().is_some_and(|o| !format!("{label}-{threads}").contains(o)) {
+            if only
+                .as_deref()
+                .is_some_and(|o| !format!("{label}-{threads}").contains(o))
+            {
                 continue;
             }
             let memcpy = bench.median(|| bench.memcpy(order, threads));
             let kr = bench.median(|| bench.kernel(order, threads, Touch::Read));
             let kw = bench.median(|| bench.kernel(order, threads, Touch::Write));
             let mut rows = vec![
-                Row { name: "(e) memcpy, pre-faulted".into(), t: Some(memcpy), note: String::new() },
-                Row { name: "(a) kernel, private file mapping, read".into(), t: Some(kr), note: String::new() },
-                Row { name: "(a) kernel, private file mapping, write".into(), t: Some(kw), note: String::new() },
+                Row {
+                    name: "(e) memcpy, pre-faulted".into(),
+                    t: Some(memcpy),
+                    note: String::new(),
+                },
+                Row {
+                    name: "(a) kernel, private file mapping, read".into(),
+                    t: Some(kr),
+                    note: String::new(),
+                },
+                Row {
+                    name: "(a) kernel, private file mapping, write".into(),
+                    t: Some(kw),
+                    note: String::new(),
+                },
             ];
             for ra in read_aheads {
                 let mut note = String::new();
                 let t = bench.median(|| {
-                    let config = Config { readahead: ra, ..tuned() };
+                    let config = Config {
+                        readahead: ra,
+                        ..tuned()
+                    };
                     let (t, m) = bench.page_server(order, threads, PAGE, config, Touch::Read);
                     note = fault_note(&m);
                     t
@@ -334,15 +405,36 @@ fn main() {
                 Ok(_) => {
                     let mut note = String::new();
                     let t = bench.median(|| {
-                        let (t, m) = bench.page_server(order, threads, 2 * MIB, Config::default(), Touch::Read);
+                        let (t, m) = bench.page_server(
+                            order,
+                            threads,
+                            2 * MIB,
+                            Config::default(),
+                            Touch::Read,
+                        );
                         note = fault_note(&m);
                         t
                     });
-                    rows.push(Row { name: "(c) page server 2M huge pages".into(), t: Some(t), note });
+                    rows.push(Row {
+                        name: "(c) page server 2M huge pages".into(),
+                        t: Some(t),
+                        note,
+                    });
                 }
-                Err(why) => rows.push(Row { name: "(c) page server 2M huge pages".into(), t: None, note: format!("skipped: {why}") }),
+                Err(why) => rows.push(Row {
+                    name: "(c) page server 2M huge pages".into(),
+                    t: None,
+                    note: format!("skipped: {why}"),
+                }),
             }
-            print_block(&format!("== all pages, {label} order, {threads} thread(s) =="), size, &rows, kr, kw, memcpy);
+            print_block(
+                &format!("== all pages, {label} order, {threads} thread(s) =="),
+                size,
+                &rows,
+                kr,
+                kw,
+                memcpy,
+            );
         }
     }
 
@@ -351,7 +443,10 @@ fn main() {
     let ws_order = working_set_order(pages);
     let ws_bytes = ws_order.len() as u64 * PAGE;
     for threads in [1usize, 2] {
-        if only.as_deref().is_some_and(|o| !format!("ws-{threads}").contains(o)) {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("ws-{threads}").contains(o))
+        {
             continue;
         }
         let ws_dir = tempfile::tempdir().unwrap();
@@ -360,19 +455,42 @@ fn main() {
         let memcpy = bench.median(|| bench.memcpy(&ws_order, threads));
         let kr = bench.median(|| bench.kernel(&ws_order, threads, Touch::Read));
         let kw = bench.median(|| bench.kernel(&ws_order, threads, Touch::Write));
-        let lazy = bench.median(|| bench.page_server(&ws_order, threads, PAGE, tuned(), Touch::Read).0);
+        let lazy = bench.median(|| {
+            bench
+                .page_server(&ws_order, threads, PAGE, tuned(), Touch::Read)
+                .0
+        });
         let mut faults = 0;
         let prefetched = bench.median(|| {
-            let config = Config { prefetch: Some(ws.clone()), ..tuned() };
+            let config = Config {
+                prefetch: Some(ws.clone()),
+                ..tuned()
+            };
             let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
             faults = m.faults;
             t
         });
         let rows = vec![
-            Row { name: "(e) memcpy, pre-faulted".into(), t: Some(memcpy), note: String::new() },
-            Row { name: "(a) kernel, private file mapping, read".into(), t: Some(kr), note: String::new() },
-            Row { name: "(a) kernel, private file mapping, write".into(), t: Some(kw), note: String::new() },
-            Row { name: "(b) page server 4K, lazy".into(), t: Some(lazy), note: String::new() },
+            Row {
+                name: "(e) memcpy, pre-faulted".into(),
+                t: Some(memcpy),
+                note: String::new(),
+            },
+            Row {
+                name: "(a) kernel, private file mapping, read".into(),
+                t: Some(kr),
+                note: String::new(),
+            },
+            Row {
+                name: "(a) kernel, private file mapping, write".into(),
+                t: Some(kw),
+                note: String::new(),
+            },
+            Row {
+                name: "(b) page server 4K, lazy".into(),
+                t: Some(lazy),
+                note: String::new(),
+            },
             Row {
                 name: "(d) page server 4K, working-set prefetch".into(),
                 t: Some(prefetched),
@@ -401,14 +519,23 @@ fn record_working_set(bench: &Bench, order: &[u64], threads: usize, path: &Path)
     let layout = Arc::new(Layout::flat(bench.size).unwrap());
     let image = Image::open("bench", layout, std::slice::from_ref(&bench.memfile)).unwrap();
     // Recording without read-ahead keeps the set to the pages touched.
-    let config = Config { record_working_set: Some(path.to_owned()), readahead: PAGE, ..Config::default() };
+    let config = Config {
+        record_working_set: Some(path.to_owned()),
+        readahead: PAGE,
+        ..Config::default()
+    };
     let server = PageServer::bind(&socket, image, config).unwrap();
     let serving = std::thread::spawn(move || server.accept().unwrap());
     let mem = GuestMemory::new(&[bench.size], PAGE).unwrap();
     mem.send_handshake(&socket).unwrap();
     let session = serving.join().unwrap();
     touch(Ptr(mem.addr_of(0)), order, threads, Touch::Read);
-    let ws = session.handle().write_working_set().unwrap().expect("recording is on").1;
+    let ws = session
+        .handle()
+        .write_working_set()
+        .unwrap()
+        .expect("recording is on")
+        .1;
     drop(mem);
     session.detach();
     ws

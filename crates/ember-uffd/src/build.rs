@@ -14,8 +14,8 @@ use std::sync::Arc;
 use ember_snapshot::{BuildStore, ImageKind};
 use ember_types::BuildId;
 
-use crate::source::{Backing, Image, Layout, Mapping};
 use crate::Error;
+use crate::source::{Backing, Image, Layout, Mapping};
 
 /// The working-set sidecar's name in a build directory: the one file that
 /// may appear in a committed build after the fact.
@@ -31,7 +31,10 @@ pub fn open(store: &BuildStore, build: BuildId) -> Result<Image, Error> {
         let next = files.len();
         files.insert(b, next);
     }
-    let paths: Vec<PathBuf> = files.keys().map(|b| store.data_path(*b, ImageKind::Memory)).collect();
+    let paths: Vec<PathBuf> = files
+        .keys()
+        .map(|b| store.data_path(*b, ImageKind::Memory))
+        .collect();
     let mappings = header
         .mappings()
         .iter()

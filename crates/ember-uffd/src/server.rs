@@ -93,7 +93,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            readahead: 64 * 1024,
+            readahead: 256 * 1024,
             workers: 4,
             prefetch: None,
             prefetch_batch: 16 << 20,
@@ -577,7 +577,10 @@ impl Session {
                     let lo = range.start.max(r.offset);
                     let hi = range.end.min(r.offset + r.size);
                     if lo < hi {
-                        bits.set_range(((lo - r.offset) / r.unit) as usize..(hi - r.offset).div_ceil(r.unit) as usize);
+                        bits.set_range(
+                            ((lo - r.offset) / r.unit) as usize
+                                ..(hi - r.offset).div_ceil(r.unit) as usize,
+                        );
                     }
                 }
                 r.working_set = Some(bits);
@@ -629,13 +632,19 @@ impl Session {
         if let Some(ws) = prefetch {
             let c = &self.shared.config;
             let threads = c.prefetch_threads.max(1);
-            let plan = Arc::new(PrefetchPlan::new(&ws, c.prefetch_batch, c.prefetch_chunk, threads));
+            let plan = Arc::new(PrefetchPlan::new(
+                &ws,
+                c.prefetch_batch,
+                c.prefetch_chunk,
+                threads,
+            ));
             for t in 0..threads {
                 let s = Arc::clone(&self.shared);
                 let plan = Arc::clone(&plan);
-                self.threads.push(spawn(format!("uffd-prefetch-{t}"), move || {
-                    prefetch_main(&s, workers + t, &plan)
-                })?);
+                self.threads
+                    .push(spawn(format!("uffd-prefetch-{t}"), move || {
+                        prefetch_main(&s, workers + t, &plan)
+                    })?);
             }
         }
         if let (Some(listener), Some(path)) = (control, self.shared.config.control_socket.clone()) {
@@ -758,7 +767,11 @@ impl Drop for Session {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
             if !self.shared.peer.has_exited() {
-                warn!(build = self.shared.image.name(), pid = self.shared.peer.pid, "page server dropped while its VMM runs; killing the VMM");
+                warn!(
+                    build = self.shared.image.name(),
+                    pid = self.shared.peer.pid,
+                    "page server dropped while its VMM runs; killing the VMM"
+                );
                 self.shared.peer.kill();
             }
             self.stop_threads();
@@ -1217,7 +1230,10 @@ impl<'a> Copier<'a> {
                 let data = s.image.file(file);
                 match data.and_then(|f| f.ptr(file_offset, whole)) {
                     Some(ptr) => {
-                        if r.unit != PAGE_4K || s.config.populate_source || purpose == Purpose::Prefetch {
+                        if r.unit != PAGE_4K
+                            || s.config.populate_source
+                            || purpose == Purpose::Prefetch
+                        {
                             data.expect("ptr came from it").populate(file_offset, whole);
                         }
                         Ok((Piece::Mapped(ptr), whole))

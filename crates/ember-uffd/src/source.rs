@@ -260,7 +260,13 @@ impl DataFile {
         let end = ptr as usize + len as usize;
         // SAFETY: the range lies inside our read-only mapping; populating
         // only fills page tables and cannot change its contents.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_READ) };
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_READ,
+            )
+        };
     }
 
     /// Read exactly `buf.len()` bytes at `offset` with `pread`.

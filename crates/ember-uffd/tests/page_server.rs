@@ -613,13 +613,20 @@ fn a_diff_build_from_the_build_store_is_served_through_its_header() {
     let blocks = size / PAGE;
     // Generation 0: data everywhere but every fifth run of 8 blocks.
     let mut image: Vec<u8> = (0..blocks)
-        .flat_map(|b| if (b / 8) % 5 == 0 { vec![0u8; PAGE as usize] } else { block_bytes(1, b) })
+        .flat_map(|b| {
+            if (b / 8) % 5 == 0 {
+                vec![0u8; PAGE as usize]
+            } else {
+                block_bytes(1, b)
+            }
+        })
         .collect();
     let full = dir.path().join("full.img");
     std::fs::write(&full, &image).unwrap();
     let base_id = BuildId::new();
     let mut w = store.begin(base_id, BuildInfo::default()).unwrap();
-    w.write_image_from_full(ImageKind::Memory, Base::Fresh { block_size: PAGE }, &full).unwrap();
+    w.write_image_from_full(ImageKind::Memory, Base::Fresh { block_size: PAGE }, &full)
+        .unwrap();
     w.commit().unwrap();
     // Generation 1: rewrites scattered blocks, some inside the zero runs.
     let dirty: BlockSet = (0..blocks).filter(|b| b % 13 == 0 || b % 97 < 3).collect();
@@ -628,13 +635,22 @@ fn a_diff_build_from_the_build_store_is_served_through_its_header() {
     }
     let parent = store.open_header(base_id, ImageKind::Memory).unwrap();
     let diff_id = BuildId::new();
-    let info = BuildInfo { parent: Some(base_id), ..BuildInfo::default() };
+    let info = BuildInfo {
+        parent: Some(base_id),
+        ..BuildInfo::default()
+    };
     let mut w = store.begin(diff_id, info).unwrap();
     let snapshot = image.clone();
-    w.write_image_from_blocks(ImageKind::Memory, Base::Parent(&parent), size, &dirty, |off, buf| {
-        buf.copy_from_slice(&snapshot[off as usize..off as usize + buf.len()]);
-        Ok(())
-    })
+    w.write_image_from_blocks(
+        ImageKind::Memory,
+        Base::Parent(&parent),
+        size,
+        &dirty,
+        |off, buf| {
+            buf.copy_from_slice(&snapshot[off as usize..off as usize + buf.len()]);
+            Ok(())
+        },
+    )
     .unwrap();
     w.commit().unwrap();
 
