@@ -140,13 +140,13 @@ mod tests {
                         let mut out = Vec::new();
                         bm.claim_range(start..end, &mut out);
                         let mut want: Vec<Range<usize>> = Vec::new();
-                        for i in start..end {
-                            if !model[i] {
+                        for (i, bit) in model.iter_mut().enumerate().take(end).skip(start) {
+                            if !*bit {
                                 match want.last_mut() {
                                     Some(r) if r.end == i => r.end = i + 1,
                                     _ => want.push(i..i + 1),
                                 }
-                                model[i] = true;
+                                *bit = true;
                             }
                         }
                         prop_assert_eq!(out, want);

@@ -320,7 +320,7 @@ impl EventLog {
     /// Was a REMOVE overlapping `range` (host addresses) read since `since`?
     fn removed_since(&self, since: Stamp, range: Range<u64>) -> bool {
         let seq = self.seq.load(Ordering::SeqCst);
-        if seq % 2 == 0 && self.removal_count.load(Ordering::SeqCst) == since.removals {
+        if seq.is_multiple_of(2) && self.removal_count.load(Ordering::SeqCst) == since.removals {
             return false;
         }
         // Taking the lock waits out a read in progress.
@@ -882,9 +882,9 @@ fn validate_regions(
             return Err((r.offset, format!("unsupported page size {unit}")));
         }
         if r.size == 0
-            || r.size % unit != 0
-            || r.base_host_virt_addr % unit != 0
-            || r.offset % unit != 0
+            || !r.size.is_multiple_of(unit)
+            || !r.base_host_virt_addr.is_multiple_of(unit)
+            || !r.offset.is_multiple_of(unit)
         {
             return Err((
                 r.offset,

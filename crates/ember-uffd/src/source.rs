@@ -79,7 +79,7 @@ impl Layout {
     /// covering `[0, size)` exactly once, naming only files `< files`.
     pub fn new(size: u64, mappings: Vec<Mapping>, files: usize) -> Result<Layout, Error> {
         let bad = |why: String| Err(Error::CorruptLayout(why));
-        if size == 0 || size % ALIGN != 0 {
+        if size == 0 || !size.is_multiple_of(ALIGN) {
             return bad(format!(
                 "image size {size} is not a positive multiple of {ALIGN}"
             ));
@@ -92,7 +92,7 @@ impl Layout {
                     m.offset
                 ));
             }
-            if m.length == 0 || m.length % ALIGN != 0 {
+            if m.length == 0 || !m.length.is_multiple_of(ALIGN) {
                 return bad(format!(
                     "mapping at {:#x} has length {} (not a positive multiple of {ALIGN})",
                     m.offset, m.length
@@ -105,7 +105,7 @@ impl Layout {
                         m.offset
                     ));
                 }
-                if file_offset % ALIGN != 0 || file_offset.checked_add(m.length).is_none() {
+                if !file_offset.is_multiple_of(ALIGN) || file_offset.checked_add(m.length).is_none() {
                     return bad(format!(
                         "mapping at {:#x} has file offset {file_offset:#x}",
                         m.offset

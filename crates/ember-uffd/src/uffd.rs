@@ -178,9 +178,8 @@ impl Userfaultfd {
             let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
             if fd >= 0 {
                 // SAFETY: the ioctl returned a fresh fd that nothing else owns.
-                return Ok(Userfaultfd {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                return Ok(Userfaultfd { fd });
             }
         }
         // SAFETY: userfaultfd(2) takes flags by value and returns an fd or -1.
@@ -189,9 +188,8 @@ impl Userfaultfd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the syscall returned a fresh fd that nothing else owns.
-        Ok(Userfaultfd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Ok(Userfaultfd { fd })
     }
 
     /// Wrap a userfaultfd received from another process.

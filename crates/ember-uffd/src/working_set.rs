@@ -93,8 +93,8 @@ impl WorkingSet {
             let (offset, length) = (u64_at(at), u64_at(at + 8));
             let end = offset.checked_add(length);
             if length == 0
-                || offset % GRANULARITY != 0
-                || length % GRANULARITY != 0
+                || !offset.is_multiple_of(GRANULARITY)
+                || !length.is_multiple_of(GRANULARITY)
                 || end.is_none_or(|e| e > image_size)
             {
                 return bad("range outside the image or misaligned");
@@ -187,8 +187,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 #[derive(Debug)]
 pub struct Recorder {
     sequence: AtomicU64,
-    shards: Vec<Mutex<Vec<(u64, Range<u64>)>>>,
+    shards: Vec<Mutex<Vec<Stamped>>>,
 }
+
+/// A range and its place in the global first-touch order.
+type Stamped = (u64, Range<u64>);
 
 impl Recorder {
     pub fn new(shards: usize) -> Recorder {
@@ -210,7 +213,7 @@ impl Recorder {
     /// extended), each page kept at its first appearance, adjacent ranges
     /// joined.
     pub fn collect(&self, image_size: u64, base: Option<&WorkingSet>) -> WorkingSet {
-        let mut entries: Vec<(u64, Range<u64>)> = Vec::new();
+        let mut entries: Vec<Stamped> = Vec::new();
         for shard in &self.shards {
             entries.extend(
                 shard
@@ -283,6 +286,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range is meant
     fn truncated_files_and_out_of_image_ranges_are_refused() {
         let ws = WorkingSet {
             image_size: 8192,

@@ -393,7 +393,7 @@ fn working_set_is_recorded_then_prefetched_before_the_guest_touches_it() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let run = 1 + (x >> 61);
-        if (x >> 33) % 4 == 0 {
+        if (x >> 33).is_multiple_of(4) {
             touched.extend((b..(b + run).min(chain.size / PAGE)).map(|p| p * PAGE));
         }
         b += run;

@@ -99,7 +99,7 @@ pub async fn run(args: UffdArgs) -> anyhow::Result<ExitCode> {
     } else {
         Config::default().readahead
     });
-    if readahead < 4096 || readahead % 4096 != 0 {
+    if readahead < 4096 || !readahead.is_multiple_of(4096) {
         bail!("--readahead must be a positive multiple of 4096, got {readahead}");
     }
     let config = Config {
