@@ -10,7 +10,7 @@
 //! Every case maps fresh guest memory, restores it, and touches every page
 //! of a touch list (all pages in address order, all in random order, or a
 //! recorded working set in its recorded order) from 1 or 2 threads, each
-//! thread taking every other page of the list. The clock runs from before
+//! thread taking its own contiguous share of the list. The clock runs from before
 //! the memory is mapped until the last page is touched.
 
 use std::path::{Path, PathBuf};
@@ -51,7 +51,7 @@ fn touch(base: Ptr, order: &[u64], threads: usize, how: Touch) -> u64 {
             .map(|t| {
                 s.spawn(move || {
                     let mut sum = 0u64;
-                    for &off in order.iter().skip(t).step_by(threads) {
+                    for &off in share(order, t, threads) {
                         let p = base.at(off);
                         // SAFETY: `off` is inside the mapping `base` starts.
                         unsafe {
@@ -72,6 +72,13 @@ fn touch(base: Ptr, order: &[u64], threads: usize, how: Touch) -> u64 {
             .map(|h| h.join().unwrap())
             .fold(0, u64::wrapping_add)
     })
+}
+
+/// Thread `t`'s share of `order`: the `t`-th of `threads` contiguous
+/// pieces, as vCPUs each work in their own part of memory.
+fn share(order: &[u64], t: usize, threads: usize) -> &[u64] {
+    let per = order.len().div_ceil(threads);
+    &order[(t * per).min(order.len())..((t + 1) * per).min(order.len())]
 }
 
 fn mmap(len: u64, prot: i32, flags: i32, fd: i32) -> *mut u8 {
@@ -120,7 +127,7 @@ impl Bench {
         std::thread::scope(|sc| {
             for t in 0..threads {
                 sc.spawn(move || {
-                    for &off in order.iter().skip(t).step_by(threads) {
+                    for &off in share(order, t, threads) {
                         // SAFETY: both mappings cover `off + PAGE`, and do not overlap.
                         unsafe {
                             std::ptr::copy_nonoverlapping(s.at(off), d.at(off), PAGE as usize)
@@ -258,6 +265,12 @@ fn tuned() -> Config {
     {
         c.prefetch_threads = n;
     }
+    if let Some(kib) = std::env::var("EMBER_BENCH_BATCH_KIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        c.prefetch_batch = kib * 1024;
+    }
     if let Some(kib) = std::env::var("EMBER_BENCH_CHUNK_KIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -265,6 +278,18 @@ fn tuned() -> Config {
         c.prefetch_chunk = kib * 1024;
     }
     c
+}
+
+fn window_name(ra: u64, max: u64) -> String {
+    if ra == max {
+        format!("(b) page server 4K, read-ahead {:>4} KiB", ra / 1024)
+    } else {
+        format!(
+            "(b) page server 4K, read-ahead {}K..{}K",
+            ra / 1024,
+            max / 1024
+        )
+    }
 }
 
 fn fault_note(m: &ember_uffd::MetricsSnapshot) -> String {
@@ -342,7 +367,7 @@ fn main() {
         runs,
     };
     let pages = size / PAGE;
-    let huge = HugePageReservation::reserve(size / (2 * MIB));
+    let huge = HugePageReservation::reserve(size / (2 * MIB) + 8);
     println!(
         "ember-uffd restore benchmark: {} MiB image of non-zero data, data file in the page cache (read once before timing).",
         size / MIB
@@ -353,7 +378,14 @@ fn main() {
     println!(
         "Clock: from mapping guest memory (and, for the page server, opening the build and the handshake) to the last page touched."
     );
-    let read_aheads = [4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024];
+    let d = Config::default();
+    let read_aheads = [
+        (4 * 1024, 4 * 1024),
+        (64 * 1024, 64 * 1024),
+        (256 * 1024, 256 * 1024),
+        (1024 * 1024, 1024 * 1024),
+        (d.readahead, d.readahead_max),
+    ];
     let seq: Vec<u64> = (0..pages).map(|p| p * PAGE).collect();
     let random = shuffled(pages, 0x5eed);
     for (label, order) in [("sequential", &seq), ("random", &random)] {
@@ -384,11 +416,12 @@ fn main() {
                     note: String::new(),
                 },
             ];
-            for ra in read_aheads {
+            for (ra, max) in read_aheads {
                 let mut note = String::new();
                 let t = bench.median(|| {
                     let config = Config {
                         readahead: ra,
+                        readahead_max: max,
                         ..tuned()
                     };
                     let (t, m) = bench.page_server(order, threads, PAGE, config, Touch::Read);
@@ -396,13 +429,16 @@ fn main() {
                     t
                 });
                 rows.push(Row {
-                    name: format!("(b) page server 4K, read-ahead {:>4} KiB", ra / 1024),
+                    name: window_name(ra, max),
                     t: Some(t),
                     note,
                 });
             }
             match &huge {
                 Ok(_) => {
+                    // Pages fresh in the pool are slow the first time round;
+                    // one untimed pass settles them.
+                    bench.page_server(order, threads, 2 * MIB, Config::default(), Touch::Read);
                     let mut note = String::new();
                     let t = bench.median(|| {
                         let (t, m) = bench.page_server(
@@ -455,22 +491,7 @@ fn main() {
         let memcpy = bench.median(|| bench.memcpy(&ws_order, threads));
         let kr = bench.median(|| bench.kernel(&ws_order, threads, Touch::Read));
         let kw = bench.median(|| bench.kernel(&ws_order, threads, Touch::Write));
-        let lazy = bench.median(|| {
-            bench
-                .page_server(&ws_order, threads, PAGE, tuned(), Touch::Read)
-                .0
-        });
-        let mut faults = 0;
-        let prefetched = bench.median(|| {
-            let config = Config {
-                prefetch: Some(ws.clone()),
-                ..tuned()
-            };
-            let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
-            faults = m.faults;
-            t
-        });
-        let rows = vec![
+        let mut rows = vec![
             Row {
                 name: "(e) memcpy, pre-faulted".into(),
                 t: Some(memcpy),
@@ -486,17 +507,54 @@ fn main() {
                 t: Some(kw),
                 note: String::new(),
             },
-            Row {
-                name: "(b) page server 4K, lazy".into(),
-                t: Some(lazy),
-                note: String::new(),
-            },
-            Row {
-                name: "(d) page server 4K, working-set prefetch".into(),
-                t: Some(prefetched),
-                note: format!("{faults} faults; set of {} MiB", ws.bytes() / MIB),
-            },
         ];
+        let d = Config::default();
+        for (ra, max) in [
+            (4 * 1024, 4 * 1024),
+            (64 * 1024, 64 * 1024),
+            (256 * 1024, 256 * 1024),
+            (d.readahead, d.readahead_max),
+        ] {
+            let mut note = String::new();
+            let t = bench.median(|| {
+                let config = Config {
+                    readahead: ra,
+                    readahead_max: max,
+                    ..tuned()
+                };
+                let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
+                note = format!(
+                    "{}; {} MiB populated",
+                    fault_note(&m),
+                    (m.pages_copied + m.pages_zeroed) * PAGE / MIB
+                );
+                t
+            });
+            rows.push(Row {
+                name: format!("{}, lazy", window_name(ra, max)),
+                t: Some(t),
+                note,
+            });
+        }
+        let mut note = String::new();
+        let prefetched = bench.median(|| {
+            let config = Config {
+                prefetch: Some(ws.clone()),
+                ..tuned()
+            };
+            let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
+            note = format!(
+                "{} faults; {} MiB prefetched",
+                m.faults,
+                m.pages_prefetched * PAGE / MIB
+            );
+            t
+        });
+        rows.push(Row {
+            name: "(d) page server 4K, working-set prefetch".into(),
+            t: Some(prefetched),
+            note,
+        });
         print_block(
             &format!(
                 "== recorded working set: {} MiB ({:.0}% of pages), recorded order, {threads} thread(s) ==",
@@ -522,6 +580,7 @@ fn record_working_set(bench: &Bench, order: &[u64], threads: usize, path: &Path)
     let config = Config {
         record_working_set: Some(path.to_owned()),
         readahead: PAGE,
+        readahead_max: PAGE,
         ..Config::default()
     };
     let server = PageServer::bind(&socket, image, config).unwrap();

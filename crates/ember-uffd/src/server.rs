@@ -59,6 +59,10 @@ pub struct Config {
     /// Bytes populated per fault in 4 KiB regions: the aligned window around
     /// the faulting page, limited to pages not yet populated. 4096 = none.
     pub readahead: u64,
+    /// Largest window for a sequential stream: a fault where a recent
+    /// window ended doubles that window, up to this. Equal to `readahead`
+    /// for a fixed window.
+    pub readahead_max: u64,
     /// Threads serving faults.
     pub workers: usize,
     /// A recorded working set to prefetch, if any.
@@ -93,11 +97,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            readahead: 256 * 1024,
+            readahead: 64 * 1024,
+            readahead_max: 1 << 20,
             workers: 4,
             prefetch: None,
-            prefetch_batch: 16 << 20,
-            prefetch_chunk: 256 << 10,
+            prefetch_batch: 4 << 20,
+            prefetch_chunk: 1 << 20,
             prefetch_threads: 2,
             record_working_set: None,
             dirty_tracking: false,
@@ -266,6 +271,9 @@ struct RegionState {
     dirty: Option<AtomicBitmap>,
     /// Pages of the working set being prefetched, if any.
     working_set: Option<AtomicBitmap>,
+    /// Recent read-ahead windows: `(size << 32) | end page`.
+    streams: [AtomicU64; STREAMS],
+    next_stream: AtomicUsize,
 }
 
 impl RegionState {
@@ -288,6 +296,41 @@ impl RegionState {
     fn pages(&self) -> usize {
         (self.size / self.unit) as usize
     }
+
+    /// The read-ahead window for a fault on `page`: the aligned `base`
+    /// window around it, or, when the fault lands exactly where a recent
+    /// window ended (a sequential stream), a window twice that stream's
+    /// last one (up to `max`) starting at the page.
+    fn window(&self, page: usize, base: u64, max: u64) -> (usize, usize) {
+        let base = (base / self.unit).max(1) as usize;
+        let max = ((max / self.unit) as usize).max(base);
+        if max > base {
+            for slot in &self.streams {
+                let v = slot.load(Ordering::Relaxed);
+                let (end, size) = ((v & 0xffff_ffff) as usize, (v >> 32) as usize);
+                if size > 0 && end == page {
+                    let size = (size * 2).min(max);
+                    let w1 = (page + size).min(self.pages());
+                    slot.store(pack_stream(w1, size), Ordering::Relaxed);
+                    return (page, w1);
+                }
+            }
+        }
+        let w0 = page - page % base;
+        let w1 = (w0 + base).min(self.pages());
+        if max > base {
+            let i = self.next_stream.fetch_add(1, Ordering::Relaxed) % STREAMS;
+            self.streams[i].store(pack_stream(w1, base), Ordering::Relaxed);
+        }
+        (w0, w1)
+    }
+}
+
+/// Sequential streams remembered per region: about one per vCPU.
+const STREAMS: usize = 8;
+
+fn pack_stream(end: usize, size: usize) -> u64 {
+    (size as u64) << 32 | (end as u64 & 0xffff_ffff)
 }
 
 /// Reads of the userfaultfd are serialised (they are short and never
@@ -926,6 +969,8 @@ fn validate_regions(
             removed: AtomicBitmap::new(pages),
             dirty: dirty.then(|| AtomicBitmap::new(pages)),
             working_set: None,
+            streams: Default::default(),
+            next_stream: AtomicUsize::new(0),
         });
     }
     Ok(out)
@@ -1030,22 +1075,27 @@ impl<'a> Copier<'a> {
             return flow;
         }
         if !r.claimed.set(page) {
-            // Another thread is populating this page; its copy wakes us.
-            Metrics::add(&s.metrics.faults_already_claimed, 1);
-            return Flow::Continue;
+            // The bit may be stale: a REMOVE read but not yet applied (its
+            // reader holds the event lock until it is), after which the
+            // kernel dropped the page and the guest faulted on it again.
+            // Wait out any such reader, then look again.
+            drop(s.events.removals.lock().expect("event log poisoned"));
+            if !r.claimed.set(page) {
+                // Another thread is populating this page; its copy wakes us.
+                Metrics::add(&s.metrics.faults_already_claimed, 1);
+                return Flow::Continue;
+            }
         }
         let write = flags & uffd::UFFD_PAGEFAULT_FLAG_WRITE != 0;
         let tracking = r.dirty.is_some();
         if write && let Some(d) = &r.dirty {
             d.set(page);
         }
-        let window = if r.unit == PAGE_4K {
-            (s.config.readahead / r.unit).max(1) as usize
+        let (w0, w1) = if r.unit == PAGE_4K {
+            r.window(page, s.config.readahead, s.config.readahead_max)
         } else {
-            1
+            (page, page + 1)
         };
-        let w0 = page - page % window;
-        let w1 = (w0 + window).min(r.pages());
         let mut after = std::mem::take(&mut self.after);
         let mut before = std::mem::take(&mut self.before);
         after.clear();
@@ -1564,5 +1614,53 @@ fn prefetch_main(s: &Shared, id: usize, plan: &PrefetchPlan) {
             elapsed_ms = plan.started.elapsed().as_millis() as u64,
             "prefetch done"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(pages: usize) -> RegionState {
+        RegionState {
+            base: 0x7000_0000_0000,
+            size: pages as u64 * PAGE_4K,
+            offset: 0,
+            unit: PAGE_4K,
+            claimed: AtomicBitmap::new(pages),
+            removed: AtomicBitmap::new(pages),
+            dirty: None,
+            working_set: None,
+            streams: Default::default(),
+            next_stream: AtomicUsize::new(0),
+        }
+    }
+
+    #[test]
+    fn sequential_faults_double_the_window_up_to_the_cap_and_random_ones_do_not() {
+        let r = region(4096);
+        let (base, max) = (64 * 1024, 1 << 20);
+        // First fault: the aligned base window (16 pages).
+        assert_eq!(r.window(5, base, max), (0, 16));
+        // Faults where each window ended: 32, 64, 128, 256 pages, then capped.
+        assert_eq!(r.window(16, base, max), (16, 48));
+        assert_eq!(r.window(48, base, max), (48, 112));
+        assert_eq!(r.window(112, base, max), (112, 240));
+        assert_eq!(r.window(240, base, max), (240, 496));
+        assert_eq!(r.window(496, base, max), (496, 752));
+        // A fault elsewhere starts over with the aligned base window.
+        assert_eq!(r.window(3000, base, max), (2992, 3008));
+        // The first stream is still remembered.
+        assert_eq!(r.window(752, base, max), (752, 1008));
+        // Windows stop at the region's end.
+        assert_eq!(r.window(4090, base, max), (4080, 4096));
+    }
+
+    #[test]
+    fn a_fixed_window_ignores_streams() {
+        let r = region(64);
+        assert_eq!(r.window(5, 16384, 16384), (4, 8));
+        assert_eq!(r.window(8, 16384, 16384), (8, 12));
+        assert_eq!(r.window(8, 4096, 4096), (8, 9));
     }
 }

@@ -105,7 +105,8 @@ impl Layout {
                         m.offset
                     ));
                 }
-                if !file_offset.is_multiple_of(ALIGN) || file_offset.checked_add(m.length).is_none() {
+                if !file_offset.is_multiple_of(ALIGN) || file_offset.checked_add(m.length).is_none()
+                {
                     return bad(format!(
                         "mapping at {:#x} has file offset {file_offset:#x}",
                         m.offset

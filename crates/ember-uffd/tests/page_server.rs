@@ -248,6 +248,7 @@ fn faults_without_read_ahead_and_racing_threads_copy_each_page_once() {
     let chain = Chain::three_generations(8 * MIB);
     let config = Config {
         readahead: PAGE,
+        readahead_max: PAGE,
         ..Config::default()
     };
     let server = serve(&chain, config);
@@ -302,6 +303,7 @@ fn a_build_that_cannot_be_read_kills_the_vmm_and_names_build_and_offset() {
         &chain,
         Config {
             readahead: PAGE,
+            readahead_max: PAGE,
             ..Config::default()
         },
     );
@@ -413,6 +415,7 @@ fn working_set_is_recorded_then_prefetched_before_the_guest_touches_it() {
     // First restore: record (no read-ahead, so the set is exactly what was touched).
     let record = Config {
         readahead: PAGE,
+        readahead_max: PAGE,
         record_working_set: Some(ws_path.clone()),
         ..Config::default()
     };

@@ -66,11 +66,17 @@ pub struct UffdArgs {
     /// Write the final metrics as JSON to this file at exit.
     #[arg(long)]
     metrics_file: Option<PathBuf>,
-    /// Bytes populated per fault in 4 KiB regions (aligned window, only
-    /// pages not yet present). Default 256 KiB; 4 KiB when recording a
-    /// working set, so that it holds exactly the pages the VM touched.
+    /// Bytes populated per fault in 4 KiB regions (the aligned window
+    /// around the fault, only pages not yet present). Default 64 KiB;
+    /// 4 KiB when recording a working set, so that it holds exactly the
+    /// pages the VM touched.
     #[arg(long)]
     readahead: Option<u64>,
+    /// Largest window for a sequential stream of faults (each fault where
+    /// the last window ended doubles it). Default 1 MiB; when recording a
+    /// working set, the same as --readahead.
+    #[arg(long)]
+    readahead_max: Option<u64>,
     /// Threads serving faults.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -94,16 +100,31 @@ pub async fn run(args: UffdArgs) -> anyhow::Result<ExitCode> {
     if args.record_working_set && ws_path.is_none() {
         bail!("--record-working-set with --memfile needs --working-set <path> to write it to");
     }
+    let defaults = Config::default();
     let readahead = args.readahead.unwrap_or(if args.record_working_set {
         4096
     } else {
-        Config::default().readahead
+        defaults.readahead
     });
-    if readahead < 4096 || !readahead.is_multiple_of(4096) {
-        bail!("--readahead must be a positive multiple of 4096, got {readahead}");
+    let readahead_max = args.readahead_max.unwrap_or(if args.record_working_set {
+        readahead
+    } else {
+        defaults.readahead_max.max(readahead)
+    });
+    for (name, v) in [
+        ("--readahead", readahead),
+        ("--readahead-max", readahead_max),
+    ] {
+        if v < 4096 || !v.is_multiple_of(4096) {
+            bail!("{name} must be a positive multiple of 4096, got {v}");
+        }
+    }
+    if readahead_max < readahead {
+        bail!("--readahead-max ({readahead_max}) must be at least --readahead ({readahead})");
     }
     let config = Config {
         readahead,
+        readahead_max,
         workers: args.workers.max(1),
         prefetch,
         record_working_set: ws_path.filter(|_| args.record_working_set),
