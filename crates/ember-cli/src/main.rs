@@ -28,7 +28,7 @@ enum Command {
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
-    Uffd(cmd::uffd::UffdArgs),
+    Uffd(Box<cmd::uffd::UffdArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Image(c) => cmd::image::run(c).await,
-            Command::Uffd(a) => cmd::uffd::run(a).await,
+            Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });
     match result {

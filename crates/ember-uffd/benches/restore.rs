@@ -474,6 +474,57 @@ fn main() {
         }
     }
 
+    // What write-protect dirty tracking costs: the same restore with it off
+    // and on, touching by reads (no page gets dirty) and by writes (every
+    // page does: one write-protect fault each, except the page whose
+    // missing fault brought it in).
+    for (label, order) in [("sequential", &seq), ("random", &random)] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("dirty-{label}").contains(o))
+        {
+            continue;
+        }
+        let memcpy = bench.median(|| bench.memcpy(order, 1));
+        let kr = bench.median(|| bench.kernel(order, 1, Touch::Read));
+        let kw = bench.median(|| bench.kernel(order, 1, Touch::Write));
+        let mut rows = Vec::new();
+        for (tracking, how, name) in [
+            (false, Touch::Read, "(b) page server, default, read"),
+            (true, Touch::Read, "(b) page server, dirty tracking, read"),
+            (false, Touch::Write, "(b) page server, default, write"),
+            (true, Touch::Write, "(b) page server, dirty tracking, write"),
+        ] {
+            let mut note = String::new();
+            let t = bench.median(|| {
+                let config = Config {
+                    dirty_tracking: tracking,
+                    ..tuned()
+                };
+                let (t, m) = bench.page_server(order, 1, PAGE, config, how);
+                note = format!(
+                    "{} faults, {} write-protect faults",
+                    m.faults - m.write_protect_faults,
+                    m.write_protect_faults
+                );
+                t
+            });
+            rows.push(Row {
+                name: name.into(),
+                t: Some(t),
+                note,
+            });
+        }
+        print_block(
+            &format!("== dirty tracking cost: all pages, {label} order, 1 thread =="),
+            size,
+            &rows,
+            kr,
+            kw,
+            memcpy,
+        );
+    }
+
     // (d) A recorded working set: record it on a first restore, then
     // restore again with prefetch and touch exactly those pages.
     let ws_order = working_set_order(pages);
