@@ -5,9 +5,9 @@
 //! Threads. A few *workers* wait on the userfaultfd (each through its own
 //! epoll with `EPOLLEXCLUSIVE`, so one fault wakes one worker), read one
 //! event at a time and serve it themselves, so faults from several vCPUs
-//! are served in parallel and none waits behind another's disk read. After
-//! a fault one worker polls for a moment (50 µs) before sleeping: in a burst
-//! of faults that saves a wakeup per fault. Optional *prefetch threads* copy
+//! are served in parallel and none waits behind another's disk read
+//! (optionally one worker polls for a moment after a fault before
+//! sleeping; see [`Config::spin`]). Optional *prefetch threads* copy
 //! a recorded working set in its first-touch order, in batches of a few MiB
 //! (sorted and coalesced within a batch) and copies of up to 1 MiB. The
 //! calling thread waits for the VMM to exit (its pidfd).
@@ -102,7 +102,9 @@ pub struct Config {
     /// before each 4 KiB-page copy. Always done for huge pages.
     pub populate_source: bool,
     /// After serving a fault, one worker keeps polling for this long before
-    /// sleeping, so a burst of faults does not pay a wakeup each.
+    /// sleeping, so a burst of faults does not pay a wakeup each. Off by
+    /// default: measured on a contended host, the polling thread takes the
+    /// CPU the faulting vCPU needs and restores got 2-3x slower.
     pub spin: Duration,
 }
 
@@ -123,7 +125,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(60),
             source_attempts: 3,
             populate_source: false,
-            spin: Duration::from_micros(50),
+            spin: Duration::ZERO,
         }
     }
 }
@@ -1510,30 +1512,32 @@ fn worker_main(s: &Shared, id: usize) {
     let mut c = Copier::new(s, id);
     let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 2];
     let spin = s.config.spin;
-    let mut last_fault = Instant::now() - spin;
+    // When this worker last finished serving a fault.
+    let mut served = Instant::now() - spin;
     while !s.stopping() {
+        let busy = !c.queue.is_empty();
         if c.serve_queued() == Flow::Stop {
             break;
         }
+        if busy {
+            served = Instant::now();
+        }
         match c.read_events(1) {
             Ok(0) => {}
-            Ok(_) => {
-                last_fault = Instant::now();
-                continue;
-            }
+            Ok(_) => continue,
             Err(_) => break,
         }
-        // A guest that just faulted is likely to fault again within
-        // microseconds; one worker polls for a moment instead of sleeping,
-        // saving a wakeup per fault in bursts.
+        // A guest whose fault was just served is likely to fault again
+        // within microseconds; one worker polls for a moment instead of
+        // sleeping, saving a wakeup per fault in bursts.
         if !spin.is_zero()
-            && last_fault.elapsed() < spin
+            && served.elapsed() < spin
             && s.spinner
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
             let mut got = false;
-            while last_fault.elapsed() < spin && !s.stopping() {
+            while served.elapsed() < spin && !s.stopping() {
                 match c.read_events(1) {
                     Ok(0) => std::hint::spin_loop(),
                     Ok(_) => {
@@ -1545,7 +1549,6 @@ fn worker_main(s: &Shared, id: usize) {
             }
             s.spinner.store(false, Ordering::Release);
             if got {
-                last_fault = Instant::now();
                 continue;
             }
         }
