@@ -1,7 +1,7 @@
 //! The `ember` binary. Each subcommand lives in its own module under `cmd/`
 //! and is a thin layer over a library crate; nothing depends on this crate.
 
-mod cmd;
+use ember_cli::cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +27,8 @@ enum Command {
     /// Guest images: kernel, initramfs and root filesystem.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
+    /// Boot a throwaway sandbox, run one command in it, exit with its exit code.
+    Run(cmd::run::RunArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
     Uffd(Box<cmd::uffd::UffdArgs>),
 }
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Image(c) => cmd::image::run(c).await,
+            Command::Run(a) => cmd::run::run(a).await,
             Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });
@@ -58,6 +61,7 @@ fn init_logging(filter: &str, json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -14,6 +14,7 @@
 mod spec;
 
 pub mod firecracker;
+pub mod layout;
 pub mod qemu;
 
 use std::path::PathBuf;

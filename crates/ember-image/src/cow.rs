@@ -1,0 +1,373 @@
+//! Each sandbox's own root disk over an image's read-only `rootfs.ext4`:
+//!
+//! - [`qcow2_overlay`] for QEMU: a qcow2 file holding only the blocks the
+//!   sandbox writes, backed by the raw base;
+//! - [`raw_copy`] for backends that need a plain file (Firecracker): a
+//!   reflink where the filesystem shares extents, else a sparse copy;
+//! - [`written_blocks`]: which 4 KiB blocks an overlay holds, for the host
+//!   agent's disk diffs.
+//!
+//! This module does not decide where disks live or when they are deleted
+//! (the host agent does).
+
+use std::fs::{self, File};
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::unistd::Whence;
+use serde::Deserialize;
+
+use crate::host::QEMU_IMG;
+use crate::{Error, Result};
+
+/// The granularity of [`written_blocks`].
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Create `overlay`, a qcow2 disk backed by the raw image `base`. `base` is
+/// recorded by absolute path and must not change while the overlay exists.
+///
+/// The overlay uses 128 KiB clusters with extended L2 entries: 32
+/// sub-clusters of 4 KiB each, so a 4 KiB guest write allocates (and a diff
+/// copies) 4 KiB, not a whole cluster.
+pub fn qcow2_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let base = base.canonicalize().map_err(Error::io("open", base))?;
+    if overlay.exists() {
+        return Err(Error::io("create", overlay)(
+            io::ErrorKind::AlreadyExists.into(),
+        ));
+    }
+    let mut cmd = QEMU_IMG.command()?;
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .args(["-o", "cluster_size=128k,extended_l2=on"])
+        .arg(overlay);
+    QEMU_IMG.output(&mut cmd)?;
+    Ok(())
+}
+
+/// How [`raw_copy`] copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// The copy shares the source's extents until either is written
+    /// (`FICLONE`: btrfs, XFS with reflink, bcachefs…). Instant.
+    Reflink,
+    /// The source's data ranges were copied and its holes left as holes.
+    Sparse,
+}
+
+/// Copy the raw disk `src` to the new file `dst` (which must not exist),
+/// as cheaply as the filesystem allows. On failure `dst` is removed.
+pub fn raw_copy(src: &Path, dst: &Path) -> Result<CopyKind> {
+    let source = File::open(src).map_err(Error::io("open", src))?;
+    let target = File::options()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(Error::io("create", dst))?;
+    let result = reflink(&source, &target).and_then(|cloned| {
+        if cloned {
+            return Ok(CopyKind::Reflink);
+        }
+        sparse_copy(&source, &target)?;
+        Ok(CopyKind::Sparse)
+    });
+    let result = result
+        .and_then(|kind| target.sync_all().map(|()| kind))
+        .map_err(Error::io("copy to", dst));
+    if result.is_err() {
+        let _ = fs::remove_file(dst);
+    }
+    result
+}
+
+/// `FICLONE`; `Ok(false)` when the filesystem cannot share extents here.
+fn reflink(source: &File, target: &File) -> io::Result<bool> {
+    // SAFETY: FICLONE takes the source descriptor by value and reads no
+    // memory; both descriptors are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    match Errno::last() {
+        Errno::EOPNOTSUPP | Errno::ENOTTY | Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS => {
+            Ok(false)
+        }
+        errno => Err(errno.into()),
+    }
+}
+
+fn sparse_copy(source: &File, target: &File) -> io::Result<()> {
+    let len = source.metadata()?.len();
+    target.set_len(len)?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut pos = 0i64;
+    while pos < len {
+        let data = match nix::unistd::lseek(source.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(at) => at,
+            // No data after `pos`: the rest is a hole, which set_len made.
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = nix::unistd::lseek(source.as_raw_fd(), data, Whence::SeekHole)?;
+        copy_range(source, target, data, hole - data)?;
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Copy `len` bytes at `offset` from `source` to the same offset of `target`.
+fn copy_range(source: &File, target: &File, offset: i64, len: i64) -> io::Result<()> {
+    let (mut off_in, mut off_out) = (offset, offset);
+    let end = offset + len;
+    while off_in < end {
+        let chunk = usize::try_from(end - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::fcntl::copy_file_range(
+            source.as_fd(),
+            Some(&mut off_in),
+            target.as_fd(),
+            Some(&mut off_out),
+            chunk,
+        ) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            // Filesystems or kernels without copy_file_range across these files.
+            Err(Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL) => {
+                return copy_range_by_reads(source, target, off_in, end - off_in);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_by_reads(source: &File, target: &File, offset: i64, len: i64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = u64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let end = at + u64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    while at < end {
+        let n = usize::try_from(end - at)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        source.read_exact_at(&mut buf[..n], at)?;
+        target.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Debug, Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    /// 0: allocated in the overlay itself; 1+: in a backing file.
+    depth: u32,
+}
+
+/// The byte ranges of `overlay` written since it was created (data in its
+/// top layer, including blocks written as zeroes), widened to whole 4 KiB
+/// blocks, sorted and merged. The VM using it must be paused or stopped:
+/// this reads the qcow2 metadata while another process may hold it.
+pub fn written_blocks(overlay: &Path) -> Result<Vec<Range<u64>>> {
+    let mut cmd = QEMU_IMG.command()?;
+    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
+        .arg(overlay);
+    let json = QEMU_IMG.output(&mut cmd)?;
+    let entries: Vec<MapEntry> = serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
+        tool: "qemu-img map".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(top_layer_blocks(&entries))
+}
+
+fn top_layer_blocks(entries: &[MapEntry]) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = entries
+        .iter()
+        .filter(|e| e.depth == 0 && e.length > 0)
+        .map(|e| {
+            let start = e.start / BLOCK_SIZE * BLOCK_SIZE;
+            let end = (e.start + e.length).next_multiple_of(BLOCK_SIZE);
+            start..end
+        })
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn entry(start: u64, length: u64, depth: u32) -> MapEntry {
+        MapEntry {
+            start,
+            length,
+            depth,
+        }
+    }
+
+    #[test]
+    fn top_layer_extents_become_merged_4k_ranges() {
+        let entries = [
+            entry(0, 4096, 1),
+            entry(4096, 4096, 0),
+            entry(8192, 4096, 0),
+            entry(12288, 100, 1),
+            entry(20000, 500, 0),
+            entry(1 << 20, 0, 0),
+        ];
+        assert_eq!(top_layer_blocks(&entries), [4096..12288, 16384..24576]);
+    }
+
+    fn have_qemu_img() -> bool {
+        QEMU_IMG.path().is_ok()
+    }
+
+    #[test]
+    fn overlay_reports_exactly_the_blocks_written() {
+        ember_testkit::require!(
+            have_qemu_img(),
+            "qemu-img not found: apt-get install qemu-utils"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let f = File::create(&base).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(b"base data", 1 << 20).unwrap();
+        drop(f);
+        let overlay = dir.path().join("disk.qcow2");
+        qcow2_overlay(&base, &overlay).unwrap();
+        assert_eq!(written_blocks(&overlay).unwrap(), []);
+        assert!(
+            qcow2_overlay(&base, &overlay).is_err(),
+            "an existing overlay is never replaced"
+        );
+
+        // Write through QEMU's own block layer, as a guest would.
+        let out = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0xab 4096 4096",
+                "-c",
+                "write -P 1 2097152 12288",
+                "-c",
+                "write -z 8388608 4096",
+            ])
+            .arg(&overlay)
+            .output();
+        let Ok(out) = out else {
+            ember_testkit::report_skip(
+                module_path!(),
+                "qemu-io not found: apt-get install qemu-utils",
+            );
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            written_blocks(&overlay).unwrap(),
+            [
+                4096..8192,
+                2097152..2097152 + 12288,
+                8388608..8388608 + 4096
+            ]
+        );
+        assert_eq!(
+            fs::read(&base).unwrap()[4096..8192],
+            [0u8; 4096],
+            "the base is untouched"
+        );
+    }
+
+    #[test]
+    fn raw_copy_keeps_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        let f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 8192], 4 << 20).unwrap();
+        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        drop(f);
+        let dst = dir.path().join("dst.raw");
+        let kind = raw_copy(&src, &dst).unwrap();
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        if kind == CopyKind::Sparse {
+            use std::os::unix::fs::MetadataExt;
+            let blocks = fs::metadata(&dst).unwrap().blocks() * 512;
+            assert!(
+                blocks < 1 << 20,
+                "sparse copy allocated {blocks} bytes for 12 KiB of data"
+            );
+        }
+        assert!(
+            raw_copy(&src, &dst).is_err(),
+            "an existing destination is never overwritten"
+        );
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+    }
+
+    /// Reflink needs a filesystem that shares extents: a loop-mounted XFS.
+    #[test]
+    fn raw_copy_reflinks_on_xfs() {
+        ember_testkit::require!(
+            ember_testkit::is_root(),
+            "needs root to loop-mount a filesystem"
+        );
+        let mkfs = ["/usr/sbin/mkfs.xfs", "/sbin/mkfs.xfs"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        ember_testkit::require!(
+            mkfs.is_some(),
+            "mkfs.xfs not found: apt-get install xfsprogs"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("xfs.img");
+        File::create(&img).unwrap().set_len(512 << 20).unwrap();
+        let ok = std::process::Command::new(mkfs.unwrap())
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let result = std::panic::catch_unwind(|| {
+            let src = mnt.join("src.raw");
+            let f = File::create(&src).unwrap();
+            f.write_all_at(&[3u8; 1 << 20], 0).unwrap();
+            f.set_len(32 << 20).unwrap();
+            drop(f);
+            let dst = mnt.join("dst.raw");
+            assert_eq!(raw_copy(&src, &dst).unwrap(), CopyKind::Reflink);
+            assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        });
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        result.unwrap();
+    }
+}

@@ -1,1 +1,0 @@
-//! QEMU `-M microvm` backend. (Being built: see issue 2.)
