@@ -30,7 +30,7 @@ enum Command {
     /// Boot a throwaway sandbox, run one command in it, exit with its exit code.
     Run(cmd::run::RunArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
-    Uffd(cmd::uffd::UffdArgs),
+    Uffd(Box<cmd::uffd::UffdArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +44,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Image(c) => cmd::image::run(c).await,
             Command::Run(a) => cmd::run::run(a).await,
-            Command::Uffd(a) => cmd::uffd::run(a).await,
+            Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });
     match result {
