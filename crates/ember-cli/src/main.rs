@@ -23,6 +23,8 @@ enum Command {
     /// Guest images: kernel, initramfs and root filesystem.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
+    /// The control plane: REST API, store, scheduler, reconciler, timeouts.
+    Server(cmd::server::ServerArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
     Uffd(cmd::uffd::UffdArgs),
 }
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Image(c) => cmd::image::run(c).await,
+            Command::Server(a) => cmd::server::run(a).await,
             Command::Uffd(a) => cmd::uffd::run(a).await,
         }
     });
