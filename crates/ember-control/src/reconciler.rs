@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{Sandbox, SandboxState, now_ms};
+use crate::model::{Sandbox, SandboxState};
 
 /// A sandbox as its host reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -153,7 +153,7 @@ pub async fn write_file(
             None => None,
         }
     });
-    let upload = futures::stream::once(async { header }).chain(data);
+    let upload = futures::stream::once(async move { header }).chain(data);
     let call = client.write_file(upload);
     let stat = tokio::select! {
         r = call => match r {

@@ -326,7 +326,7 @@ pub async fn pause_sandbox(
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox ID")),
-    request_body(content = Option<wire::ResumeRequest>, description = "Optional; an empty body keeps the timeout"),
+    request_body(content = wire::ResumeRequest, description = "Optional: an empty body keeps the timeout and env"),
     responses(
         (status = 200, body = wire::Sandbox),
         (status = 400, body = wire::ErrorBody),
