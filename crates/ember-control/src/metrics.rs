@@ -62,6 +62,12 @@ impl Metrics {
             "Latency of successful create, resume and pause requests as the API sees them",
             latency.clone(),
         );
+        // Every operation's histogram exists from the start, so dashboards see zeros, not gaps.
+        for op in ["create", "resume", "pause"] {
+            latency.get_or_create(&OperationLabel {
+                operation: op.to_owned(),
+            });
+        }
         let page_faults = Family::<HostLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "host_page_faults_served",
@@ -154,6 +160,7 @@ mod tests {
         assert!(text.contains("ember_sandboxes{state=\"running\"} 3"), "{text}");
         assert!(text.contains("ember_sandboxes{state=\"paused\"} 0"), "{text}");
         assert!(text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 1"), "{text}");
+        assert!(text.contains("ember_sandbox_operation_seconds_count{operation=\"resume\"} 0"), "{text}");
         assert!(text.contains("ember_host_page_faults_served{host=\"host-a\"} 42"), "{text}");
     }
 }

@@ -196,6 +196,8 @@ fn serde_field(message: &str) -> Option<String> {
         .filter(|p| !p.contains(' ') && *p != ".")
         .map(str::to_owned);
     match (path, named) {
+        // serde_path_to_error already ends the path with an unknown field's name.
+        (Some(p), Some(n)) if p == n || p.ends_with(&format!(".{n}")) => Some(p),
         (Some(p), Some(n)) => Some(format!("{p}.{n}")),
         (Some(p), None) => Some(p),
         (None, n) => n,
@@ -442,6 +444,11 @@ mod tests {
             serde_field("network: unknown field `allow`, expected `allow_out` or `deny_out`").as_deref(),
             Some("network.allow")
         );
+        assert_eq!(
+            serde_field("network.allow: unknown field `allow`, expected `allow_out` or `deny_out`").as_deref(),
+            Some("network.allow")
+        );
+        assert_eq!(serde_field("vcpu: unknown field `vcpu`, expected one of `template`").as_deref(), Some("vcpu"));
         assert_eq!(
             serde_field("vcpus: invalid type: string \"2\", expected u32 at line 1 column 30").as_deref(),
             Some("vcpus")
