@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about = "Ember: sandboxes in microVMs that pause, resume and fork in milliseconds")]
+#[command(
+    name = "ember",
+    version,
+    about = "Ember: sandboxes in microVMs that pause, resume and fork in milliseconds"
+)]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `ember_vmm=debug`.
     #[arg(long, global = true, env = "EMBER_LOG", default_value = "warn")]

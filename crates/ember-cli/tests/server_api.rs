@@ -39,9 +39,15 @@ impl TestDb {
     async fn postgres() -> TestDb {
         let admin = std::env::var(PG_ENV).unwrap();
         sqlx::any::install_default_drivers();
-        let name = format!("ember_t_{}", ember_types::SandboxId::new().as_str().replace('-', "_"));
+        let name = format!(
+            "ember_t_{}",
+            ember_types::SandboxId::new().as_str().replace('-', "_")
+        );
         let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         conn.close().await.ok();
         let base = admin.rsplit_once('/').unwrap().0;
         TestDb {
@@ -54,12 +60,20 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some((admin, name)) = self.pg.take() else { return };
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut conn = sqlx::AnyConnection::connect(&admin).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.ok()
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
             })
         })
         .join();
@@ -78,7 +92,13 @@ struct Server {
 impl Server {
     fn start(db: &TestDb, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["server", "--listen", "127.0.0.1:0", "--database-url", &db.url])
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &db.url,
+            ])
             .arg("--data-dir")
             .arg(db.dir.path())
             .args(extra)
@@ -132,7 +152,11 @@ impl Server {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let status = self.child.wait().unwrap();
         let log: Vec<String> = self.log.try_iter().collect();
-        assert!(status.success(), "ember server exited with {status}; log:\n{}", log.join("\n"));
+        assert!(
+            status.success(),
+            "ember server exited with {status}; log:\n{}",
+            log.join("\n")
+        );
     }
 }
 
@@ -144,21 +168,32 @@ impl Drop for Server {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 async fn call(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let resp = req.send().await.expect("request");
     let status = resp.status();
     let text = resp.text().await.unwrap();
-    let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
     (status, body)
 }
 
 fn assert_error(got: &(StatusCode, Value), status: StatusCode, code: &str) {
     assert_eq!(got.0, status, "{:?}", got.1);
     assert_eq!(got.1["code"], code, "{:?}", got.1);
-    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "{:?}", got.1);
+    assert!(
+        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{:?}",
+        got.1
+    );
 }
 
 fn create_body() -> Value {
@@ -169,23 +204,46 @@ fn create_body() -> Value {
 async fn team_with_key(s: &Server, name: &str) -> (String, String) {
     let c = client();
     let admin = s.admin_key.as_deref().unwrap();
-    let (st, team) = call(c.post(s.url("/v1/teams")).bearer_auth(admin).json(&json!({"name": name}))).await;
+    let (st, team) = call(
+        c.post(s.url("/v1/teams"))
+            .bearer_auth(admin)
+            .json(&json!({"name": name})),
+    )
+    .await;
     assert_eq!(st, StatusCode::CREATED, "{team}");
     let team_id = team["id"].as_str().unwrap().to_owned();
-    let (st, key) = call(c.post(s.url("/v1/keys")).bearer_auth(admin).json(&json!({"name": "k", "team_id": team_id}))).await;
+    let (st, key) = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(admin)
+            .json(&json!({"name": "k", "team_id": team_id})),
+    )
+    .await;
     assert_eq!(st, StatusCode::CREATED, "{key}");
     assert_eq!(key["team_id"], team_id.as_str());
     (team_id, key["key"].as_str().unwrap().to_owned())
 }
 
 /// Write a sandbox row as a create would have (with a host row for it).
-async fn insert_sandbox(db: &TestDb, team_id: &str, state: SandboxState, access_token: &str, metadata: &[(&str, &str)]) -> String {
+async fn insert_sandbox(
+    db: &TestDb,
+    team_id: &str,
+    state: SandboxState,
+    access_token: &str,
+    metadata: &[(&str, &str)],
+) -> String {
     let id = ember_types::SandboxId::new().to_string();
     insert_sandbox_with_id(db, &id, team_id, state, access_token, metadata).await;
     id
 }
 
-async fn insert_sandbox_with_id(db: &TestDb, id: &str, team_id: &str, state: SandboxState, access_token: &str, metadata: &[(&str, &str)]) {
+async fn insert_sandbox_with_id(
+    db: &TestDb,
+    id: &str,
+    team_id: &str,
+    state: SandboxState,
+    access_token: &str,
+    metadata: &[(&str, &str)],
+) {
     let store = Store::open(&db.url).await.unwrap();
     store
         .upsert_host(&Host {
@@ -213,7 +271,10 @@ async fn insert_sandbox_with_id(db: &TestDb, id: &str, team_id: &str, state: San
         build_id: None,
         vcpus: 1,
         memory_mib: 512,
-        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
         env: BTreeMap::from([("API_SECRET".into(), "hunter2".into())]),
         network: NetworkPolicy::default(),
         timeout_s: 60,
@@ -269,15 +330,24 @@ on_both_stores!(
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
     let s = Server::start(&db, &[]);
-    let key = s.admin_key.clone().expect("first start prints an admin key");
+    let key = s
+        .admin_key
+        .clone()
+        .expect("first start prints an admin key");
     assert!(key.starts_with("ember_"), "{key}");
     assert!(s.join_token.is_some(), "first start prints the join token");
     let (st, _) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
     assert_eq!(st, StatusCode::OK);
     s.stop();
     let s = Server::start(&db, &[]);
-    assert_eq!(s.admin_key, None, "the admin key is printed only on the first start");
-    assert_eq!(s.join_token, None, "the join token is printed only when generated");
+    assert_eq!(
+        s.admin_key, None,
+        "the admin key is printed only on the first start"
+    );
+    assert_eq!(
+        s.join_token, None,
+        "the join token is printed only when generated"
+    );
     let (st, teams) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(teams["teams"][0]["name"], "default");
@@ -296,19 +366,35 @@ async fn requests_without_a_valid_key_are_401(db: TestDb) {
         "ember_abcdefgh_0123456789012345678901234567890123456789",
         &format!("{}x", s.admin_key.as_deref().unwrap()),
     ] {
-        assert_error(&call(c.get(s.url("/v1/sandboxes")).bearer_auth(bad)).await, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_error(
+            &call(c.get(s.url("/v1/sandboxes")).bearer_auth(bad)).await,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        );
     }
     // A valid prefix with the wrong secret.
     let admin = s.admin_key.clone().unwrap();
     let mut forged = admin[..15].to_owned();
     forged.push_str(&"A".repeat(40));
-    assert_error(&call(c.get(s.url("/v1/sandboxes")).bearer_auth(&forged)).await, StatusCode::UNAUTHORIZED, "unauthorized");
     assert_error(
-        &call(c.get(s.url("/v1/sandboxes")).header("authorization", format!("Basic {admin}"))).await,
+        &call(c.get(s.url("/v1/sandboxes")).bearer_auth(&forged)).await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
     );
-    assert_error(&call(c.post(s.url("/v1/sandboxes")).json(&create_body())).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &call(
+            c.get(s.url("/v1/sandboxes"))
+                .header("authorization", format!("Basic {admin}")),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(c.post(s.url("/v1/sandboxes")).json(&create_body())).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
     s.stop();
 }
 
@@ -322,31 +408,83 @@ async fn bad_bodies_are_rejected_naming_the_field(db: TestDb) {
             .header("content-type", "application/json")
             .body(body)
     };
-    assert_error(&call(post("{\"template\": ".into())).await, StatusCode::BAD_REQUEST, "invalid_json");
-    assert_error(&call(post("{\"template\" \"base\"}".into())).await, StatusCode::BAD_REQUEST, "invalid_json");
+    assert_error(
+        &call(post("{\"template\": ".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &call(post("{\"template\" \"base\"}".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
     // Valid JSON of the wrong shape is a data error, not a syntax error.
-    assert_error(&call(post("[1, 2]".into())).await, StatusCode::BAD_REQUEST, "invalid_request");
-    let unknown = call(post(json!({"template": "base", "timeout_s": 60, "vcpu": 2}).to_string())).await;
+    assert_error(
+        &call(post("[1, 2]".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let unknown = call(post(
+        json!({"template": "base", "timeout_s": 60, "vcpu": 2}).to_string(),
+    ))
+    .await;
     assert_error(&unknown, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(unknown.1["field"], "vcpu", "{:?}", unknown.1);
-    let nested = call(post(json!({"template": "base", "timeout_s": 60, "network": {"allow": []}}).to_string())).await;
+    let nested = call(post(
+        json!({"template": "base", "timeout_s": 60, "network": {"allow": []}}).to_string(),
+    ))
+    .await;
     assert_error(&nested, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(nested.1["field"], "network.allow", "{:?}", nested.1);
     let missing = call(post(json!({"template": "base"}).to_string())).await;
     assert_eq!(missing.1["field"], "timeout_s", "{:?}", missing.1);
-    let wrong_type = call(post(json!({"template": "base", "timeout_s": "60"}).to_string())).await;
+    let wrong_type = call(post(
+        json!({"template": "base", "timeout_s": "60"}).to_string(),
+    ))
+    .await;
     assert_error(&wrong_type, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(wrong_type.1["field"], "timeout_s", "{:?}", wrong_type.1);
-    let bad_enum = call(post(json!({"template": "base", "timeout_s": 60, "on_timeout": "explode"}).to_string())).await;
+    let bad_enum = call(post(
+        json!({"template": "base", "timeout_s": 60, "on_timeout": "explode"}).to_string(),
+    ))
+    .await;
     assert_eq!(bad_enum.1["field"], "on_timeout", "{:?}", bad_enum.1);
     // Not JSON at all.
-    let plain = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).body("template=base")).await;
-    assert_error(&plain, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    let plain = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .body("template=base"),
+    )
+    .await;
+    assert_error(
+        &plain,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
     // A huge body is refused before it is parsed.
-    let huge = format!("{{\"template\": \"base\", \"timeout_s\": 60, \"metadata\": {{\"x\": \"{}\"}}}}", "a".repeat(2 << 20));
-    assert_error(&call(post(huge)).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let huge = format!(
+        "{{\"template\": \"base\", \"timeout_s\": 60, \"metadata\": {{\"x\": \"{}\"}}}}",
+        "a".repeat(2 << 20)
+    );
+    // Its own connection: the server answers without reading the rest of the
+    // body and then closes the connection, which a pooled client would reuse.
+    let alone = client()
+        .post(s.url("/v1/sandboxes"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(huge);
+    assert_error(
+        &call(alone).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
     // Same rules on other endpoints.
-    let k = call(c.post(s.url("/v1/keys")).bearer_auth(&key).json(&json!({"name": "x", "admin": true}))).await;
+    let k = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&key)
+            .json(&json!({"name": "x", "admin": true})),
+    )
+    .await;
     assert_eq!(k.1["field"], "admin", "{:?}", k.1);
     s.stop();
 }
@@ -356,27 +494,69 @@ async fn invalid_values_are_400_naming_the_field(db: TestDb) {
     let c = client();
     let key = s.admin_key.clone().unwrap();
     for (body, field) in [
-        (json!({"template": "base", "timeout_s": 60, "vcpus": 0}), "vcpus"),
-        (json!({"template": "base", "timeout_s": 60, "vcpus": 1000}), "vcpus"),
-        (json!({"template": "base", "timeout_s": 60, "memory_mib": 16}), "memory_mib"),
+        (
+            json!({"template": "base", "timeout_s": 60, "vcpus": 0}),
+            "vcpus",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "vcpus": 1000}),
+            "vcpus",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "memory_mib": 16}),
+            "memory_mib",
+        ),
         (json!({"template": "base", "timeout_s": 0}), "timeout_s"),
-        (json!({"template": "base", "timeout_s": 999999}), "timeout_s"),
-        (json!({"template": "Not A Name", "timeout_s": 60}), "template"),
-        (json!({"template": "base", "timeout_s": 60, "env": {"1BAD": "x"}}), "env.1BAD"),
-        (json!({"template": "base", "timeout_s": 60, "metadata": {"a=b": "x"}}), "metadata"),
-        (json!({"template": "base", "timeout_s": 60, "network": {"allow_out": ["10.0.0.0/8", "nope"]}}), "network.allow_out[1]"),
-        (json!({"template": "base", "timeout_s": 60, "network": {"deny_out": ["10.0.0.0/40"]}}), "network.deny_out[0]"),
+        (
+            json!({"template": "base", "timeout_s": 999999}),
+            "timeout_s",
+        ),
+        (
+            json!({"template": "Not A Name", "timeout_s": 60}),
+            "template",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "env": {"1BAD": "x"}}),
+            "env.1BAD",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "metadata": {"a=b": "x"}}),
+            "metadata",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"allow_out": ["10.0.0.0/8", "nope"]}}),
+            "network.allow_out[1]",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"deny_out": ["10.0.0.0/40"]}}),
+            "network.deny_out[0]",
+        ),
     ] {
         let got = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).json(&body)).await;
         assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
         assert_eq!(got.1["field"], field, "{body}: {:?}", got.1);
     }
-    for (query, field) in [("state=sleeping", "state"), ("limit=0", "limit"), ("limit=5000", "limit"), ("page_token=zzz", "page_token"), ("colour=red", "colour")] {
-        let got = call(c.get(s.url(&format!("/v1/sandboxes?{query}"))).bearer_auth(&key)).await;
+    for (query, field) in [
+        ("state=sleeping", "state"),
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("page_token=zzz", "page_token"),
+        ("colour=red", "colour"),
+    ] {
+        let got = call(
+            c.get(s.url(&format!("/v1/sandboxes?{query}")))
+                .bearer_auth(&key),
+        )
+        .await;
         assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
         assert_eq!(got.1["field"], field, "{query}: {:?}", got.1);
     }
-    let got = call(c.post(s.url("/v1/teams")).bearer_auth(&key).json(&json!({"name": "../etc"}))).await;
+    let got = call(
+        c.post(s.url("/v1/teams"))
+            .bearer_auth(&key)
+            .json(&json!({"name": "../etc"})),
+    )
+    .await;
     assert_eq!(got.1["field"], "name", "{:?}", got.1);
     s.stop();
 }
@@ -385,14 +565,28 @@ async fn create_without_any_host_is_503_no_capacity(db: TestDb) {
     let s = Server::start(&db, &[]);
     let c = client();
     let key = s.admin_key.clone().unwrap();
-    let got = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).json(&create_body())).await;
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .json(&create_body()),
+    )
+    .await;
     assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
     // Nothing was left behind by the refused create.
-    let (st, list) = call(c.get(s.url("/v1/sandboxes?state=creating,failed,destroyed")).bearer_auth(&key)).await;
+    let (st, list) = call(
+        c.get(s.url("/v1/sandboxes?state=creating,failed,destroyed"))
+            .bearer_auth(&key),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(list["sandboxes"], json!([]));
     // An unknown template is 404 naming the field, before capacity is considered.
-    let got = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).json(&json!({"template": "nope", "timeout_s": 60}))).await;
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .json(&json!({"template": "nope", "timeout_s": 60})),
+    )
+    .await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
     assert_eq!(got.1["field"], "template");
     s.stop();
@@ -408,9 +602,12 @@ async fn unknown_ids_are_404_everywhere(db: TestDb) {
         c.delete(s.url(&format!("/v1/sandboxes/{id}"))),
         c.post(s.url(&format!("/v1/sandboxes/{id}/pause"))),
         c.post(s.url(&format!("/v1/sandboxes/{id}/resume"))),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout"))).json(&json!({"timeout_s": 30})),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots"))).json(&json!({"name": "x"})),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/exec"))).json(&json!({"cmd": "true"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout")))
+            .json(&json!({"timeout_s": 30})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots")))
+            .json(&json!({"name": "x"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&json!({"cmd": "true"})),
         c.get(s.url(&format!("/v1/sandboxes/{id}/processes"))),
         c.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc/hosts"))),
         c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/"))),
@@ -423,7 +620,10 @@ async fn unknown_ids_are_404_everywhere(db: TestDb) {
     ];
     for req in checks {
         let req = req.bearer_auth(&key);
-        let desc = format!("{:?}", req.try_clone().unwrap().build().unwrap().url().path());
+        let desc = format!(
+            "{:?}",
+            req.try_clone().unwrap().build().unwrap().url().path()
+        );
         let got = call(req).await;
         assert_eq!(got.0, StatusCode::NOT_FOUND, "{desc}: {:?}", got.1);
         assert_eq!(got.1["code"], "not_found", "{desc}: {:?}", got.1);
@@ -436,34 +636,63 @@ async fn another_teams_sandbox_is_404_never_403(db: TestDb) {
     let c = client();
     let (team_a, key_a) = team_with_key(&s, "alpha").await;
     let (_team_b, key_b) = team_with_key(&s, "beta").await;
-    let id = insert_sandbox(&db, &team_a, SandboxState::Paused, "unused", &[("owner", "alice")]).await;
+    let id = insert_sandbox(
+        &db,
+        &team_a,
+        SandboxState::Paused,
+        "unused",
+        &[("owner", "alice")],
+    )
+    .await;
 
-    let (st, own) = call(c.get(s.url(&format!("/v1/sandboxes/{id}"))).bearer_auth(&key_a)).await;
+    let (st, own) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(own["id"], id.as_str());
     assert!(own.get("env").is_none(), "env is never returned");
-    assert!(own.get("access_token").is_none(), "the access token is shown only on create");
+    assert!(
+        own.get("access_token").is_none(),
+        "the access token is shown only on create"
+    );
 
     for req in [
         c.get(s.url(&format!("/v1/sandboxes/{id}"))),
         c.delete(s.url(&format!("/v1/sandboxes/{id}"))),
         c.post(s.url(&format!("/v1/sandboxes/{id}/pause"))),
         c.post(s.url(&format!("/v1/sandboxes/{id}/resume"))),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout"))).json(&json!({"timeout_s": 30})),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots"))).json(&json!({"name": "stolen"})),
-        c.post(s.url(&format!("/v1/sandboxes/{id}/exec"))).json(&json!({"cmd": "true"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout")))
+            .json(&json!({"timeout_s": 30})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots")))
+            .json(&json!({"name": "stolen"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&json!({"cmd": "true"})),
         c.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc/hosts"))),
         c.get(s.url(&format!("/v1/sandboxes/{id}/processes"))),
     ] {
         let got = call(req.bearer_auth(&key_b)).await;
         assert_eq!(got.0, StatusCode::NOT_FOUND, "{:?}", got.1);
-        assert!(!got.1.to_string().contains("alice"), "no data of the other team leaks: {:?}", got.1);
+        assert!(
+            !got.1.to_string().contains("alice"),
+            "no data of the other team leaks: {:?}",
+            got.1
+        );
     }
-    let (st, list) = call(c.get(s.url("/v1/sandboxes?metadata.owner=alice")).bearer_auth(&key_b)).await;
+    let (st, list) = call(
+        c.get(s.url("/v1/sandboxes?metadata.owner=alice"))
+            .bearer_auth(&key_b),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(list["sandboxes"], json!([]));
     // And the row is untouched by all of that.
-    let (_, still) = call(c.get(s.url(&format!("/v1/sandboxes/{id}"))).bearer_auth(&key_a)).await;
+    let (_, still) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_eq!(still["state"], "paused");
     s.stop();
 }
@@ -478,9 +707,18 @@ async fn access_tokens_open_only_their_own_sandboxes_guest_endpoints(db: TestDb)
     let other = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
 
     // Its own guest endpoints: authenticated (the paused sandbox then answers 409).
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{real}/exec"))).bearer_auth(&token).json(&json!({"cmd": "true"}))).await;
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{real}/exec")))
+            .bearer_auth(&token)
+            .json(&json!({"cmd": "true"})),
+    )
+    .await;
     assert_error(&got, StatusCode::CONFLICT, "conflict");
-    let got = call(c.get(s.url(&format!("/v1/sandboxes/{real}/files/list?path=/"))).bearer_auth(&token)).await;
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{real}/files/list?path=/")))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_error(&got, StatusCode::CONFLICT, "conflict");
     // Anything else: forbidden.
     for req in [
@@ -489,14 +727,32 @@ async fn access_tokens_open_only_their_own_sandboxes_guest_endpoints(db: TestDb)
         c.post(s.url(&format!("/v1/sandboxes/{real}/resume"))),
         c.get(s.url("/v1/sandboxes")),
         c.get(s.url("/v1/keys")),
-        c.post(s.url(&format!("/v1/sandboxes/{other}/exec"))).json(&json!({"cmd": "true"})),
-        c.post(s.url(&format!("/v1/sandboxes/{}/exec", ember_types::SandboxId::new()))).json(&json!({"cmd": "true"})),
+        c.post(s.url(&format!("/v1/sandboxes/{other}/exec")))
+            .json(&json!({"cmd": "true"})),
+        c.post(s.url(&format!(
+            "/v1/sandboxes/{}/exec",
+            ember_types::SandboxId::new()
+        )))
+        .json(&json!({"cmd": "true"})),
     ] {
-        assert_error(&call(req.bearer_auth(&token)).await, StatusCode::FORBIDDEN, "forbidden");
+        assert_error(
+            &call(req.bearer_auth(&token)).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
     }
     // A token with the right shape but the wrong secret is not a credential.
-    let forged = format!("{}{real}_{}", ember_control::auth::ACCESS_TOKEN_PREFIX, "B".repeat(40));
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{real}/exec"))).bearer_auth(&forged).json(&json!({"cmd": "true"}))).await;
+    let forged = format!(
+        "{}{real}_{}",
+        ember_control::auth::ACCESS_TOKEN_PREFIX,
+        "B".repeat(40)
+    );
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{real}/exec")))
+            .bearer_auth(&forged)
+            .json(&json!({"cmd": "true"})),
+    )
+    .await;
     assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
     s.stop();
 }
@@ -507,14 +763,33 @@ async fn state_conflicts_are_409_naming_the_state(db: TestDb) {
     let (team_a, key_a) = team_with_key(&s, "alpha").await;
     let paused = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
     for (req, state) in [
-        (c.post(s.url(&format!("/v1/sandboxes/{paused}/pause"))), "paused"),
-        (c.post(s.url(&format!("/v1/sandboxes/{paused}/timeout"))).json(&json!({"timeout_s": 30})), "paused"),
-        (c.post(s.url(&format!("/v1/sandboxes/{paused}/snapshots"))).json(&json!({"name": "t1"})), "paused"),
-        (c.post(s.url(&format!("/v1/sandboxes/{paused}/exec"))).json(&json!({"cmd": "true"})), "paused"),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/pause"))),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/timeout")))
+                .json(&json!({"timeout_s": 30})),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/snapshots")))
+                .json(&json!({"name": "t1"})),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/exec")))
+                .json(&json!({"cmd": "true"})),
+            "paused",
+        ),
     ] {
         let got = call(req.bearer_auth(&key_a)).await;
         assert_error(&got, StatusCode::CONFLICT, "conflict");
-        assert!(got.1["message"].as_str().unwrap().contains(state), "{:?}", got.1);
+        assert!(
+            got.1["message"].as_str().unwrap().contains(state),
+            "{:?}",
+            got.1
+        );
     }
     let creating = insert_sandbox(&db, &team_a, SandboxState::Creating, "x", &[]).await;
     for req in [
@@ -523,15 +798,32 @@ async fn state_conflicts_are_409_naming_the_state(db: TestDb) {
     ] {
         let got = call(req.bearer_auth(&key_a)).await;
         assert_error(&got, StatusCode::CONFLICT, "conflict");
-        assert!(got.1["message"].as_str().unwrap().contains("creating"), "{:?}", got.1);
+        assert!(
+            got.1["message"].as_str().unwrap().contains("creating"),
+            "{:?}",
+            got.1
+        );
     }
     // Resume of a paused sandbox whose host is unknown to this server: 503, and it stays paused.
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{paused}/resume"))).bearer_auth(&key_a)).await;
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{paused}/resume")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
-    let (_, row) = call(c.get(s.url(&format!("/v1/sandboxes/{paused}"))).bearer_auth(&key_a)).await;
+    let (_, row) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{paused}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_eq!(row["state"], "paused");
     // A resume body with an unknown field is still a 400 naming it.
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{paused}/resume"))).bearer_auth(&key_a).json(&json!({"timeout": 5}))).await;
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{paused}/resume")))
+            .bearer_auth(&key_a)
+            .json(&json!({"timeout": 5})),
+    )
+    .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(got.1["field"], "timeout");
     s.stop();
@@ -545,7 +837,8 @@ async fn file_paths_must_be_absolute(db: TestDb) {
     for path in ["../../etc/passwd", "etc/passwd", "", "%2Fetc%00passwd"] {
         for req in [
             c.get(s.url(&format!("/v1/sandboxes/{id}/files?path={path}"))),
-            c.put(s.url(&format!("/v1/sandboxes/{id}/files?path={path}"))).body("data"),
+            c.put(s.url(&format!("/v1/sandboxes/{id}/files?path={path}")))
+                .body("data"),
             c.delete(s.url(&format!("/v1/sandboxes/{id}/files?path={path}"))),
             c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path={path}"))),
             c.get(s.url(&format!("/v1/sandboxes/{id}/files/list?path={path}"))),
@@ -555,15 +848,33 @@ async fn file_paths_must_be_absolute(db: TestDb) {
             assert_eq!(got.1["field"], "path", "{path}: {:?}", got.1);
         }
     }
-    let got = call(c.get(s.url(&format!("/v1/sandboxes/{id}/files"))).bearer_auth(&key_a)).await;
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(got.1["field"], "path", "{:?}", got.1);
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{id}/files/mkdir"))).bearer_auth(&key_a).json(&json!({"path": "tmp/x"}))).await;
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{id}/files/mkdir")))
+            .bearer_auth(&key_a)
+            .json(&json!({"path": "tmp/x"})),
+    )
+    .await;
     assert_eq!(got.1["field"], "path", "{:?}", got.1);
-    let got = call(c.post(s.url(&format!("/v1/sandboxes/{id}/exec"))).bearer_auth(&key_a).json(&json!({"cmd": "ls", "cwd": "tmp"}))).await;
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .bearer_auth(&key_a)
+            .json(&json!({"cmd": "ls", "cwd": "tmp"})),
+    )
+    .await;
     assert_eq!(got.1["field"], "cwd", "{:?}", got.1);
     // A valid path on a sandbox whose host is gone: the host's failure, not the caller's.
-    let got = call(c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/etc"))).bearer_auth(&key_a)).await;
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/etc")))
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_error(&got, StatusCode::BAD_GATEWAY, "host_error");
     s.stop();
 }
@@ -575,8 +886,21 @@ async fn listing_filters_and_paginates_over_http(db: TestDb) {
     let mut ids = Vec::new();
     for i in 0..7 {
         let owner = if i % 2 == 0 { "alice" } else { "bob" };
-        let state = if i < 3 { SandboxState::Paused } else { SandboxState::Failed };
-        ids.push(insert_sandbox(&db, &team_a, state, "x", &[("owner", owner), ("i", &i.to_string())]).await);
+        let state = if i < 3 {
+            SandboxState::Paused
+        } else {
+            SandboxState::Failed
+        };
+        ids.push(
+            insert_sandbox(
+                &db,
+                &team_a,
+                state,
+                "x",
+                &[("owner", owner), ("i", &i.to_string())],
+            )
+            .await,
+        );
     }
     let mut seen = Vec::new();
     let mut url = s.url("/v1/sandboxes?limit=3");
@@ -622,28 +946,81 @@ async fn keys_and_teams_endpoints(db: TestDb) {
     let c = client();
     let admin = s.admin_key.clone().unwrap();
     let (team_b, key_b) = team_with_key(&s, "beta").await;
-    assert_error(&call(c.post(s.url("/v1/teams")).bearer_auth(&admin).json(&json!({"name": "beta"}))).await, StatusCode::CONFLICT, "conflict");
+    assert_error(
+        &call(
+            c.post(s.url("/v1/teams"))
+                .bearer_auth(&admin)
+                .json(&json!({"name": "beta"})),
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
     // A normal key cannot administer.
-    assert_error(&call(c.post(s.url("/v1/teams")).bearer_auth(&key_b).json(&json!({"name": "gamma"}))).await, StatusCode::FORBIDDEN, "forbidden");
-    assert_error(&call(c.get(s.url("/v1/teams")).bearer_auth(&key_b)).await, StatusCode::FORBIDDEN, "forbidden");
-    assert_error(&call(c.get(s.url("/v1/hosts")).bearer_auth(&key_b)).await, StatusCode::FORBIDDEN, "forbidden");
+    assert_error(
+        &call(
+            c.post(s.url("/v1/teams"))
+                .bearer_auth(&key_b)
+                .json(&json!({"name": "gamma"})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/teams")).bearer_auth(&key_b)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/hosts")).bearer_auth(&key_b)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
     let (st, teams) = call(c.get(s.url("/v1/teams")).bearer_auth(&admin)).await;
     assert_eq!(st, StatusCode::OK);
-    let admin_team = teams["teams"].as_array().unwrap().iter().find(|t| t["name"] == "default").unwrap()["id"].as_str().unwrap().to_owned();
+    let admin_team = teams["teams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "default")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_error(
-        &call(c.post(s.url("/v1/keys")).bearer_auth(&key_b).json(&json!({"name": "x", "team_id": admin_team}))).await,
+        &call(
+            c.post(s.url("/v1/keys"))
+                .bearer_auth(&key_b)
+                .json(&json!({"name": "x", "team_id": admin_team})),
+        )
+        .await,
         StatusCode::FORBIDDEN,
         "forbidden",
     );
     assert_error(
-        &call(c.get(s.url(&format!("/v1/keys?team_id={admin_team}"))).bearer_auth(&key_b)).await,
+        &call(
+            c.get(s.url(&format!("/v1/keys?team_id={admin_team}")))
+                .bearer_auth(&key_b),
+        )
+        .await,
         StatusCode::FORBIDDEN,
         "forbidden",
     );
-    let got = call(c.post(s.url("/v1/keys")).bearer_auth(&admin).json(&json!({"name": "x", "team_id": "team-nosuchteam0000000000"}))).await;
+    let got = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "x", "team_id": "team-nosuchteam0000000000"})),
+    )
+    .await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
     // A normal key manages its own team's keys.
-    let (st, second) = call(c.post(s.url("/v1/keys")).bearer_auth(&key_b).json(&json!({"name": "second"}))).await;
+    let (st, second) = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&key_b)
+            .json(&json!({"name": "second"})),
+    )
+    .await;
     assert_eq!(st, StatusCode::CREATED, "{second}");
     assert_eq!(second["team_id"], team_b.as_str());
     let second_key = second["key"].as_str().unwrap().to_owned();
@@ -652,22 +1029,67 @@ async fn keys_and_teams_endpoints(db: TestDb) {
     assert_eq!(st, StatusCode::OK);
     let listed = keys["keys"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
-    assert!(listed.iter().all(|k| k["team_id"] == team_b.as_str() && k.get("key").is_none()));
-    assert!(!keys.to_string().contains(&second_key), "listing never shows keys");
+    assert!(
+        listed
+            .iter()
+            .all(|k| k["team_id"] == team_b.as_str() && k.get("key").is_none())
+    );
+    assert!(
+        !keys.to_string().contains(&second_key),
+        "listing never shows keys"
+    );
     // Another team's key is not found (not forbidden); the admin's key survives.
     let (_, admin_keys) = call(c.get(s.url("/v1/keys")).bearer_auth(&admin)).await;
     let admin_key_id = admin_keys["keys"][0]["id"].as_str().unwrap().to_owned();
-    assert_error(&call(c.delete(s.url(&format!("/v1/keys/{admin_key_id}"))).bearer_auth(&key_b)).await, StatusCode::NOT_FOUND, "not_found");
-    assert_eq!(call(c.get(s.url("/v1/teams")).bearer_auth(&admin)).await.0, StatusCode::OK);
+    assert_error(
+        &call(
+            c.delete(s.url(&format!("/v1/keys/{admin_key_id}")))
+                .bearer_auth(&key_b),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(
+        call(c.get(s.url("/v1/teams")).bearer_auth(&admin)).await.0,
+        StatusCode::OK
+    );
     // Revocation works at once.
-    assert_eq!(call(c.get(s.url("/v1/keys")).bearer_auth(&second_key)).await.0, StatusCode::OK);
-    assert_eq!(call(c.delete(s.url(&format!("/v1/keys/{second_id}"))).bearer_auth(&key_b)).await.0, StatusCode::NO_CONTENT);
-    assert_error(&call(c.get(s.url("/v1/keys")).bearer_auth(&second_key)).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(
+        call(c.get(s.url("/v1/keys")).bearer_auth(&second_key))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(
+            c.delete(s.url(&format!("/v1/keys/{second_id}")))
+                .bearer_auth(&key_b)
+        )
+        .await
+        .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/keys")).bearer_auth(&second_key)).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
     let (_, keys) = call(c.get(s.url("/v1/keys")).bearer_auth(&key_b)).await;
-    let revoked = keys["keys"].as_array().unwrap().iter().find(|k| k["id"] == second_id.as_str()).unwrap().clone();
+    let revoked = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == second_id.as_str())
+        .unwrap()
+        .clone();
     assert!(revoked["revoked_at"].is_string(), "{revoked}");
     // An admin may revoke any team's key and list any team's keys.
-    let (st, b_keys) = call(c.get(s.url(&format!("/v1/keys?team_id={team_b}"))).bearer_auth(&admin)).await;
+    let (st, b_keys) = call(
+        c.get(s.url(&format!("/v1/keys?team_id={team_b}")))
+            .bearer_auth(&admin),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(b_keys["keys"].as_array().unwrap().len(), 2);
     let (st, hosts) = call(c.get(s.url("/v1/hosts")).bearer_auth(&admin)).await;
@@ -681,24 +1103,60 @@ async fn host_registration_needs_the_join_token(db: TestDb) {
     assert_eq!(s.join_token, None, "a given token is not printed");
     let c = client();
     let body = json!({"address": "http://127.0.0.1:9"});
-    assert_error(&call(c.post(s.url("/internal/v1/hosts")).json(&body)).await, StatusCode::UNAUTHORIZED, "unauthorized");
-    assert_error(&call(c.post(s.url("/internal/v1/hosts")).bearer_auth("emberjoin_wrong").json(&body)).await, StatusCode::UNAUTHORIZED, "unauthorized");
     assert_error(
-        &call(c.post(s.url("/internal/v1/hosts")).bearer_auth(s.admin_key.as_deref().unwrap()).json(&body)).await,
+        &call(c.post(s.url("/internal/v1/hosts")).json(&body)).await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
     );
-    let got = call(c.post(s.url("/internal/v1/hosts")).bearer_auth("emberjoin_testtoken").json(&json!({"address": "not a url"}))).await;
+    assert_error(
+        &call(
+            c.post(s.url("/internal/v1/hosts"))
+                .bearer_auth("emberjoin_wrong")
+                .json(&body),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(
+            c.post(s.url("/internal/v1/hosts"))
+                .bearer_auth(s.admin_key.as_deref().unwrap())
+                .json(&body),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let got = call(
+        c.post(s.url("/internal/v1/hosts"))
+            .bearer_auth("emberjoin_testtoken")
+            .json(&json!({"address": "not a url"})),
+    )
+    .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(got.1["field"], "address");
     // A well-formed address where no agent listens: the server tried to dial it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = listener.local_addr().unwrap();
     drop(listener);
-    let got = call(c.post(s.url("/internal/v1/hosts")).bearer_auth("emberjoin_testtoken").json(&json!({"address": format!("http://{dead}")}))).await;
+    let got = call(
+        c.post(s.url("/internal/v1/hosts"))
+            .bearer_auth("emberjoin_testtoken")
+            .json(&json!({"address": format!("http://{dead}")})),
+    )
+    .await;
     assert_error(&got, StatusCode::BAD_GATEWAY, "host_error");
-    let (_, hosts) = call(c.get(s.url("/v1/hosts")).bearer_auth(s.admin_key.as_deref().unwrap())).await;
-    assert_eq!(hosts["hosts"], json!([]), "a host that never answered is not registered");
+    let (_, hosts) = call(
+        c.get(s.url("/v1/hosts"))
+            .bearer_auth(s.admin_key.as_deref().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        hosts["hosts"],
+        json!([]),
+        "a host that never answered is not registered"
+    );
     s.stop();
 }
 
@@ -713,9 +1171,18 @@ async fn health_and_metrics(db: TestDb) {
     let resp = c.get(s.url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.unwrap();
-    assert!(text.contains("ember_sandboxes{state=\"paused\"} 1"), "{text}");
-    assert!(text.contains("ember_sandboxes{state=\"running\"} 0"), "{text}");
-    assert!(text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 0"), "{text}");
+    assert!(
+        text.contains("ember_sandboxes{state=\"paused\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ember_sandboxes{state=\"running\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 0"),
+        "{text}"
+    );
     assert!(text.contains("ember_hosts "), "{text}");
     s.stop();
 }

@@ -26,7 +26,12 @@ async fn rps(client: &reqwest::Client, url: &str, key: &str, requests: usize) ->
         let key = key.to_owned();
         workers.push(tokio::spawn(async move {
             for _ in 0..per_worker {
-                let resp = client.get(&url).bearer_auth(&key).send().await.expect("request");
+                let resp = client
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("request");
                 assert!(resp.status().is_success(), "{}", resp.status());
                 let _ = resp.bytes().await.expect("body");
             }
@@ -43,8 +48,14 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = std::env::var("EMBER_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("bench.db").display()));
-    let plane = ControlPlane::open(ServerConfig::new(url.clone())).await.expect("open");
-    let key = plane.first_start.admin_key.clone().expect("fresh store: admin key");
+    let plane = ControlPlane::open(ServerConfig::new(url.clone()))
+        .await
+        .expect("open");
+    let key = plane
+        .first_start
+        .admin_key
+        .clone()
+        .expect("fresh store: admin key");
     let store = plane.store().clone();
     let team = store.team_by_name("default").await.unwrap().unwrap();
     store
@@ -67,14 +78,21 @@ async fn main() {
         let sb = Sandbox {
             id: ember_types::SandboxId::new().to_string(),
             team_id: team.id.clone(),
-            state: if i % 4 == 0 { SandboxState::Paused } else { SandboxState::Running },
+            state: if i % 4 == 0 {
+                SandboxState::Paused
+            } else {
+                SandboxState::Running
+            },
             host_id: Some("host-bench".into()),
             template: "base".into(),
             source_build_id: None,
             build_id: None,
             vcpus: 1,
             memory_mib: 512,
-            metadata: BTreeMap::from([("owner".into(), format!("user{}", i % 10)), ("job".into(), i.to_string())]),
+            metadata: BTreeMap::from([
+                ("owner".into(), format!("user{}", i % 10)),
+                ("job".into(), i.to_string()),
+            ]),
             env: BTreeMap::new(),
             network: NetworkPolicy::default(),
             timeout_s: 3600,
@@ -88,25 +106,63 @@ async fn main() {
         };
         store.insert_sandbox(&sb, None).await.unwrap();
     }
-    let listener = ember_control::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = ember_control::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(plane.serve(listener, shutdown.clone()));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let base_url = format!("http://{addr}");
 
     // Warm up connections and caches.
-    rps(&client, &format!("{base_url}/v1/sandboxes?limit=10"), &key, CONCURRENCY * 4).await;
+    rps(
+        &client,
+        &format!("{base_url}/v1/sandboxes?limit=10"),
+        &key,
+        CONCURRENCY * 4,
+    )
+    .await;
     let health = rps(&client, &format!("{base_url}/healthz"), &key, REQUESTS).await;
     let page100 = rps(&client, &format!("{base_url}/v1/sandboxes"), &key, REQUESTS).await;
-    let page1000 = rps(&client, &format!("{base_url}/v1/sandboxes?limit=1000"), &key, REQUESTS / 4).await;
-    let filtered = rps(&client, &format!("{base_url}/v1/sandboxes?metadata.owner=user3&state=running"), &key, REQUESTS).await;
-    let backend = if url.starts_with("sqlite") { "sqlite" } else { "postgres" };
-    println!("list_sandboxes ({backend}, {ROWS} rows, {CONCURRENCY} concurrent clients, loopback HTTP)");
+    let page1000 = rps(
+        &client,
+        &format!("{base_url}/v1/sandboxes?limit=1000"),
+        &key,
+        REQUESTS / 4,
+    )
+    .await;
+    let filtered = rps(
+        &client,
+        &format!("{base_url}/v1/sandboxes?metadata.owner=user3&state=running"),
+        &key,
+        REQUESTS,
+    )
+    .await;
+    let backend = if url.starts_with("sqlite") {
+        "sqlite"
+    } else {
+        "postgres"
+    };
+    println!(
+        "list_sandboxes ({backend}, {ROWS} rows, {CONCURRENCY} concurrent clients, loopback HTTP)"
+    );
     println!("  GET /healthz (baseline)                         {health:8.0} req/s  1.00x");
-    println!("  GET /v1/sandboxes (page of 100)                 {page100:8.0} req/s  {:.2}x", page100 / health);
-    println!("  GET /v1/sandboxes?limit=1000 (all rows)         {page1000:8.0} req/s  {:.2}x", page1000 / health);
-    println!("  GET /v1/sandboxes?metadata.owner=…&state=…      {filtered:8.0} req/s  {:.2}x", filtered / health);
+    println!(
+        "  GET /v1/sandboxes (page of 100)                 {page100:8.0} req/s  {:.2}x",
+        page100 / health
+    );
+    println!(
+        "  GET /v1/sandboxes?limit=1000 (all rows)         {page1000:8.0} req/s  {:.2}x",
+        page1000 / health
+    );
+    println!(
+        "  GET /v1/sandboxes?metadata.owner=…&state=…      {filtered:8.0} req/s  {:.2}x",
+        filtered / health
+    );
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }

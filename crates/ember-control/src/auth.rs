@@ -136,7 +136,10 @@ mod tests {
         let k = new_api_key();
         assert!(k.key.starts_with("ember_"));
         assert_eq!(api_key_prefix(&k.key), Some(k.prefix.as_str()));
-        assert_eq!(k.key.len(), "ember_".len() + KEY_PREFIX_LEN + 1 + KEY_SECRET_LEN);
+        assert_eq!(
+            k.key.len(),
+            "ember_".len() + KEY_PREFIX_LEN + 1 + KEY_SECRET_LEN
+        );
         assert_eq!(k.secret_sha256, sha256_hex(&k.key));
         assert!(!k.secret_sha256.contains(&k.key[15..]));
     }
@@ -191,7 +194,10 @@ mod tests {
         assert!(t.starts_with(ACCESS_TOKEN_PREFIX));
         assert_eq!(access_token_sandbox(&t), Some(id.as_str()));
         assert_eq!(api_key_prefix(&t), None);
-        assert_eq!(access_token_sandbox("embersb_sb-bad_0123456789012345678901234567890123"), None);
+        assert_eq!(
+            access_token_sandbox("embersb_sb-bad_0123456789012345678901234567890123"),
+            None
+        );
         assert_eq!(access_token_sandbox(&new_api_key().key), None);
         assert!(new_join_token().starts_with("emberjoin_"));
         assert_ne!(new_guest_token(), new_guest_token());

@@ -74,7 +74,11 @@ pub struct HostRegistry {
 
 impl std::fmt::Debug for HostRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<String> = self.hosts.read().map(|h| h.keys().cloned().collect()).unwrap_or_default();
+        let ids: Vec<String> = self
+            .hosts
+            .read()
+            .map(|h| h.keys().cloned().collect())
+            .unwrap_or_default();
         f.debug_struct("HostRegistry").field("hosts", &ids).finish()
     }
 }
@@ -137,7 +141,10 @@ impl HostRegistry {
             });
         }
         let channel = endpoint.connect_lazy();
-        Ok(HostAgentClient::with_interceptor(channel, self.token.clone()))
+        Ok(HostAgentClient::with_interceptor(
+            channel,
+            self.token.clone(),
+        ))
     }
 
     /// Register (or re-register) the host agent listening at `address`:
@@ -232,7 +239,9 @@ impl HostRegistry {
                     };
                     self.write().insert(row.id.clone(), entry);
                 }
-                Err(err) => tracing::warn!(host = %row.id, error = %err, "stored host address is unusable"),
+                Err(err) => {
+                    tracing::warn!(host = %row.id, error = %err, "stored host address is unusable")
+                }
             }
         }
         Ok(())
@@ -303,7 +312,11 @@ impl HostRegistry {
         if changed {
             tracing::warn!(host = %host_id, error, "host unreachable; marked unhealthy");
         }
-        if let Err(err) = self.store.set_host_health(host_id, false, Some(error), None).await {
+        if let Err(err) = self
+            .store
+            .set_host_health(host_id, false, Some(error), None)
+            .await
+        {
             tracing::warn!(host = %host_id, error = %err, "recording host health failed");
         }
     }
@@ -417,7 +430,9 @@ mod tests {
 
     #[test]
     fn unreachable_is_about_transport_not_answers() {
-        assert!(is_unreachable(&tonic::Status::unavailable("connection refused")));
+        assert!(is_unreachable(&tonic::Status::unavailable(
+            "connection refused"
+        )));
         assert!(is_unreachable(&tonic::Status::deadline_exceeded("timeout")));
         assert!(!is_unreachable(&tonic::Status::not_found("no sandbox")));
         assert!(!is_unreachable(&tonic::Status::internal("VMM died")));

@@ -15,10 +15,13 @@ use std::time::Instant;
 use ember_proto::host as pb;
 
 use crate::error::{Error, Result};
-use crate::hosts::{HostClient, HostRegistry, INFO_TIMEOUT, LIFECYCLE_TIMEOUT, is_unreachable, status_reason};
+use crate::hosts::{
+    HostClient, HostRegistry, INFO_TIMEOUT, LIFECYCLE_TIMEOUT, is_unreachable, status_reason,
+};
 use crate::metrics::Metrics;
 use crate::model::{
-    Build, BuildKind, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Template, now_ms, parse_rfc3339,
+    Build, BuildKind, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Template, now_ms,
+    parse_rfc3339,
 };
 use crate::reconciler::{self, Action, HostView, Observed};
 use crate::scheduler::{self, Demand, NoCapacity};
@@ -96,7 +99,9 @@ impl Operations {
     /// it could not be reached at all.
     async fn host_error(&self, host_id: &str, call: &'static str, status: tonic::Status) -> Error {
         if is_unreachable(&status) {
-            self.hosts.mark_unreachable(host_id, &status_reason(&status)).await;
+            self.hosts
+                .mark_unreachable(host_id, &status_reason(&status))
+                .await;
         }
         Error::HostCall {
             host: host_id.to_owned(),
@@ -225,7 +230,10 @@ impl Operations {
             network: Some(proto_network(&row.network)),
             guest_token: auth::new_guest_token(),
         };
-        match client.create_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+        match client
+            .create_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
             Ok(_) => {
                 let now = now_ms();
                 let changes = Changes {
@@ -233,14 +241,26 @@ impl Operations {
                     ..Changes::default()
                 };
                 self.store
-                    .transition(None, &id, &[SandboxState::Creating], SandboxState::Running, &changes, now, None)
+                    .transition(
+                        None,
+                        &id,
+                        &[SandboxState::Creating],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
                     .await?;
-                self.metrics.observe("create", started.elapsed().as_secs_f64());
+                self.metrics
+                    .observe("create", started.elapsed().as_secs_f64());
                 let row = self.load(None, &id).await?;
                 Ok((row, access_token))
             }
             Err(status) => {
-                let reason = format!("create failed on host {host_id}: {}", status_reason(&status));
+                let reason = format!(
+                    "create failed on host {host_id}: {}",
+                    status_reason(&status)
+                );
                 self.fail(&id, SandboxState::Creating, &reason).await;
                 Err(self.host_error(&host_id, "CreateSandbox", status).await)
             }
@@ -255,7 +275,15 @@ impl Operations {
         };
         if let Err(err) = self
             .store
-            .transition(None, id, &[from], SandboxState::Failed, &changes, now_ms(), None)
+            .transition(
+                None,
+                id,
+                &[from],
+                SandboxState::Failed,
+                &changes,
+                now_ms(),
+                None,
+            )
             .await
         {
             tracing::error!(sandbox = %id, error = %err, "recording a failure failed; the reconciler will retry");
@@ -265,11 +293,23 @@ impl Operations {
 
     /// Destroy a sandbox (running, paused or failed) and everything it holds on its host.
     pub async fn destroy(&self, team_id: Option<&str>, id: &str) -> Result<()> {
-        let from = [SandboxState::Running, SandboxState::Paused, SandboxState::Failed];
+        let from = [
+            SandboxState::Running,
+            SandboxState::Paused,
+            SandboxState::Failed,
+        ];
         let now = now_ms();
         if !self
             .store
-            .transition(team_id, id, &from, SandboxState::Destroying, &Changes::default(), now, None)
+            .transition(
+                team_id,
+                id,
+                &from,
+                SandboxState::Destroying,
+                &Changes::default(),
+                now,
+                None,
+            )
             .await?
         {
             return Err(self.conflict(team_id, id, "be destroyed").await);
@@ -285,7 +325,10 @@ impl Operations {
         let req = pb::SandboxRef {
             sandbox_id: sb.id.clone(),
         };
-        match client.destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+        match client
+            .destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
             // The row stays `destroying`; the reconciler retries when the host answers.
@@ -301,7 +344,15 @@ impl Operations {
             ..Changes::default()
         };
         self.store
-            .transition(None, &sb.id, &[from], SandboxState::Destroyed, &changes, now, None)
+            .transition(
+                None,
+                &sb.id,
+                &[from],
+                SandboxState::Destroyed,
+                &changes,
+                now,
+                None,
+            )
             .await?;
         if let Some(build) = &sb.build_id {
             self.store.release_build(build, now).await?;
@@ -315,7 +366,15 @@ impl Operations {
         let now = now_ms();
         if !self
             .store
-            .transition(team_id, id, &[SandboxState::Running], SandboxState::Pausing, &Changes::default(), now, None)
+            .transition(
+                team_id,
+                id,
+                &[SandboxState::Running],
+                SandboxState::Pausing,
+                &Changes::default(),
+                now,
+                None,
+            )
             .await?
         {
             return Err(self.conflict(team_id, id, "pause").await);
@@ -323,17 +382,28 @@ impl Operations {
         let sb = self.load(None, id).await?;
         let host_id = Self::host_of(&sb)?.to_owned();
         let mut client = self.hosts.client(&host_id)?;
-        let req = pb::SandboxRef { sandbox_id: id.to_owned() };
-        match client.pause_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+        let req = pb::SandboxRef {
+            sandbox_id: id.to_owned(),
+        };
+        match client
+            .pause_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 let Some(build_id) = non_empty(&reply.build_id) else {
                     let reason = format!("host {host_id} paused the sandbox but named no build");
                     self.fail(id, SandboxState::Pausing, &reason).await;
-                    return Err(Error::HostReply { host: host_id, call: "PauseSandbox", detail: "empty build_id".into() });
+                    return Err(Error::HostReply {
+                        host: host_id,
+                        call: "PauseSandbox",
+                        detail: "empty build_id".into(),
+                    });
                 };
-                self.record_pause(&sb, &host_id, &build_id, SandboxState::Pausing).await?;
-                self.metrics.observe("pause", started.elapsed().as_secs_f64());
+                self.record_pause(&sb, &host_id, &build_id, SandboxState::Pausing)
+                    .await?;
+                self.metrics
+                    .observe("pause", started.elapsed().as_secs_f64());
                 self.load(None, id).await
             }
             Err(status) => {
@@ -344,7 +414,13 @@ impl Operations {
         }
     }
 
-    async fn record_pause(&self, sb: &Sandbox, host_id: &str, build_id: &str, from: SandboxState) -> Result<bool> {
+    async fn record_pause(
+        &self,
+        sb: &Sandbox,
+        host_id: &str,
+        build_id: &str,
+        from: SandboxState,
+    ) -> Result<bool> {
         let now = now_ms();
         self.store
             .insert_build(&Build {
@@ -367,7 +443,15 @@ impl Operations {
         };
         let moved = self
             .store
-            .transition(None, &sb.id, &[from], SandboxState::Paused, &changes, now, None)
+            .transition(
+                None,
+                &sb.id,
+                &[from],
+                SandboxState::Paused,
+                &changes,
+                now,
+                None,
+            )
             .await?;
         if moved && let Some(old) = sb.build_id.as_deref().filter(|b| *b != build_id) {
             self.store.release_build(old, now).await?;
@@ -390,7 +474,11 @@ impl Operations {
             .await?
             .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })?;
         if sb.state != SandboxState::Paused {
-            return Err(Error::StateConflict { id: id.to_owned(), state: sb.state, action: "resume" });
+            return Err(Error::StateConflict {
+                id: id.to_owned(),
+                state: sb.state,
+                action: "resume",
+            });
         }
         let host_id = Self::host_of(&sb)?.to_owned();
         let usage = self.store.host_usage().await?;
@@ -399,7 +487,11 @@ impl Operations {
             .snapshots(&usage)
             .into_iter()
             .find(|s| s.id == host_id)
-            .ok_or_else(|| Error::NoCapacity(NoCapacity::HostDown { host_id: host_id.clone() }))?;
+            .ok_or_else(|| {
+                Error::NoCapacity(NoCapacity::HostDown {
+                    host_id: host_id.clone(),
+                })
+            })?;
         scheduler::resume_fits(&snap, sb.vcpus, sb.memory_mib).map_err(Error::NoCapacity)?;
         let cap = CapacityCheck {
             host_id: host_id.clone(),
@@ -409,15 +501,27 @@ impl Operations {
         let now = now_ms();
         if !self
             .store
-            .transition(Some(team_id), id, &[SandboxState::Paused], SandboxState::Resuming, &Changes::default(), now, Some(&cap))
+            .transition(
+                Some(team_id),
+                id,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now,
+                Some(&cap),
+            )
             .await?
         {
             let err = self.conflict(Some(team_id), id, "resume").await;
             return Err(match err {
                 // Still paused: the capacity check lost a race.
-                Error::StateConflict { state: SandboxState::Paused, .. } => {
-                    Error::NoCapacity(NoCapacity::Full { vcpus: sb.vcpus, memory_mib: sb.memory_mib })
-                }
+                Error::StateConflict {
+                    state: SandboxState::Paused,
+                    ..
+                } => Error::NoCapacity(NoCapacity::Full {
+                    vcpus: sb.vcpus,
+                    memory_mib: sb.memory_mib,
+                }),
                 other => other,
             });
         }
@@ -431,7 +535,10 @@ impl Operations {
             env: env.into_iter().collect(),
             guest_token: auth::new_guest_token(),
         };
-        match client.resume_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+        match client
+            .resume_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
             Ok(_) => {
                 let now = now_ms();
                 let changes = Changes {
@@ -439,13 +546,25 @@ impl Operations {
                     ..Changes::default()
                 };
                 self.store
-                    .transition(None, id, &[SandboxState::Resuming], SandboxState::Running, &changes, now, None)
+                    .transition(
+                        None,
+                        id,
+                        &[SandboxState::Resuming],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
                     .await?;
-                self.metrics.observe("resume", started.elapsed().as_secs_f64());
+                self.metrics
+                    .observe("resume", started.elapsed().as_secs_f64());
                 self.load(None, id).await
             }
             Err(status) => {
-                let reason = format!("resume failed on host {host_id}: {}", status_reason(&status));
+                let reason = format!(
+                    "resume failed on host {host_id}: {}",
+                    status_reason(&status)
+                );
                 self.fail(id, SandboxState::Resuming, &reason).await;
                 Err(self.host_error(&host_id, "ResumeSandbox", status).await)
             }
@@ -456,12 +575,22 @@ impl Operations {
     pub async fn snapshot(&self, team_id: &str, id: &str, name: &str) -> Result<Template> {
         if self.store.template(team_id, name).await?.is_some() {
             // Checked again atomically at insert; this only saves a wasted snapshot.
-            return Err(Error::TemplateExists { name: name.to_owned() });
+            return Err(Error::TemplateExists {
+                name: name.to_owned(),
+            });
         }
         let now = now_ms();
         if !self
             .store
-            .transition(Some(team_id), id, &[SandboxState::Running], SandboxState::Snapshotting, &Changes::default(), now, None)
+            .transition(
+                Some(team_id),
+                id,
+                &[SandboxState::Running],
+                SandboxState::Snapshotting,
+                &Changes::default(),
+                now,
+                None,
+            )
             .await?
         {
             return Err(self.conflict(Some(team_id), id, "be snapshotted").await);
@@ -472,14 +601,27 @@ impl Operations {
         let back_to_running = || async {
             let r = self
                 .store
-                .transition(None, id, &[SandboxState::Snapshotting], SandboxState::Running, &Changes::default(), now_ms(), None)
+                .transition(
+                    None,
+                    id,
+                    &[SandboxState::Snapshotting],
+                    SandboxState::Running,
+                    &Changes::default(),
+                    now_ms(),
+                    None,
+                )
                 .await;
             if let Err(err) = r {
                 tracing::error!(sandbox = %id, error = %err, "leaving snapshotting failed; the reconciler will retry");
             }
         };
-        let req = pb::CreateSnapshotRequest { sandbox_id: id.to_owned() };
-        let snap = match client.create_snapshot(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+        let req = pb::CreateSnapshotRequest {
+            sandbox_id: id.to_owned(),
+        };
+        let snap = match client
+            .create_snapshot(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
             Ok(reply) => reply.into_inner(),
             Err(status) => {
                 // A failed snapshot does not stop the VM: it is still running.
@@ -517,11 +659,18 @@ impl Operations {
             Ok(true) => Ok(template),
             Ok(false) => {
                 // Lost a race for the name: drop the build we just made.
-                let req = pb::DeleteSnapshotRequest { build_id: snap.build_id };
-                if let Err(s) = client.delete_snapshot(with_timeout(req, INFO_TIMEOUT)).await {
+                let req = pb::DeleteSnapshotRequest {
+                    build_id: snap.build_id,
+                };
+                if let Err(s) = client
+                    .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
+                    .await
+                {
                     tracing::warn!(host = %host_id, error = %status_reason(&s), "dropping a duplicate template's build failed");
                 }
-                Err(Error::TemplateExists { name: name.to_owned() })
+                Err(Error::TemplateExists {
+                    name: name.to_owned(),
+                })
             }
             Err(e) => Err(e),
         }
@@ -534,7 +683,9 @@ impl Operations {
             .store
             .delete_template(team_id, name, now_ms())
             .await?
-            .ok_or_else(|| Error::TemplateNotFound { name: name.to_owned() })?;
+            .ok_or_else(|| Error::TemplateNotFound {
+                name: name.to_owned(),
+            })?;
         let build = self.store.build(&template.build_id).await?;
         let Some(build) = build else {
             return Ok((template, false));
@@ -543,13 +694,20 @@ impl Operations {
             Ok(c) => c,
             Err(_) => return Ok((template, false)),
         };
-        let req = pb::DeleteSnapshotRequest { build_id: build.id.clone() };
-        match client.delete_snapshot(with_timeout(req, INFO_TIMEOUT)).await {
+        let req = pb::DeleteSnapshotRequest {
+            build_id: build.id.clone(),
+        };
+        match client
+            .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
+            .await
+        {
             Ok(reply) => Ok((template, reply.into_inner().data_freed)),
             Err(status) => {
                 tracing::warn!(host = %build.host_id, build = %build.id, error = %status_reason(&status), "host did not delete the template's build");
                 if is_unreachable(&status) {
-                    self.hosts.mark_unreachable(&build.host_id, &status_reason(&status)).await;
+                    self.hosts
+                        .mark_unreachable(&build.host_id, &status_reason(&status))
+                        .await;
                 }
                 Ok((template, false))
             }
@@ -564,7 +722,10 @@ impl Operations {
             .await?
             .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })?;
         if sb.state != SandboxState::Running {
-            return Err(Error::NotRunning { id: id.to_owned(), state: sb.state });
+            return Err(Error::NotRunning {
+                id: id.to_owned(),
+                state: sb.state,
+            });
         }
         let client = self.hosts.client(Self::host_of(&sb)?)?;
         Ok((sb, client))
@@ -583,7 +744,12 @@ impl Operations {
     }
 
     /// Turn a host call failure on an open sandbox into an error, marking the host.
-    pub async fn guest_call_error(&self, sb: &Sandbox, call: &'static str, status: tonic::Status) -> Error {
+    pub async fn guest_call_error(
+        &self,
+        sb: &Sandbox,
+        call: &'static str,
+        status: tonic::Status,
+    ) -> Error {
         let host = sb.host_id.clone().unwrap_or_default();
         self.host_error(&host, call, status).await
     }
@@ -594,17 +760,25 @@ impl Operations {
         let rows = self.store.expired_sandboxes(now, 200).await?;
         for action in ttl::decide(&rows, now) {
             let (id, result) = match &action {
-                ttl::TtlAction::Kill { sandbox_id } => (sandbox_id, self.destroy(None, sandbox_id).await.map(|_| ())),
-                ttl::TtlAction::Pause { sandbox_id } => (sandbox_id, self.pause(None, sandbox_id).await.map(|_| ())),
+                ttl::TtlAction::Kill { sandbox_id } => {
+                    (sandbox_id, self.destroy(None, sandbox_id).await.map(|_| ()))
+                }
+                ttl::TtlAction::Pause { sandbox_id } => {
+                    (sandbox_id, self.pause(None, sandbox_id).await.map(|_| ()))
+                }
             };
             match result {
                 Ok(()) => tracing::info!(sandbox = %id, ?action, "timeout applied"),
                 // Another replica or a user request got there first.
                 Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
-                Err(err) => tracing::warn!(sandbox = %id, error = %err, "applying a timeout failed"),
+                Err(err) => {
+                    tracing::warn!(sandbox = %id, error = %err, "applying a timeout failed")
+                }
             }
         }
-        self.store.purge_destroyed(now - DESTROYED_RETENTION_MS).await?;
+        self.store
+            .purge_destroyed(now - DESTROYED_RETENTION_MS)
+            .await?;
         Ok(())
     }
 
@@ -621,9 +795,15 @@ impl Operations {
     async fn reconcile_host(&self, host_id: &str, params: &reconciler::Params) -> Result<()> {
         let now = now_ms();
         // Rows first, then the listing (see the reconciler's module comment).
-        let rows = self.store.sandboxes_on_host(host_id, now - 3600 * 1000).await?;
+        let rows = self
+            .store
+            .sandboxes_on_host(host_id, now - 3600 * 1000)
+            .await?;
         let mut client = self.hosts.client(host_id)?;
-        let view = match client.list_sandboxes(with_timeout(pb::ListSandboxesRequest {}, INFO_TIMEOUT)).await {
+        let view = match client
+            .list_sandboxes(with_timeout(pb::ListSandboxesRequest {}, INFO_TIMEOUT))
+            .await
+        {
             Ok(reply) => HostView::Listed(
                 reply
                     .into_inner()
@@ -640,7 +820,9 @@ impl Operations {
                     })
                     .collect(),
             ),
-            Err(status) => HostView::Unreachable { error: status_reason(&status) },
+            Err(status) => HostView::Unreachable {
+                error: status_reason(&status),
+            },
         };
         let now = now_ms();
         for action in reconciler::decide(host_id, &rows, &view, now, params) {
@@ -651,13 +833,23 @@ impl Operations {
         Ok(())
     }
 
-    async fn apply(&self, host_id: &str, rows: &[Sandbox], action: &Action, client: &mut HostClient) -> Result<()> {
+    async fn apply(
+        &self,
+        host_id: &str,
+        rows: &[Sandbox],
+        action: &Action,
+        client: &mut HostClient,
+    ) -> Result<()> {
         let now = now_ms();
         let row = |id: &str| rows.iter().find(|r| r.id == id);
         match action {
             Action::HostUnreachable { error } => self.hosts.mark_unreachable(host_id, error).await,
             Action::HostReachable => self.hosts.mark_reachable(host_id).await,
-            Action::MarkFailed { sandbox_id, from, reason } => {
+            Action::MarkFailed {
+                sandbox_id,
+                from,
+                reason,
+            } => {
                 tracing::warn!(sandbox = %sandbox_id, %from, reason, "reconciler: sandbox failed");
                 self.fail(sandbox_id, *from, reason).await;
             }
@@ -668,19 +860,44 @@ impl Operations {
                     ..Changes::default()
                 };
                 self.store
-                    .transition(None, sandbox_id, &[*from], SandboxState::Running, &changes, now, None)
+                    .transition(
+                        None,
+                        sandbox_id,
+                        &[*from],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
                     .await?;
             }
-            Action::MarkPaused { sandbox_id, from, build_id } => {
-                let Some(sb) = row(sandbox_id) else { return Ok(()) };
+            Action::MarkPaused {
+                sandbox_id,
+                from,
+                build_id,
+            } => {
+                let Some(sb) = row(sandbox_id) else {
+                    return Ok(());
+                };
                 match build_id {
                     Some(b) => {
                         self.record_pause(sb, host_id, b, *from).await?;
                     }
                     None => {
-                        let changes = Changes { expires_at: Some(None), ..Changes::default() };
+                        let changes = Changes {
+                            expires_at: Some(None),
+                            ..Changes::default()
+                        };
                         self.store
-                            .transition(None, sandbox_id, &[*from], SandboxState::Paused, &changes, now, None)
+                            .transition(
+                                None,
+                                sandbox_id,
+                                &[*from],
+                                SandboxState::Paused,
+                                &changes,
+                                now,
+                                None,
+                            )
                             .await?;
                     }
                 }
@@ -690,10 +907,19 @@ impl Operations {
                     self.finish_destroy(sb, *from).await?;
                 }
             }
-            Action::DestroyOnHost { sandbox_id, mark_destroyed_from, why } => {
+            Action::DestroyOnHost {
+                sandbox_id,
+                mark_destroyed_from,
+                why,
+            } => {
                 tracing::info!(host = %host_id, sandbox = %sandbox_id, why, "reconciler: destroying on host");
-                let req = pb::SandboxRef { sandbox_id: sandbox_id.clone() };
-                match client.destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT)).await {
+                let req = pb::SandboxRef {
+                    sandbox_id: sandbox_id.clone(),
+                };
+                match client
+                    .destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+                    .await
+                {
                     Ok(_) => {}
                     Err(s) if s.code() == tonic::Code::NotFound => {}
                     Err(s) => return Err(self.host_error(host_id, "DestroySandbox", s).await),

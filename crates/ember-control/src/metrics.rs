@@ -42,7 +42,10 @@ pub struct Metrics {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter()
+    [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+    .into_iter()
 }
 
 impl Default for Metrics {
@@ -56,7 +59,9 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ember");
         let sandboxes = Family::<StateLabel, Gauge>::default();
         registry.register("sandboxes", "Sandboxes by state", sandboxes.clone());
-        let latency = Family::<OperationLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let latency = Family::<OperationLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register(
             "sandbox_operation_seconds",
             "Latency of successful create, resume and pause requests as the API sees them",
@@ -64,7 +69,7 @@ impl Metrics {
         );
         // Every operation's histogram exists from the start, so dashboards see zeros, not gaps.
         for op in ["create", "resume", "pause"] {
-            latency.get_or_create(&OperationLabel {
+            let _ = latency.get_or_create(&OperationLabel {
                 operation: op.to_owned(),
             });
         }
@@ -81,7 +86,11 @@ impl Metrics {
             pages_prefetched.clone(),
         );
         let hosts_healthy = Gauge::default();
-        registry.register("hosts_healthy", "Hosts answering their probes", hosts_healthy.clone());
+        registry.register(
+            "hosts_healthy",
+            "Hosts answering their probes",
+            hosts_healthy.clone(),
+        );
         let hosts_total = Gauge::default();
         registry.register("hosts", "Hosts registered", hosts_total.clone());
         Metrics {
@@ -107,7 +116,10 @@ impl Metrics {
     /// Set the state gauges from a count per state (every state is reported, zero included).
     pub fn set_sandbox_counts(&self, counts: &[(SandboxState, u64)]) {
         for state in SandboxState::ALL {
-            let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
             self.sandboxes
                 .get_or_create(&StateLabel {
                     state: state.as_str().to_owned(),
@@ -117,14 +129,23 @@ impl Metrics {
     }
 
     /// Set host gauges from the hosts' last `HostInfo` replies.
-    pub fn set_hosts(&self, total: usize, healthy: usize, infos: &[(String, ember_proto::host::HostInfoReply)]) {
+    pub fn set_hosts(
+        &self,
+        total: usize,
+        healthy: usize,
+        infos: &[(String, ember_proto::host::HostInfoReply)],
+    ) {
         self.hosts_total.set(total as i64);
         self.hosts_healthy.set(healthy as i64);
         for (id, info) in infos {
             let label = HostLabel { host: id.clone() };
-            let m = info.metrics.clone().unwrap_or_default();
-            self.page_faults.get_or_create(&label).set(m.page_faults_served);
-            self.pages_prefetched.get_or_create(&label).set(m.pages_prefetched);
+            let m = info.metrics.unwrap_or_default();
+            self.page_faults
+                .get_or_create(&label)
+                .set(m.page_faults_served);
+            self.pages_prefetched
+                .get_or_create(&label)
+                .set(m.pages_prefetched);
         }
     }
 
@@ -157,10 +178,25 @@ mod tests {
         };
         m.set_hosts(1, 1, &[("host-a".into(), info)]);
         let text = m.encode();
-        assert!(text.contains("ember_sandboxes{state=\"running\"} 3"), "{text}");
-        assert!(text.contains("ember_sandboxes{state=\"paused\"} 0"), "{text}");
-        assert!(text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 1"), "{text}");
-        assert!(text.contains("ember_sandbox_operation_seconds_count{operation=\"resume\"} 0"), "{text}");
-        assert!(text.contains("ember_host_page_faults_served{host=\"host-a\"} 42"), "{text}");
+        assert!(
+            text.contains("ember_sandboxes{state=\"running\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_sandboxes{state=\"paused\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_sandbox_operation_seconds_count{operation=\"resume\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_host_page_faults_served{host=\"host-a\"} 42"),
+            "{text}"
+        );
     }
 }

@@ -14,7 +14,17 @@ use serde::{Deserialize, Serialize};
 /// Where a sandbox is in its life. The database row is the truth; every change
 /// is a compare-and-set from an expected state (see [`crate::store`]).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
@@ -126,7 +136,9 @@ impl FromStr for OnTimeout {
         match s {
             "kill" => Ok(OnTimeout::Kill),
             "pause" => Ok(OnTimeout::Pause),
-            other => Err(format!("unknown on_timeout {other:?}: expected \"kill\" or \"pause\"")),
+            other => Err(format!(
+                "unknown on_timeout {other:?}: expected \"kill\" or \"pause\""
+            )),
         }
     }
 }
@@ -290,7 +302,12 @@ mod tests {
         for s in SandboxState::ALL {
             assert_eq!(s.as_str().parse::<SandboxState>().unwrap(), s);
         }
-        assert!("sleeping".parse::<SandboxState>().unwrap_err().contains("running"));
+        assert!(
+            "sleeping"
+                .parse::<SandboxState>()
+                .unwrap_err()
+                .contains("running")
+        );
     }
 
     #[test]

@@ -53,7 +53,10 @@ impl Modify for SecuritySchemes {
             "access_token",
             bearer("A sandbox's access token, `embersb_<sandbox id>_<secret>`: exec and files of that sandbox only"),
         );
-        components.add_security_scheme("join_token", bearer("The cluster join token printed by `ember server`"));
+        components.add_security_scheme(
+            "join_token",
+            bearer("The cluster join token printed by `ember server`"),
+        );
     }
 }
 

@@ -139,16 +139,14 @@ pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Para
                 }),
                 Some(_) => {}
             },
-            SandboxState::Paused => {}
-            SandboxState::Failed => {
-                if obs.is_some() && age >= p.grace_ms {
-                    actions.push(Action::DestroyOnHost {
-                        sandbox_id: id,
-                        mark_destroyed_from: None,
-                        why: "failed in the database",
-                    });
-                }
+            SandboxState::Failed if obs.is_some() && age >= p.grace_ms => {
+                actions.push(Action::DestroyOnHost {
+                    sandbox_id: id,
+                    mark_destroyed_from: None,
+                    why: "failed in the database",
+                });
             }
+            SandboxState::Paused | SandboxState::Failed => {}
             SandboxState::Destroyed => {
                 let since = row.destroyed_at.unwrap_or(row.state_changed_at);
                 if obs.is_some() && now - since >= p.grace_ms {
@@ -159,7 +157,7 @@ pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Para
                     });
                 }
             }
-            transitional if age >= p.stuck_after_ms => {
+            transitional if transitional.is_transitional() && age >= p.stuck_after_ms => {
                 if transitional == SandboxState::Destroying {
                     actions.push(match obs {
                         Some(_) => Action::DestroyOnHost {
@@ -188,15 +186,16 @@ pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Para
                         sandbox_id: id,
                         from: transitional,
                     },
-                    (SandboxState::Pausing | SandboxState::Resuming, Some(SandboxState::Paused)) => {
-                        Action::MarkPaused {
-                            sandbox_id: id,
-                            from: transitional,
-                            build_id: obs
-                                .and_then(|o| o.build_id.clone())
-                                .or_else(|| row.build_id.clone()),
-                        }
-                    }
+                    (
+                        SandboxState::Pausing | SandboxState::Resuming,
+                        Some(SandboxState::Paused),
+                    ) => Action::MarkPaused {
+                        sandbox_id: id,
+                        from: transitional,
+                        build_id: obs
+                            .and_then(|o| o.build_id.clone())
+                            .or_else(|| row.build_id.clone()),
+                    },
                     // The resume never happened; the paused build is still there.
                     (SandboxState::Resuming, None) => Action::MarkPaused {
                         sandbox_id: id,
@@ -326,8 +325,17 @@ mod tests {
 
     #[test]
     fn agreement_needs_no_action() {
-        let db = [row("a", SandboxState::Running, 10), row("p", SandboxState::Paused, 10)];
-        let a = decide("h1", &db, &listed(vec![obs("a", SandboxState::Running, 10)]), NOW, &P);
+        let db = [
+            row("a", SandboxState::Running, 10),
+            row("p", SandboxState::Paused, 10),
+        ];
+        let a = decide(
+            "h1",
+            &db,
+            &listed(vec![obs("a", SandboxState::Running, 10)]),
+            NOW,
+            &P,
+        );
         assert_eq!(a, vec![Action::HostReachable]);
     }
 
@@ -337,7 +345,11 @@ mod tests {
         let a = sandbox_actions(decide("h1", &db, &listed(vec![]), NOW, &P));
         assert_eq!(a.len(), 1);
         match &a[0] {
-            Action::MarkFailed { sandbox_id, from, reason } => {
+            Action::MarkFailed {
+                sandbox_id,
+                from,
+                reason,
+            } => {
                 assert_eq!(sandbox_id, "a");
                 assert_eq!(*from, SandboxState::Running);
                 assert!(reason.contains("h1"), "{reason}");
@@ -370,9 +382,25 @@ mod tests {
 
     #[test]
     fn an_unreachable_host_kills_nothing() {
-        let db = [row("a", SandboxState::Running, 1_000_000), row("f", SandboxState::Creating, 1_000_000)];
-        let a = decide("h1", &db, &HostView::Unreachable { error: "refused".into() }, NOW, &P);
-        assert_eq!(a, vec![Action::HostUnreachable { error: "refused".into() }]);
+        let db = [
+            row("a", SandboxState::Running, 1_000_000),
+            row("f", SandboxState::Creating, 1_000_000),
+        ];
+        let a = decide(
+            "h1",
+            &db,
+            &HostView::Unreachable {
+                error: "refused".into(),
+            },
+            NOW,
+            &P,
+        );
+        assert_eq!(
+            a,
+            vec![Action::HostUnreachable {
+                error: "refused".into()
+            }]
+        );
     }
 
     #[test]
@@ -408,63 +436,174 @@ mod tests {
         let old = [row("d", SandboxState::Destroyed, 90_000)];
         assert!(matches!(
             sandbox_actions(decide("h1", &old, &view, NOW, &P)).as_slice(),
-            [Action::DestroyOnHost { mark_destroyed_from: None, .. }]
+            [Action::DestroyOnHost {
+                mark_destroyed_from: None,
+                ..
+            }]
         ));
     }
 
     #[test]
     fn failed_rows_with_a_vm_left_are_cleaned_after_grace() {
         let view = listed(vec![obs("f", SandboxState::Running, 999_000)]);
-        assert!(sandbox_actions(decide("h1", &[row("f", SandboxState::Failed, 5_000)], &view, NOW, &P)).is_empty());
-        let a = sandbox_actions(decide("h1", &[row("f", SandboxState::Failed, 70_000)], &view, NOW, &P));
-        assert!(matches!(a.as_slice(), [Action::DestroyOnHost { sandbox_id, .. }] if sandbox_id == "f"));
-        // Failed and gone: nothing to do.
-        assert!(sandbox_actions(decide("h1", &[row("f", SandboxState::Failed, 70_000)], &listed(vec![]), NOW, &P)).is_empty());
+        assert!(
+            sandbox_actions(decide(
+                "h1",
+                &[row("f", SandboxState::Failed, 5_000)],
+                &view,
+                NOW,
+                &P
+            ))
+            .is_empty()
+        );
+        let a = sandbox_actions(decide(
+            "h1",
+            &[row("f", SandboxState::Failed, 70_000)],
+            &view,
+            NOW,
+            &P,
+        ));
+        assert!(
+            matches!(a.as_slice(), [Action::DestroyOnHost { sandbox_id, .. }] if sandbox_id == "f")
+        );
+        // Failed and gone: nothing to do, however old the failure.
+        assert!(
+            sandbox_actions(decide(
+                "h1",
+                &[row("f", SandboxState::Failed, 10 * P.stuck_after_ms)],
+                &listed(vec![]),
+                NOW,
+                &P
+            ))
+            .is_empty()
+        );
+        assert!(
+            sandbox_actions(decide(
+                "h1",
+                &[row("f", SandboxState::Failed, 70_000)],
+                &listed(vec![]),
+                NOW,
+                &P
+            ))
+            .is_empty()
+        );
     }
 
     #[test]
     fn fresh_transitions_are_left_to_their_owner() {
         for st in SandboxState::TRANSITIONAL {
             let db = [row("t", st, 1_000)];
-            assert!(sandbox_actions(decide("h1", &db, &listed(vec![]), NOW, &P)).is_empty(), "{st}");
+            assert!(
+                sandbox_actions(decide("h1", &db, &listed(vec![]), NOW, &P)).is_empty(),
+                "{st}"
+            );
         }
     }
 
     #[test]
     fn stuck_transitions_are_finished_from_what_the_host_reports() {
         let stuck = P.stuck_after_ms + 1;
-        let run = |st, o: Vec<Observed>| sandbox_actions(decide("h1", &[row("t", st, stuck)], &listed(o), NOW, &P));
+        let run = |st, o: Vec<Observed>| {
+            sandbox_actions(decide("h1", &[row("t", st, stuck)], &listed(o), NOW, &P))
+        };
         let running = || vec![obs("t", SandboxState::Running, 1)];
 
-        assert_eq!(run(SandboxState::Creating, running()), vec![Action::MarkRunning { sandbox_id: "t".into(), from: SandboxState::Creating }]);
-        assert!(matches!(run(SandboxState::Creating, vec![]).as_slice(), [Action::MarkFailed { from: SandboxState::Creating, reason, .. }] if reason.contains("create")));
-        assert_eq!(run(SandboxState::Snapshotting, running()), vec![Action::MarkRunning { sandbox_id: "t".into(), from: SandboxState::Snapshotting }]);
-        assert_eq!(run(SandboxState::Pausing, running()), vec![Action::MarkRunning { sandbox_id: "t".into(), from: SandboxState::Pausing }]);
+        assert_eq!(
+            run(SandboxState::Creating, running()),
+            vec![Action::MarkRunning {
+                sandbox_id: "t".into(),
+                from: SandboxState::Creating
+            }]
+        );
+        assert!(
+            matches!(run(SandboxState::Creating, vec![]).as_slice(), [Action::MarkFailed { from: SandboxState::Creating, reason, .. }] if reason.contains("create"))
+        );
+        assert_eq!(
+            run(SandboxState::Snapshotting, running()),
+            vec![Action::MarkRunning {
+                sandbox_id: "t".into(),
+                from: SandboxState::Snapshotting
+            }]
+        );
+        assert_eq!(
+            run(SandboxState::Pausing, running()),
+            vec![Action::MarkRunning {
+                sandbox_id: "t".into(),
+                from: SandboxState::Pausing
+            }]
+        );
 
         let mut paused = obs("t", SandboxState::Paused, 1);
         paused.build_id = Some("b9".into());
         assert_eq!(
             run(SandboxState::Pausing, vec![paused.clone()]),
-            vec![Action::MarkPaused { sandbox_id: "t".into(), from: SandboxState::Pausing, build_id: Some("b9".into()) }]
+            vec![Action::MarkPaused {
+                sandbox_id: "t".into(),
+                from: SandboxState::Pausing,
+                build_id: Some("b9".into())
+            }]
         );
-        assert!(matches!(run(SandboxState::Pausing, vec![]).as_slice(), [Action::MarkFailed { .. }]));
-        assert_eq!(run(SandboxState::Resuming, running()), vec![Action::MarkRunning { sandbox_id: "t".into(), from: SandboxState::Resuming }]);
-        assert!(matches!(run(SandboxState::Resuming, vec![]).as_slice(), [Action::MarkPaused { from: SandboxState::Resuming, .. }]));
+        assert!(matches!(
+            run(SandboxState::Pausing, vec![]).as_slice(),
+            [Action::MarkFailed { .. }]
+        ));
+        assert_eq!(
+            run(SandboxState::Resuming, running()),
+            vec![Action::MarkRunning {
+                sandbox_id: "t".into(),
+                from: SandboxState::Resuming
+            }]
+        );
+        assert!(matches!(
+            run(SandboxState::Resuming, vec![]).as_slice(),
+            [Action::MarkPaused {
+                from: SandboxState::Resuming,
+                ..
+            }]
+        ));
 
-        assert_eq!(run(SandboxState::Destroying, vec![]), vec![Action::MarkDestroyed { sandbox_id: "t".into(), from: SandboxState::Destroying }]);
+        assert_eq!(
+            run(SandboxState::Destroying, vec![]),
+            vec![Action::MarkDestroyed {
+                sandbox_id: "t".into(),
+                from: SandboxState::Destroying
+            }]
+        );
         assert!(matches!(
             run(SandboxState::Destroying, running()).as_slice(),
-            [Action::DestroyOnHost { mark_destroyed_from: Some(SandboxState::Destroying), .. }]
+            [Action::DestroyOnHost {
+                mark_destroyed_from: Some(SandboxState::Destroying),
+                ..
+            }]
         ));
         // A slow create still in progress on the host is given time.
-        assert!(run(SandboxState::Creating, vec![obs("t", SandboxState::Creating, 1)]).is_empty());
+        assert!(
+            run(
+                SandboxState::Creating,
+                vec![obs("t", SandboxState::Creating, 1)]
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn a_stuck_transition_the_host_failed_takes_the_hosts_reason() {
         let mut o = obs("t", SandboxState::Failed, 1);
         o.failure_reason = Some("out of memory".into());
-        let a = sandbox_actions(decide("h1", &[row("t", SandboxState::Creating, 400_000)], &listed(vec![o]), NOW, &P));
-        assert_eq!(a, vec![Action::MarkFailed { sandbox_id: "t".into(), from: SandboxState::Creating, reason: "out of memory".into() }]);
+        let a = sandbox_actions(decide(
+            "h1",
+            &[row("t", SandboxState::Creating, 400_000)],
+            &listed(vec![o]),
+            NOW,
+            &P,
+        ));
+        assert_eq!(
+            a,
+            vec![Action::MarkFailed {
+                sandbox_id: "t".into(),
+                from: SandboxState::Creating,
+                reason: "out of memory".into()
+            }]
+        );
     }
 }

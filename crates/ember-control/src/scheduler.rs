@@ -160,27 +160,45 @@ mod tests {
 
     #[test]
     fn no_hosts_is_no_capacity_not_a_wait() {
-        assert_eq!(candidates(&[], &demand(1, 512, None)), Err(NoCapacity::NoHosts));
+        assert_eq!(
+            candidates(&[], &demand(1, 512, None)),
+            Err(NoCapacity::NoHosts)
+        );
         let mut h = host("a", (8, 0), (8192, 0), &[]);
         h.healthy = false;
-        assert_eq!(candidates(&[h], &demand(1, 512, None)), Err(NoCapacity::NoHosts));
+        assert_eq!(
+            candidates(&[h], &demand(1, 512, None)),
+            Err(NoCapacity::NoHosts)
+        );
     }
 
     #[test]
     fn a_host_without_room_is_skipped() {
-        let hosts = [host("a", (4, 4), (8192, 0), &[]), host("b", (4, 0), (8192, 0), &[])];
-        assert_eq!(candidates(&hosts, &demand(1, 512, None)).unwrap(), vec!["b"]);
+        let hosts = [
+            host("a", (4, 4), (8192, 0), &[]),
+            host("b", (4, 0), (8192, 0), &[]),
+        ];
+        assert_eq!(
+            candidates(&hosts, &demand(1, 512, None)).unwrap(),
+            vec!["b"]
+        );
         let hosts = [host("a", (4, 0), (1024, 800), &[])];
         assert_eq!(
             candidates(&hosts, &demand(1, 512, None)),
-            Err(NoCapacity::Full { vcpus: 1, memory_mib: 512 })
+            Err(NoCapacity::Full {
+                vcpus: 1,
+                memory_mib: 512
+            })
         );
     }
 
     #[test]
     fn exact_fit_is_allowed() {
         let hosts = [host("a", (4, 3), (1024, 512), &[])];
-        assert_eq!(candidates(&hosts, &demand(1, 512, None)).unwrap(), vec!["a"]);
+        assert_eq!(
+            candidates(&hosts, &demand(1, 512, None)).unwrap(),
+            vec!["a"]
+        );
     }
 
     #[test]
@@ -189,12 +207,20 @@ mod tests {
             host("a", (64, 0), (65536, 0), &[]),
             host("b", (4, 0), (4096, 0), &["b1"]),
         ];
-        assert_eq!(candidates(&hosts, &demand(1, 512, Some("b1"))).unwrap(), vec!["b"]);
+        assert_eq!(
+            candidates(&hosts, &demand(1, 512, Some("b1"))).unwrap(),
+            vec!["b"]
+        );
         assert_eq!(
             candidates(&hosts, &demand(1, 512, Some("zz"))),
-            Err(NoCapacity::BuildNowhere { build_id: "zz".into() })
+            Err(NoCapacity::BuildNowhere {
+                build_id: "zz".into()
+            })
         );
-        let full = [host("b", (4, 4), (4096, 0), &["b1"]), host("a", (64, 0), (65536, 0), &[])];
+        let full = [
+            host("b", (4, 4), (4096, 0), &["b1"]),
+            host("a", (64, 0), (65536, 0), &[]),
+        ];
         assert!(matches!(
             candidates(&full, &demand(1, 512, Some("b1"))),
             Err(NoCapacity::Full { .. })
@@ -208,7 +234,10 @@ mod tests {
             host("c", (8, 0), (8192, 0), &[]),
             host("b", (8, 0), (8192, 0), &[]),
         ];
-        assert_eq!(candidates(&hosts, &demand(1, 512, None)).unwrap(), vec!["b", "c", "a"]);
+        assert_eq!(
+            candidates(&hosts, &demand(1, 512, None)).unwrap(),
+            vec!["b", "c", "a"]
+        );
     }
 
     #[test]
@@ -218,6 +247,11 @@ mod tests {
         assert!(resume_fits(&h, 2, 512).is_err());
         let mut sick = h.clone();
         sick.healthy = false;
-        assert_eq!(resume_fits(&sick, 1, 1), Err(NoCapacity::HostDown { host_id: "a".into() }));
+        assert_eq!(
+            resume_fits(&sick, 1, 1),
+            Err(NoCapacity::HostDown {
+                host_id: "a".into()
+            })
+        );
     }
 }

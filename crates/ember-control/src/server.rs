@@ -127,18 +127,30 @@ impl ControlPlane {
 
     /// Serve the API on `listener` and run the background loops until
     /// `shutdown` is cancelled; in-flight requests finish first.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let addr = listener.local_addr().map_err(Error::Serve)?;
         let loops = CancellationToken::new();
         let tasks = vec![
-            tokio::spawn(hosts::run_probes(self.state.hosts.clone(), self.config.probe_interval, loops.clone())),
+            tokio::spawn(hosts::run_probes(
+                self.state.hosts.clone(),
+                self.config.probe_interval,
+                loops.clone(),
+            )),
             tokio::spawn(reconciler::run(
                 self.state.ops.clone(),
                 self.config.reconcile_interval,
                 self.config.reconciler,
                 loops.clone(),
             )),
-            tokio::spawn(ttl::run(self.state.ops.clone(), self.config.ttl_interval, loops.clone())),
+            tokio::spawn(ttl::run(
+                self.state.ops.clone(),
+                self.config.ttl_interval,
+                loops.clone(),
+            )),
         ];
         tracing::info!(%addr, "serving the API");
         let router = api::router(self.state.clone());

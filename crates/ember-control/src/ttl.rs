@@ -36,7 +36,9 @@ pub fn decide(rows: &[Sandbox], now: i64) -> Vec<TtlAction> {
 /// The new expiry when activity (exec, connect) touches a sandbox: its
 /// timeout counted from now, never earlier than what it already has.
 pub fn extended_expiry(current: Option<i64>, timeout_s: u64, now: i64) -> i64 {
-    let timeout_ms = i64::try_from(timeout_s).unwrap_or(i64::MAX).saturating_mul(1000);
+    let timeout_ms = i64::try_from(timeout_s)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
     let candidate = now.saturating_add(timeout_ms);
     current.map_or(candidate, |c| c.max(candidate))
 }
@@ -65,7 +67,12 @@ mod tests {
     use super::*;
     use crate::model::NetworkPolicy;
 
-    fn sb(id: &str, state: SandboxState, expires_at: Option<i64>, on_timeout: OnTimeout) -> Sandbox {
+    fn sb(
+        id: &str,
+        state: SandboxState,
+        expires_at: Option<i64>,
+        on_timeout: OnTimeout,
+    ) -> Sandbox {
         Sandbox {
             id: id.into(),
             team_id: "t".into(),
@@ -104,9 +111,15 @@ mod tests {
         assert_eq!(
             decide(&rows, 200),
             vec![
-                TtlAction::Kill { sandbox_id: "kill".into() },
-                TtlAction::Pause { sandbox_id: "pause".into() },
-                TtlAction::Kill { sandbox_id: "exact".into() },
+                TtlAction::Kill {
+                    sandbox_id: "kill".into()
+                },
+                TtlAction::Pause {
+                    sandbox_id: "pause".into()
+                },
+                TtlAction::Kill {
+                    sandbox_id: "exact".into()
+                },
             ]
         );
     }

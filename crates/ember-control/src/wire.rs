@@ -241,7 +241,10 @@ pub enum ExecEvent {
         timed_out: bool,
     },
     /// The stream broke (the host or guest failed); the process may live on.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

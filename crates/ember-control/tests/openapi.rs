@@ -39,7 +39,8 @@ fn checked_in_openapi_document_matches_the_code() {
 
 #[test]
 fn the_document_covers_the_v1_surface() {
-    let doc: serde_json::Value = serde_json::from_str(&ember_control::openapi::document_json()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&ember_control::openapi::document_json()).unwrap();
     let paths = doc["paths"].as_object().expect("paths");
     for (path, methods) in [
         ("/v1/sandboxes", &["get", "post"][..]),
@@ -67,15 +68,27 @@ fn the_document_covers_the_v1_surface() {
         ("/healthz", &["get"]),
         ("/metrics", &["get"]),
     ] {
-        let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing from the document"));
+        let item = paths
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} missing from the document"));
         for m in methods {
             assert!(item.get(*m).is_some(), "{m} {path} missing");
         }
     }
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
-    for s in ["CreateSandboxRequest", "Sandbox", "ErrorBody", "ExecEvent", "Snapshot", "CreatedKey"] {
+    for s in [
+        "CreateSandboxRequest",
+        "Sandbox",
+        "ErrorBody",
+        "ExecEvent",
+        "Snapshot",
+        "CreatedKey",
+    ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
     // Requests reject unknown fields, and the document says so.
-    assert_eq!(schemas["CreateSandboxRequest"]["additionalProperties"], serde_json::json!(false));
+    assert_eq!(
+        schemas["CreateSandboxRequest"]["additionalProperties"],
+        serde_json::json!(false)
+    );
 }

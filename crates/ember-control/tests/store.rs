@@ -111,7 +111,10 @@ on_both_stores!(
 
 async fn migrations_apply_from_empty_and_only_once(url: &str) {
     let store = open(url).await;
-    let rows = store.fetch_all_text("SELECT version, name FROM schema_migrations").await.unwrap();
+    let rows = store
+        .fetch_all_text("SELECT version, name FROM schema_migrations")
+        .await
+        .unwrap();
     assert_eq!(rows, vec![vec![Some("1".into()), Some("initial".into())]]);
     store.close().await;
     // Reopening applies nothing twice and keeps data.
@@ -120,7 +123,10 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
     store.close().await;
     let store = open(url).await;
     assert_eq!(store.team(&t.id).await.unwrap(), Some(t));
-    let rows = store.fetch_all_text("SELECT COUNT(*) FROM schema_migrations").await.unwrap();
+    let rows = store
+        .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
+        .await
+        .unwrap();
     assert_eq!(rows[0][0].as_deref(), Some("1"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
@@ -129,7 +135,12 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         assert_eq!(wal[0][0].as_deref(), Some("wal"));
     }
     // Foreign keys hold on both databases: a sandbox of an unknown team is refused.
-    let orphan = sandbox("team-nosuchteamxxxxxxxxxx", "nohost", SandboxState::Running, now_ms());
+    let orphan = sandbox(
+        "team-nosuchteamxxxxxxxxxx",
+        "nohost",
+        SandboxState::Running,
+        now_ms(),
+    );
     assert!(store.insert_sandbox(&orphan, None).await.is_err());
 }
 
@@ -146,10 +157,22 @@ async fn a_state_transition_has_exactly_one_winner(url: &str) {
             let id = sb.id.clone();
             let team_id = t.id.clone();
             // Half try to pause, half to destroy: one transition out of running wins.
-            let to = if i % 2 == 0 { SandboxState::Pausing } else { SandboxState::Destroying };
+            let to = if i % 2 == 0 {
+                SandboxState::Pausing
+            } else {
+                SandboxState::Destroying
+            };
             tasks.push(tokio::spawn(async move {
                 let won = store
-                    .transition(Some(&team_id), &id, &[SandboxState::Running], to, &Changes::default(), now_ms(), None)
+                    .transition(
+                        Some(&team_id),
+                        &id,
+                        &[SandboxState::Running],
+                        to,
+                        &Changes::default(),
+                        now_ms(),
+                        None,
+                    )
                     .await
                     .unwrap();
                 won.then_some(to)
@@ -181,13 +204,18 @@ async fn concurrent_placements_never_overcommit_a_host(url: &str) {
         let store = store.clone();
         let cap = cap.clone();
         let sb = sandbox(&t.id, &h.id, SandboxState::Creating, now_ms());
-        tasks.push(tokio::spawn(async move { store.insert_sandbox(&sb, Some(&cap)).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            store.insert_sandbox(&sb, Some(&cap)).await.unwrap()
+        }));
     }
     let mut placed = 0;
     for t in tasks {
         placed += usize::from(t.await.unwrap());
     }
-    assert_eq!(placed, 4, "a 4-vCPU host takes exactly four 1-vCPU sandboxes");
+    assert_eq!(
+        placed, 4,
+        "a 4-vCPU host takes exactly four 1-vCPU sandboxes"
+    );
     let usage = store.host_usage().await.unwrap();
     assert_eq!(usage[&h.id].vcpus, 4);
 
@@ -197,13 +225,30 @@ async fn concurrent_placements_never_overcommit_a_host(url: &str) {
         .await
         .unwrap();
     let first = &rows[0].id;
-    for st in [SandboxState::Running, SandboxState::Pausing, SandboxState::Paused] {
+    for st in [
+        SandboxState::Running,
+        SandboxState::Pausing,
+        SandboxState::Paused,
+    ] {
         let from = match st {
             SandboxState::Running => SandboxState::Creating,
             SandboxState::Pausing => SandboxState::Running,
             _ => SandboxState::Pausing,
         };
-        assert!(store.transition(None, first, &[from], st, &Changes::default(), now_ms(), None).await.unwrap());
+        assert!(
+            store
+                .transition(
+                    None,
+                    first,
+                    &[from],
+                    st,
+                    &Changes::default(),
+                    now_ms(),
+                    None
+                )
+                .await
+                .unwrap()
+        );
     }
     assert_eq!(store.host_usage().await.unwrap()[&h.id].vcpus, 3);
     let newcomer = sandbox(&t.id, &h.id, SandboxState::Creating, now_ms());
@@ -211,11 +256,22 @@ async fn concurrent_placements_never_overcommit_a_host(url: &str) {
     // Now full again: the paused one cannot resume.
     assert!(
         !store
-            .transition(None, first, &[SandboxState::Paused], SandboxState::Resuming, &Changes::default(), now_ms(), Some(&cap))
+            .transition(
+                None,
+                first,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now_ms(),
+                Some(&cap)
+            )
             .await
             .unwrap()
     );
-    assert_eq!(store.sandbox(None, first).await.unwrap().unwrap().state, SandboxState::Paused);
+    assert_eq!(
+        store.sandbox(None, first).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
 }
 
 async fn every_query_is_scoped_by_team(url: &str) {
@@ -230,33 +286,105 @@ async fn every_query_is_scoped_by_team(url: &str) {
     assert!(store.sandbox(Some(&b.id), &sb.id).await.unwrap().is_none());
     assert!(store.sandbox(Some(&a.id), &sb.id).await.unwrap().is_some());
     let mut f = SandboxFilter::default();
-    assert!(store.list_sandboxes(&b.id, &f, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_sandboxes(&b.id, &f, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     f.metadata.insert("owner".into(), "alice".into());
-    assert!(store.list_sandboxes(&b.id, &f, None, 10).await.unwrap().is_empty());
-    assert_eq!(store.list_sandboxes(&a.id, &f, None, 10).await.unwrap().len(), 1);
+    assert!(
+        store
+            .list_sandboxes(&b.id, &f, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_sandboxes(&a.id, &f, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert!(
         !store
-            .transition(Some(&b.id), &sb.id, &[SandboxState::Running], SandboxState::Destroying, &Changes::default(), now_ms(), None)
+            .transition(
+                Some(&b.id),
+                &sb.id,
+                &[SandboxState::Running],
+                SandboxState::Destroying,
+                &Changes::default(),
+                now_ms(),
+                None
+            )
             .await
             .unwrap()
     );
-    assert!(!store.set_expiry(Some(&b.id), &sb.id, now_ms(), false).await.unwrap());
+    assert!(
+        !store
+            .set_expiry(Some(&b.id), &sb.id, now_ms(), false)
+            .await
+            .unwrap()
+    );
     assert!(!store.set_timeout(&b.id, &sb.id, 5).await.unwrap());
-    assert_eq!(store.sandbox(None, &sb.id).await.unwrap().unwrap().state, SandboxState::Running);
+    assert_eq!(
+        store.sandbox(None, &sb.id).await.unwrap().unwrap().state,
+        SandboxState::Running
+    );
 
     let bl = build(&a.id, &h.id, BuildKind::Template);
-    assert!(store.insert_template(&bl, &template(&a.id, "py", &bl)).await.unwrap());
+    assert!(
+        store
+            .insert_template(&bl, &template(&a.id, "py", &bl))
+            .await
+            .unwrap()
+    );
     assert!(store.template(&b.id, "py").await.unwrap().is_none());
     assert!(store.list_templates(&b.id).await.unwrap().is_empty());
-    assert!(store.delete_template(&b.id, "py", now_ms()).await.unwrap().is_none());
+    assert!(
+        store
+            .delete_template(&b.id, "py", now_ms())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(store.template(&a.id, "py").await.unwrap().is_some());
 
-    let (_, key) = ember_control::api::mint_key(&store, &a.id, "k").await.unwrap();
+    let (_, key) = ember_control::api::mint_key(&store, &a.id, "k")
+        .await
+        .unwrap();
     assert!(store.list_keys(&b.id).await.unwrap().is_empty());
-    assert!(!store.revoke_key(Some(&b.id), &key.prefix, now_ms()).await.unwrap());
-    assert!(store.key(&key.prefix).await.unwrap().unwrap().revoked_at.is_none());
-    assert!(store.revoke_key(Some(&a.id), &key.prefix, now_ms()).await.unwrap());
-    assert!(!store.revoke_key(Some(&a.id), &key.prefix, now_ms()).await.unwrap(), "revoking twice");
+    assert!(
+        !store
+            .revoke_key(Some(&b.id), &key.prefix, now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .key(&key.prefix)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    assert!(
+        store
+            .revoke_key(Some(&a.id), &key.prefix, now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_key(Some(&a.id), &key.prefix, now_ms())
+            .await
+            .unwrap(),
+        "revoking twice"
+    );
 }
 
 async fn api_keys_are_stored_only_as_hashes(url: &str) {
@@ -264,11 +392,21 @@ async fn api_keys_are_stored_only_as_hashes(url: &str) {
     let a = team(&store, "a").await;
     let mut keys = Vec::new();
     for i in 0..3 {
-        keys.push(ember_control::api::mint_key(&store, &a.id, &format!("k{i}")).await.unwrap());
+        keys.push(
+            ember_control::api::mint_key(&store, &a.id, &format!("k{i}"))
+                .await
+                .unwrap(),
+        );
     }
-    let cells = store.fetch_all_text("SELECT * FROM api_keys").await.unwrap();
+    let cells = store
+        .fetch_all_text("SELECT * FROM api_keys")
+        .await
+        .unwrap();
     assert_eq!(cells.len(), 3);
-    let secret_parts: Vec<&str> = keys.iter().map(|(k, _)| k.rsplit('_').next().unwrap()).collect();
+    let secret_parts: Vec<&str> = keys
+        .iter()
+        .map(|(k, _)| k.rsplit('_').next().unwrap())
+        .collect();
     for row in &cells {
         for cell in row.iter().flatten() {
             for ((key, _), secret) in keys.iter().zip(&secret_parts) {
@@ -279,7 +417,10 @@ async fn api_keys_are_stored_only_as_hashes(url: &str) {
     }
     for (key, row) in &keys {
         let stored = store.key(&row.prefix).await.unwrap().unwrap();
-        assert!(ember_control::auth::digest_matches(key, &stored.secret_sha256));
+        assert!(ember_control::auth::digest_matches(
+            key,
+            &stored.secret_sha256
+        ));
         assert_eq!(stored.team_id, a.id);
     }
 }
@@ -290,19 +431,57 @@ async fn template_names_are_unique_per_team(url: &str) {
     let b = team(&store, "b").await;
     let h = host(&store, "host-a").await;
     let b1 = build(&a.id, &h.id, BuildKind::Template);
-    assert!(store.insert_template(&b1, &template(&a.id, "py", &b1)).await.unwrap());
+    assert!(
+        store
+            .insert_template(&b1, &template(&a.id, "py", &b1))
+            .await
+            .unwrap()
+    );
     let b2 = build(&a.id, &h.id, BuildKind::Template);
-    assert!(!store.insert_template(&b2, &template(&a.id, "py", &b2)).await.unwrap());
-    assert!(store.build(&b2.id).await.unwrap().is_none(), "the loser's build row is rolled back");
+    assert!(
+        !store
+            .insert_template(&b2, &template(&a.id, "py", &b2))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.build(&b2.id).await.unwrap().is_none(),
+        "the loser's build row is rolled back"
+    );
     let b3 = build(&b.id, &h.id, BuildKind::Template);
-    assert!(store.insert_template(&b3, &template(&b.id, "py", &b3)).await.unwrap());
+    assert!(
+        store
+            .insert_template(&b3, &template(&b.id, "py", &b3))
+            .await
+            .unwrap()
+    );
     // Deleting frees the name at once.
-    let gone = store.delete_template(&a.id, "py", now_ms()).await.unwrap().unwrap();
+    let gone = store
+        .delete_template(&a.id, "py", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(gone.build_id, b1.id);
-    assert!(store.build(&b1.id).await.unwrap().unwrap().released_at.is_some());
+    assert!(
+        store
+            .build(&b1.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .released_at
+            .is_some()
+    );
     let b4 = build(&a.id, &h.id, BuildKind::Template);
-    assert!(store.insert_template(&b4, &template(&a.id, "py", &b4)).await.unwrap());
-    assert_eq!(store.template(&a.id, "py").await.unwrap().unwrap().build_id, b4.id);
+    assert!(
+        store
+            .insert_template(&b4, &template(&a.id, "py", &b4))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.template(&a.id, "py").await.unwrap().unwrap().build_id,
+        b4.id
+    );
 }
 
 async fn build_references_count_templates_and_live_sandboxes(url: &str) {
@@ -310,7 +489,12 @@ async fn build_references_count_templates_and_live_sandboxes(url: &str) {
     let a = team(&store, "a").await;
     let h = host(&store, "host-a").await;
     let bl = build(&a.id, &h.id, BuildKind::Template);
-    assert!(store.insert_template(&bl, &template(&a.id, "py", &bl)).await.unwrap());
+    assert!(
+        store
+            .insert_template(&bl, &template(&a.id, "py", &bl))
+            .await
+            .unwrap()
+    );
     assert_eq!(store.build_references(&bl.id).await.unwrap(), 1);
     let mut from = Vec::new();
     for _ in 0..2 {
@@ -329,16 +513,50 @@ async fn build_references_count_templates_and_live_sandboxes(url: &str) {
         build_id: Some(pause.id.clone()),
         ..Changes::default()
     };
-    assert!(store.transition(None, &from[0].id, &[SandboxState::Running], SandboxState::Paused, &changes, now_ms(), None).await.unwrap());
+    assert!(
+        store
+            .transition(
+                None,
+                &from[0].id,
+                &[SandboxState::Running],
+                SandboxState::Paused,
+                &changes,
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(store.build_references(&pause.id).await.unwrap(), 1);
     let destroyed = Changes {
         destroyed_at: Some(now_ms()),
         ..Changes::default()
     };
-    assert!(store.transition(None, &from[1].id, &[SandboxState::Running], SandboxState::Destroyed, &destroyed, now_ms(), None).await.unwrap());
+    assert!(
+        store
+            .transition(
+                None,
+                &from[1].id,
+                &[SandboxState::Running],
+                SandboxState::Destroyed,
+                &destroyed,
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(store.build_references(&bl.id).await.unwrap(), 2);
-    store.delete_template(&a.id, "py", now_ms()).await.unwrap().unwrap();
-    assert_eq!(store.build_references(&bl.id).await.unwrap(), 1, "the paused sandbox still depends on it");
+    store
+        .delete_template(&a.id, "py", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.build_references(&bl.id).await.unwrap(),
+        1,
+        "the paused sandbox still depends on it"
+    );
     // A build that something names cannot vanish from under it.
     assert!(sqlx_delete_build(&store, &bl.id).await.is_err());
 }
@@ -368,7 +586,10 @@ async fn listing_paginates_and_filters(url: &str) {
         if state == SandboxState::Destroyed {
             sb.destroyed_at = Some(base);
         }
-        sb.metadata.insert("parity".into(), if i % 2 == 0 { "even" } else { "odd" }.into());
+        sb.metadata.insert(
+            "parity".into(),
+            if i % 2 == 0 { "even" } else { "odd" }.into(),
+        );
         sb.metadata.insert("n".into(), i.to_string());
         if i % 3 == 0 {
             sb.template = "py".into();
@@ -376,7 +597,10 @@ async fn listing_paginates_and_filters(url: &str) {
         assert!(store.insert_sandbox(&sb, None).await.unwrap());
         all.push(sb);
     }
-    let visible: Vec<&Sandbox> = all.iter().filter(|s| s.state != SandboxState::Destroyed).collect();
+    let visible: Vec<&Sandbox> = all
+        .iter()
+        .filter(|s| s.state != SandboxState::Destroyed)
+        .collect();
     let mut seen = Vec::new();
     let mut after: Option<PageAfter> = None;
     loop {
@@ -396,7 +620,10 @@ async fn listing_paginates_and_filters(url: &str) {
     }
     assert_eq!(seen.len(), visible.len());
     for w in seen.windows(2) {
-        assert!((w[0].created_at, &w[0].id) > (w[1].created_at, &w[1].id), "newest first, no repeats");
+        assert!(
+            (w[0].created_at, &w[0].id) > (w[1].created_at, &w[1].id),
+            "newest first, no repeats"
+        );
     }
 
     let by = |f: SandboxFilter| {
@@ -404,28 +631,53 @@ async fn listing_paginates_and_filters(url: &str) {
         let team = a.id.clone();
         async move { store.list_sandboxes(&team, &f, None, 100).await.unwrap() }
     };
-    let paused = by(SandboxFilter { states: vec![SandboxState::Paused], ..Default::default() }).await;
+    let paused = by(SandboxFilter {
+        states: vec![SandboxState::Paused],
+        ..Default::default()
+    })
+    .await;
     assert_eq!(paused.len(), 5);
     assert!(paused.iter().all(|s| s.state == SandboxState::Paused));
-    let destroyed = by(SandboxFilter { states: vec![SandboxState::Destroyed], ..Default::default() }).await;
+    let destroyed = by(SandboxFilter {
+        states: vec![SandboxState::Destroyed],
+        ..Default::default()
+    })
+    .await;
     assert_eq!(destroyed.len(), 5);
     let mut f = SandboxFilter::default();
     f.metadata.insert("parity".into(), "even".into());
     let even = by(f.clone()).await;
-    assert_eq!(even.len(), visible.iter().filter(|s| s.metadata["parity"] == "even").count());
+    assert_eq!(
+        even.len(),
+        visible
+            .iter()
+            .filter(|s| s.metadata["parity"] == "even")
+            .count()
+    );
     f.metadata.insert("n".into(), "6".into());
     let six = by(f).await;
     assert_eq!(six.len(), 1);
     assert_eq!(six[0].metadata["n"], "6");
-    let py = by(SandboxFilter { template: Some("py".into()), ..Default::default() }).await;
-    assert_eq!(py.len(), visible.iter().filter(|s| s.template == "py").count());
+    let py = by(SandboxFilter {
+        template: Some("py".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        py.len(),
+        visible.iter().filter(|s| s.template == "py").count()
+    );
     assert!(py.iter().all(|s| s.template == "py"));
     // A filter value that looks like SQL is only a value.
     let mut evil = SandboxFilter::default();
     evil.metadata.insert("parity".into(), "' OR '1'='1".into());
     assert!(by(evil).await.is_empty());
     // Round trip of every stored field.
-    let one = store.sandbox(Some(&a.id), &all[3].id).await.unwrap().unwrap();
+    let one = store
+        .sandbox(Some(&a.id), &all[3].id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(one, all[3]);
 }
 
@@ -444,25 +696,85 @@ async fn expiry_and_purge(url: &str) {
         assert!(store.insert_sandbox(s, None).await.unwrap());
     }
     let expired = store.expired_sandboxes(now, 10).await.unwrap();
-    assert_eq!(expired.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec![due.id.as_str()]);
+    assert_eq!(
+        expired.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![due.id.as_str()]
+    );
     // Extending never shortens.
-    assert!(!store.set_expiry(None, &later.id, now + 1_000, true).await.unwrap());
-    assert!(store.set_expiry(None, &later.id, now + 120_000, true).await.unwrap());
-    assert_eq!(store.sandbox(None, &later.id).await.unwrap().unwrap().expires_at, Some(now + 120_000));
-    assert!(!store.set_expiry(None, &paused.id, now + 120_000, false).await.unwrap(), "only running sandboxes expire");
+    assert!(
+        !store
+            .set_expiry(None, &later.id, now + 1_000, true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_expiry(None, &later.id, now + 120_000, true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .sandbox(None, &later.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at,
+        Some(now + 120_000)
+    );
+    assert!(
+        !store
+            .set_expiry(None, &paused.id, now + 120_000, false)
+            .await
+            .unwrap(),
+        "only running sandboxes expire"
+    );
 
     let gone = Changes {
         destroyed_at: Some(now - 10_000),
         ..Changes::default()
     };
-    assert!(store.transition(None, &due.id, &[SandboxState::Running], SandboxState::Destroyed, &gone, now, None).await.unwrap());
-    assert_eq!(store.sandboxes_on_host(&h.id, now - 20_000).await.unwrap().len(), 3);
-    assert_eq!(store.sandboxes_on_host(&h.id, now - 5_000).await.unwrap().len(), 2);
+    assert!(
+        store
+            .transition(
+                None,
+                &due.id,
+                &[SandboxState::Running],
+                SandboxState::Destroyed,
+                &gone,
+                now,
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .sandboxes_on_host(&h.id, now - 20_000)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        store
+            .sandboxes_on_host(&h.id, now - 5_000)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(store.purge_destroyed(now - 20_000).await.unwrap(), 0);
     assert_eq!(store.purge_destroyed(now).await.unwrap(), 1);
     assert!(store.sandbox(None, &due.id).await.unwrap().is_none());
     let counts = store.count_by_state().await.unwrap();
-    assert_eq!(counts.iter().find(|(s, _)| *s == SandboxState::Running).map(|c| c.1), Some(1));
+    assert_eq!(
+        counts
+            .iter()
+            .find(|(s, _)| *s == SandboxState::Running)
+            .map(|c| c.1),
+        Some(1)
+    );
 }
 
 async fn concurrent_first_starts_agree_on_one_setting(url: &str) {
@@ -470,7 +782,12 @@ async fn concurrent_first_starts_agree_on_one_setting(url: &str) {
     let mut tasks = Vec::new();
     for i in 0..8 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { store.setting_or_insert("join_token", &format!("t{i}")).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            store
+                .setting_or_insert("join_token", &format!("t{i}"))
+                .await
+                .unwrap()
+        }));
     }
     let mut values = Vec::new();
     for t in tasks {
@@ -479,5 +796,8 @@ async fn concurrent_first_starts_agree_on_one_setting(url: &str) {
     values.dedup();
     assert_eq!(values.len(), 1, "{values:?}");
     store.put_setting("join_token", "new").await.unwrap();
-    assert_eq!(store.setting("join_token").await.unwrap().as_deref(), Some("new"));
+    assert_eq!(
+        store.setting("join_token").await.unwrap().as_deref(),
+        Some("new")
+    );
 }

@@ -57,7 +57,8 @@ struct ConfigFile {
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -94,7 +95,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         config.reconciler.grace_ms = (s as i64).saturating_mul(1000);
     }
 
-    let plane = ControlPlane::open(config).await.context("opening the control plane")?;
+    let plane = ControlPlane::open(config)
+        .await
+        .context("opening the control plane")?;
     if let Some(key) = &plane.first_start.admin_key {
         eprintln!("================================================================");
         eprintln!("ember server: first start; an admin API key was created.");
@@ -104,7 +107,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         eprintln!("================================================================");
     }
     if let Some(token) = &plane.first_start.new_join_token {
-        eprintln!("ember server: cluster join token (for `ember agent --token`; also stored in the database):");
+        eprintln!(
+            "ember server: cluster join token (for `ember agent --token`; also stored in the database):"
+        );
         eprintln!("    EMBER_JOIN_TOKEN={token}");
     }
     attach_embedded_agent(&plane).await?;
@@ -128,7 +133,10 @@ async fn attach_embedded_agent(_plane: &ControlPlane) -> anyhow::Result<()> {
 
 async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("installing signal handlers failed; stop with SIGKILL");
         return;
     };

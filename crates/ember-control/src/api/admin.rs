@@ -35,7 +35,11 @@ fn team_to_wire(t: model::Team) -> wire::Team {
 }
 
 /// Mint a key for `team_id` and store its hash; the key itself is returned once.
-pub async fn mint_key(store: &crate::store::Store, team_id: &str, name: &str) -> crate::error::Result<(String, model::ApiKey)> {
+pub async fn mint_key(
+    store: &crate::store::Store,
+    team_id: &str,
+    name: &str,
+) -> crate::error::Result<(String, model::ApiKey)> {
     loop {
         let new = auth::new_api_key();
         let row = model::ApiKey {
@@ -122,7 +126,13 @@ pub async fn list_keys(
         }
         _ => own,
     };
-    let keys = state.store.list_keys(&team).await?.into_iter().map(key_to_wire).collect();
+    let keys = state
+        .store
+        .list_keys(&team)
+        .await?
+        .into_iter()
+        .map(key_to_wire)
+        .collect();
     Ok(Json(wire::KeyList { keys }))
 }
 
@@ -198,13 +208,25 @@ pub async fn create_team(
     ),
     security(("api_key" = []))
 )]
-pub async fn list_teams(State(state): State<AppState>, auth: Auth) -> Result<Json<wire::TeamList>, ApiError> {
+pub async fn list_teams(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::TeamList>, ApiError> {
     auth.admin()?;
-    let teams = state.store.list_teams().await?.into_iter().map(team_to_wire).collect();
+    let teams = state
+        .store
+        .list_teams()
+        .await?
+        .into_iter()
+        .map(team_to_wire)
+        .collect();
     Ok(Json(wire::TeamList { teams }))
 }
 
-async fn hosts_to_wire(state: &AppState, hosts: Vec<model::Host>) -> Result<Vec<wire::Host>, ApiError> {
+async fn hosts_to_wire(
+    state: &AppState,
+    hosts: Vec<model::Host>,
+) -> Result<Vec<wire::Host>, ApiError> {
     let usage = state.store.host_usage().await?;
     Ok(hosts
         .into_iter()
@@ -238,7 +260,10 @@ async fn hosts_to_wire(state: &AppState, hosts: Vec<model::Host>) -> Result<Vec<
     ),
     security(("api_key" = []))
 )]
-pub async fn list_hosts(State(state): State<AppState>, auth: Auth) -> Result<Json<wire::HostList>, ApiError> {
+pub async fn list_hosts(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::HostList>, ApiError> {
     auth.admin()?;
     let hosts = state.store.list_hosts().await?;
     Ok(Json(wire::HostList {
@@ -266,7 +291,8 @@ pub async fn register_host(
     ApiJson(req): ApiJson<wire::RegisterHostRequest>,
 ) -> Result<Json<wire::Host>, ApiError> {
     let token = bearer_token(&headers)?;
-    let matches: bool = subtle::ConstantTimeEq::ct_eq(token.as_bytes(), state.join_token.as_bytes()).into();
+    let matches: bool =
+        subtle::ConstantTimeEq::ct_eq(token.as_bytes(), state.join_token.as_bytes()).into();
     if !matches {
         return Err(ApiError::unauthorized("not this cluster's join token"));
     }
@@ -275,7 +301,10 @@ pub async fn register_host(
         .parse()
         .map_err(|_| ApiError::invalid("address", "must be a URL like http://10.0.0.2:7001"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        return Err(ApiError::invalid("address", "must be a URL like http://10.0.0.2:7001"));
+        return Err(ApiError::invalid(
+            "address",
+            "must be a URL like http://10.0.0.2:7001",
+        ));
     }
     let host = state.hosts.register_address(&req.address).await?;
     let mut hosts = hosts_to_wire(&state, vec![host]).await?;
@@ -293,7 +322,11 @@ pub async fn register_host(
 pub async fn healthz(State(state): State<AppState>) -> Result<Json<wire::Health>, ApiError> {
     state.store.count_teams().await.map_err(|e| {
         tracing::error!(error = %e, "health check: database");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database does not answer")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database does not answer",
+        )
     })?;
     Ok(Json(wire::Health {
         status: "ok".into(),
@@ -311,9 +344,14 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     state.metrics.set_sandbox_counts(&counts);
     let ids = state.hosts.host_ids();
     let healthy = ids.iter().filter(|id| state.hosts.is_healthy(id)).count();
-    state.metrics.set_hosts(ids.len(), healthy, &state.hosts.infos());
+    state
+        .metrics
+        .set_hosts(ids.len(), healthy, &state.hosts.infos());
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.encode(),
     ))
 }

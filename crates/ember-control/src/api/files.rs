@@ -21,7 +21,9 @@ fn parse_mode(raw: Option<&str>) -> Result<Option<u32>, ApiError> {
         u32::from_str_radix(m, 8)
             .ok()
             .filter(|v| *v <= 0o7777)
-            .ok_or_else(|| ApiError::invalid("mode", format!("{m:?} is not an octal mode like 644")))
+            .ok_or_else(|| {
+                ApiError::invalid("mode", format!("{m:?} is not an octal mode like 644"))
+            })
     })
     .transpose()
 }
@@ -85,7 +87,8 @@ pub async fn read_file(
         Ok(first) => first,
         Err(status) => return Err(guest_error(&state, &sb, "ReadFile", status).await),
     };
-    let head = futures::stream::iter(first.map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c.data))));
+    let head =
+        futures::stream::iter(first.map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c.data))));
     let rest = stream.map(|r| {
         r.map(|c| bytes::Bytes::from(c.data))
             .map_err(|s| std::io::Error::other(crate::hosts::status_reason(&s)))
@@ -135,24 +138,27 @@ pub async fn write_file(
     // If the upload breaks, the gRPC call is dropped (cancelled), never
     // ended cleanly: a clean end would commit a truncated file.
     let (broke_tx, broke_rx) = tokio::sync::oneshot::channel::<String>();
-    let data = futures::stream::unfold((body.into_data_stream(), Some(broke_tx)), |(mut body, mut broke)| async move {
-        match body.next().await {
-            Some(Ok(chunk)) => Some((
-                pb::WriteFileRequest {
-                    part: Some(pb::write_file_request::Part::Data(chunk.to_vec())),
-                },
-                (body, broke),
-            )),
-            Some(Err(e)) => {
-                if let Some(tx) = broke.take() {
-                    let _ = tx.send(e.to_string());
+    let data = futures::stream::unfold(
+        (body.into_data_stream(), Some(broke_tx)),
+        |(mut body, mut broke)| async move {
+            match body.next().await {
+                Some(Ok(chunk)) => Some((
+                    pb::WriteFileRequest {
+                        part: Some(pb::write_file_request::Part::Data(chunk.to_vec())),
+                    },
+                    (body, broke),
+                )),
+                Some(Err(e)) => {
+                    if let Some(tx) = broke.take() {
+                        let _ = tx.send(e.to_string());
+                    }
+                    futures::future::pending::<()>().await;
+                    None
                 }
-                futures::future::pending::<()>().await;
-                None
+                None => None,
             }
-            None => None,
-        }
-    });
+        },
+    );
     let upload = futures::stream::once(async move { header }).chain(data);
     let call = client.write_file(upload);
     let stat = tokio::select! {
@@ -269,7 +275,12 @@ pub async fn list_dir(
     };
     match client.list_dir(preq).await {
         Ok(r) => Ok(Json(wire::DirListing {
-            entries: r.into_inner().entries.into_iter().map(stat_to_wire).collect(),
+            entries: r
+                .into_inner()
+                .entries
+                .into_iter()
+                .map(stat_to_wire)
+                .collect(),
         })),
         Err(status) => Err(guest_error(&state, &sb, "ListDir", status).await),
     }

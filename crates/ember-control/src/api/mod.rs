@@ -56,7 +56,10 @@ pub struct AppState {
 /// The API's routes and their OpenAPI description, from one list.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(crate::openapi::base())
-        .routes(routes!(sandboxes::create_sandbox, sandboxes::list_sandboxes))
+        .routes(routes!(
+            sandboxes::create_sandbox,
+            sandboxes::list_sandboxes
+        ))
         .routes(routes!(sandboxes::get_sandbox, sandboxes::delete_sandbox))
         .routes(routes!(sandboxes::pause_sandbox))
         .routes(routes!(sandboxes::resume_sandbox))
@@ -67,7 +70,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(processes::write_stdin))
         .routes(routes!(processes::signal_process))
         .routes(routes!(processes::process_events))
-        .routes(routes!(files::read_file, files::write_file, files::remove_file))
+        .routes(routes!(
+            files::read_file,
+            files::write_file,
+            files::remove_file
+        ))
         .routes(routes!(files::stat_file))
         .routes(routes!(files::list_dir))
         .routes(routes!(files::make_dir))
@@ -86,9 +93,15 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> axum::Router {
     let (router, _doc) = routes().split_for_parts();
     router
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(state)
@@ -117,7 +130,11 @@ impl ApiError {
 
     /// 400 for a bad value of `field`.
     pub fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
-        let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("{field}: {message}"));
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: {message}"),
+        );
         e.body.field = Some(field.to_owned());
         e
     }
@@ -139,8 +156,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }
@@ -156,11 +175,15 @@ impl From<Error> for ApiError {
                 e.body.field = Some("template".into());
                 e
             }
-            Error::StateConflict { .. } | Error::NotRunning { .. } | Error::TemplateExists { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", msg)
+            Error::StateConflict { .. }
+            | Error::NotRunning { .. }
+            | Error::TemplateExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            Error::TemplateLocked { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "template_locked", msg)
             }
-            Error::TemplateLocked { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "template_locked", msg),
-            Error::NoCapacity(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg),
+            Error::NoCapacity(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
+            }
             Error::HostCall { source, .. } => {
                 tracing::warn!(error = %msg, status = %source, "host call failed");
                 ApiError::new(
@@ -175,7 +198,11 @@ impl From<Error> for ApiError {
             }
             _ => {
                 tracing::error!(error = ?err, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server's log")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server's log",
+                )
             }
         }
     }
@@ -216,7 +243,9 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
             e.body.field = serde_field(&detail);
             e
         }
-        JsonRejection::JsonSyntaxError(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text),
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text)
+        }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -265,7 +294,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
                     .strip_prefix("Failed to deserialize query string: ")
                     .unwrap_or(&text)
                     .to_owned();
-                let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", detail.clone());
+                let mut e =
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", detail.clone());
                 e.body.field = serde_field(&detail);
                 Err(e)
             }
@@ -293,7 +323,11 @@ impl Auth {
     /// The caller's team, for admin-only endpoints.
     pub fn admin(&self) -> Result<&str, ApiError> {
         match &self.0 {
-            Caller::Team { team_id, is_admin: true, .. } => Ok(team_id),
+            Caller::Team {
+                team_id,
+                is_admin: true,
+                ..
+            } => Ok(team_id),
             Caller::Team { .. } => Err(ApiError::forbidden("this endpoint needs an admin key")),
             Caller::Sandbox { .. } => self.team(),
         }
@@ -308,21 +342,30 @@ impl Auth {
     pub fn guest_access(&self, sandbox_id: &str) -> Result<&str, ApiError> {
         match &self.0 {
             Caller::Team { team_id, .. } => Ok(team_id),
-            Caller::Sandbox { sandbox_id: own, team_id } if own == sandbox_id => Ok(team_id),
+            Caller::Sandbox {
+                sandbox_id: own,
+                team_id,
+            } if own == sandbox_id => Ok(team_id),
             // Same answer whether or not the other sandbox exists.
-            Caller::Sandbox { .. } => Err(ApiError::forbidden("this access token is for another sandbox")),
+            Caller::Sandbox { .. } => Err(ApiError::forbidden(
+                "this access token is for another sandbox",
+            )),
         }
     }
 }
 
 fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization header: send `Authorization: Bearer <API key>`"))?;
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized(
+            "missing Authorization header: send `Authorization: Bearer <API key>`",
+        )
+    })?;
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("the Authorization header is not ASCII"))?;
-    auth::bearer(value).ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <API key>`"))
+    auth::bearer(value).ok_or_else(|| {
+        ApiError::unauthorized("the Authorization header must be `Bearer <API key>`")
+    })
 }
 
 impl FromRequestParts<AppState> for Auth {
@@ -337,7 +380,11 @@ impl FromRequestParts<AppState> for Auth {
 async fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError> {
     let invalid = || ApiError::unauthorized("invalid or revoked API key");
     if let Some(sandbox_id) = auth::access_token_sandbox(token) {
-        let sb = state.store.sandbox(None, sandbox_id).await?.ok_or_else(invalid)?;
+        let sb = state
+            .store
+            .sandbox(None, sandbox_id)
+            .await?
+            .ok_or_else(invalid)?;
         if !auth::digest_matches(token, &sb.access_token_sha256) {
             return Err(invalid());
         }
@@ -353,7 +400,10 @@ async fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError>
     }
     let team = state.store.team(&key.team_id).await?.ok_or_else(invalid)?;
     let now = now_ms();
-    if key.last_used_at.is_none_or(|t| now - t >= KEY_TOUCH_INTERVAL_MS) {
+    if key
+        .last_used_at
+        .is_none_or(|t| now - t >= KEY_TOUCH_INTERVAL_MS)
+    {
         let store = state.store.clone();
         let prefix = key.prefix.clone();
         tokio::spawn(async move {
@@ -391,7 +441,9 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::invalid(
             field,
-            format!("{name:?} is not a valid name: use 1-63 of a-z 0-9 . _ -, starting with a letter or digit"),
+            format!(
+                "{name:?} is not a valid name: use 1-63 of a-z 0-9 . _ -, starting with a letter or digit"
+            ),
         ))
     }
 }
@@ -400,7 +452,10 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
 /// guest agent, which confines paths to what the guest user may see.
 pub fn validate_path(field: &str, path: &str) -> Result<(), ApiError> {
     if !path.starts_with('/') {
-        return Err(ApiError::invalid(field, format!("{path:?} must be an absolute path (start with /)")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{path:?} must be an absolute path (start with /)"),
+        ));
     }
     if path.contains('\0') {
         return Err(ApiError::invalid(field, "must not contain NUL"));
@@ -417,7 +472,12 @@ pub fn validate_cidr(field: &str, cidr: &str) -> Result<(), ApiError> {
         Some((a, l)) => (a, Some(l)),
         None => (cidr, None),
     };
-    let bad = || ApiError::invalid(field, format!("{cidr:?} is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"));
+    let bad = || {
+        ApiError::invalid(
+            field,
+            format!("{cidr:?} is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"),
+        )
+    };
     let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
     if let Some(len) = len {
         let len: u8 = len.parse().map_err(|_| bad())?;
@@ -436,21 +496,33 @@ mod tests {
     #[test]
     fn serde_messages_name_their_field() {
         assert_eq!(
-            serde_field("unknown field `vcpu`, expected one of `template`, `vcpus` at line 1 column 7").as_deref(),
+            serde_field(
+                "unknown field `vcpu`, expected one of `template`, `vcpus` at line 1 column 7"
+            )
+            .as_deref(),
             Some("vcpu")
         );
-        assert_eq!(serde_field("missing field `timeout_s` at line 1 column 2").as_deref(), Some("timeout_s"));
         assert_eq!(
-            serde_field("network: unknown field `allow`, expected `allow_out` or `deny_out`").as_deref(),
+            serde_field("missing field `timeout_s` at line 1 column 2").as_deref(),
+            Some("timeout_s")
+        );
+        assert_eq!(
+            serde_field("network: unknown field `allow`, expected `allow_out` or `deny_out`")
+                .as_deref(),
             Some("network.allow")
         );
         assert_eq!(
-            serde_field("network.allow: unknown field `allow`, expected `allow_out` or `deny_out`").as_deref(),
+            serde_field("network.allow: unknown field `allow`, expected `allow_out` or `deny_out`")
+                .as_deref(),
             Some("network.allow")
         );
-        assert_eq!(serde_field("vcpu: unknown field `vcpu`, expected one of `template`").as_deref(), Some("vcpu"));
         assert_eq!(
-            serde_field("vcpus: invalid type: string \"2\", expected u32 at line 1 column 30").as_deref(),
+            serde_field("vcpu: unknown field `vcpu`, expected one of `template`").as_deref(),
+            Some("vcpu")
+        );
+        assert_eq!(
+            serde_field("vcpus: invalid type: string \"2\", expected u32 at line 1 column 30")
+                .as_deref(),
             Some("vcpus")
         );
     }
@@ -482,7 +554,10 @@ mod tests {
 
     #[test]
     fn malformed_sandbox_ids_are_not_found() {
-        assert_eq!(sandbox_id("../../etc").unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            sandbox_id("../../etc").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
         let id = ember_types::SandboxId::new().to_string();
         assert_eq!(sandbox_id(&id).unwrap(), id);
     }

@@ -24,7 +24,12 @@ use crate::wire;
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// A guest-side failure the caller can act on, or a host failure (502).
-pub(super) async fn guest_error(state: &AppState, sb: &Sandbox, call: &'static str, status: tonic::Status) -> ApiError {
+pub(super) async fn guest_error(
+    state: &AppState,
+    sb: &Sandbox,
+    call: &'static str,
+    status: tonic::Status,
+) -> ApiError {
     let msg = status.message().to_owned();
     match status.code() {
         tonic::Code::NotFound => ApiError::not_found(msg),
@@ -51,11 +56,19 @@ pub fn event_to_wire(ev: pb::ExecEvent) -> Option<wire::ExecEvent> {
         Event::StartedPid(pid) => wire::ExecEvent::Started { seq, pid },
         Event::Stdout(b) => {
             let (text, data_b64) = output(b);
-            wire::ExecEvent::Stdout { seq, text, data_b64 }
+            wire::ExecEvent::Stdout {
+                seq,
+                text,
+                data_b64,
+            }
         }
         Event::Stderr(b) => {
             let (text, data_b64) = output(b);
-            wire::ExecEvent::Stderr { seq, text, data_b64 }
+            wire::ExecEvent::Stderr {
+                seq,
+                text,
+                data_b64,
+            }
         }
         Event::Exit(x) => wire::ExecEvent::Exit {
             seq,
@@ -85,9 +98,14 @@ fn ndjson_response(stream: tonic::Streaming<pb::ExecEvent>) -> Response {
             };
             Some(ev)
         })
-        .filter_map(|ev| async move { ev.map(|e| Ok::<_, std::convert::Infallible>(ndjson_line(&e))) });
+        .filter_map(
+            |ev| async move { ev.map(|e| Ok::<_, std::convert::Infallible>(ndjson_line(&e))) },
+        );
     (
-        [(header::CONTENT_TYPE, NDJSON), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, NDJSON),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         Body::from_stream(body),
     )
         .into_response()
@@ -123,7 +141,10 @@ pub async fn exec(
     let id = sandbox_id(&id)?;
     let team = auth.guest_access(&id)?;
     if req.cmd.is_empty() || req.cmd.contains('\0') {
-        return Err(ApiError::invalid("cmd", "must be a non-empty program name without NUL"));
+        return Err(ApiError::invalid(
+            "cmd",
+            "must be a non-empty program name without NUL",
+        ));
     }
     if let Some(cwd) = &req.cwd {
         super::validate_path("cwd", cwd)?;
@@ -140,7 +161,10 @@ pub async fn exec(
         user: req.user.unwrap_or_default(),
         timeout_ms: req.timeout_ms,
         stdin: req.stdin,
-        pty: req.pty.map(|p| pb::PtySize { rows: p.rows, cols: p.cols }),
+        pty: req.pty.map(|p| pb::PtySize {
+            rows: p.rows,
+            cols: p.cols,
+        }),
         background,
         tag: req.tag.unwrap_or_default(),
     };
@@ -197,7 +221,10 @@ pub async fn list_processes(
     let id = sandbox_id(&id)?;
     let team = auth.guest_access(&id)?;
     let (sb, mut client) = state.ops.running(team, &id).await?;
-    let reply = match client.list_processes(pb::SandboxRef { sandbox_id: id }).await {
+    let reply = match client
+        .list_processes(pb::SandboxRef { sandbox_id: id })
+        .await
+    {
         Ok(r) => r.into_inner(),
         Err(status) => return Err(guest_error(&state, &sb, "ListProcesses", status).await),
     };
@@ -247,7 +274,12 @@ pub async fn write_stdin(
     let team = auth.guest_access(&id)?;
     let pid = pid_of(&pid)?;
     let data = match (req.text, req.data_b64) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("data_b64", "give text or data_b64, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "data_b64",
+                "give text or data_b64, not both",
+            ));
+        }
         (Some(t), None) => t.into_bytes(),
         (None, Some(b)) => STANDARD
             .decode(b)
@@ -291,10 +323,15 @@ pub async fn signal_process(
     let id = sandbox_id(&id)?;
     let team = auth.guest_access(&id)?;
     let pid = pid_of(&pid)?;
-    let named = ["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"];
+    let named = [
+        "TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT",
+    ];
     let sig = req.signal.trim_start_matches("SIG").to_owned();
     if !named.contains(&sig.as_str()) && !sig.parse::<u8>().is_ok_and(|n| (1..=64).contains(&n)) {
-        return Err(ApiError::invalid("signal", format!("{:?} is not a signal name or number", req.signal)));
+        return Err(ApiError::invalid(
+            "signal",
+            format!("{:?} is not a signal name or number", req.signal),
+        ));
     }
     let (sb, mut client) = state.ops.running(team, &id).await?;
     let preq = pb::SignalProcessRequest {
@@ -365,16 +402,30 @@ mod tests {
         };
         assert_eq!(
             event_to_wire(ev).unwrap(),
-            wire::ExecEvent::Stderr { seq: 4, text: None, data_b64: Some("/wA=".into()) }
+            wire::ExecEvent::Stderr {
+                seq: 4,
+                text: None,
+                data_b64: Some("/wA=".into())
+            }
         );
         let ev = pb::ExecEvent {
             seq: 5,
-            event: Some(pb::exec_event::Event::Exit(pb::ExitStatus { exit_code: Some(0), signal: None, timed_out: false })),
+            event: Some(pb::exec_event::Event::Exit(pb::ExitStatus {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+            })),
         };
         assert_eq!(
             String::from_utf8(ndjson_line(&event_to_wire(ev).unwrap()).to_vec()).unwrap(),
             "{\"type\":\"exit\",\"seq\":5,\"exit_code\":0,\"timed_out\":false}\n"
         );
-        assert_eq!(event_to_wire(pb::ExecEvent { seq: 1, event: None }), None);
+        assert_eq!(
+            event_to_wire(pb::ExecEvent {
+                seq: 1,
+                event: None
+            }),
+            None
+        );
     }
 }

@@ -8,7 +8,9 @@ use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::{ApiError, ApiJson, ApiQuery, AppState, Auth, sandbox_id, validate_cidr, validate_name};
+use super::{
+    ApiError, ApiJson, ApiQuery, AppState, Auth, sandbox_id, validate_cidr, validate_name,
+};
 use crate::lifecycle::{BASE_TEMPLATE, CreateSpec};
 use crate::model::{self, SandboxState, now_ms, rfc3339};
 use crate::store::{PageAfter, SandboxFilter};
@@ -48,14 +50,20 @@ pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
 
 fn validate_timeout(timeout_s: u64) -> Result<(), ApiError> {
     if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
-        return Err(ApiError::invalid("timeout_s", format!("must be between 1 and {MAX_TIMEOUT_S} seconds")));
+        return Err(ApiError::invalid(
+            "timeout_s",
+            format!("must be between 1 and {MAX_TIMEOUT_S} seconds"),
+        ));
     }
     Ok(())
 }
 
 fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if env.len() > MAX_ENV {
-        return Err(ApiError::invalid(field, format!("at most {MAX_ENV} variables")));
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_ENV} variables"),
+        ));
     }
     for (k, v) in env {
         let name_ok = !k.is_empty()
@@ -69,7 +77,10 @@ fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiEr
             ));
         }
         if v.contains('\0') || v.len() > 32 * 1024 {
-            return Err(ApiError::invalid(&format!("{field}.{k}"), "values are at most 32 KiB, without NUL"));
+            return Err(ApiError::invalid(
+                &format!("{field}.{k}"),
+                "values are at most 32 KiB, without NUL",
+            ));
         }
     }
     Ok(())
@@ -77,14 +88,23 @@ fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiEr
 
 fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if metadata.len() > MAX_METADATA {
-        return Err(ApiError::invalid("metadata", format!("at most {MAX_METADATA} entries")));
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("at most {MAX_METADATA} entries"),
+        ));
     }
     for (k, v) in metadata {
         if k.is_empty() || k.len() > 256 || k.contains('=') || k.chars().any(char::is_control) {
-            return Err(ApiError::invalid("metadata", format!("key {k:?}: 1-256 characters, no '=' or control characters")));
+            return Err(ApiError::invalid(
+                "metadata",
+                format!("key {k:?}: 1-256 characters, no '=' or control characters"),
+            ));
         }
         if v.len() > 1024 || v.contains('\0') {
-            return Err(ApiError::invalid(&format!("metadata.{k}"), "values are at most 1024 bytes, without NUL"));
+            return Err(ApiError::invalid(
+                &format!("metadata.{k}"),
+                "values are at most 1024 bytes, without NUL",
+            ));
         }
     }
     Ok(())
@@ -118,7 +138,10 @@ pub async fn create_sandbox(
     if let Some(v) = req.vcpus
         && !(1..=MAX_VCPUS).contains(&v)
     {
-        return Err(ApiError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!("must be between 1 and {MAX_VCPUS}"),
+        ));
     }
     if let Some(m) = req.memory_mib
         && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)
@@ -198,7 +221,9 @@ pub async fn list_sandboxes(
         match k.as_str() {
             "state" => {
                 for s in v.split(',').filter(|s| !s.is_empty()) {
-                    let st: SandboxState = s.parse().map_err(|e: String| ApiError::invalid("state", e))?;
+                    let st: SandboxState = s
+                        .parse()
+                        .map_err(|e: String| ApiError::invalid("state", e))?;
                     filter.states.push(st);
                 }
             }
@@ -208,13 +233,14 @@ pub async fn list_sandboxes(
                     .parse::<u32>()
                     .ok()
                     .filter(|l| (1..=MAX_PAGE).contains(l))
-                    .ok_or_else(|| ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}")))?;
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}"))
+                    })?;
             }
             "page_token" => {
-                after = Some(
-                    parse_page_token(&v)
-                        .ok_or_else(|| ApiError::invalid("page_token", "not a token from a previous page"))?,
-                );
+                after = Some(parse_page_token(&v).ok_or_else(|| {
+                    ApiError::invalid("page_token", "not a token from a previous page")
+                })?);
             }
             other => match other.strip_prefix("metadata.") {
                 Some(key) if !key.is_empty() => {
@@ -230,7 +256,10 @@ pub async fn list_sandboxes(
         }
     }
     // One extra row tells whether another page exists.
-    let mut rows = state.store.list_sandboxes(team, &filter, after.as_ref(), limit + 1).await?;
+    let mut rows = state
+        .store
+        .list_sandboxes(team, &filter, after.as_ref(), limit + 1)
+        .await?;
     let next = if rows.len() > limit as usize {
         rows.truncate(limit as usize);
         rows.last().map(|r| {
@@ -359,7 +388,9 @@ pub async fn resume_sandbox(
         validate_timeout(t)?;
     }
     validate_env("env", &req.env)?;
-    Ok(Json(to_wire(state.ops.resume(team, &id, req.timeout_s, req.env).await?)))
+    Ok(Json(to_wire(
+        state.ops.resume(team, &id, req.timeout_s, req.env).await?,
+    )))
 }
 
 /// Set a running sandbox's timeout: it now expires `timeout_s` from now.
@@ -391,8 +422,16 @@ pub async fn set_sandbox_timeout(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
     let expires = now_ms().saturating_add(req.timeout_s as i64 * 1000);
-    if !state.store.set_expiry(Some(team), &id, expires, false).await? {
-        return Err(crate::error::Error::NotRunning { id, state: sb.state }.into());
+    if !state
+        .store
+        .set_expiry(Some(team), &id, expires, false)
+        .await?
+    {
+        return Err(crate::error::Error::NotRunning {
+            id,
+            state: sb.state,
+        }
+        .into());
     }
     state.store.set_timeout(team, &id, req.timeout_s).await?;
     let sb = state
@@ -428,7 +467,10 @@ pub async fn snapshot_sandbox(
     let id = sandbox_id(&id)?;
     validate_name("name", &req.name)?;
     if req.name == BASE_TEMPLATE {
-        return Err(ApiError::invalid("name", "\"base\" is reserved for the base image"));
+        return Err(ApiError::invalid(
+            "name",
+            "\"base\" is reserved for the base image",
+        ));
     }
     let t = state.ops.snapshot(team, &id, &req.name).await?;
     Ok((StatusCode::CREATED, Json(super::snapshots::to_wire(t))))
@@ -446,6 +488,9 @@ mod tests {
         };
         assert_eq!(parse_page_token(&page_token(&a)), Some(a));
         assert_eq!(parse_page_token("nope"), None);
-        assert_eq!(parse_page_token(&URL_SAFE_NO_PAD.encode("1:'; DROP TABLE")), None);
+        assert_eq!(
+            parse_page_token(&URL_SAFE_NO_PAD.encode("1:'; DROP TABLE")),
+            None
+        );
     }
 }

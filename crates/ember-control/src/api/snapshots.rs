@@ -33,9 +33,18 @@ pub(super) fn to_wire(t: Template) -> wire::Snapshot {
     ),
     security(("api_key" = []))
 )]
-pub async fn list_snapshots(State(state): State<AppState>, auth: Auth) -> Result<Json<wire::SnapshotList>, ApiError> {
+pub async fn list_snapshots(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::SnapshotList>, ApiError> {
     let team = auth.team()?;
-    let snapshots = state.store.list_templates(team).await?.into_iter().map(to_wire).collect();
+    let snapshots = state
+        .store
+        .list_templates(team)
+        .await?
+        .into_iter()
+        .map(to_wire)
+        .collect();
     Ok(Json(wire::SnapshotList { snapshots }))
 }
 

@@ -11,7 +11,11 @@ use super::{Backend, Store, lock_key};
 use crate::error::{Error, Result};
 
 /// `(version, name, SQL)`, in order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial", include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/0001_initial.sql"),
+)];
 
 /// The newest schema version this build knows.
 pub const LATEST: i64 = 1;
@@ -40,10 +44,11 @@ async fn apply_locked(conn: &mut sqlx::AnyConnection) -> Result<()> {
     )
     .execute(&mut *conn)
     .await?;
-    let current: i64 = sqlx::query("SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) FROM schema_migrations")
-        .fetch_one(&mut *conn)
-        .await?
-        .get(0);
+    let current: i64 =
+        sqlx::query("SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) FROM schema_migrations")
+            .fetch_one(&mut *conn)
+            .await?
+            .get(0);
     if current > LATEST {
         return Err(Error::SchemaTooNew(current));
     }
@@ -57,15 +62,20 @@ async fn apply_locked(conn: &mut sqlx::AnyConnection) -> Result<()> {
         // One statement at a time: not every driver runs a multi-statement
         // string inside a transaction with arguments-free queries alike.
         for statement in statements(sql) {
-            sqlx::query(&statement).execute(&mut *tx).await.map_err(wrap)?;
+            sqlx::query(&statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(wrap)?;
         }
-        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
-            .bind(version)
-            .bind(name)
-            .bind(crate::model::now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(wrap)?;
+        sqlx::query(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(version)
+        .bind(name)
+        .bind(crate::model::now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(wrap)?;
         tx.commit().await.map_err(wrap)?;
         tracing::info!(version, name, "applied schema migration");
     }
@@ -107,6 +117,9 @@ mod tests {
         }
         assert_eq!(MIGRATIONS.last().unwrap().0, LATEST);
         let s = statements("-- c\nCREATE TABLE a (x BIGINT);\n\nCREATE INDEX i\n  ON a (x);\n");
-        assert_eq!(s, vec!["CREATE TABLE a (x BIGINT)", "CREATE INDEX i\n  ON a (x)"]);
+        assert_eq!(
+            s,
+            vec!["CREATE TABLE a (x BIGINT)", "CREATE INDEX i\n  ON a (x)"]
+        );
     }
 }

@@ -124,7 +124,11 @@ impl Store {
         let (backend, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
             let mut u = format!("sqlite:{rest}");
             if !rest.contains("mode=") {
-                u.push_str(if rest.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                u.push_str(if rest.contains('?') {
+                    "&mode=rwc"
+                } else {
+                    "?mode=rwc"
+                });
             }
             (Backend::Sqlite, u)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -201,11 +205,13 @@ impl Store {
     /// Store `value` under `key` unless something is there already; return
     /// what is stored (so concurrent first starts agree on one value).
     pub async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
     }
 
@@ -482,11 +488,12 @@ impl Store {
 
     /// Mark a build as no longer named by the control plane.
     pub async fn release_build(&self, build_id: &str, now: i64) -> Result<bool> {
-        let res = sqlx::query("UPDATE builds SET released_at = $1 WHERE id = $2 AND released_at IS NULL")
-            .bind(now)
-            .bind(build_id)
-            .execute(&self.pool)
-            .await?;
+        let res =
+            sqlx::query("UPDATE builds SET released_at = $1 WHERE id = $2 AND released_at IS NULL")
+                .bind(now)
+                .bind(build_id)
+                .execute(&self.pool)
+                .await?;
         Ok(res.rows_affected() == 1)
     }
 
@@ -548,7 +555,12 @@ impl Store {
 
     /// Remove a team's template by name (the name is free at once) and mark
     /// its build released. Returns the removed template.
-    pub async fn delete_template(&self, team_id: &str, name: &str, now: i64) -> Result<Option<Template>> {
+    pub async fn delete_template(
+        &self,
+        team_id: &str,
+        name: &str,
+        now: i64,
+    ) -> Result<Option<Template>> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "DELETE FROM templates WHERE team_id = $1 AND name = $2 \
@@ -577,7 +589,11 @@ impl Store {
     /// Insert a new sandbox row, and its metadata rows. With a capacity
     /// check, the insert happens only if the host still has room for it
     /// (false otherwise); the check and the insert are one statement.
-    pub async fn insert_sandbox(&self, sb: &Sandbox, capacity: Option<&CapacityCheck>) -> Result<bool> {
+    pub async fn insert_sandbox(
+        &self,
+        sb: &Sandbox,
+        capacity: Option<&CapacityCheck>,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         if let (Backend::Postgres, Some(cap)) = (self.backend, capacity) {
             // Serialise placements per host across replicas; released at commit.
@@ -633,12 +649,14 @@ impl Store {
             return Ok(false);
         }
         for (k, v) in &sb.metadata {
-            sqlx::query("INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES ($1, $2, $3)")
-                .bind(&sb.id)
-                .bind(k)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES ($1, $2, $3)",
+            )
+            .bind(&sb.id)
+            .bind(k)
+            .bind(v)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -658,10 +676,12 @@ impl Store {
                 .await?
             }
             None => {
-                sqlx::query(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1"))
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
+                sqlx::query(&format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
             }
         };
         row.map(|r| sandbox_from_row(&r)).transpose()
@@ -709,7 +729,10 @@ impl Store {
             n += 2;
             after_binds = Some(a);
         }
-        sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${}", n + 1));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ${}",
+            n + 1
+        ));
         let mut q = sqlx::query(&sql).bind(team_id);
         for b in binds {
             q = q.bind(b);
@@ -725,6 +748,9 @@ impl Store {
     /// Compare-and-set a sandbox's state: move it to `to` only if it is in one
     /// of `from` (and in `team_id`, when given; and, with a capacity check,
     /// only if its host has room). True if this call made the change.
+    // Each argument is one part of the compare-and-set (scope, row, expected,
+    // target, columns, clock, capacity); a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn transition(
         &self,
         team_id: Option<&str>,
@@ -754,7 +780,10 @@ impl Store {
             push("destroyed_at", &mut sql);
         }
         n += 1;
-        sql.push_str(&format!(" WHERE id = ${n} AND state IN ({})", state_list(from)));
+        sql.push_str(&format!(
+            " WHERE id = ${n} AND state IN ({})",
+            state_list(from)
+        ));
         if team_id.is_some() {
             n += 1;
             sql.push_str(&format!(" AND team_id = ${n}"));
@@ -858,7 +887,11 @@ impl Store {
 
     /// Every sandbox placed on a host that is not destroyed, plus those
     /// destroyed since `destroyed_since` (the reconciler still cares about them).
-    pub async fn sandboxes_on_host(&self, host_id: &str, destroyed_since: i64) -> Result<Vec<Sandbox>> {
+    pub async fn sandboxes_on_host(
+        &self,
+        host_id: &str,
+        destroyed_since: i64,
+    ) -> Result<Vec<Sandbox>> {
         let rows = sqlx::query(&format!(
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE host_id = $1 \
              AND (state <> 'destroyed' OR destroyed_at >= $2)"
@@ -872,10 +905,11 @@ impl Store {
 
     /// Delete destroyed sandboxes older than `before`. Returns how many.
     pub async fn purge_destroyed(&self, before: i64) -> Result<u64> {
-        let res = sqlx::query("DELETE FROM sandboxes WHERE state = 'destroyed' AND destroyed_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
+        let res =
+            sqlx::query("DELETE FROM sandboxes WHERE state = 'destroyed' AND destroyed_at < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
         Ok(res.rows_affected())
     }
 

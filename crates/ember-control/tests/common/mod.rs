@@ -38,7 +38,10 @@ impl TestDb {
             .await
             .expect("create test database");
         conn.close().await.ok();
-        let base = admin.rsplit_once('/').map(|(b, _)| b).expect("URL has a database path");
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .expect("URL has a database path");
         Some(TestDb {
             url: format!("{base}/{name}"),
             pg: Some((admin, name)),
@@ -49,10 +52,15 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some((admin, name)) = self.pg.take() else { return };
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
         // Drop runs outside async context; a short-lived runtime does the SQL.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut conn = sqlx::AnyConnection::connect(&admin).await.ok()?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -69,7 +77,9 @@ impl Drop for TestDb {
 pub fn uuid_like() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..16).map(|_| (b'a' + rng.gen_range(0..26)) as char).collect()
+    (0..16)
+        .map(|_| (b'a' + rng.gen_range(0..26)) as char)
+        .collect()
 }
 
 /// Generate a `sqlite` and a `postgres` test from one async fn taking `&str` (the URL).
