@@ -106,6 +106,17 @@ async fn main() {
         };
         store.insert_sandbox(&sb, None).await.unwrap();
     }
+    // The store alone, without HTTP, auth or JSON: where a list request's time goes.
+    let started = Instant::now();
+    let loops = 20;
+    for _ in 0..loops {
+        let rows = store
+            .list_sandboxes(&team.id, &Default::default(), None, ROWS as u32)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), ROWS);
+    }
+    let store_rows_per_s = (loops * ROWS) as f64 / started.elapsed().as_secs_f64();
     let listener = ember_control::server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -127,6 +138,13 @@ async fn main() {
     )
     .await;
     let health = rps(&client, &format!("{base_url}/healthz"), &key, REQUESTS).await;
+    let page1 = rps(
+        &client,
+        &format!("{base_url}/v1/sandboxes?limit=1"),
+        &key,
+        REQUESTS,
+    )
+    .await;
     let page100 = rps(&client, &format!("{base_url}/v1/sandboxes"), &key, REQUESTS).await;
     let page1000 = rps(
         &client,
@@ -152,6 +170,10 @@ async fn main() {
     );
     println!("  GET /healthz (baseline)                         {health:8.0} req/s  1.00x");
     println!(
+        "  GET /v1/sandboxes?limit=1 (auth + one row)      {page1:8.0} req/s  {:.2}x",
+        page1 / health
+    );
+    println!(
         "  GET /v1/sandboxes (page of 100)                 {page100:8.0} req/s  {:.2}x",
         page100 / health
     );
@@ -162,6 +184,10 @@ async fn main() {
     println!(
         "  GET /v1/sandboxes?metadata.owner=…&state=…      {filtered:8.0} req/s  {:.2}x",
         filtered / health
+    );
+    println!(
+        "  store.list_sandboxes alone, rows decoded        {store_rows_per_s:8.0} rows/s (HTTP limit=1000 serves {:.0} rows/s)",
+        page1000 * ROWS as f64
     );
     shutdown.cancel();
     server.await.unwrap().unwrap();
