@@ -326,6 +326,7 @@ on_both_stores!(
     keys_and_teams_endpoints,
     host_registration_needs_the_join_token,
     health_and_metrics,
+    racing_transitions_have_exactly_one_winner,
 );
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
@@ -1185,4 +1186,111 @@ async fn health_and_metrics(db: TestDb) {
     );
     assert!(text.contains("ember_hosts "), "{text}");
     s.stop();
+}
+
+/// Concurrent transitions over HTTP: of many DELETEs and pauses racing on
+/// one sandbox, exactly one gets past the compare-and-set; the rest are 409.
+async fn racing_transitions_have_exactly_one_winner(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let id = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let c = client();
+        let url = if i % 3 == 0 {
+            s.url(&format!("/v1/sandboxes/{id}/resume"))
+        } else {
+            s.url(&format!("/v1/sandboxes/{id}"))
+        };
+        let key = key_a.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = if i % 3 == 0 {
+                c.post(url)
+            } else {
+                c.delete(url)
+            };
+            call(req.bearer_auth(key)).await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // Resumes cannot start (its host is not serving): 503, without touching the row.
+    // Of the deletes, one moves the row to `destroying` (then fails to reach
+    // the host: 502, left for the reconciler); every other one is 409.
+    let deletes: Vec<_> = results
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, r)| r)
+        .collect();
+    let winners = deletes
+        .iter()
+        .filter(|r| r.0 != StatusCode::CONFLICT)
+        .count();
+    assert_eq!(winners, 1, "{deletes:?}");
+    let winner = deletes
+        .iter()
+        .find(|r| r.0 != StatusCode::CONFLICT)
+        .unwrap();
+    assert_error(winner, StatusCode::BAD_GATEWAY, "host_error");
+    for r in results.iter().filter(|r| r.0 == StatusCode::CONFLICT) {
+        assert_error(r, StatusCode::CONFLICT, "conflict");
+    }
+    let (_, row) = call(
+        client()
+            .get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_eq!(row["state"], "destroying");
+    s.stop();
+}
+
+/// Two replicas on one PostgreSQL database: exactly one mints the first
+/// admin key, and each serves what the other wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_postgres_database() {
+    ember_testkit::require!(
+        std::env::var(PG_ENV).is_ok(),
+        "needs PostgreSQL: run scripts/postgres-test-db and source target/postgres-test.env ({PG_ENV})"
+    );
+    let db = TestDb::postgres().await;
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| Server::start(&db, &[]));
+        let b = scope.spawn(|| Server::start(&db, &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let keys: Vec<&String> = [&a.admin_key, &b.admin_key].into_iter().flatten().collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "exactly one replica prints the first admin key"
+    );
+    assert_eq!(
+        [&a.join_token, &b.join_token].into_iter().flatten().count(),
+        1,
+        "and exactly one generates the join token"
+    );
+    let admin = keys[0].clone();
+    let c = client();
+    let (st, team) = call(
+        c.post(a.url("/v1/teams"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "shared"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{team}");
+    let (st, teams) = call(c.get(b.url("/v1/teams")).bearer_auth(&admin)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        teams["teams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "shared")
+    );
+    a.stop();
+    b.stop();
 }

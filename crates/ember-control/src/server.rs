@@ -168,8 +168,15 @@ impl ControlPlane {
 }
 
 /// On a store without any API key: make sure the default (admin) team
-/// exists and mint its first key. Returns the key to print, once.
+/// exists and mint its first key. Returns the key to print, once. Replicas
+/// on one PostgreSQL database take turns, so exactly one of them mints it.
 async fn bootstrap_admin(store: &Store) -> Result<Option<String>> {
+    store
+        .exclusive("ember-bootstrap", || bootstrap_admin_locked(store))
+        .await
+}
+
+async fn bootstrap_admin_locked(store: &Store) -> Result<Option<String>> {
     if store.count_keys().await? > 0 {
         return Ok(None);
     }

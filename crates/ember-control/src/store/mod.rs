@@ -192,6 +192,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Run `f` while holding the cluster-wide lock `name`: a PostgreSQL
+    /// advisory lock, so replicas starting together take turns. (An SQLite
+    /// file is served by one process; nothing is needed there.)
+    pub async fn exclusive<T, F, Fut>(&self, name: &str, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        if self.backend != Backend::Postgres {
+            return f().await;
+        }
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock_key(name))
+            .execute(&mut *conn)
+            .await?;
+        let result = f().await;
+        let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(lock_key(name))
+            .execute(&mut *conn)
+            .await;
+        if unlock.is_err() {
+            // Closing the session releases the lock for certain.
+            drop(conn.detach());
+        }
+        result
+    }
+
     // ------------------------------------------------------------ settings
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
