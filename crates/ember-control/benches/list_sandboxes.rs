@@ -117,6 +117,42 @@ async fn main() {
         assert_eq!(rows.len(), ROWS);
     }
     let store_rows_per_s = (loops * ROWS) as f64 / started.elapsed().as_secs_f64();
+    // The same rows through sqlx's native SQLite driver versus `sqlx::Any`
+    // (which the store uses so one SQL text serves both databases).
+    let driver_rows = if url.starts_with("sqlite") {
+        use sqlx::Row;
+        let q = "SELECT id, team_id, state, metadata, env, network FROM sandboxes";
+        let native = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let started = Instant::now();
+        for _ in 0..loops {
+            let rows = sqlx::query(q).fetch_all(&native).await.unwrap();
+            assert_eq!(
+                rows.iter()
+                    .filter(|r| !r.get::<String, _>(0).is_empty())
+                    .count(),
+                ROWS
+            );
+        }
+        let native_rps = (loops * ROWS) as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for _ in 0..loops {
+            let rows = sqlx::query(q)
+                .fetch_all(store.pool_for_bench())
+                .await
+                .unwrap();
+            assert_eq!(
+                rows.iter()
+                    .filter(|r| !r.get::<String, _>(0).is_empty())
+                    .count(),
+                ROWS
+            );
+        }
+        let any_rps = (loops * ROWS) as f64 / started.elapsed().as_secs_f64();
+        native.close().await;
+        Some((native_rps, any_rps))
+    } else {
+        None
+    };
     let listener = ember_control::server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -189,6 +225,13 @@ async fn main() {
         "  store.list_sandboxes alone, rows decoded        {store_rows_per_s:8.0} rows/s (HTTP limit=1000 serves {:.0} rows/s)",
         page1000 * ROWS as f64
     );
+    if let Some((native, any)) = driver_rows {
+        println!("  6 text columns, native sqlite driver            {native:8.0} rows/s  1.00x");
+        println!(
+            "  6 text columns, sqlx::Any over sqlite           {any:8.0} rows/s  {:.2}x",
+            any / native
+        );
+    }
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }

@@ -219,7 +219,14 @@ impl Operations {
         let Some(host_id) = placed else {
             return Err(Error::NoCapacity(NoCapacity::Full { vcpus, memory_mib }));
         };
-        let mut client = self.hosts.client(&host_id)?;
+        let mut client = match self.hosts.client(&host_id) {
+            Ok(c) => c,
+            Err(err) => {
+                self.fail(&id, SandboxState::Creating, &err.to_string())
+                    .await;
+                return Err(err);
+            }
+        };
         let req = pb::CreateSandboxRequest {
             sandbox_id: id.clone(),
             build_id: build_id.unwrap_or_default(),
@@ -758,24 +765,24 @@ impl Operations {
     pub async fn sweep_expired(&self) -> Result<()> {
         let now = now_ms();
         let rows = self.store.expired_sandboxes(now, 200).await?;
-        for action in ttl::decide(&rows, now) {
-            let (id, result) = match &action {
-                ttl::TtlAction::Kill { sandbox_id } => {
-                    (sandbox_id, self.destroy(None, sandbox_id).await.map(|_| ()))
+        // Concurrently: one slow host must not hold back everyone else's timeouts.
+        let work = ttl::decide(&rows, now)
+            .into_iter()
+            .map(|action| async move {
+                let result = match &action {
+                    ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
+                    ttl::TtlAction::Pause { sandbox_id } => {
+                        self.pause(None, sandbox_id).await.map(|_| ())
+                    }
+                };
+                match result {
+                    Ok(()) => tracing::info!(?action, "timeout applied"),
+                    // Another replica or a user request got there first.
+                    Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
+                    Err(err) => tracing::warn!(?action, error = %err, "applying a timeout failed"),
                 }
-                ttl::TtlAction::Pause { sandbox_id } => {
-                    (sandbox_id, self.pause(None, sandbox_id).await.map(|_| ()))
-                }
-            };
-            match result {
-                Ok(()) => tracing::info!(sandbox = %id, ?action, "timeout applied"),
-                // Another replica or a user request got there first.
-                Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
-                Err(err) => {
-                    tracing::warn!(sandbox = %id, error = %err, "applying a timeout failed")
-                }
-            }
-        }
+            });
+        futures::future::join_all(work).await;
         self.store
             .purge_destroyed(now - DESTROYED_RETENTION_MS)
             .await?;

@@ -158,6 +158,11 @@ impl Store {
         self.backend
     }
 
+    #[doc(hidden)]
+    pub fn pool_for_bench(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
