@@ -1294,3 +1294,67 @@ async fn two_replicas_share_one_postgres_database() {
     a.stop();
     b.stop();
 }
+
+/// Settings from a TOML file apply; flags override it; a typo in it is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_settings_apply_and_typos_are_errors() {
+    let db = TestDb::sqlite();
+    let config = db.dir.path().join("ember.toml");
+    let data = db.dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\njoin_token = \"emberjoin_fromfile\"\nlisten = \"127.0.0.1:1\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    // --listen on the command line beats the file's unusable port; the
+    // database defaults to SQLite in the file's data_dir.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env_remove("EMBER_JOIN_TOKEN")
+        .env_remove("EMBER_DATA_DIR")
+        .env_remove("EMBER_DATABASE_URL")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let base = lines
+        .find_map(|l| {
+            l.strip_prefix("ember server: listening on ")
+                .map(str::to_owned)
+        })
+        .expect("server starts");
+    assert!(
+        data.join("control.db").exists(),
+        "SQLite lives in the configured data_dir"
+    );
+    let body = json!({"address": "not a url"});
+    let got = call(
+        client()
+            .post(format!("{base}/internal/v1/hosts"))
+            .bearer_auth("emberjoin_fromfile")
+            .json(&body),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request"); // authenticated: the file's token is in force
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert!(child.wait().unwrap().success());
+
+    std::fs::write(&config, "listn = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listn"),
+        "the error names the unknown setting: {err}"
+    );
+}

@@ -394,11 +394,14 @@ async fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError>
         });
     }
     let prefix = auth::api_key_prefix(token).ok_or_else(invalid)?;
-    let key = state.store.key(prefix).await?.ok_or_else(invalid)?;
+    let (key, is_admin) = state
+        .store
+        .key_with_team(prefix)
+        .await?
+        .ok_or_else(invalid)?;
     if key.revoked_at.is_some() || !auth::digest_matches(token, &key.secret_sha256) {
         return Err(invalid());
     }
-    let team = state.store.team(&key.team_id).await?.ok_or_else(invalid)?;
     let now = now_ms();
     if key
         .last_used_at
@@ -413,8 +416,8 @@ async fn authenticate(state: &AppState, token: &str) -> Result<Caller, ApiError>
         });
     }
     Ok(Caller::Team {
-        team_id: team.id,
-        is_admin: team.is_admin,
+        team_id: key.team_id,
+        is_admin,
         key_prefix: key.prefix,
     })
 }

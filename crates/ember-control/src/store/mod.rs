@@ -355,6 +355,19 @@ impl Store {
         Ok(row.map(|r| key_from_row(&r)))
     }
 
+    /// The key with this prefix and whether its team is an admin team, in
+    /// one query (this is every request's authentication).
+    pub async fn key_with_team(&self, prefix: &str) -> Result<Option<(ApiKey, bool)>> {
+        let row = sqlx::query(
+            "SELECT k.prefix, k.team_id, k.name, k.secret_sha256, k.created_at, k.last_used_at, k.revoked_at, t.is_admin \
+             FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.prefix = $1",
+        )
+        .bind(prefix)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (key_from_row(&r), r.get::<i64, _>("is_admin") != 0)))
+    }
+
     pub async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>> {
         let rows = sqlx::query(
             "SELECT prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at \
