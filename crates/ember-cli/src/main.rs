@@ -29,8 +29,10 @@ enum Command {
     Image(cmd::image::ImageCommand),
     /// Boot a throwaway sandbox, run one command in it, exit with its exit code.
     Run(cmd::run::RunArgs),
+    /// The control plane: REST API, store, scheduler, reconciler, timeouts.
+    Server(cmd::server::ServerArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
-    Uffd(cmd::uffd::UffdArgs),
+    Uffd(Box<cmd::uffd::UffdArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +46,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Image(c) => cmd::image::run(c).await,
             Command::Run(a) => cmd::run::run(a).await,
-            Command::Uffd(a) => cmd::uffd::run(a).await,
+            Command::Server(a) => cmd::server::run(a).await,
+            Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });
     match result {

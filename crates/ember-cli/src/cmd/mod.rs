@@ -2,4 +2,5 @@
 
 pub mod image;
 pub mod run;
+pub mod server;
 pub mod uffd;

@@ -1,0 +1,149 @@
+//! `ember server`: the control plane (REST API, store, scheduler,
+//! reconciler, TTLs) in one process.
+//!
+//! Settings come from flags, then `EMBER_*` environment variables, then a
+//! TOML file (`--config`), then defaults: listen on 127.0.0.1:3000 (loopback
+//! only until you choose otherwise), data in /var/lib/ember, SQLite at
+//! `<data dir>/control.db`.
+//!
+//! Phase 2 starts an embedded host agent here by default and attaches it
+//! through `ControlPlane::hosts()` (see `attach_embedded_agent`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use ember_control::server::{ControlPlane, ServerConfig};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ember";
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Address for the REST API [default: 127.0.0.1:3000].
+    #[arg(long, env = "EMBER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Where Ember keeps its state [default: /var/lib/ember].
+    #[arg(long, env = "EMBER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `sqlite://PATH` or `postgres://USER:PASS@HOST/DB` [default: sqlite in the data dir].
+    #[arg(long, env = "EMBER_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Token host agents present to join (and that the server presents to them);
+    /// generated and stored on first start if not given.
+    #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// TOML file with any of: listen, data_dir, database_url, join_token,
+    /// reconcile_interval_s, ttl_interval_s, orphan_grace_s.
+    #[arg(long, env = "EMBER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    join_token: Option<String>,
+    reconcile_interval_s: Option<u64>,
+    ttl_interval_s: Option<u64>,
+    orphan_grace_s: Option<u64>,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(p) => read_config(p)?,
+        None => ConfigFile::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let database_url = match args.database_url.or(file.database_url) {
+        Some(u) => u,
+        None => {
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+            format!("sqlite://{}", data_dir.join("control.db").display())
+        }
+    };
+    let mut config = ServerConfig::new(database_url);
+    config.join_token = args.join_token.or(file.join_token);
+    if let Some(s) = file.reconcile_interval_s {
+        config.reconcile_interval = Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = file.ttl_interval_s {
+        config.ttl_interval = Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = file.orphan_grace_s {
+        config.reconciler.grace_ms = (s as i64).saturating_mul(1000);
+    }
+
+    let plane = ControlPlane::open(config)
+        .await
+        .context("opening the control plane")?;
+    if let Some(key) = &plane.first_start.admin_key {
+        eprintln!("================================================================");
+        eprintln!("ember server: first start; an admin API key was created.");
+        eprintln!("It is shown only now; store it safely:");
+        eprintln!();
+        eprintln!("    EMBER_ADMIN_KEY={key}");
+        eprintln!("================================================================");
+    }
+    if let Some(token) = &plane.first_start.new_join_token {
+        eprintln!(
+            "ember server: cluster join token (for `ember agent --token`; also stored in the database):"
+        );
+        eprintln!("    EMBER_JOIN_TOKEN={token}");
+    }
+    attach_embedded_agent(&plane).await?;
+
+    let listener = ember_control::server::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    eprintln!("ember server: listening on http://{addr}");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    plane.serve(listener, shutdown).await?;
+    eprintln!("ember server: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The seam for phase 2: start the host agent in this process and attach it
+/// with `plane.hosts().register_address(<its loopback gRPC address>)` (or
+/// `register_client`). Until the agent lands, hosts join with `ember agent`.
+async fn attach_embedded_agent(_plane: &ControlPlane) -> anyhow::Result<()> {
+    Ok(())
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("installing signal handlers failed; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("ember server: shutting down");
+    token.cancel();
+}

@@ -1,0 +1,1360 @@
+//! REST API tests over real HTTP against a real `ember server` process, on
+//! SQLite and on PostgreSQL: everything that does not need a host agent
+//! (auth, validation, errors, scoping, keys and teams, capacity errors).
+//!
+//! Where a test needs a sandbox to exist it writes the row through the
+//! store, as a create would have; no host agent is faked.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ember_control::model::{Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, now_ms};
+use ember_control::store::Store;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const PG_ENV: &str = "EMBER_TEST_POSTGRES_URL";
+
+/// A database for one test: a SQLite file or a fresh PostgreSQL database.
+struct TestDb {
+    url: String,
+    pg: Option<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        TestDb {
+            url: format!("sqlite://{}", dir.path().join("control.db").display()),
+            pg: None,
+            dir,
+        }
+    }
+
+    async fn postgres() -> TestDb {
+        let admin = std::env::var(PG_ENV).unwrap();
+        sqlx::any::install_default_drivers();
+        let name = format!(
+            "ember_t_{}",
+            ember_types::SandboxId::new().as_str().replace('-', "_")
+        );
+        let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.ok();
+        let base = admin.rsplit_once('/').unwrap().0;
+        TestDb {
+            url: format!("{base}/{name}"),
+            pg: Some((admin, name)),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::AnyConnection::connect(&admin).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A running `ember server`.
+struct Server {
+    child: Child,
+    base: String,
+    admin_key: Option<String>,
+    join_token: Option<String>,
+    log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(db: &TestDb, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &db.url,
+            ])
+            .arg("--data-dir")
+            .arg(db.dir.path())
+            .args(extra)
+            .env("EMBER_LOG", "info")
+            .env_remove("EMBER_JOIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ember server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut admin_key = None;
+        let mut join_token = None;
+        let base = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("ember server did not report its address within 60 s");
+            if let Some(k) = line.trim().strip_prefix("EMBER_ADMIN_KEY=") {
+                admin_key = Some(k.to_owned());
+            }
+            if let Some(t) = line.trim().strip_prefix("EMBER_JOIN_TOKEN=") {
+                join_token = Some(t.to_owned());
+            }
+            if let Some(addr) = line.strip_prefix("ember server: listening on ") {
+                break addr.trim().to_owned();
+            }
+        };
+        Server {
+            child,
+            base,
+            admin_key,
+            join_token,
+            log: rx,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGTERM and wait; the exit must be clean.
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = self.child.wait().unwrap();
+        let log: Vec<String> = self.log.try_iter().collect();
+        assert!(
+            status.success(),
+            "ember server exited with {status}; log:\n{}",
+            log.join("\n")
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn call(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+fn assert_error(got: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(got.0, status, "{:?}", got.1);
+    assert_eq!(got.1["code"], code, "{:?}", got.1);
+    assert!(
+        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{:?}",
+        got.1
+    );
+}
+
+fn create_body() -> Value {
+    json!({"template": "base", "timeout_s": 60})
+}
+
+/// A team and a key for it, made through the API with the admin key.
+async fn team_with_key(s: &Server, name: &str) -> (String, String) {
+    let c = client();
+    let admin = s.admin_key.as_deref().unwrap();
+    let (st, team) = call(
+        c.post(s.url("/v1/teams"))
+            .bearer_auth(admin)
+            .json(&json!({"name": name})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{team}");
+    let team_id = team["id"].as_str().unwrap().to_owned();
+    let (st, key) = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(admin)
+            .json(&json!({"name": "k", "team_id": team_id})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{key}");
+    assert_eq!(key["team_id"], team_id.as_str());
+    (team_id, key["key"].as_str().unwrap().to_owned())
+}
+
+/// Write a sandbox row as a create would have (with a host row for it).
+async fn insert_sandbox(
+    db: &TestDb,
+    team_id: &str,
+    state: SandboxState,
+    access_token: &str,
+    metadata: &[(&str, &str)],
+) -> String {
+    let id = ember_types::SandboxId::new().to_string();
+    insert_sandbox_with_id(db, &id, team_id, state, access_token, metadata).await;
+    id
+}
+
+async fn insert_sandbox_with_id(
+    db: &TestDb,
+    id: &str,
+    team_id: &str,
+    state: SandboxState,
+    access_token: &str,
+    metadata: &[(&str, &str)],
+) {
+    let store = Store::open(&db.url).await.unwrap();
+    store
+        .upsert_host(&Host {
+            id: "host-test".into(),
+            address: "http://127.0.0.1:9".into(),
+            backend: "qemu".into(),
+            version: "0".into(),
+            vcpus_total: 2,
+            memory_mib_total: 2048,
+            healthy: false,
+            last_error: None,
+            registered_at: now_ms(),
+            last_seen_at: None,
+        })
+        .await
+        .unwrap();
+    let now = now_ms();
+    let sb = Sandbox {
+        id: id.to_owned(),
+        team_id: team_id.into(),
+        state,
+        host_id: Some("host-test".into()),
+        template: "base".into(),
+        source_build_id: None,
+        build_id: None,
+        vcpus: 1,
+        memory_mib: 512,
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        env: BTreeMap::from([("API_SECRET".into(), "hunter2".into())]),
+        network: NetworkPolicy::default(),
+        timeout_s: 60,
+        on_timeout: OnTimeout::Kill,
+        expires_at: None,
+        access_token_sha256: ember_control::auth::sha256_hex(access_token),
+        failure_reason: None,
+        created_at: now,
+        state_changed_at: now,
+        destroyed_at: None,
+    };
+    assert!(store.insert_sandbox(&sb, None).await.unwrap());
+    store.close().await;
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::TestDb::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                ember_testkit::require!(
+                    std::env::var(super::PG_ENV).is_ok(),
+                    "needs PostgreSQL: run scripts/postgres-test-db and source target/postgres-test.env ({})",
+                    super::PG_ENV
+                );
+                super::$name(super::TestDb::postgres().await).await;
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    first_start_prints_an_admin_key_once_and_restarts_cleanly,
+    requests_without_a_valid_key_are_401,
+    bad_bodies_are_rejected_naming_the_field,
+    invalid_values_are_400_naming_the_field,
+    create_without_any_host_is_503_no_capacity,
+    unknown_ids_are_404_everywhere,
+    another_teams_sandbox_is_404_never_403,
+    access_tokens_open_only_their_own_sandboxes_guest_endpoints,
+    state_conflicts_are_409_naming_the_state,
+    file_paths_must_be_absolute,
+    listing_filters_and_paginates_over_http,
+    keys_and_teams_endpoints,
+    host_registration_needs_the_join_token,
+    health_and_metrics,
+    racing_transitions_have_exactly_one_winner,
+);
+
+async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let key = s
+        .admin_key
+        .clone()
+        .expect("first start prints an admin key");
+    assert!(key.starts_with("ember_"), "{key}");
+    assert!(s.join_token.is_some(), "first start prints the join token");
+    let (st, _) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop();
+    let s = Server::start(&db, &[]);
+    assert_eq!(
+        s.admin_key, None,
+        "the admin key is printed only on the first start"
+    );
+    assert_eq!(
+        s.join_token, None,
+        "the join token is printed only when generated"
+    );
+    let (st, teams) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(teams["teams"][0]["name"], "default");
+    assert_eq!(teams["teams"][0]["admin"], true);
+    s.stop();
+}
+
+async fn requests_without_a_valid_key_are_401(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let resp = c.get(s.url("/v1/sandboxes")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    for bad in [
+        "nonsense",
+        "ember_abcdefgh_0123456789012345678901234567890123456789",
+        &format!("{}x", s.admin_key.as_deref().unwrap()),
+    ] {
+        assert_error(
+            &call(c.get(s.url("/v1/sandboxes")).bearer_auth(bad)).await,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        );
+    }
+    // A valid prefix with the wrong secret.
+    let admin = s.admin_key.clone().unwrap();
+    let mut forged = admin[..15].to_owned();
+    forged.push_str(&"A".repeat(40));
+    assert_error(
+        &call(c.get(s.url("/v1/sandboxes")).bearer_auth(&forged)).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(
+            c.get(s.url("/v1/sandboxes"))
+                .header("authorization", format!("Basic {admin}")),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(c.post(s.url("/v1/sandboxes")).json(&create_body())).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    s.stop();
+}
+
+async fn bad_bodies_are_rejected_naming_the_field(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let key = s.admin_key.clone().unwrap();
+    let post = |body: String| {
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    assert_error(
+        &call(post("{\"template\": ".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &call(post("{\"template\" \"base\"}".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    // Valid JSON of the wrong shape is a data error, not a syntax error.
+    assert_error(
+        &call(post("[1, 2]".into())).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    );
+    let unknown = call(post(
+        json!({"template": "base", "timeout_s": 60, "vcpu": 2}).to_string(),
+    ))
+    .await;
+    assert_error(&unknown, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(unknown.1["field"], "vcpu", "{:?}", unknown.1);
+    let nested = call(post(
+        json!({"template": "base", "timeout_s": 60, "network": {"allow": []}}).to_string(),
+    ))
+    .await;
+    assert_error(&nested, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(nested.1["field"], "network.allow", "{:?}", nested.1);
+    let missing = call(post(json!({"template": "base"}).to_string())).await;
+    assert_eq!(missing.1["field"], "timeout_s", "{:?}", missing.1);
+    let wrong_type = call(post(
+        json!({"template": "base", "timeout_s": "60"}).to_string(),
+    ))
+    .await;
+    assert_error(&wrong_type, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(wrong_type.1["field"], "timeout_s", "{:?}", wrong_type.1);
+    let bad_enum = call(post(
+        json!({"template": "base", "timeout_s": 60, "on_timeout": "explode"}).to_string(),
+    ))
+    .await;
+    assert_eq!(bad_enum.1["field"], "on_timeout", "{:?}", bad_enum.1);
+    // Not JSON at all.
+    let plain = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .body("template=base"),
+    )
+    .await;
+    assert_error(
+        &plain,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    // A huge body is refused before it is parsed.
+    let huge = format!(
+        "{{\"template\": \"base\", \"timeout_s\": 60, \"metadata\": {{\"x\": \"{}\"}}}}",
+        "a".repeat(2 << 20)
+    );
+    // Its own connection: the server answers without reading the rest of the
+    // body and then closes the connection, which a pooled client would reuse.
+    let alone = client()
+        .post(s.url("/v1/sandboxes"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(huge);
+    assert_error(
+        &call(alone).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    // Same rules on other endpoints.
+    let k = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&key)
+            .json(&json!({"name": "x", "admin": true})),
+    )
+    .await;
+    assert_eq!(k.1["field"], "admin", "{:?}", k.1);
+    s.stop();
+}
+
+async fn invalid_values_are_400_naming_the_field(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let key = s.admin_key.clone().unwrap();
+    for (body, field) in [
+        (
+            json!({"template": "base", "timeout_s": 60, "vcpus": 0}),
+            "vcpus",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "vcpus": 1000}),
+            "vcpus",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "memory_mib": 16}),
+            "memory_mib",
+        ),
+        (json!({"template": "base", "timeout_s": 0}), "timeout_s"),
+        (
+            json!({"template": "base", "timeout_s": 999999}),
+            "timeout_s",
+        ),
+        (
+            json!({"template": "Not A Name", "timeout_s": 60}),
+            "template",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "env": {"1BAD": "x"}}),
+            "env.1BAD",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "metadata": {"a=b": "x"}}),
+            "metadata",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"allow_out": ["10.0.0.0/8", "nope"]}}),
+            "network.allow_out[1]",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"deny_out": ["10.0.0.0/40"]}}),
+            "network.deny_out[0]",
+        ),
+    ] {
+        let got = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).json(&body)).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        assert_eq!(got.1["field"], field, "{body}: {:?}", got.1);
+    }
+    for (query, field) in [
+        ("state=sleeping", "state"),
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("page_token=zzz", "page_token"),
+        ("colour=red", "colour"),
+    ] {
+        let got = call(
+            c.get(s.url(&format!("/v1/sandboxes?{query}")))
+                .bearer_auth(&key),
+        )
+        .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        assert_eq!(got.1["field"], field, "{query}: {:?}", got.1);
+    }
+    let got = call(
+        c.post(s.url("/v1/teams"))
+            .bearer_auth(&key)
+            .json(&json!({"name": "../etc"})),
+    )
+    .await;
+    assert_eq!(got.1["field"], "name", "{:?}", got.1);
+    s.stop();
+}
+
+async fn create_without_any_host_is_503_no_capacity(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let key = s.admin_key.clone().unwrap();
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .json(&create_body()),
+    )
+    .await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    // Nothing was left behind by the refused create.
+    let (st, list) = call(
+        c.get(s.url("/v1/sandboxes?state=creating,failed,destroyed"))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(list["sandboxes"], json!([]));
+    // An unknown template is 404 naming the field, before capacity is considered.
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .json(&json!({"template": "nope", "timeout_s": 60})),
+    )
+    .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(got.1["field"], "template");
+    s.stop();
+}
+
+async fn unknown_ids_are_404_everywhere(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let key = s.admin_key.clone().unwrap();
+    let id = ember_types::SandboxId::new().to_string();
+    let checks = [
+        c.get(s.url(&format!("/v1/sandboxes/{id}"))),
+        c.delete(s.url(&format!("/v1/sandboxes/{id}"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/pause"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/resume"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout")))
+            .json(&json!({"timeout_s": 30})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots")))
+            .json(&json!({"name": "x"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&json!({"cmd": "true"})),
+        c.get(s.url(&format!("/v1/sandboxes/{id}/processes"))),
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc/hosts"))),
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/"))),
+        c.get(s.url("/v1/sandboxes/not-an-id")),
+        c.get(s.url("/v1/sandboxes/..%2F..%2Fetc")),
+        c.get(s.url("/v1/snapshots/nope")),
+        c.delete(s.url("/v1/snapshots/nope")),
+        c.delete(s.url("/v1/keys/zzzzzzzz")),
+        c.get(s.url("/v1/no-such-endpoint")),
+    ];
+    for req in checks {
+        let req = req.bearer_auth(&key);
+        let desc = format!(
+            "{:?}",
+            req.try_clone().unwrap().build().unwrap().url().path()
+        );
+        let got = call(req).await;
+        assert_eq!(got.0, StatusCode::NOT_FOUND, "{desc}: {:?}", got.1);
+        assert_eq!(got.1["code"], "not_found", "{desc}: {:?}", got.1);
+    }
+    s.stop();
+}
+
+async fn another_teams_sandbox_is_404_never_403(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let (_team_b, key_b) = team_with_key(&s, "beta").await;
+    let id = insert_sandbox(
+        &db,
+        &team_a,
+        SandboxState::Paused,
+        "unused",
+        &[("owner", "alice")],
+    )
+    .await;
+
+    let (st, own) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(own["id"], id.as_str());
+    assert!(own.get("env").is_none(), "env is never returned");
+    assert!(
+        own.get("access_token").is_none(),
+        "the access token is shown only on create"
+    );
+
+    for req in [
+        c.get(s.url(&format!("/v1/sandboxes/{id}"))),
+        c.delete(s.url(&format!("/v1/sandboxes/{id}"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/pause"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/resume"))),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/timeout")))
+            .json(&json!({"timeout_s": 30})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/snapshots")))
+            .json(&json!({"name": "stolen"})),
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&json!({"cmd": "true"})),
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc/hosts"))),
+        c.get(s.url(&format!("/v1/sandboxes/{id}/processes"))),
+    ] {
+        let got = call(req.bearer_auth(&key_b)).await;
+        assert_eq!(got.0, StatusCode::NOT_FOUND, "{:?}", got.1);
+        assert!(
+            !got.1.to_string().contains("alice"),
+            "no data of the other team leaks: {:?}",
+            got.1
+        );
+    }
+    let (st, list) = call(
+        c.get(s.url("/v1/sandboxes?metadata.owner=alice"))
+            .bearer_auth(&key_b),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(list["sandboxes"], json!([]));
+    // And the row is untouched by all of that.
+    let (_, still) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_eq!(still["state"], "paused");
+    s.stop();
+}
+
+async fn access_tokens_open_only_their_own_sandboxes_guest_endpoints(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (team_a, _key_a) = team_with_key(&s, "alpha").await;
+    let real = ember_types::SandboxId::new().to_string();
+    let token = ember_control::auth::new_access_token(&real);
+    insert_sandbox_with_id(&db, &real, &team_a, SandboxState::Paused, &token, &[]).await;
+    let other = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
+
+    // Its own guest endpoints: authenticated (the paused sandbox then answers 409).
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{real}/exec")))
+            .bearer_auth(&token)
+            .json(&json!({"cmd": "true"})),
+    )
+    .await;
+    assert_error(&got, StatusCode::CONFLICT, "conflict");
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{real}/files/list?path=/")))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_error(&got, StatusCode::CONFLICT, "conflict");
+    // Anything else: forbidden.
+    for req in [
+        c.get(s.url(&format!("/v1/sandboxes/{real}"))),
+        c.delete(s.url(&format!("/v1/sandboxes/{real}"))),
+        c.post(s.url(&format!("/v1/sandboxes/{real}/resume"))),
+        c.get(s.url("/v1/sandboxes")),
+        c.get(s.url("/v1/keys")),
+        c.post(s.url(&format!("/v1/sandboxes/{other}/exec")))
+            .json(&json!({"cmd": "true"})),
+        c.post(s.url(&format!(
+            "/v1/sandboxes/{}/exec",
+            ember_types::SandboxId::new()
+        )))
+        .json(&json!({"cmd": "true"})),
+    ] {
+        assert_error(
+            &call(req.bearer_auth(&token)).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+    }
+    // A token with the right shape but the wrong secret is not a credential.
+    let forged = format!(
+        "{}{real}_{}",
+        ember_control::auth::ACCESS_TOKEN_PREFIX,
+        "B".repeat(40)
+    );
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{real}/exec")))
+            .bearer_auth(&forged)
+            .json(&json!({"cmd": "true"})),
+    )
+    .await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    s.stop();
+}
+
+async fn state_conflicts_are_409_naming_the_state(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let paused = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
+    for (req, state) in [
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/pause"))),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/timeout")))
+                .json(&json!({"timeout_s": 30})),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/snapshots")))
+                .json(&json!({"name": "t1"})),
+            "paused",
+        ),
+        (
+            c.post(s.url(&format!("/v1/sandboxes/{paused}/exec")))
+                .json(&json!({"cmd": "true"})),
+            "paused",
+        ),
+    ] {
+        let got = call(req.bearer_auth(&key_a)).await;
+        assert_error(&got, StatusCode::CONFLICT, "conflict");
+        assert!(
+            got.1["message"].as_str().unwrap().contains(state),
+            "{:?}",
+            got.1
+        );
+    }
+    let creating = insert_sandbox(&db, &team_a, SandboxState::Creating, "x", &[]).await;
+    for req in [
+        c.delete(s.url(&format!("/v1/sandboxes/{creating}"))),
+        c.post(s.url(&format!("/v1/sandboxes/{creating}/resume"))),
+    ] {
+        let got = call(req.bearer_auth(&key_a)).await;
+        assert_error(&got, StatusCode::CONFLICT, "conflict");
+        assert!(
+            got.1["message"].as_str().unwrap().contains("creating"),
+            "{:?}",
+            got.1
+        );
+    }
+    // Resume of a paused sandbox whose host is unknown to this server: 503, and it stays paused.
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{paused}/resume")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    let (_, row) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{paused}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_eq!(row["state"], "paused");
+    // A resume body with an unknown field is still a 400 naming it.
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{paused}/resume")))
+            .bearer_auth(&key_a)
+            .json(&json!({"timeout": 5})),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(got.1["field"], "timeout");
+    s.stop();
+}
+
+async fn file_paths_must_be_absolute(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let id = insert_sandbox(&db, &team_a, SandboxState::Running, "x", &[]).await;
+    for path in ["../../etc/passwd", "etc/passwd", "", "%2Fetc%00passwd"] {
+        for req in [
+            c.get(s.url(&format!("/v1/sandboxes/{id}/files?path={path}"))),
+            c.put(s.url(&format!("/v1/sandboxes/{id}/files?path={path}")))
+                .body("data"),
+            c.delete(s.url(&format!("/v1/sandboxes/{id}/files?path={path}"))),
+            c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path={path}"))),
+            c.get(s.url(&format!("/v1/sandboxes/{id}/files/list?path={path}"))),
+        ] {
+            let got = call(req.bearer_auth(&key_a)).await;
+            assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+            assert_eq!(got.1["field"], "path", "{path}: {:?}", got.1);
+        }
+    }
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(got.1["field"], "path", "{:?}", got.1);
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{id}/files/mkdir")))
+            .bearer_auth(&key_a)
+            .json(&json!({"path": "tmp/x"})),
+    )
+    .await;
+    assert_eq!(got.1["field"], "path", "{:?}", got.1);
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{id}/exec")))
+            .bearer_auth(&key_a)
+            .json(&json!({"cmd": "ls", "cwd": "tmp"})),
+    )
+    .await;
+    assert_eq!(got.1["field"], "cwd", "{:?}", got.1);
+    // A valid path on a sandbox whose host is gone: the host's failure, not the caller's.
+    let got = call(
+        c.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/etc")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_GATEWAY, "host_error");
+    s.stop();
+}
+
+async fn listing_filters_and_paginates_over_http(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let owner = if i % 2 == 0 { "alice" } else { "bob" };
+        let state = if i < 3 {
+            SandboxState::Paused
+        } else {
+            SandboxState::Failed
+        };
+        ids.push(
+            insert_sandbox(
+                &db,
+                &team_a,
+                state,
+                "x",
+                &[("owner", owner), ("i", &i.to_string())],
+            )
+            .await,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut url = s.url("/v1/sandboxes?limit=3");
+    loop {
+        let (st, page) = call(c.get(&url).bearer_auth(&key_a)).await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        let batch = page["sandboxes"].as_array().unwrap();
+        assert!(batch.len() <= 3);
+        seen.extend(batch.iter().map(|s| s["id"].as_str().unwrap().to_owned()));
+        match page["next_page_token"].as_str() {
+            Some(t) => url = s.url(&format!("/v1/sandboxes?limit=3&page_token={t}")),
+            None => break,
+        }
+    }
+    let mut sorted_seen = seen.clone();
+    sorted_seen.sort();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(sorted_seen, sorted_ids, "every sandbox exactly once");
+    let count = |q: &'static str| {
+        let c = c.clone();
+        let url = s.url(&format!("/v1/sandboxes?{q}"));
+        let key = key_a.clone();
+        async move {
+            let (st, v) = call(c.get(url).bearer_auth(key)).await;
+            assert_eq!(st, StatusCode::OK, "{q}: {v}");
+            v["sandboxes"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(count("state=paused").await, 3);
+    assert_eq!(count("state=failed").await, 4);
+    assert_eq!(count("state=paused,failed").await, 7);
+    assert_eq!(count("metadata.owner=alice").await, 4);
+    assert_eq!(count("metadata.owner=alice&state=paused").await, 2);
+    assert_eq!(count("metadata.owner=alice&metadata.i=2").await, 1);
+    assert_eq!(count("template=base").await, 7);
+    assert_eq!(count("template=py").await, 0);
+    s.stop();
+}
+
+async fn keys_and_teams_endpoints(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let admin = s.admin_key.clone().unwrap();
+    let (team_b, key_b) = team_with_key(&s, "beta").await;
+    assert_error(
+        &call(
+            c.post(s.url("/v1/teams"))
+                .bearer_auth(&admin)
+                .json(&json!({"name": "beta"})),
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    // A normal key cannot administer.
+    assert_error(
+        &call(
+            c.post(s.url("/v1/teams"))
+                .bearer_auth(&key_b)
+                .json(&json!({"name": "gamma"})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/teams")).bearer_auth(&key_b)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/hosts")).bearer_auth(&key_b)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (st, teams) = call(c.get(s.url("/v1/teams")).bearer_auth(&admin)).await;
+    assert_eq!(st, StatusCode::OK);
+    let admin_team = teams["teams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "default")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_error(
+        &call(
+            c.post(s.url("/v1/keys"))
+                .bearer_auth(&key_b)
+                .json(&json!({"name": "x", "team_id": admin_team})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_error(
+        &call(
+            c.get(s.url(&format!("/v1/keys?team_id={admin_team}")))
+                .bearer_auth(&key_b),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let got = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "x", "team_id": "team-nosuchteam0000000000"})),
+    )
+    .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    // A normal key manages its own team's keys.
+    let (st, second) = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(&key_b)
+            .json(&json!({"name": "second"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{second}");
+    assert_eq!(second["team_id"], team_b.as_str());
+    let second_key = second["key"].as_str().unwrap().to_owned();
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    let (st, keys) = call(c.get(s.url("/v1/keys")).bearer_auth(&key_b)).await;
+    assert_eq!(st, StatusCode::OK);
+    let listed = keys["keys"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|k| k["team_id"] == team_b.as_str() && k.get("key").is_none())
+    );
+    assert!(
+        !keys.to_string().contains(&second_key),
+        "listing never shows keys"
+    );
+    // Another team's key is not found (not forbidden); the admin's key survives.
+    let (_, admin_keys) = call(c.get(s.url("/v1/keys")).bearer_auth(&admin)).await;
+    let admin_key_id = admin_keys["keys"][0]["id"].as_str().unwrap().to_owned();
+    assert_error(
+        &call(
+            c.delete(s.url(&format!("/v1/keys/{admin_key_id}")))
+                .bearer_auth(&key_b),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(
+        call(c.get(s.url("/v1/teams")).bearer_auth(&admin)).await.0,
+        StatusCode::OK
+    );
+    // Revocation works at once.
+    assert_eq!(
+        call(c.get(s.url("/v1/keys")).bearer_auth(&second_key))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(
+            c.delete(s.url(&format!("/v1/keys/{second_id}")))
+                .bearer_auth(&key_b)
+        )
+        .await
+        .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_error(
+        &call(c.get(s.url("/v1/keys")).bearer_auth(&second_key)).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let (_, keys) = call(c.get(s.url("/v1/keys")).bearer_auth(&key_b)).await;
+    let revoked = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == second_id.as_str())
+        .unwrap()
+        .clone();
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+    // An admin may revoke any team's key and list any team's keys.
+    let (st, b_keys) = call(
+        c.get(s.url(&format!("/v1/keys?team_id={team_b}")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(b_keys["keys"].as_array().unwrap().len(), 2);
+    let (st, hosts) = call(c.get(s.url("/v1/hosts")).bearer_auth(&admin)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(hosts["hosts"], json!([]));
+    s.stop();
+}
+
+async fn host_registration_needs_the_join_token(db: TestDb) {
+    let s = Server::start(&db, &["--join-token", "emberjoin_testtoken"]);
+    assert_eq!(s.join_token, None, "a given token is not printed");
+    let c = client();
+    let body = json!({"address": "http://127.0.0.1:9"});
+    assert_error(
+        &call(c.post(s.url("/internal/v1/hosts")).json(&body)).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(
+            c.post(s.url("/internal/v1/hosts"))
+                .bearer_auth("emberjoin_wrong")
+                .json(&body),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(
+            c.post(s.url("/internal/v1/hosts"))
+                .bearer_auth(s.admin_key.as_deref().unwrap())
+                .json(&body),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let got = call(
+        c.post(s.url("/internal/v1/hosts"))
+            .bearer_auth("emberjoin_testtoken")
+            .json(&json!({"address": "not a url"})),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(got.1["field"], "address");
+    // A well-formed address where no agent listens: the server tried to dial it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = listener.local_addr().unwrap();
+    drop(listener);
+    let got = call(
+        c.post(s.url("/internal/v1/hosts"))
+            .bearer_auth("emberjoin_testtoken")
+            .json(&json!({"address": format!("http://{dead}")})),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_GATEWAY, "host_error");
+    let (_, hosts) = call(
+        c.get(s.url("/v1/hosts"))
+            .bearer_auth(s.admin_key.as_deref().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        hosts["hosts"],
+        json!([]),
+        "a host that never answered is not registered"
+    );
+    s.stop();
+}
+
+async fn health_and_metrics(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let (st, h) = call(c.get(s.url("/healthz"))).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(h["status"], "ok");
+    let (team_a, _) = team_with_key(&s, "alpha").await;
+    insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
+    let resp = c.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("ember_sandboxes{state=\"paused\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ember_sandboxes{state=\"running\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ember_sandbox_operation_seconds_count{operation=\"create\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("ember_hosts "), "{text}");
+    s.stop();
+}
+
+/// Concurrent transitions over HTTP: of many DELETEs and pauses racing on
+/// one sandbox, exactly one gets past the compare-and-set; the rest are 409.
+async fn racing_transitions_have_exactly_one_winner(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let id = insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let c = client();
+        let url = if i % 3 == 0 {
+            s.url(&format!("/v1/sandboxes/{id}/resume"))
+        } else {
+            s.url(&format!("/v1/sandboxes/{id}"))
+        };
+        let key = key_a.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = if i % 3 == 0 {
+                c.post(url)
+            } else {
+                c.delete(url)
+            };
+            call(req.bearer_auth(key)).await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // Resumes cannot start (its host is not serving): 503, without touching the row.
+    // Of the deletes, one moves the row to `destroying` (then fails to reach
+    // the host: 502, left for the reconciler); every other one is 409.
+    let deletes: Vec<_> = results
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, r)| r)
+        .collect();
+    let winners = deletes
+        .iter()
+        .filter(|r| r.0 != StatusCode::CONFLICT)
+        .count();
+    assert_eq!(winners, 1, "{deletes:?}");
+    let winner = deletes
+        .iter()
+        .find(|r| r.0 != StatusCode::CONFLICT)
+        .unwrap();
+    assert_error(winner, StatusCode::BAD_GATEWAY, "host_error");
+    for r in results.iter().filter(|r| r.0 == StatusCode::CONFLICT) {
+        assert_error(r, StatusCode::CONFLICT, "conflict");
+    }
+    let (_, row) = call(
+        client()
+            .get(s.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_eq!(row["state"], "destroying");
+    s.stop();
+}
+
+/// Two replicas on one PostgreSQL database: exactly one mints the first
+/// admin key, and each serves what the other wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_postgres_database() {
+    ember_testkit::require!(
+        std::env::var(PG_ENV).is_ok(),
+        "needs PostgreSQL: run scripts/postgres-test-db and source target/postgres-test.env ({PG_ENV})"
+    );
+    let db = TestDb::postgres().await;
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| Server::start(&db, &[]));
+        let b = scope.spawn(|| Server::start(&db, &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let keys: Vec<&String> = [&a.admin_key, &b.admin_key].into_iter().flatten().collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "exactly one replica prints the first admin key"
+    );
+    assert_eq!(
+        [&a.join_token, &b.join_token].into_iter().flatten().count(),
+        1,
+        "and exactly one generates the join token"
+    );
+    let admin = keys[0].clone();
+    let c = client();
+    let (st, team) = call(
+        c.post(a.url("/v1/teams"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "shared"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{team}");
+    let (st, teams) = call(c.get(b.url("/v1/teams")).bearer_auth(&admin)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        teams["teams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "shared")
+    );
+    a.stop();
+    b.stop();
+}
+
+/// Settings from a TOML file apply; flags override it; a typo in it is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_settings_apply_and_typos_are_errors() {
+    let db = TestDb::sqlite();
+    let config = db.dir.path().join("ember.toml");
+    let data = db.dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\njoin_token = \"emberjoin_fromfile\"\nlisten = \"127.0.0.1:1\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    // --listen on the command line beats the file's unusable port; the
+    // database defaults to SQLite in the file's data_dir.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env_remove("EMBER_JOIN_TOKEN")
+        .env_remove("EMBER_DATA_DIR")
+        .env_remove("EMBER_DATABASE_URL")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let base = lines
+        .find_map(|l| {
+            l.strip_prefix("ember server: listening on ")
+                .map(str::to_owned)
+        })
+        .expect("server starts");
+    assert!(
+        data.join("control.db").exists(),
+        "SQLite lives in the configured data_dir"
+    );
+    let body = json!({"address": "not a url"});
+    let got = call(
+        client()
+            .post(format!("{base}/internal/v1/hosts"))
+            .bearer_auth("emberjoin_fromfile")
+            .json(&body),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request"); // authenticated: the file's token is in force
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert!(child.wait().unwrap().success());
+
+    std::fs::write(&config, "listn = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listn"),
+        "the error names the unknown setting: {err}"
+    );
+}

@@ -1,0 +1,357 @@
+//! Keys, teams, hosts, host registration, health and metrics.
+//!
+//! A normal key manages its own team's keys; an admin key (a key of a team
+//! with `admin: true`) also creates teams, manages any team's keys and sees
+//! the hosts. Host agents register with the cluster join token, not a key.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+
+use super::{ApiError, ApiJson, ApiQuery, AppState, Auth, bearer_token, validate_name};
+use crate::auth;
+use crate::model::{self, now_ms, rfc3339};
+use crate::wire;
+
+fn key_to_wire(k: model::ApiKey) -> wire::ApiKey {
+    wire::ApiKey {
+        id: k.prefix,
+        name: k.name,
+        team_id: k.team_id,
+        created_at: rfc3339(k.created_at),
+        last_used_at: k.last_used_at.map(rfc3339),
+        revoked_at: k.revoked_at.map(rfc3339),
+    }
+}
+
+fn team_to_wire(t: model::Team) -> wire::Team {
+    wire::Team {
+        id: t.id,
+        name: t.name,
+        admin: t.is_admin,
+        created_at: rfc3339(t.created_at),
+    }
+}
+
+/// Mint a key for `team_id` and store its hash; the key itself is returned once.
+pub async fn mint_key(
+    store: &crate::store::Store,
+    team_id: &str,
+    name: &str,
+) -> crate::error::Result<(String, model::ApiKey)> {
+    loop {
+        let new = auth::new_api_key();
+        let row = model::ApiKey {
+            prefix: new.prefix,
+            team_id: team_id.to_owned(),
+            name: name.to_owned(),
+            secret_sha256: new.secret_sha256,
+            created_at: now_ms(),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        // A prefix collision (1 in 36^8) just draws again.
+        if store.insert_key(&row).await? {
+            return Ok((new.key, row));
+        }
+    }
+}
+
+/// Create an API key (for your team, or any team with an admin key).
+#[utoipa::path(
+    post, path = "/v1/keys", tag = "keys",
+    request_body = wire::CreateKeyRequest,
+    responses(
+        (status = 201, description = "The key is in `key`, shown only now", body = wire::CreatedKey),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, description = "No such team", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<wire::CreateKeyRequest>,
+) -> Result<(StatusCode, Json<wire::CreatedKey>), ApiError> {
+    let own = auth.team()?.to_owned();
+    if req.name.trim().is_empty() || req.name.len() > 128 {
+        return Err(ApiError::invalid("name", "must be 1-128 characters"));
+    }
+    let team = match req.team_id {
+        Some(t) if t != own => {
+            auth.admin()?;
+            if state.store.team(&t).await?.is_none() {
+                let mut e = ApiError::not_found(format!("no team {t}"));
+                e.body.field = Some("team_id".into());
+                return Err(e);
+            }
+            t
+        }
+        _ => own,
+    };
+    let (key, row) = mint_key(&state.store, &team, &req.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::CreatedKey {
+            key,
+            info: key_to_wire(row),
+        }),
+    ))
+}
+
+/// List keys (never the keys themselves).
+#[utoipa::path(
+    get, path = "/v1/keys", tag = "keys",
+    params(wire::KeysQuery),
+    responses(
+        (status = 200, body = wire::KeyList),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(q): ApiQuery<wire::KeysQuery>,
+) -> Result<Json<wire::KeyList>, ApiError> {
+    let own = auth.team()?.to_owned();
+    let team = match q.team_id {
+        Some(t) if t != own => {
+            auth.admin()?;
+            t
+        }
+        _ => own,
+    };
+    let keys = state
+        .store
+        .list_keys(&team)
+        .await?
+        .into_iter()
+        .map(key_to_wire)
+        .collect();
+    Ok(Json(wire::KeyList { keys }))
+}
+
+/// Revoke a key by its ID (prefix). It stops working at once.
+#[utoipa::path(
+    delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key ID (its prefix)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let own = auth.team()?;
+    let scope = if auth.is_admin() { None } else { Some(own) };
+    if state.store.revoke_key(scope, &id, now_ms()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no live key {id}")))
+    }
+}
+
+/// Create a team (admin).
+#[utoipa::path(
+    post, path = "/v1/teams", tag = "teams",
+    request_body = wire::CreateTeamRequest,
+    responses(
+        (status = 201, body = wire::Team),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 409, description = "The name is taken", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_team(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<wire::CreateTeamRequest>,
+) -> Result<(StatusCode, Json<wire::Team>), ApiError> {
+    auth.admin()?;
+    validate_name("name", &req.name)?;
+    let team = model::Team {
+        id: ember_types::TeamId::new().to_string(),
+        name: req.name.clone(),
+        is_admin: req.admin,
+        created_at: now_ms(),
+    };
+    if !state.store.insert_team(&team).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("a team named {:?} already exists", req.name),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(team_to_wire(team))))
+}
+
+/// List teams (admin).
+#[utoipa::path(
+    get, path = "/v1/teams", tag = "teams",
+    responses(
+        (status = 200, body = wire::TeamList),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_teams(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::TeamList>, ApiError> {
+    auth.admin()?;
+    let teams = state
+        .store
+        .list_teams()
+        .await?
+        .into_iter()
+        .map(team_to_wire)
+        .collect();
+    Ok(Json(wire::TeamList { teams }))
+}
+
+async fn hosts_to_wire(
+    state: &AppState,
+    hosts: Vec<model::Host>,
+) -> Result<Vec<wire::Host>, ApiError> {
+    let usage = state.store.host_usage().await?;
+    Ok(hosts
+        .into_iter()
+        .map(|h| {
+            let used = usage.get(&h.id).copied().unwrap_or_default();
+            wire::Host {
+                healthy: state.hosts.is_healthy(&h.id),
+                id: h.id,
+                address: h.address,
+                backend: h.backend,
+                version: h.version,
+                last_error: h.last_error,
+                vcpus_total: h.vcpus_total,
+                memory_mib_total: h.memory_mib_total,
+                vcpus_used: used.vcpus,
+                memory_mib_used: used.memory_mib,
+                registered_at: rfc3339(h.registered_at),
+                last_seen_at: h.last_seen_at.map(rfc3339),
+            }
+        })
+        .collect())
+}
+
+/// The host agents (admin).
+#[utoipa::path(
+    get, path = "/v1/hosts", tag = "hosts",
+    responses(
+        (status = 200, body = wire::HostList),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_hosts(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::HostList>, ApiError> {
+    auth.admin()?;
+    let hosts = state.store.list_hosts().await?;
+    Ok(Json(wire::HostList {
+        hosts: hosts_to_wire(&state, hosts).await?,
+    }))
+}
+
+/// Register a host agent (called by `ember agent --control-plane URL --token T`).
+/// The control plane dials the address, asks `HostInfo`, and from then on
+/// calls it with the same token in the `authorization` metadata.
+#[utoipa::path(
+    post, path = "/internal/v1/hosts", tag = "internal",
+    request_body = wire::RegisterHostRequest,
+    responses(
+        (status = 200, body = wire::Host),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, description = "Not the cluster join token", body = wire::ErrorBody),
+        (status = 502, description = "The agent could not be reached at that address", body = wire::ErrorBody),
+    ),
+    security(("join_token" = []))
+)]
+pub async fn register_host(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<wire::RegisterHostRequest>,
+) -> Result<Json<wire::Host>, ApiError> {
+    let token = bearer_token(&headers)?;
+    let matches: bool =
+        subtle::ConstantTimeEq::ct_eq(token.as_bytes(), state.join_token.as_bytes()).into();
+    if !matches {
+        return Err(ApiError::unauthorized("not this cluster's join token"));
+    }
+    let uri: http::Uri = req
+        .address
+        .parse()
+        .map_err(|_| ApiError::invalid("address", "must be a URL like http://10.0.0.2:7001"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(ApiError::invalid(
+            "address",
+            "must be a URL like http://10.0.0.2:7001",
+        ));
+    }
+    let host = state.hosts.register_address(&req.address).await?;
+    let mut hosts = hosts_to_wire(&state, vec![host]).await?;
+    Ok(Json(hosts.remove(0)))
+}
+
+/// Liveness and database reachability (no authentication).
+#[utoipa::path(
+    get, path = "/healthz", tag = "system",
+    responses(
+        (status = 200, body = wire::Health),
+        (status = 503, description = "The database does not answer", body = wire::ErrorBody),
+    )
+)]
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<wire::Health>, ApiError> {
+    state.store.count_teams().await.map_err(|e| {
+        tracing::error!(error = %e, "health check: database");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database does not answer",
+        )
+    })?;
+    Ok(Json(wire::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }))
+}
+
+/// Prometheus metrics (text exposition format; no authentication).
+#[utoipa::path(
+    get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let counts = state.store.count_by_state().await?;
+    state.metrics.set_sandbox_counts(&counts);
+    let ids = state.hosts.host_ids();
+    let healthy = ids.iter().filter(|id| state.hosts.is_healthy(id)).count();
+    state
+        .metrics
+        .set_hosts(ids.len(), healthy, &state.hosts.infos());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    ))
+}

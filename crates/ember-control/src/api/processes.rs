@@ -1,0 +1,431 @@
+//! Processes in a sandbox: exec (streamed as NDJSON or started in the
+//! background), stdin, signals, the process list, and reconnecting to a
+//! process's event stream. Calls go to the sandbox's host agent, which
+//! proxies them to the guest agent.
+//!
+//! Each line of a stream is one [`wire::ExecEvent`]; output chunks are
+//! `text` when valid UTF-8 and `data_b64` otherwise, so the stream is
+//! lossless and still readable with `curl -N`.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ember_proto::host as pb;
+use futures::StreamExt;
+
+use super::{ApiError, ApiJson, ApiQuery, AppState, Auth, sandbox_id};
+use crate::model::Sandbox;
+use crate::wire;
+
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// A guest-side failure the caller can act on, or a host failure (502).
+pub(super) async fn guest_error(
+    state: &AppState,
+    sb: &Sandbox,
+    call: &'static str,
+    status: tonic::Status,
+) -> ApiError {
+    let msg = status.message().to_owned();
+    match status.code() {
+        tonic::Code::NotFound => ApiError::not_found(msg),
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", msg)
+        }
+        tonic::Code::PermissionDenied => ApiError::forbidden(msg),
+        tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", msg)
+        }
+        _ => state.ops.guest_call_error(sb, call, status).await.into(),
+    }
+}
+
+/// Convert one host event to its wire form.
+pub fn event_to_wire(ev: pb::ExecEvent) -> Option<wire::ExecEvent> {
+    use pb::exec_event::Event;
+    let seq = ev.seq;
+    let output = |bytes: Vec<u8>| match String::from_utf8(bytes) {
+        Ok(text) => (Some(text), None),
+        Err(e) => (None, Some(STANDARD.encode(e.into_bytes()))),
+    };
+    Some(match ev.event? {
+        Event::StartedPid(pid) => wire::ExecEvent::Started { seq, pid },
+        Event::Stdout(b) => {
+            let (text, data_b64) = output(b);
+            wire::ExecEvent::Stdout {
+                seq,
+                text,
+                data_b64,
+            }
+        }
+        Event::Stderr(b) => {
+            let (text, data_b64) = output(b);
+            wire::ExecEvent::Stderr {
+                seq,
+                text,
+                data_b64,
+            }
+        }
+        Event::Exit(x) => wire::ExecEvent::Exit {
+            seq,
+            exit_code: x.exit_code,
+            signal: x.signal,
+            timed_out: x.timed_out,
+        },
+    })
+}
+
+fn ndjson_line(ev: &wire::ExecEvent) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(ev).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+/// Stream host events as NDJSON; a broken stream ends with an `error` event.
+fn ndjson_response(stream: tonic::Streaming<pb::ExecEvent>) -> Response {
+    let body = stream
+        .map(|item| {
+            let ev = match item {
+                Ok(ev) => event_to_wire(ev)?,
+                Err(status) => wire::ExecEvent::Error {
+                    code: "host_error".into(),
+                    message: crate::hosts::status_reason(&status),
+                },
+            };
+            Some(ev)
+        })
+        .filter_map(
+            |ev| async move { ev.map(|e| Ok::<_, std::convert::Infallible>(ndjson_line(&e))) },
+        );
+    (
+        [
+            (header::CONTENT_TYPE, NDJSON),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Run a command. Streams NDJSON events until it exits, or with
+/// `background: true` answers `{pid}` at once.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/exec", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = wire::ExecRequest,
+    responses(
+        (status = 200, description = "NDJSON stream of ExecEvent lines (`application/x-ndjson`), or `{pid}` in background mode",
+            content(
+                (wire::ExecEvent = "application/x-ndjson"),
+                (wire::BackgroundProcess = "application/json"),
+            )),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running", body = wire::ErrorBody),
+        (status = 502, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn exec(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::ExecRequest>,
+) -> Result<Response, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    if req.cmd.is_empty() || req.cmd.contains('\0') {
+        return Err(ApiError::invalid(
+            "cmd",
+            "must be a non-empty program name without NUL",
+        ));
+    }
+    if let Some(cwd) = &req.cwd {
+        super::validate_path("cwd", cwd)?;
+    }
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    state.ops.touch(&sb).await;
+    let background = req.background;
+    let preq = pb::ExecRequest {
+        sandbox_id: id.clone(),
+        cmd: req.cmd,
+        args: req.args,
+        env: req.env.into_iter().collect(),
+        cwd: req.cwd.unwrap_or_default(),
+        user: req.user.unwrap_or_default(),
+        timeout_ms: req.timeout_ms,
+        stdin: req.stdin,
+        pty: req.pty.map(|p| pb::PtySize {
+            rows: p.rows,
+            cols: p.cols,
+        }),
+        background,
+        tag: req.tag.unwrap_or_default(),
+    };
+    let mut stream = match client.exec(preq).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return Err(guest_error(&state, &sb, "Exec", status).await),
+    };
+    if !background {
+        return Ok(ndjson_response(stream));
+    }
+    // Background: the first event is the pid; the process outlives this request.
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::ExecEvent {
+                event: Some(pb::exec_event::Event::StartedPid(pid)),
+                ..
+            })) => return Ok(Json(wire::BackgroundProcess { pid }).into_response()),
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "host_error",
+                    "the host ended the exec stream before the process started",
+                ));
+            }
+            Err(status) => return Err(guest_error(&state, &sb, "Exec", status).await),
+        }
+    }
+}
+
+fn pid_of(raw: &str) -> Result<u32, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::invalid("pid", format!("{raw:?} is not a process ID")))
+}
+
+/// Processes started through the API, running or finished.
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{id}/processes", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses(
+        (status = 200, body = wire::ProcessList),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn list_processes(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<wire::ProcessList>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let reply = match client
+        .list_processes(pb::SandboxRef { sandbox_id: id })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Err(guest_error(&state, &sb, "ListProcesses", status).await),
+    };
+    let processes = reply
+        .processes
+        .into_iter()
+        .map(|p| wire::Process {
+            pid: p.pid,
+            cmd: p.cmd,
+            args: p.args,
+            tag: (!p.tag.is_empty()).then_some(p.tag),
+            running: p.running,
+            background: p.background,
+            exit: p.exit.map(|x| wire::ExitStatus {
+                exit_code: x.exit_code,
+                signal: x.signal,
+                timed_out: x.timed_out,
+            }),
+            started_at: p.started_at,
+        })
+        .collect();
+    Ok(Json(wire::ProcessList { processes }))
+}
+
+/// Write to a process's stdin (it must have been started with `stdin: true`).
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/processes/{pid}/stdin", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID"), ("pid" = u32, Path, description = "Process ID")),
+    request_body = wire::StdinRequest,
+    responses(
+        (status = 204, description = "Written"),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn write_stdin(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, pid)): Path<(String, String)>,
+    ApiJson(req): ApiJson<wire::StdinRequest>,
+) -> Result<StatusCode, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let pid = pid_of(&pid)?;
+    let data = match (req.text, req.data_b64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "data_b64",
+                "give text or data_b64, not both",
+            ));
+        }
+        (Some(t), None) => t.into_bytes(),
+        (None, Some(b)) => STANDARD
+            .decode(b)
+            .map_err(|e| ApiError::invalid("data_b64", format!("not base64: {e}")))?,
+        (None, None) => Vec::new(),
+    };
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let preq = pb::WriteStdinRequest {
+        sandbox_id: id,
+        pid,
+        data,
+        close: req.close,
+    };
+    match client.write_stdin(preq).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(status) => Err(guest_error(&state, &sb, "WriteStdin", status).await),
+    }
+}
+
+/// Send a signal to a process.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/processes/{pid}/signal", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID"), ("pid" = u32, Path, description = "Process ID")),
+    request_body = wire::SignalRequest,
+    responses(
+        (status = 204, description = "Sent"),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn signal_process(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, pid)): Path<(String, String)>,
+    ApiJson(req): ApiJson<wire::SignalRequest>,
+) -> Result<StatusCode, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let pid = pid_of(&pid)?;
+    let named = [
+        "TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT",
+    ];
+    let sig = req.signal.trim_start_matches("SIG").to_owned();
+    if !named.contains(&sig.as_str()) && !sig.parse::<u8>().is_ok_and(|n| (1..=64).contains(&n)) {
+        return Err(ApiError::invalid(
+            "signal",
+            format!("{:?} is not a signal name or number", req.signal),
+        ));
+    }
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let preq = pb::SignalProcessRequest {
+        sandbox_id: id,
+        pid,
+        signal: sig,
+    };
+    match client.signal_process(preq).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(status) => Err(guest_error(&state, &sb, "SignalProcess", status).await),
+    }
+}
+
+/// Reconnect to a process: replay buffered events after `after`, then follow.
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{id}/processes/{pid}/events", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID"), ("pid" = u32, Path, description = "Process ID"), wire::EventsQuery),
+    responses(
+        (status = 200, description = "NDJSON stream of ExecEvent lines", content((wire::ExecEvent = "application/x-ndjson"))),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn process_events(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, pid)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<wire::EventsQuery>,
+) -> Result<Response, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let pid = pid_of(&pid)?;
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    state.ops.touch(&sb).await;
+    let preq = pb::ConnectProcessRequest {
+        sandbox_id: id,
+        pid,
+        after_seq: q.after.unwrap_or(0),
+    };
+    match client.connect_process(preq).await {
+        Ok(s) => Ok(ndjson_response(s.into_inner())),
+        Err(status) => Err(guest_error(&state, &sb, "ConnectProcess", status).await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_text_when_utf8_and_base64_otherwise() {
+        let ev = pb::ExecEvent {
+            seq: 3,
+            event: Some(pb::exec_event::Event::Stdout(b"hi\n".to_vec())),
+        };
+        let w = event_to_wire(ev).unwrap();
+        assert_eq!(
+            String::from_utf8(ndjson_line(&w).to_vec()).unwrap(),
+            "{\"type\":\"stdout\",\"seq\":3,\"text\":\"hi\\n\"}\n"
+        );
+        let ev = pb::ExecEvent {
+            seq: 4,
+            event: Some(pb::exec_event::Event::Stderr(vec![0xff, 0x00])),
+        };
+        assert_eq!(
+            event_to_wire(ev).unwrap(),
+            wire::ExecEvent::Stderr {
+                seq: 4,
+                text: None,
+                data_b64: Some("/wA=".into())
+            }
+        );
+        let ev = pb::ExecEvent {
+            seq: 5,
+            event: Some(pb::exec_event::Event::Exit(pb::ExitStatus {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+            })),
+        };
+        assert_eq!(
+            String::from_utf8(ndjson_line(&event_to_wire(ev).unwrap()).to_vec()).unwrap(),
+            "{\"type\":\"exit\",\"seq\":5,\"exit_code\":0,\"timed_out\":false}\n"
+        );
+        assert_eq!(
+            event_to_wire(pb::ExecEvent {
+                seq: 1,
+                event: None
+            }),
+            None
+        );
+    }
+}

@@ -1,0 +1,496 @@
+//! `/v1/sandboxes`: create, list, get, delete, pause, resume, timeout, snapshot.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::{
+    ApiError, ApiJson, ApiQuery, AppState, Auth, sandbox_id, validate_cidr, validate_name,
+};
+use crate::lifecycle::{BASE_TEMPLATE, CreateSpec};
+use crate::model::{self, SandboxState, now_ms, rfc3339};
+use crate::store::{PageAfter, SandboxFilter};
+use crate::wire;
+
+pub const MAX_VCPUS: u32 = 64;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
+const MAX_METADATA: usize = 64;
+const MAX_ENV: usize = 256;
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
+    wire::Sandbox {
+        id: sb.id,
+        state: sb.state,
+        template: sb.template,
+        host_id: sb.host_id,
+        vcpus: sb.vcpus,
+        memory_mib: sb.memory_mib,
+        metadata: sb.metadata,
+        network: wire::NetworkPolicy {
+            allow_out: sb.network.allow_out,
+            deny_out: sb.network.deny_out,
+        },
+        timeout_s: sb.timeout_s,
+        on_timeout: sb.on_timeout,
+        expires_at: sb.expires_at.map(rfc3339),
+        failure_reason: sb.failure_reason,
+        created_at: rfc3339(sb.created_at),
+        state_changed_at: rfc3339(sb.state_changed_at),
+        access_token: None,
+    }
+}
+
+fn validate_timeout(timeout_s: u64) -> Result<(), ApiError> {
+    if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
+        return Err(ApiError::invalid(
+            "timeout_s",
+            format!("must be between 1 and {MAX_TIMEOUT_S} seconds"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_ENV} variables"),
+        ));
+    }
+    for (k, v) in env {
+        let name_ok = !k.is_empty()
+            && k.len() <= 256
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(ApiError::invalid(
+                &format!("{field}.{k}"),
+                "variable names are letters, digits and _, not starting with a digit",
+            ));
+        }
+        if v.contains('\0') || v.len() > 32 * 1024 {
+            return Err(ApiError::invalid(
+                &format!("{field}.{k}"),
+                "values are at most 32 KiB, without NUL",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if metadata.len() > MAX_METADATA {
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("at most {MAX_METADATA} entries"),
+        ));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.len() > 256 || k.contains('=') || k.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "metadata",
+                format!("key {k:?}: 1-256 characters, no '=' or control characters"),
+            ));
+        }
+        if v.len() > 1024 || v.contains('\0') {
+            return Err(ApiError::invalid(
+                &format!("metadata.{k}"),
+                "values are at most 1024 bytes, without NUL",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Create a sandbox.
+#[utoipa::path(
+    post, path = "/v1/sandboxes", tag = "sandboxes",
+    request_body = wire::CreateSandboxRequest,
+    responses(
+        (status = 201, description = "Created and running; `access_token` is shown only here", body = wire::Sandbox),
+        (status = 400, description = "Invalid input (the `field` names it)", body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, description = "No such template", body = wire::ErrorBody),
+        (status = 413, body = wire::ErrorBody),
+        (status = 422, description = "vcpus/memory_mib differ from the template's locked values", body = wire::ErrorBody),
+        (status = 502, description = "The host failed to start it", body = wire::ErrorBody),
+        (status = 503, description = "No host has capacity (`no_capacity`)", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<wire::CreateSandboxRequest>,
+) -> Result<(StatusCode, Json<wire::Sandbox>), ApiError> {
+    let team = auth.team()?.to_owned();
+    if req.template != BASE_TEMPLATE {
+        validate_name("template", &req.template)?;
+    }
+    if let Some(v) = req.vcpus
+        && !(1..=MAX_VCPUS).contains(&v)
+    {
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!("must be between 1 and {MAX_VCPUS}"),
+        ));
+    }
+    if let Some(m) = req.memory_mib
+        && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)
+    {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
+        ));
+    }
+    validate_timeout(req.timeout_s)?;
+    validate_metadata(&req.metadata)?;
+    validate_env("env", &req.env)?;
+    for (i, c) in req.network.allow_out.iter().enumerate() {
+        validate_cidr(&format!("network.allow_out[{i}]"), c)?;
+    }
+    for (i, c) in req.network.deny_out.iter().enumerate() {
+        validate_cidr(&format!("network.deny_out[{i}]"), c)?;
+    }
+    let spec = CreateSpec {
+        team_id: team,
+        template: req.template,
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        timeout_s: req.timeout_s,
+        on_timeout: req.on_timeout,
+        metadata: req.metadata,
+        env: req.env,
+        network: model::NetworkPolicy {
+            allow_out: req.network.allow_out,
+            deny_out: req.network.deny_out,
+        },
+    };
+    let (sb, token) = state.ops.create(spec).await?;
+    let mut out = to_wire(sb);
+    out.access_token = Some(token);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+fn page_token(after: &PageAfter) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", after.created_at, after.id))
+}
+
+fn parse_page_token(token: &str) -> Option<PageAfter> {
+    let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (ts, id) = raw.split_once(':')?;
+    Some(PageAfter {
+        created_at: ts.parse().ok()?,
+        id: id.parse::<ember_types::SandboxId>().ok()?.to_string(),
+    })
+}
+
+/// List your team's sandboxes, newest first.
+#[utoipa::path(
+    get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(
+        wire::ListSandboxesQuery,
+        ("metadata.KEY" = Option<String>, Query, description = "Only sandboxes whose metadata KEY equals this value; repeat for several keys"),
+    ),
+    responses(
+        (status = 200, body = wire::SandboxList),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_sandboxes(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(params): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<wire::SandboxList>, ApiError> {
+    let team = auth.team()?;
+    let mut filter = SandboxFilter::default();
+    let mut limit = DEFAULT_PAGE;
+    let mut after = None;
+    for (k, v) in params {
+        match k.as_str() {
+            "state" => {
+                for s in v.split(',').filter(|s| !s.is_empty()) {
+                    let st: SandboxState = s
+                        .parse()
+                        .map_err(|e: String| ApiError::invalid("state", e))?;
+                    filter.states.push(st);
+                }
+            }
+            "template" => filter.template = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=MAX_PAGE).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}"))
+                    })?;
+            }
+            "page_token" => {
+                after = Some(parse_page_token(&v).ok_or_else(|| {
+                    ApiError::invalid("page_token", "not a token from a previous page")
+                })?);
+            }
+            other => match other.strip_prefix("metadata.") {
+                Some(key) if !key.is_empty() => {
+                    filter.metadata.insert(key.to_owned(), v);
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        other,
+                        "unknown parameter: use state, template, limit, page_token or metadata.KEY",
+                    ));
+                }
+            },
+        }
+    }
+    // One extra row tells whether another page exists.
+    let mut rows = state
+        .store
+        .list_sandboxes(team, &filter, after.as_ref(), limit + 1)
+        .await?;
+    let next = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| {
+            page_token(&PageAfter {
+                created_at: r.created_at,
+                id: r.id.clone(),
+            })
+        })
+    } else {
+        None
+    };
+    Ok(Json(wire::SandboxList {
+        sandboxes: rows.into_iter().map(to_wire).collect(),
+        next_page_token: next,
+    }))
+}
+
+/// Get one sandbox (destroyed ones are kept for a day).
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses(
+        (status = 200, body = wire::Sandbox),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn get_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<wire::Sandbox>, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    let sb = state
+        .store
+        .sandbox(Some(team), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
+    Ok(Json(to_wire(sb)))
+}
+
+/// Destroy a sandbox (running, paused or failed) and everything it holds.
+#[utoipa::path(
+    delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses(
+        (status = 204, description = "Destroyed"),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "An operation is in progress, or it is already destroyed", body = wire::ErrorBody),
+        (status = 502, description = "The host did not answer; the destroy is retried in the background", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn delete_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    state.ops.destroy(Some(team), &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Pause a running sandbox: its memory and disk become a build; it holds no
+/// CPU or memory until resumed. Paused sandboxes do not time out.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses(
+        (status = 200, body = wire::Sandbox),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running", body = wire::ErrorBody),
+        (status = 502, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn pause_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<wire::Sandbox>, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    Ok(Json(to_wire(state.ops.pause(Some(team), &id).await?)))
+}
+
+/// Resume a paused sandbox on the host that holds its build.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body(content = wire::ResumeRequest, description = "Optional: an empty body keeps the timeout and env"),
+    responses(
+        (status = 200, body = wire::Sandbox),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not paused", body = wire::ErrorBody),
+        (status = 502, body = wire::ErrorBody),
+        (status = 503, description = "Its host is down or full", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn resume_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<wire::Sandbox>, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    let req: wire::ResumeRequest = if body.is_empty() {
+        wire::ResumeRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+            err.body.field = super::serde_field(&e.to_string());
+            err
+        })?
+    };
+    if let Some(t) = req.timeout_s {
+        validate_timeout(t)?;
+    }
+    validate_env("env", &req.env)?;
+    Ok(Json(to_wire(
+        state.ops.resume(team, &id, req.timeout_s, req.env).await?,
+    )))
+}
+
+/// Set a running sandbox's timeout: it now expires `timeout_s` from now.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = wire::TimeoutRequest,
+    responses(
+        (status = 200, body = wire::Sandbox),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn set_sandbox_timeout(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::TimeoutRequest>,
+) -> Result<Json<wire::Sandbox>, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    validate_timeout(req.timeout_s)?;
+    let sb = state
+        .store
+        .sandbox(Some(team), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
+    let expires = now_ms().saturating_add(req.timeout_s as i64 * 1000);
+    if !state
+        .store
+        .set_expiry(Some(team), &id, expires, false)
+        .await?
+    {
+        return Err(crate::error::Error::NotRunning {
+            id,
+            state: sb.state,
+        }
+        .into());
+    }
+    state.store.set_timeout(team, &id, req.timeout_s).await?;
+    let sb = state
+        .store
+        .sandbox(Some(team), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
+    Ok(Json(to_wire(sb)))
+}
+
+/// Freeze a running sandbox into a named template (it keeps running).
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/snapshots", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = wire::CreateSnapshotRequest,
+    responses(
+        (status = 201, body = wire::Snapshot),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running, or the name is taken", body = wire::ErrorBody),
+        (status = 502, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn snapshot_sandbox(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::CreateSnapshotRequest>,
+) -> Result<(StatusCode, Json<wire::Snapshot>), ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    validate_name("name", &req.name)?;
+    if req.name == BASE_TEMPLATE {
+        return Err(ApiError::invalid(
+            "name",
+            "\"base\" is reserved for the base image",
+        ));
+    }
+    let t = state.ops.snapshot(team, &id, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(super::snapshots::to_wire(t))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let a = PageAfter {
+            created_at: 1_700_000_000_000,
+            id: ember_types::SandboxId::new().to_string(),
+        };
+        assert_eq!(parse_page_token(&page_token(&a)), Some(a));
+        assert_eq!(parse_page_token("nope"), None);
+        assert_eq!(
+            parse_page_token(&URL_SAFE_NO_PAD.encode("1:'; DROP TABLE")),
+            None
+        );
+    }
+}

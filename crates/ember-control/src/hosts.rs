@@ -1,0 +1,446 @@
+//! The registry of host agents: for each, a gRPC client (dialled with the
+//! cluster join token in `authorization` metadata), its last `HostInfo`, its
+//! health, and a backoff for probing it while it is down.
+//!
+//! Hosts are durable rows in the store; this registry is each replica's live
+//! view of them. [`HostRegistry::register_address`] is how a host joins (the
+//! internal registration endpoint calls it); [`HostRegistry::register_client`]
+//! is the seam for a host agent reached through a client the caller built
+//! (the embedded agent of `ember server`). Not here: placement
+//! ([`crate::scheduler`]) or lifecycle calls ([`crate::lifecycle`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ember_proto::host::host_agent_client::HostAgentClient;
+use ember_proto::host::{HostInfoReply, HostInfoRequest};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::model::{Host, HostUsage, now_ms};
+use crate::scheduler::HostSnapshot;
+use crate::store::Store;
+
+/// Adds `authorization: Bearer <join token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    pub fn new(token: &str) -> Option<BearerToken> {
+        format!("Bearer {token}").parse().ok().map(BearerToken)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// A client for one host agent.
+pub type HostClient = HostAgentClient<InterceptedService<Channel, BearerToken>>;
+
+/// Time limits on host calls.
+pub const INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Create, resume, pause and snapshot can boot or write a VM (seconds under TCG).
+pub const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Entry {
+    address: String,
+    client: HostClient,
+    info: Option<HostInfoReply>,
+    healthy: bool,
+    failures: u32,
+    next_probe: Instant,
+}
+
+/// Every host this replica knows, with a live client for each.
+pub struct HostRegistry {
+    store: Store,
+    token: BearerToken,
+    hosts: RwLock<HashMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for HostRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self
+            .hosts
+            .read()
+            .map(|h| h.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("HostRegistry").field("hosts", &ids).finish()
+    }
+}
+
+/// Probe delay after `failures` consecutive failures: 1 s for a healthy host,
+/// doubling per failure up to 60 s.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 2u64.saturating_pow(failures.min(6)).min(60);
+    Duration::from_secs(secs)
+}
+
+/// A tonic status as a short reason for humans.
+pub fn status_reason(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}
+
+/// Does this status mean the host could not be reached (as opposed to the
+/// host answering that the operation failed)?
+pub fn is_unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    ) && (status.code() != tonic::Code::Unknown || status.message().contains("transport"))
+}
+
+impl HostRegistry {
+    /// A registry whose clients authenticate with `join_token`.
+    pub fn new(store: Store, join_token: &str) -> Result<Arc<HostRegistry>> {
+        let token = BearerToken::new(join_token).ok_or_else(|| Error::HostReply {
+            host: "-".into(),
+            call: "configure",
+            detail: "the join token is not valid in an HTTP header".into(),
+        })?;
+        Ok(Arc::new(HostRegistry {
+            store,
+            token,
+            hosts: RwLock::new(HashMap::new()),
+        }))
+    }
+
+    /// A lazily connecting client for `address`.
+    pub fn dial(&self, address: &str) -> Result<HostClient> {
+        let endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(|e| Error::HostReply {
+                host: address.to_owned(),
+                call: "dial",
+                detail: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        if endpoint.uri().scheme().is_none() {
+            return Err(Error::HostReply {
+                host: address.to_owned(),
+                call: "dial",
+                detail: "the address needs a scheme: http://HOST:PORT".into(),
+            });
+        }
+        let channel = endpoint.connect_lazy();
+        Ok(HostAgentClient::with_interceptor(
+            channel,
+            self.token.clone(),
+        ))
+    }
+
+    /// Register (or re-register) the host agent listening at `address`:
+    /// dial it, ask `HostInfo`, record it. The host's own ID comes from its reply.
+    pub async fn register_address(&self, address: &str) -> Result<Host> {
+        let client = self.dial(address)?;
+        self.register_client(address.to_owned(), client).await
+    }
+
+    /// The seam for a host agent reached through a client built elsewhere
+    /// (e.g. `ember server`'s embedded agent): ask it `HostInfo`, record it,
+    /// and use `client` for every later call. `address` is what `GET /v1/hosts` shows.
+    pub async fn register_client(&self, address: String, mut client: HostClient) -> Result<Host> {
+        let mut req = tonic::Request::new(HostInfoRequest {});
+        req.set_timeout(INFO_TIMEOUT);
+        let info = client
+            .host_info(req)
+            .await
+            .map_err(|s| Error::HostCall {
+                host: address.clone(),
+                call: "HostInfo",
+                source: Box::new(s),
+            })?
+            .into_inner();
+        if info.host_id.is_empty() {
+            return Err(Error::HostReply {
+                host: address,
+                call: "HostInfo",
+                detail: "empty host_id".into(),
+            });
+        }
+        let now = now_ms();
+        let previous = self.store.host(&info.host_id).await?;
+        let host = Host {
+            id: info.host_id.clone(),
+            address: address.clone(),
+            backend: info.backend.clone(),
+            version: info.version.clone(),
+            vcpus_total: info.vcpus_total,
+            memory_mib_total: info.memory_mib_total,
+            healthy: true,
+            last_error: None,
+            registered_at: previous.map_or(now, |p| p.registered_at),
+            last_seen_at: Some(now),
+        };
+        self.store.upsert_host(&host).await?;
+        let entry = Entry {
+            address,
+            client,
+            info: Some(info),
+            healthy: true,
+            failures: 0,
+            next_probe: Instant::now() + backoff(0),
+        };
+        self.write().insert(host.id.clone(), entry);
+        tracing::info!(host = %host.id, address = %host.address, "host registered");
+        Ok(host)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.hosts.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.hosts.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pick up hosts registered through other replicas (or before a restart).
+    pub async fn load(&self) -> Result<()> {
+        let rows = self.store.list_hosts().await?;
+        let mut fresh = Vec::new();
+        {
+            let known = self.read();
+            for row in rows {
+                let changed = known.get(&row.id).is_none_or(|e| e.address != row.address);
+                if changed {
+                    fresh.push(row);
+                }
+            }
+        }
+        for row in fresh {
+            match self.dial(&row.address) {
+                Ok(client) => {
+                    let entry = Entry {
+                        address: row.address.clone(),
+                        client,
+                        info: None,
+                        // Unknown until probed: the scheduler waits for a probe.
+                        healthy: false,
+                        failures: 0,
+                        next_probe: Instant::now(),
+                    };
+                    self.write().insert(row.id.clone(), entry);
+                }
+                Err(err) => {
+                    tracing::warn!(host = %row.id, error = %err, "stored host address is unusable")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client for a host.
+    pub fn client(&self, host_id: &str) -> Result<HostClient> {
+        self.read()
+            .get(host_id)
+            .map(|e| e.client.clone())
+            .ok_or_else(|| Error::UnknownHost {
+                host: host_id.to_owned(),
+            })
+    }
+
+    pub fn host_ids(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    pub fn is_healthy(&self, host_id: &str) -> bool {
+        self.read().get(host_id).is_some_and(|e| e.healthy)
+    }
+
+    /// The last `HostInfo` of every host that answered one.
+    pub fn infos(&self) -> Vec<(String, HostInfoReply)> {
+        self.read()
+            .iter()
+            .filter_map(|(id, e)| e.info.clone().map(|i| (id.clone(), i)))
+            .collect()
+    }
+
+    /// What the scheduler sees: capacity from each host's last `HostInfo`,
+    /// use from the database's reservations (fresher than any probe).
+    pub fn snapshots(&self, usage: &HashMap<String, HostUsage>) -> Vec<HostSnapshot> {
+        self.read()
+            .iter()
+            .filter_map(|(id, e)| {
+                let info = e.info.as_ref()?;
+                let used = usage.get(id).copied().unwrap_or_default();
+                Some(HostSnapshot {
+                    id: id.clone(),
+                    healthy: e.healthy,
+                    vcpus_total: u64::from(info.vcpus_total),
+                    memory_mib_total: info.memory_mib_total,
+                    vcpus_used: used.vcpus,
+                    memory_mib_used: used.memory_mib,
+                    builds: info.builds.iter().cloned().collect::<HashSet<_>>(),
+                })
+            })
+            .collect()
+    }
+
+    /// Record that a call to a host could not reach it.
+    pub async fn mark_unreachable(&self, host_id: &str, error: &str) {
+        let changed = {
+            let mut hosts = self.write();
+            match hosts.get_mut(host_id) {
+                Some(e) => {
+                    let was = e.healthy;
+                    e.healthy = false;
+                    e.failures = e.failures.saturating_add(1);
+                    e.next_probe = Instant::now() + backoff(e.failures);
+                    was
+                }
+                None => false,
+            }
+        };
+        if changed {
+            tracing::warn!(host = %host_id, error, "host unreachable; marked unhealthy");
+        }
+        if let Err(err) = self
+            .store
+            .set_host_health(host_id, false, Some(error), None)
+            .await
+        {
+            tracing::warn!(host = %host_id, error = %err, "recording host health failed");
+        }
+    }
+
+    /// Record a successful contact with a host.
+    pub async fn mark_reachable(&self, host_id: &str) {
+        let changed = {
+            let mut hosts = self.write();
+            match hosts.get_mut(host_id) {
+                Some(e) => {
+                    let was = e.healthy;
+                    e.healthy = e.info.is_some();
+                    e.failures = 0;
+                    !was && e.healthy
+                }
+                None => false,
+            }
+        };
+        if changed {
+            tracing::info!(host = %host_id, "host reachable again");
+        }
+    }
+
+    /// Ask every host whose probe is due for its `HostInfo`; update health,
+    /// capacity and backoff.
+    pub async fn probe_due(&self) {
+        let due: Vec<(String, HostClient, String)> = {
+            let now = Instant::now();
+            self.read()
+                .iter()
+                .filter(|(_, e)| e.next_probe <= now)
+                .map(|(id, e)| (id.clone(), e.client.clone(), e.address.clone()))
+                .collect()
+        };
+        let probes = due.into_iter().map(|(id, mut client, address)| async move {
+            let mut req = tonic::Request::new(HostInfoRequest {});
+            req.set_timeout(INFO_TIMEOUT);
+            let result = client.host_info(req).await;
+            (id, address, result)
+        });
+        for (id, address, result) in futures::future::join_all(probes).await {
+            match result {
+                Ok(reply) => {
+                    let info = reply.into_inner();
+                    if info.host_id != id {
+                        let msg = format!("the agent at {address} now says it is {}", info.host_id);
+                        self.mark_unreachable(&id, &msg).await;
+                        continue;
+                    }
+                    let now = now_ms();
+                    let row = Host {
+                        id: id.clone(),
+                        address,
+                        backend: info.backend.clone(),
+                        version: info.version.clone(),
+                        vcpus_total: info.vcpus_total,
+                        memory_mib_total: info.memory_mib_total,
+                        healthy: true,
+                        last_error: None,
+                        registered_at: now,
+                        last_seen_at: Some(now),
+                    };
+                    if let Err(err) = self.store.upsert_host(&row).await {
+                        tracing::warn!(host = %id, error = %err, "recording host info failed");
+                    }
+                    if let Some(e) = self.write().get_mut(&id) {
+                        e.info = Some(info);
+                        e.healthy = true;
+                        e.failures = 0;
+                        e.next_probe = Instant::now() + backoff(0);
+                    }
+                }
+                Err(status) => self.mark_unreachable(&id, &status_reason(&status)).await,
+            }
+        }
+    }
+}
+
+/// Probe hosts (and pick up newly registered ones) until `shutdown` fires.
+pub async fn run_probes(
+    registry: Arc<HostRegistry>,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = registry.load().await {
+            tracing::warn!(error = %err, "loading hosts failed");
+        }
+        registry.probe_due().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(10), Duration::from_secs(60));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unreachable_is_about_transport_not_answers() {
+        assert!(is_unreachable(&tonic::Status::unavailable(
+            "connection refused"
+        )));
+        assert!(is_unreachable(&tonic::Status::deadline_exceeded("timeout")));
+        assert!(!is_unreachable(&tonic::Status::not_found("no sandbox")));
+        assert!(!is_unreachable(&tonic::Status::internal("VMM died")));
+    }
+
+    #[test]
+    fn bearer_tokens_must_be_header_safe() {
+        assert!(BearerToken::new("emberjoin_abc").is_some());
+        assert!(BearerToken::new("bad\ntoken").is_none());
+    }
+}

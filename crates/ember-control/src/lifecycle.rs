@@ -1,0 +1,941 @@
+//! Sandbox lifecycle operations: the one place that moves a sandbox through
+//! its state machine, for the API, the TTL sweeper and the reconciler alike.
+//!
+//! Every operation has the same shape: compare-and-set the row into a
+//! transitional state (409 naming the current state if that is not allowed,
+//! so exactly one of N concurrent callers proceeds), call the host, then
+//! compare-and-set into the result state, or `failed` with the host's reason.
+//! If this process dies between the steps, the row sits in a transitional
+//! state and the reconciler finishes it from what the host reports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ember_proto::host as pb;
+
+use crate::error::{Error, Result};
+use crate::hosts::{
+    HostClient, HostRegistry, INFO_TIMEOUT, LIFECYCLE_TIMEOUT, is_unreachable, status_reason,
+};
+use crate::metrics::Metrics;
+use crate::model::{
+    Build, BuildKind, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Template, now_ms,
+    parse_rfc3339,
+};
+use crate::reconciler::{self, Action, HostView, Observed};
+use crate::scheduler::{self, Demand, NoCapacity};
+use crate::store::{CapacityCheck, Changes, Store};
+use crate::{auth, ttl};
+
+/// The template name that means "boot the base image".
+pub const BASE_TEMPLATE: &str = "base";
+/// Defaults for a sandbox booted from the base image.
+pub const BASE_VCPUS: u32 = 1;
+pub const BASE_MEMORY_MIB: u32 = 512;
+/// How long destroyed rows are kept before they are purged.
+pub const DESTROYED_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+/// What a new sandbox should be (validated by the API).
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub team_id: String,
+    pub template: String,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub timeout_s: u64,
+    pub on_timeout: OnTimeout,
+    pub metadata: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub network: NetworkPolicy,
+}
+
+/// The lifecycle, over the store and the hosts.
+#[derive(Debug)]
+pub struct Operations {
+    pub store: Store,
+    pub hosts: Arc<HostRegistry>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn proto_state(state: pb::SandboxState) -> Option<SandboxState> {
+    Some(match state {
+        pb::SandboxState::Unspecified => return None,
+        pb::SandboxState::Creating => SandboxState::Creating,
+        pb::SandboxState::Running => SandboxState::Running,
+        pb::SandboxState::Pausing => SandboxState::Pausing,
+        pb::SandboxState::Paused => SandboxState::Paused,
+        pb::SandboxState::Resuming => SandboxState::Resuming,
+        pb::SandboxState::Snapshotting => SandboxState::Snapshotting,
+        pb::SandboxState::Destroying => SandboxState::Destroying,
+        pb::SandboxState::Failed => SandboxState::Failed,
+        pb::SandboxState::Destroyed => SandboxState::Destroyed,
+    })
+}
+
+fn proto_network(n: &NetworkPolicy) -> pb::NetworkPolicy {
+    pb::NetworkPolicy {
+        allow_out: n.allow_out.clone(),
+        deny_out: n.deny_out.clone(),
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+fn expiry(timeout_s: u64, now: i64) -> i64 {
+    ttl::extended_expiry(None, timeout_s, now)
+}
+
+fn with_timeout<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}
+
+impl Operations {
+    /// Turn a failed host call into an error, marking the host unhealthy if
+    /// it could not be reached at all.
+    async fn host_error(&self, host_id: &str, call: &'static str, status: tonic::Status) -> Error {
+        if is_unreachable(&status) {
+            self.hosts
+                .mark_unreachable(host_id, &status_reason(&status))
+                .await;
+        }
+        Error::HostCall {
+            host: host_id.to_owned(),
+            call,
+            source: Box::new(status),
+        }
+    }
+
+    /// After a lost CAS: why? (404 if the row is not in scope, else 409.)
+    async fn conflict(&self, team_id: Option<&str>, id: &str, action: &'static str) -> Error {
+        match self.store.sandbox(team_id, id).await {
+            Ok(Some(sb)) => Error::StateConflict {
+                id: id.to_owned(),
+                state: sb.state,
+                action,
+            },
+            Ok(None) => Error::SandboxNotFound { id: id.to_owned() },
+            Err(e) => e,
+        }
+    }
+
+    async fn load(&self, team_id: Option<&str>, id: &str) -> Result<Sandbox> {
+        self.store
+            .sandbox(team_id, id)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })
+    }
+
+    fn host_of(sb: &Sandbox) -> Result<&str> {
+        sb.host_id.as_deref().ok_or_else(|| Error::CorruptRow {
+            what: "sandbox",
+            detail: format!("{} has no host", sb.id),
+        })
+    }
+
+    /// Create a sandbox: place it, reserve its row, boot it on the host.
+    /// Returns the row and the access token (shown once).
+    pub async fn create(&self, spec: CreateSpec) -> Result<(Sandbox, String)> {
+        let started = Instant::now();
+        let (build_id, vcpus, memory_mib) = if spec.template == BASE_TEMPLATE {
+            (
+                None,
+                spec.vcpus.unwrap_or(BASE_VCPUS),
+                spec.memory_mib.unwrap_or(BASE_MEMORY_MIB),
+            )
+        } else {
+            let t = self
+                .store
+                .template(&spec.team_id, &spec.template)
+                .await?
+                .ok_or_else(|| Error::TemplateNotFound {
+                    name: spec.template.clone(),
+                })?;
+            let locked = spec.vcpus.is_some_and(|v| v != t.vcpus)
+                || spec.memory_mib.is_some_and(|m| m != t.memory_mib);
+            if locked {
+                return Err(Error::TemplateLocked {
+                    name: t.name,
+                    vcpus: t.vcpus,
+                    memory_mib: t.memory_mib,
+                });
+            }
+            (Some(t.build_id), t.vcpus, t.memory_mib)
+        };
+        let usage = self.store.host_usage().await?;
+        let snapshots = self.hosts.snapshots(&usage);
+        let demand = Demand {
+            vcpus,
+            memory_mib,
+            build_id: build_id.clone(),
+        };
+        let candidates = scheduler::candidates(&snapshots, &demand).map_err(Error::NoCapacity)?;
+
+        let now = now_ms();
+        let id = ember_types::SandboxId::new().to_string();
+        let access_token = auth::new_access_token(&id);
+        let mut row = Sandbox {
+            id: id.clone(),
+            team_id: spec.team_id.clone(),
+            state: SandboxState::Creating,
+            host_id: None,
+            template: spec.template.clone(),
+            source_build_id: build_id.clone(),
+            build_id: None,
+            vcpus,
+            memory_mib,
+            metadata: spec.metadata,
+            env: spec.env,
+            network: spec.network,
+            timeout_s: spec.timeout_s,
+            on_timeout: spec.on_timeout,
+            expires_at: None,
+            access_token_sha256: auth::sha256_hex(&access_token),
+            failure_reason: None,
+            created_at: now,
+            state_changed_at: now,
+            destroyed_at: None,
+        };
+        let mut placed = None;
+        for host_id in candidates {
+            let Some(snap) = snapshots.iter().find(|s| s.id == host_id) else {
+                continue;
+            };
+            row.host_id = Some(host_id.clone());
+            let cap = CapacityCheck {
+                host_id: host_id.clone(),
+                vcpus_total: snap.vcpus_total,
+                memory_mib_total: snap.memory_mib_total,
+            };
+            if self.store.insert_sandbox(&row, Some(&cap)).await? {
+                placed = Some(host_id);
+                break;
+            }
+        }
+        let Some(host_id) = placed else {
+            return Err(Error::NoCapacity(NoCapacity::Full { vcpus, memory_mib }));
+        };
+        let mut client = match self.hosts.client(&host_id) {
+            Ok(c) => c,
+            Err(err) => {
+                self.fail(&id, SandboxState::Creating, &err.to_string())
+                    .await;
+                return Err(err);
+            }
+        };
+        let req = pb::CreateSandboxRequest {
+            sandbox_id: id.clone(),
+            build_id: build_id.unwrap_or_default(),
+            vcpus,
+            memory_mib,
+            env: row.env.clone().into_iter().collect(),
+            metadata: row.metadata.clone().into_iter().collect(),
+            network: Some(proto_network(&row.network)),
+            guest_token: auth::new_guest_token(),
+        };
+        match client
+            .create_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
+            Ok(_) => {
+                let now = now_ms();
+                let changes = Changes {
+                    expires_at: Some(Some(expiry(row.timeout_s, now))),
+                    ..Changes::default()
+                };
+                self.store
+                    .transition(
+                        None,
+                        &id,
+                        &[SandboxState::Creating],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
+                    .await?;
+                self.metrics
+                    .observe("create", started.elapsed().as_secs_f64());
+                let row = self.load(None, &id).await?;
+                Ok((row, access_token))
+            }
+            Err(status) => {
+                let reason = format!(
+                    "create failed on host {host_id}: {}",
+                    status_reason(&status)
+                );
+                self.fail(&id, SandboxState::Creating, &reason).await;
+                Err(self.host_error(&host_id, "CreateSandbox", status).await)
+            }
+        }
+    }
+
+    async fn fail(&self, id: &str, from: SandboxState, reason: &str) {
+        let changes = Changes {
+            failure_reason: Some(reason.to_owned()),
+            expires_at: Some(None),
+            ..Changes::default()
+        };
+        if let Err(err) = self
+            .store
+            .transition(
+                None,
+                id,
+                &[from],
+                SandboxState::Failed,
+                &changes,
+                now_ms(),
+                None,
+            )
+            .await
+        {
+            tracing::error!(sandbox = %id, error = %err, "recording a failure failed; the reconciler will retry");
+        }
+        tracing::warn!(sandbox = %id, reason, "sandbox failed");
+    }
+
+    /// Destroy a sandbox (running, paused or failed) and everything it holds on its host.
+    pub async fn destroy(&self, team_id: Option<&str>, id: &str) -> Result<()> {
+        let from = [
+            SandboxState::Running,
+            SandboxState::Paused,
+            SandboxState::Failed,
+        ];
+        let now = now_ms();
+        if !self
+            .store
+            .transition(
+                team_id,
+                id,
+                &from,
+                SandboxState::Destroying,
+                &Changes::default(),
+                now,
+                None,
+            )
+            .await?
+        {
+            return Err(self.conflict(team_id, id, "be destroyed").await);
+        }
+        let sb = self.load(None, id).await?;
+        self.destroy_on_host(&sb).await?;
+        self.finish_destroy(&sb, SandboxState::Destroying).await
+    }
+
+    async fn destroy_on_host(&self, sb: &Sandbox) -> Result<()> {
+        let host_id = Self::host_of(sb)?;
+        let mut client = self.hosts.client(host_id)?;
+        let req = pb::SandboxRef {
+            sandbox_id: sb.id.clone(),
+        };
+        match client
+            .destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            // The row stays `destroying`; the reconciler retries when the host answers.
+            Err(s) => Err(self.host_error(host_id, "DestroySandbox", s).await),
+        }
+    }
+
+    async fn finish_destroy(&self, sb: &Sandbox, from: SandboxState) -> Result<()> {
+        let now = now_ms();
+        let changes = Changes {
+            destroyed_at: Some(now),
+            expires_at: Some(None),
+            ..Changes::default()
+        };
+        self.store
+            .transition(
+                None,
+                &sb.id,
+                &[from],
+                SandboxState::Destroyed,
+                &changes,
+                now,
+                None,
+            )
+            .await?;
+        if let Some(build) = &sb.build_id {
+            self.store.release_build(build, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Pause a running sandbox into a build on its host.
+    pub async fn pause(&self, team_id: Option<&str>, id: &str) -> Result<Sandbox> {
+        let started = Instant::now();
+        let now = now_ms();
+        if !self
+            .store
+            .transition(
+                team_id,
+                id,
+                &[SandboxState::Running],
+                SandboxState::Pausing,
+                &Changes::default(),
+                now,
+                None,
+            )
+            .await?
+        {
+            return Err(self.conflict(team_id, id, "pause").await);
+        }
+        let sb = self.load(None, id).await?;
+        let host_id = Self::host_of(&sb)?.to_owned();
+        let mut client = self.hosts.client(&host_id)?;
+        let req = pb::SandboxRef {
+            sandbox_id: id.to_owned(),
+        };
+        match client
+            .pause_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                let Some(build_id) = non_empty(&reply.build_id) else {
+                    let reason = format!("host {host_id} paused the sandbox but named no build");
+                    self.fail(id, SandboxState::Pausing, &reason).await;
+                    return Err(Error::HostReply {
+                        host: host_id,
+                        call: "PauseSandbox",
+                        detail: "empty build_id".into(),
+                    });
+                };
+                self.record_pause(&sb, &host_id, &build_id, SandboxState::Pausing)
+                    .await?;
+                self.metrics
+                    .observe("pause", started.elapsed().as_secs_f64());
+                self.load(None, id).await
+            }
+            Err(status) => {
+                let reason = format!("pause failed on host {host_id}: {}", status_reason(&status));
+                self.fail(id, SandboxState::Pausing, &reason).await;
+                Err(self.host_error(&host_id, "PauseSandbox", status).await)
+            }
+        }
+    }
+
+    async fn record_pause(
+        &self,
+        sb: &Sandbox,
+        host_id: &str,
+        build_id: &str,
+        from: SandboxState,
+    ) -> Result<bool> {
+        let now = now_ms();
+        self.store
+            .insert_build(&Build {
+                id: build_id.to_owned(),
+                team_id: sb.team_id.clone(),
+                host_id: host_id.to_owned(),
+                kind: BuildKind::Pause,
+                source_sandbox_id: Some(sb.id.clone()),
+                vcpus: sb.vcpus,
+                memory_mib: sb.memory_mib,
+                stored_bytes: 0,
+                created_at: now,
+                released_at: None,
+            })
+            .await?;
+        let changes = Changes {
+            build_id: Some(build_id.to_owned()),
+            expires_at: Some(None),
+            ..Changes::default()
+        };
+        let moved = self
+            .store
+            .transition(
+                None,
+                &sb.id,
+                &[from],
+                SandboxState::Paused,
+                &changes,
+                now,
+                None,
+            )
+            .await?;
+        if moved && let Some(old) = sb.build_id.as_deref().filter(|b| *b != build_id) {
+            self.store.release_build(old, now).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Resume a paused sandbox on the host that holds its build.
+    pub async fn resume(
+        &self,
+        team_id: &str,
+        id: &str,
+        timeout_s: Option<u64>,
+        env: BTreeMap<String, String>,
+    ) -> Result<Sandbox> {
+        let started = Instant::now();
+        let sb = self
+            .store
+            .sandbox(Some(team_id), id)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })?;
+        if sb.state != SandboxState::Paused {
+            return Err(Error::StateConflict {
+                id: id.to_owned(),
+                state: sb.state,
+                action: "resume",
+            });
+        }
+        let host_id = Self::host_of(&sb)?.to_owned();
+        let usage = self.store.host_usage().await?;
+        let snap = self
+            .hosts
+            .snapshots(&usage)
+            .into_iter()
+            .find(|s| s.id == host_id)
+            .ok_or_else(|| {
+                Error::NoCapacity(NoCapacity::HostDown {
+                    host_id: host_id.clone(),
+                })
+            })?;
+        scheduler::resume_fits(&snap, sb.vcpus, sb.memory_mib).map_err(Error::NoCapacity)?;
+        let cap = CapacityCheck {
+            host_id: host_id.clone(),
+            vcpus_total: snap.vcpus_total,
+            memory_mib_total: snap.memory_mib_total,
+        };
+        let now = now_ms();
+        if !self
+            .store
+            .transition(
+                Some(team_id),
+                id,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now,
+                Some(&cap),
+            )
+            .await?
+        {
+            let err = self.conflict(Some(team_id), id, "resume").await;
+            return Err(match err {
+                // Still paused: the capacity check lost a race.
+                Error::StateConflict {
+                    state: SandboxState::Paused,
+                    ..
+                } => Error::NoCapacity(NoCapacity::Full {
+                    vcpus: sb.vcpus,
+                    memory_mib: sb.memory_mib,
+                }),
+                other => other,
+            });
+        }
+        if let Some(t) = timeout_s {
+            self.store.set_timeout(team_id, id, t).await?;
+        }
+        let timeout_s = timeout_s.unwrap_or(sb.timeout_s);
+        let mut client = self.hosts.client(&host_id)?;
+        let req = pb::ResumeSandboxRequest {
+            sandbox_id: id.to_owned(),
+            env: env.into_iter().collect(),
+            guest_token: auth::new_guest_token(),
+        };
+        match client
+            .resume_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
+            Ok(_) => {
+                let now = now_ms();
+                let changes = Changes {
+                    expires_at: Some(Some(expiry(timeout_s, now))),
+                    ..Changes::default()
+                };
+                self.store
+                    .transition(
+                        None,
+                        id,
+                        &[SandboxState::Resuming],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
+                    .await?;
+                self.metrics
+                    .observe("resume", started.elapsed().as_secs_f64());
+                self.load(None, id).await
+            }
+            Err(status) => {
+                let reason = format!(
+                    "resume failed on host {host_id}: {}",
+                    status_reason(&status)
+                );
+                self.fail(id, SandboxState::Resuming, &reason).await;
+                Err(self.host_error(&host_id, "ResumeSandbox", status).await)
+            }
+        }
+    }
+
+    /// Freeze a running sandbox into a named template; the sandbox keeps running.
+    pub async fn snapshot(&self, team_id: &str, id: &str, name: &str) -> Result<Template> {
+        if self.store.template(team_id, name).await?.is_some() {
+            // Checked again atomically at insert; this only saves a wasted snapshot.
+            return Err(Error::TemplateExists {
+                name: name.to_owned(),
+            });
+        }
+        let now = now_ms();
+        if !self
+            .store
+            .transition(
+                Some(team_id),
+                id,
+                &[SandboxState::Running],
+                SandboxState::Snapshotting,
+                &Changes::default(),
+                now,
+                None,
+            )
+            .await?
+        {
+            return Err(self.conflict(Some(team_id), id, "be snapshotted").await);
+        }
+        let sb = self.load(None, id).await?;
+        let host_id = Self::host_of(&sb)?.to_owned();
+        let mut client = self.hosts.client(&host_id)?;
+        let back_to_running = || async {
+            let r = self
+                .store
+                .transition(
+                    None,
+                    id,
+                    &[SandboxState::Snapshotting],
+                    SandboxState::Running,
+                    &Changes::default(),
+                    now_ms(),
+                    None,
+                )
+                .await;
+            if let Err(err) = r {
+                tracing::error!(sandbox = %id, error = %err, "leaving snapshotting failed; the reconciler will retry");
+            }
+        };
+        let req = pb::CreateSnapshotRequest {
+            sandbox_id: id.to_owned(),
+        };
+        let snap = match client
+            .create_snapshot(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .await
+        {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                // A failed snapshot does not stop the VM: it is still running.
+                back_to_running().await;
+                return Err(self.host_error(&host_id, "CreateSnapshot", status).await);
+            }
+        };
+        let now = now_ms();
+        let build = Build {
+            id: snap.build_id.clone(),
+            team_id: team_id.to_owned(),
+            host_id: host_id.clone(),
+            kind: BuildKind::Template,
+            source_sandbox_id: Some(id.to_owned()),
+            vcpus: sb.vcpus,
+            memory_mib: sb.memory_mib,
+            stored_bytes: snap.stored_bytes,
+            created_at: now,
+            released_at: None,
+        };
+        let template = Template {
+            id: ember_types::TemplateId::new().to_string(),
+            team_id: team_id.to_owned(),
+            name: name.to_owned(),
+            build_id: snap.build_id.clone(),
+            vcpus: sb.vcpus,
+            memory_mib: sb.memory_mib,
+            source_sandbox_id: Some(id.to_owned()),
+            size_bytes: snap.stored_bytes,
+            created_at: now,
+        };
+        let inserted = self.store.insert_template(&build, &template).await;
+        back_to_running().await;
+        match inserted {
+            Ok(true) => Ok(template),
+            Ok(false) => {
+                // Lost a race for the name: drop the build we just made.
+                let req = pb::DeleteSnapshotRequest {
+                    build_id: snap.build_id,
+                };
+                if let Err(s) = client
+                    .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
+                    .await
+                {
+                    tracing::warn!(host = %host_id, error = %status_reason(&s), "dropping a duplicate template's build failed");
+                }
+                Err(Error::TemplateExists {
+                    name: name.to_owned(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete a template by name. The name is free at once; the host keeps
+    /// the data while anything depends on it. Returns it and whether the data went.
+    pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<(Template, bool)> {
+        let template = self
+            .store
+            .delete_template(team_id, name, now_ms())
+            .await?
+            .ok_or_else(|| Error::TemplateNotFound {
+                name: name.to_owned(),
+            })?;
+        let build = self.store.build(&template.build_id).await?;
+        let Some(build) = build else {
+            return Ok((template, false));
+        };
+        let mut client = match self.hosts.client(&build.host_id) {
+            Ok(c) => c,
+            Err(_) => return Ok((template, false)),
+        };
+        let req = pb::DeleteSnapshotRequest {
+            build_id: build.id.clone(),
+        };
+        match client
+            .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
+            .await
+        {
+            Ok(reply) => Ok((template, reply.into_inner().data_freed)),
+            Err(status) => {
+                tracing::warn!(host = %build.host_id, build = %build.id, error = %status_reason(&status), "host did not delete the template's build");
+                if is_unreachable(&status) {
+                    self.hosts
+                        .mark_unreachable(&build.host_id, &status_reason(&status))
+                        .await;
+                }
+                Ok((template, false))
+            }
+        }
+    }
+
+    /// A running sandbox of the team and a client for its host (exec, files).
+    pub async fn running(&self, team_id: &str, id: &str) -> Result<(Sandbox, HostClient)> {
+        let sb = self
+            .store
+            .sandbox(Some(team_id), id)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })?;
+        if sb.state != SandboxState::Running {
+            return Err(Error::NotRunning {
+                id: id.to_owned(),
+                state: sb.state,
+            });
+        }
+        let client = self.hosts.client(Self::host_of(&sb)?)?;
+        Ok((sb, client))
+    }
+
+    /// Activity on a sandbox pushes its expiry out to now + its timeout.
+    pub async fn touch(&self, sb: &Sandbox) {
+        let now = now_ms();
+        let next = ttl::extended_expiry(sb.expires_at, sb.timeout_s, now);
+        if Some(next) == sb.expires_at {
+            return;
+        }
+        if let Err(err) = self.store.set_expiry(None, &sb.id, next, true).await {
+            tracing::warn!(sandbox = %sb.id, error = %err, "extending the timeout failed");
+        }
+    }
+
+    /// Turn a host call failure on an open sandbox into an error, marking the host.
+    pub async fn guest_call_error(
+        &self,
+        sb: &Sandbox,
+        call: &'static str,
+        status: tonic::Status,
+    ) -> Error {
+        let host = sb.host_id.clone().unwrap_or_default();
+        self.host_error(&host, call, status).await
+    }
+
+    /// Kill or pause every running sandbox whose time is up.
+    pub async fn sweep_expired(&self) -> Result<()> {
+        let now = now_ms();
+        let rows = self.store.expired_sandboxes(now, 200).await?;
+        // Concurrently: one slow host must not hold back everyone else's timeouts.
+        let work = ttl::decide(&rows, now)
+            .into_iter()
+            .map(|action| async move {
+                let result = match &action {
+                    ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
+                    ttl::TtlAction::Pause { sandbox_id } => {
+                        self.pause(None, sandbox_id).await.map(|_| ())
+                    }
+                };
+                match result {
+                    Ok(()) => tracing::info!(?action, "timeout applied"),
+                    // Another replica or a user request got there first.
+                    Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
+                    Err(err) => tracing::warn!(?action, error = %err, "applying a timeout failed"),
+                }
+            });
+        futures::future::join_all(work).await;
+        self.store
+            .purge_destroyed(now - DESTROYED_RETENTION_MS)
+            .await?;
+        Ok(())
+    }
+
+    /// One reconciliation pass over every known host.
+    pub async fn reconcile_all(&self, params: &reconciler::Params) -> Result<()> {
+        for host_id in self.hosts.host_ids() {
+            if let Err(err) = self.reconcile_host(&host_id, params).await {
+                tracing::warn!(host = %host_id, error = %err, "reconciling host failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile_host(&self, host_id: &str, params: &reconciler::Params) -> Result<()> {
+        let now = now_ms();
+        // Rows first, then the listing (see the reconciler's module comment).
+        let rows = self
+            .store
+            .sandboxes_on_host(host_id, now - 3600 * 1000)
+            .await?;
+        let mut client = self.hosts.client(host_id)?;
+        let view = match client
+            .list_sandboxes(with_timeout(pb::ListSandboxesRequest {}, INFO_TIMEOUT))
+            .await
+        {
+            Ok(reply) => HostView::Listed(
+                reply
+                    .into_inner()
+                    .sandboxes
+                    .into_iter()
+                    .filter_map(|s| {
+                        Some(Observed {
+                            state: proto_state(s.state())?,
+                            build_id: non_empty(&s.build_id),
+                            failure_reason: non_empty(&s.failure_reason),
+                            created_at: parse_rfc3339(&s.created_at),
+                            id: s.sandbox_id,
+                        })
+                    })
+                    .collect(),
+            ),
+            Err(status) => HostView::Unreachable {
+                error: status_reason(&status),
+            },
+        };
+        let now = now_ms();
+        for action in reconciler::decide(host_id, &rows, &view, now, params) {
+            if let Err(err) = self.apply(host_id, &rows, &action, &mut client).await {
+                tracing::warn!(host = %host_id, ?action, error = %err, "reconcile action failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        host_id: &str,
+        rows: &[Sandbox],
+        action: &Action,
+        client: &mut HostClient,
+    ) -> Result<()> {
+        let now = now_ms();
+        let row = |id: &str| rows.iter().find(|r| r.id == id);
+        match action {
+            Action::HostUnreachable { error } => self.hosts.mark_unreachable(host_id, error).await,
+            Action::HostReachable => self.hosts.mark_reachable(host_id).await,
+            Action::MarkFailed {
+                sandbox_id,
+                from,
+                reason,
+            } => {
+                tracing::warn!(sandbox = %sandbox_id, %from, reason, "reconciler: sandbox failed");
+                self.fail(sandbox_id, *from, reason).await;
+            }
+            Action::MarkRunning { sandbox_id, from } => {
+                let timeout_s = row(sandbox_id).map_or(0, |r| r.timeout_s);
+                let changes = Changes {
+                    expires_at: Some(Some(expiry(timeout_s, now))),
+                    ..Changes::default()
+                };
+                self.store
+                    .transition(
+                        None,
+                        sandbox_id,
+                        &[*from],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
+                    .await?;
+            }
+            Action::MarkPaused {
+                sandbox_id,
+                from,
+                build_id,
+            } => {
+                let Some(sb) = row(sandbox_id) else {
+                    return Ok(());
+                };
+                match build_id {
+                    Some(b) => {
+                        self.record_pause(sb, host_id, b, *from).await?;
+                    }
+                    None => {
+                        let changes = Changes {
+                            expires_at: Some(None),
+                            ..Changes::default()
+                        };
+                        self.store
+                            .transition(
+                                None,
+                                sandbox_id,
+                                &[*from],
+                                SandboxState::Paused,
+                                &changes,
+                                now,
+                                None,
+                            )
+                            .await?;
+                    }
+                }
+            }
+            Action::MarkDestroyed { sandbox_id, from } => {
+                if let Some(sb) = row(sandbox_id) {
+                    self.finish_destroy(sb, *from).await?;
+                }
+            }
+            Action::DestroyOnHost {
+                sandbox_id,
+                mark_destroyed_from,
+                why,
+            } => {
+                tracing::info!(host = %host_id, sandbox = %sandbox_id, why, "reconciler: destroying on host");
+                let req = pb::SandboxRef {
+                    sandbox_id: sandbox_id.clone(),
+                };
+                match client
+                    .destroy_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(self.host_error(host_id, "DestroySandbox", s).await),
+                }
+                if let (Some(from), Some(sb)) = (mark_destroyed_from, row(sandbox_id)) {
+                    self.finish_destroy(sb, *from).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

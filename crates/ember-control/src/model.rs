@@ -1,0 +1,318 @@
+//! The control plane's domain records as the store holds them: sandboxes and
+//! their state machine, teams, API keys, hosts, templates and builds.
+//!
+//! These are not wire types (those live in [`crate::wire`]) and carry no I/O.
+//! Timestamps are Unix milliseconds, the one time type both SQLite and
+//! PostgreSQL store identically.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a sandbox is in its life. The database row is the truth; every change
+/// is a compare-and-set from an expected state (see [`crate::store`]).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    Snapshotting,
+    Destroying,
+    Failed,
+    Destroyed,
+}
+
+impl SandboxState {
+    pub const ALL: [SandboxState; 9] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Pausing,
+        SandboxState::Paused,
+        SandboxState::Resuming,
+        SandboxState::Snapshotting,
+        SandboxState::Destroying,
+        SandboxState::Failed,
+        SandboxState::Destroyed,
+    ];
+
+    /// States in which a VM holds (or is acquiring) vCPUs and memory on its host.
+    pub const OCCUPYING: [SandboxState; 6] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Pausing,
+        SandboxState::Resuming,
+        SandboxState::Snapshotting,
+        SandboxState::Destroying,
+    ];
+
+    /// States in which an operation is in flight: another request must wait
+    /// (409) and the reconciler finishes it if its owner died.
+    pub const TRANSITIONAL: [SandboxState; 5] = [
+        SandboxState::Creating,
+        SandboxState::Pausing,
+        SandboxState::Resuming,
+        SandboxState::Snapshotting,
+        SandboxState::Destroying,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Pausing => "pausing",
+            SandboxState::Paused => "paused",
+            SandboxState::Resuming => "resuming",
+            SandboxState::Snapshotting => "snapshotting",
+            SandboxState::Destroying => "destroying",
+            SandboxState::Failed => "failed",
+            SandboxState::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn is_transitional(self) -> bool {
+        Self::TRANSITIONAL.contains(&self)
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SandboxState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SandboxState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown sandbox state {s:?}: expected one of {}",
+                    SandboxState::ALL.map(|s| s.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// What happens to a sandbox whose timeout passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Pause,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Kill => "kill",
+            OnTimeout::Pause => "pause",
+        }
+    }
+}
+
+impl FromStr for OnTimeout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(OnTimeout::Kill),
+            "pause" => Ok(OnTimeout::Pause),
+            other => Err(format!(
+                "unknown on_timeout {other:?}: expected \"kill\" or \"pause\""
+            )),
+        }
+    }
+}
+
+/// Egress rules for a sandbox (CIDR strings, validated at the API boundary).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+}
+
+/// A sandbox row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub team_id: String,
+    pub state: SandboxState,
+    pub host_id: Option<String>,
+    /// The template it was created from, by name at creation time (`base` for a cold boot).
+    pub template: String,
+    /// The build it started from (empty for the base image).
+    pub source_build_id: Option<String>,
+    /// Its own latest build (set once paused).
+    pub build_id: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub metadata: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub network: NetworkPolicy,
+    pub timeout_s: u64,
+    pub on_timeout: OnTimeout,
+    pub expires_at: Option<i64>,
+    pub access_token_sha256: String,
+    pub failure_reason: Option<String>,
+    pub created_at: i64,
+    pub state_changed_at: i64,
+    pub destroyed_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub is_admin: bool,
+    pub created_at: i64,
+}
+
+/// An API key as stored: never the key itself, only its public prefix and the
+/// SHA-256 of the whole key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub prefix: String,
+    pub team_id: String,
+    pub name: String,
+    pub secret_sha256: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub id: String,
+    /// gRPC endpoint, e.g. `http://10.0.0.2:7001`.
+    pub address: String,
+    pub backend: String,
+    pub version: String,
+    pub vcpus_total: u32,
+    pub memory_mib_total: u64,
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub registered_at: i64,
+    pub last_seen_at: Option<i64>,
+}
+
+/// vCPUs and memory reserved on one host by sandboxes in occupying states.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+}
+
+/// Why a build exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildKind {
+    /// Frozen from a running sandbox under a template name.
+    Template,
+    /// Written when a sandbox paused.
+    Pause,
+}
+
+impl BuildKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildKind::Template => "template",
+            BuildKind::Pause => "pause",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub id: String,
+    pub team_id: String,
+    /// Builds live on the host that wrote them (v1 does not move them).
+    pub host_id: String,
+    pub kind: BuildKind,
+    pub source_sandbox_id: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub stored_bytes: u64,
+    pub created_at: i64,
+    /// Set when nothing in the control plane names it any more; the host frees
+    /// its data once no other build or sandbox depends on it.
+    pub released_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub build_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub source_sandbox_id: Option<String>,
+    pub size_bytes: u64,
+    pub created_at: i64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, milliseconds) for a Unix-milliseconds timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Parse an RFC 3339 timestamp into Unix milliseconds.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for s in SandboxState::ALL {
+            assert_eq!(s.as_str().parse::<SandboxState>().unwrap(), s);
+        }
+        assert!(
+            "sleeping"
+                .parse::<SandboxState>()
+                .unwrap_err()
+                .contains("running")
+        );
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_rfc3339() {
+        let ms = 1_700_000_000_123;
+        assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+    }
+}

@@ -1,0 +1,471 @@
+//! REST API v1 wire types: the JSON bodies of requests and responses, with
+//! their OpenAPI schemas. Requests reject unknown fields, so a typo is a 400
+//! naming the field instead of a silently ignored option.
+//!
+//! Only shapes live here; validation and meaning live in [`crate::api`].
+//! Timestamps are RFC 3339 strings in UTC.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub use crate::model::{OnTimeout, SandboxState};
+
+/// Every error: a stable machine-readable `code` and a message saying what to change.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// One of: `invalid_request`, `invalid_json`, `unsupported_media_type`,
+    /// `payload_too_large`, `unauthorized`, `forbidden`, `not_found`,
+    /// `conflict`, `template_locked`, `no_capacity`, `host_error`, `internal`.
+    pub code: String,
+    pub message: String,
+    /// The request field (or query parameter) at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Egress rules, as CIDRs (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// Destinations allowed even if the default rules deny them.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// Destinations never allowed; evaluated first.
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// A template name of your team, or `base` to boot the base image.
+    pub template: String,
+    /// Defaults to the template's (1 for `base`). A template's value is locked.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Defaults to the template's (512 for `base`). A template's value is locked.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Seconds of inactivity before `on_timeout` applies; exec and process
+    /// connections push the deadline to now + `timeout_s`. 1 to 86400.
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment for every process in the sandbox. Stored, never returned.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: NetworkPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub state: SandboxState,
+    /// The template it was created from (`base` for the base image).
+    pub template: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub metadata: BTreeMap<String, String>,
+    pub network: NetworkPolicy,
+    pub timeout_s: u64,
+    pub on_timeout: OnTimeout,
+    /// When `on_timeout` applies, while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    pub created_at: String,
+    pub state_changed_at: String,
+    /// Only in the response to the create: a token that grants exec and file
+    /// access to this sandbox alone (`Authorization: Bearer <token>`). Shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+    /// Pass as `page_token` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// Query of `GET /v1/sandboxes`. Metadata filters are extra parameters
+/// `metadata.KEY=VALUE` (all must match).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListSandboxesQuery {
+    /// Only sandboxes in this state (comma-separated for several). Destroyed
+    /// sandboxes are listed only when asked for.
+    pub state: Option<String>,
+    /// Only sandboxes created from this template.
+    pub template: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+    /// From the previous page's `next_page_token`.
+    pub page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// A new timeout (seconds); defaults to the sandbox's current one.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Environment merged into the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutRequest {
+    /// The sandbox now expires `timeout_s` seconds from now, and this becomes its timeout.
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// Template name, unique within your team: 1–63 of `a-z 0-9 . _ -`,
+    /// starting with a letter or digit. `base` is reserved.
+    pub name: String,
+}
+
+/// A named template: a build frozen from a sandbox. New sandboxes from it
+/// inherit its vCPUs and memory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    pub build_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sandbox_id: Option<String>,
+    /// Bytes this build stores itself.
+    pub size_bytes: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// The name is gone at once; the data goes when nothing depends on it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeletedSnapshot {
+    pub name: String,
+    pub build_id: String,
+    /// False while paused sandboxes, sandboxes started from it, or other
+    /// builds still use its data; the host frees it when the last one goes.
+    pub data_freed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub rows: u32,
+    pub cols: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program to run (looked up in `PATH` when not absolute).
+    pub cmd: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Kill the process after this long (0 = no limit).
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// Keep stdin open; write to it with `POST …/processes/{pid}/stdin`.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+    /// Return `{pid}` at once instead of streaming; reconnect with
+    /// `GET …/processes/{pid}/events`.
+    #[serde(default)]
+    pub background: bool,
+    /// A label shown in the process list.
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// One line of an exec or process-events stream (`application/x-ndjson`).
+///
+/// Output is `text` when the chunk is valid UTF-8, else `data_b64`
+/// (standard base64); exactly one of them is present. `seq` increases by
+/// one per event and is what `?after=` takes to resume a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    Started {
+        seq: u64,
+        pid: u32,
+    },
+    Stdout {
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    Stderr {
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    Exit {
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    /// The stream broke (the host or guest failed); the process may live on.
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackgroundProcess {
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Replay events with `seq` greater than this (default 0: everything buffered).
+    pub after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StdinRequest {
+    /// Text to write.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Bytes to write, base64 (instead of `text`).
+    #[serde(default)]
+    pub data_b64: Option<String>,
+    /// Close stdin after writing.
+    #[serde(default)]
+    pub close: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// `TERM`, `KILL`, `INT`, `HUP`, `QUIT`, `USR1`, `USR2`, or a number.
+    pub signal: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExitStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Process {
+    pub pid: u32,
+    pub cmd: String,
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    pub running: bool,
+    pub background: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    pub started_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessList {
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FileQuery {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Act as this guest user (default: the sandbox's default user).
+    pub user: Option<String>,
+    /// For writes: the new file's mode, octal (e.g. `644`).
+    pub mode: Option<String>,
+    /// For deletes: remove a directory and everything in it.
+    pub recursive: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDirRequest {
+    pub path: String,
+    #[serde(default)]
+    pub parents: bool,
+    /// Octal mode, e.g. `755`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileType {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileStat {
+    pub path: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub file_type: FileType,
+    pub size: u64,
+    /// Permission bits, octal string (e.g. `644`).
+    pub mode: String,
+    pub modified_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub entries: Vec<FileStat>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// A label for people ("ci", "alice's laptop").
+    pub name: String,
+    /// The team the key belongs to; only admin keys may name another team.
+    #[serde(default)]
+    pub team_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKey {
+    /// The key's public prefix; also what `DELETE /v1/keys/{id}` takes.
+    pub id: String,
+    pub name: String,
+    pub team_id: String,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// A new key. `key` is shown only here; the server keeps a hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedKey {
+    pub key: String,
+    #[serde(flatten)]
+    pub info: ApiKey,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<ApiKey>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KeysQuery {
+    /// Admin keys only: list another team's keys.
+    pub team_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTeamRequest {
+    /// Unique: 1–63 of `a-z 0-9 . _ -`.
+    pub name: String,
+    /// Admin teams' keys manage every team.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub admin: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TeamList {
+    pub teams: Vec<Team>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: String,
+    /// The agent's gRPC endpoint.
+    pub address: String,
+    /// `firecracker` or `qemu`.
+    pub backend: String,
+    pub version: String,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub vcpus_total: u32,
+    pub memory_mib_total: u64,
+    /// Reserved by this control plane's sandboxes on the host.
+    pub vcpus_used: u64,
+    pub memory_mib_used: u64,
+    pub registered_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<Host>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHostRequest {
+    /// Where the control plane reaches the agent's gRPC API, e.g. `http://10.0.0.2:7001`.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` when the database answers.
+    pub status: String,
+    pub version: String,
+}

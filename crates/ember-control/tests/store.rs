@@ -1,0 +1,803 @@
+//! The store suite, run on SQLite and on PostgreSQL alike.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ember_control::model::{
+    Build, BuildKind, Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template, now_ms,
+};
+use ember_control::store::{CapacityCheck, Changes, PageAfter, SandboxFilter, Store};
+
+async fn open(url: &str) -> Store {
+    Store::open(url).await.expect("open store")
+}
+
+async fn team(store: &Store, name: &str) -> Team {
+    let t = Team {
+        id: ember_types::TeamId::new().to_string(),
+        name: name.into(),
+        is_admin: false,
+        created_at: now_ms(),
+    };
+    assert!(store.insert_team(&t).await.unwrap());
+    t
+}
+
+async fn host(store: &Store, id: &str) -> Host {
+    let h = Host {
+        id: id.into(),
+        address: format!("http://{id}:7001"),
+        backend: "qemu".into(),
+        version: "0.1.0".into(),
+        vcpus_total: 4,
+        memory_mib_total: 8192,
+        healthy: true,
+        last_error: None,
+        registered_at: now_ms(),
+        last_seen_at: None,
+    };
+    store.upsert_host(&h).await.unwrap();
+    h
+}
+
+fn sandbox(team: &str, host: &str, state: SandboxState, created_at: i64) -> Sandbox {
+    Sandbox {
+        id: ember_types::SandboxId::new().to_string(),
+        team_id: team.into(),
+        state,
+        host_id: Some(host.into()),
+        template: "base".into(),
+        source_build_id: None,
+        build_id: None,
+        vcpus: 1,
+        memory_mib: 512,
+        metadata: BTreeMap::new(),
+        env: BTreeMap::from([("SECRET".into(), "x".into())]),
+        network: NetworkPolicy::default(),
+        timeout_s: 60,
+        on_timeout: OnTimeout::Kill,
+        expires_at: None,
+        access_token_sha256: "00".repeat(32),
+        failure_reason: None,
+        created_at,
+        state_changed_at: created_at,
+        destroyed_at: None,
+    }
+}
+
+fn build(team: &str, host: &str, kind: BuildKind) -> Build {
+    Build {
+        id: ember_types::BuildId::new().to_string(),
+        team_id: team.into(),
+        host_id: host.into(),
+        kind,
+        source_sandbox_id: None,
+        vcpus: 2,
+        memory_mib: 1024,
+        stored_bytes: 4096,
+        created_at: now_ms(),
+        released_at: None,
+    }
+}
+
+fn template(team: &str, name: &str, build: &Build) -> Template {
+    Template {
+        id: ember_types::TemplateId::new().to_string(),
+        team_id: team.into(),
+        name: name.into(),
+        build_id: build.id.clone(),
+        vcpus: build.vcpus,
+        memory_mib: build.memory_mib,
+        source_sandbox_id: None,
+        size_bytes: build.stored_bytes,
+        created_at: now_ms(),
+    }
+}
+
+on_both_stores!(
+    migrations_apply_from_empty_and_only_once,
+    a_state_transition_has_exactly_one_winner,
+    concurrent_placements_never_overcommit_a_host,
+    every_query_is_scoped_by_team,
+    api_keys_are_stored_only_as_hashes,
+    template_names_are_unique_per_team,
+    build_references_count_templates_and_live_sandboxes,
+    listing_paginates_and_filters,
+    expiry_and_purge,
+    concurrent_first_starts_agree_on_one_setting,
+);
+
+async fn migrations_apply_from_empty_and_only_once(url: &str) {
+    let store = open(url).await;
+    let rows = store
+        .fetch_all_text("SELECT version, name FROM schema_migrations")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Some("1".into()), Some("initial".into())]]);
+    store.close().await;
+    // Reopening applies nothing twice and keeps data.
+    let store = open(url).await;
+    let t = team(&store, "a").await;
+    store.close().await;
+    let store = open(url).await;
+    assert_eq!(store.team(&t.id).await.unwrap(), Some(t));
+    let rows = store
+        .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
+        .await
+        .unwrap();
+    assert_eq!(rows[0][0].as_deref(), Some("1"));
+    if store.backend() == ember_control::store::Backend::Sqlite {
+        let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
+        assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");
+        let wal = store.fetch_all_text("PRAGMA journal_mode").await.unwrap();
+        assert_eq!(wal[0][0].as_deref(), Some("wal"));
+    }
+    // Foreign keys hold on both databases: a sandbox of an unknown team is refused.
+    let orphan = sandbox(
+        "team-nosuchteamxxxxxxxxxx",
+        "nohost",
+        SandboxState::Running,
+        now_ms(),
+    );
+    assert!(store.insert_sandbox(&orphan, None).await.is_err());
+}
+
+async fn a_state_transition_has_exactly_one_winner(url: &str) {
+    let store = open(url).await;
+    let t = team(&store, "a").await;
+    let h = host(&store, "host-a").await;
+    for _round in 0..3 {
+        let sb = sandbox(&t.id, &h.id, SandboxState::Running, now_ms());
+        assert!(store.insert_sandbox(&sb, None).await.unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let store = store.clone();
+            let id = sb.id.clone();
+            let team_id = t.id.clone();
+            // Half try to pause, half to destroy: one transition out of running wins.
+            let to = if i % 2 == 0 {
+                SandboxState::Pausing
+            } else {
+                SandboxState::Destroying
+            };
+            tasks.push(tokio::spawn(async move {
+                let won = store
+                    .transition(
+                        Some(&team_id),
+                        &id,
+                        &[SandboxState::Running],
+                        to,
+                        &Changes::default(),
+                        now_ms(),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                won.then_some(to)
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some(to) = t.await.unwrap() {
+                winners.push(to);
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let row = store.sandbox(Some(&t.id), &sb.id).await.unwrap().unwrap();
+        assert_eq!(row.state, winners[0]);
+    }
+}
+
+async fn concurrent_placements_never_overcommit_a_host(url: &str) {
+    let store = open(url).await;
+    let t = team(&store, "a").await;
+    let h = host(&store, "host-a").await;
+    let cap = Arc::new(CapacityCheck {
+        host_id: h.id.clone(),
+        vcpus_total: 4,
+        memory_mib_total: 8192,
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        let cap = cap.clone();
+        let sb = sandbox(&t.id, &h.id, SandboxState::Creating, now_ms());
+        tasks.push(tokio::spawn(async move {
+            store.insert_sandbox(&sb, Some(&cap)).await.unwrap()
+        }));
+    }
+    let mut placed = 0;
+    for t in tasks {
+        placed += usize::from(t.await.unwrap());
+    }
+    assert_eq!(
+        placed, 4,
+        "a 4-vCPU host takes exactly four 1-vCPU sandboxes"
+    );
+    let usage = store.host_usage().await.unwrap();
+    assert_eq!(usage[&h.id].vcpus, 4);
+
+    // Paused sandboxes free their share; resuming one re-checks capacity.
+    let rows = store
+        .list_sandboxes(&t.id, &SandboxFilter::default(), None, 100)
+        .await
+        .unwrap();
+    let first = &rows[0].id;
+    for st in [
+        SandboxState::Running,
+        SandboxState::Pausing,
+        SandboxState::Paused,
+    ] {
+        let from = match st {
+            SandboxState::Running => SandboxState::Creating,
+            SandboxState::Pausing => SandboxState::Running,
+            _ => SandboxState::Pausing,
+        };
+        assert!(
+            store
+                .transition(
+                    None,
+                    first,
+                    &[from],
+                    st,
+                    &Changes::default(),
+                    now_ms(),
+                    None
+                )
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(store.host_usage().await.unwrap()[&h.id].vcpus, 3);
+    let newcomer = sandbox(&t.id, &h.id, SandboxState::Creating, now_ms());
+    assert!(store.insert_sandbox(&newcomer, Some(&cap)).await.unwrap());
+    // Now full again: the paused one cannot resume.
+    assert!(
+        !store
+            .transition(
+                None,
+                first,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now_ms(),
+                Some(&cap)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.sandbox(None, first).await.unwrap().unwrap().state,
+        SandboxState::Paused
+    );
+}
+
+async fn every_query_is_scoped_by_team(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let h = host(&store, "host-a").await;
+    let mut sb = sandbox(&a.id, &h.id, SandboxState::Running, now_ms());
+    sb.metadata.insert("owner".into(), "alice".into());
+    assert!(store.insert_sandbox(&sb, None).await.unwrap());
+
+    assert!(store.sandbox(Some(&b.id), &sb.id).await.unwrap().is_none());
+    assert!(store.sandbox(Some(&a.id), &sb.id).await.unwrap().is_some());
+    let mut f = SandboxFilter::default();
+    assert!(
+        store
+            .list_sandboxes(&b.id, &f, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    f.metadata.insert("owner".into(), "alice".into());
+    assert!(
+        store
+            .list_sandboxes(&b.id, &f, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_sandboxes(&a.id, &f, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        !store
+            .transition(
+                Some(&b.id),
+                &sb.id,
+                &[SandboxState::Running],
+                SandboxState::Destroying,
+                &Changes::default(),
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_expiry(Some(&b.id), &sb.id, now_ms(), false)
+            .await
+            .unwrap()
+    );
+    assert!(!store.set_timeout(&b.id, &sb.id, 5).await.unwrap());
+    assert_eq!(
+        store.sandbox(None, &sb.id).await.unwrap().unwrap().state,
+        SandboxState::Running
+    );
+
+    let bl = build(&a.id, &h.id, BuildKind::Template);
+    assert!(
+        store
+            .insert_template(&bl, &template(&a.id, "py", &bl))
+            .await
+            .unwrap()
+    );
+    assert!(store.template(&b.id, "py").await.unwrap().is_none());
+    assert!(store.list_templates(&b.id).await.unwrap().is_empty());
+    assert!(
+        store
+            .delete_template(&b.id, "py", now_ms())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.template(&a.id, "py").await.unwrap().is_some());
+
+    let (_, key) = ember_control::api::mint_key(&store, &a.id, "k")
+        .await
+        .unwrap();
+    assert!(store.list_keys(&b.id).await.unwrap().is_empty());
+    assert!(
+        !store
+            .revoke_key(Some(&b.id), &key.prefix, now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .key(&key.prefix)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    assert!(
+        store
+            .revoke_key(Some(&a.id), &key.prefix, now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_key(Some(&a.id), &key.prefix, now_ms())
+            .await
+            .unwrap(),
+        "revoking twice"
+    );
+}
+
+async fn api_keys_are_stored_only_as_hashes(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        keys.push(
+            ember_control::api::mint_key(&store, &a.id, &format!("k{i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let cells = store
+        .fetch_all_text("SELECT * FROM api_keys")
+        .await
+        .unwrap();
+    assert_eq!(cells.len(), 3);
+    let secret_parts: Vec<&str> = keys
+        .iter()
+        .map(|(k, _)| k.rsplit('_').next().unwrap())
+        .collect();
+    for row in &cells {
+        for cell in row.iter().flatten() {
+            for ((key, _), secret) in keys.iter().zip(&secret_parts) {
+                assert!(!cell.contains(key.as_str()), "raw key stored: {cell}");
+                assert!(!cell.contains(secret), "key secret stored: {cell}");
+            }
+        }
+    }
+    for (key, row) in &keys {
+        let stored = store.key(&row.prefix).await.unwrap().unwrap();
+        assert!(ember_control::auth::digest_matches(
+            key,
+            &stored.secret_sha256
+        ));
+        assert_eq!(stored.team_id, a.id);
+    }
+}
+
+async fn template_names_are_unique_per_team(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let h = host(&store, "host-a").await;
+    let b1 = build(&a.id, &h.id, BuildKind::Template);
+    assert!(
+        store
+            .insert_template(&b1, &template(&a.id, "py", &b1))
+            .await
+            .unwrap()
+    );
+    let b2 = build(&a.id, &h.id, BuildKind::Template);
+    assert!(
+        !store
+            .insert_template(&b2, &template(&a.id, "py", &b2))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.build(&b2.id).await.unwrap().is_none(),
+        "the loser's build row is rolled back"
+    );
+    let b3 = build(&b.id, &h.id, BuildKind::Template);
+    assert!(
+        store
+            .insert_template(&b3, &template(&b.id, "py", &b3))
+            .await
+            .unwrap()
+    );
+    // Deleting frees the name at once.
+    let gone = store
+        .delete_template(&a.id, "py", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone.build_id, b1.id);
+    assert!(
+        store
+            .build(&b1.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .released_at
+            .is_some()
+    );
+    let b4 = build(&a.id, &h.id, BuildKind::Template);
+    assert!(
+        store
+            .insert_template(&b4, &template(&a.id, "py", &b4))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.template(&a.id, "py").await.unwrap().unwrap().build_id,
+        b4.id
+    );
+}
+
+async fn build_references_count_templates_and_live_sandboxes(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let h = host(&store, "host-a").await;
+    let bl = build(&a.id, &h.id, BuildKind::Template);
+    assert!(
+        store
+            .insert_template(&bl, &template(&a.id, "py", &bl))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.build_references(&bl.id).await.unwrap(), 1);
+    let mut from = Vec::new();
+    for _ in 0..2 {
+        let mut sb = sandbox(&a.id, &h.id, SandboxState::Running, now_ms());
+        sb.source_build_id = Some(bl.id.clone());
+        sb.template = "py".into();
+        assert!(store.insert_sandbox(&sb, None).await.unwrap());
+        from.push(sb);
+    }
+    assert_eq!(store.build_references(&bl.id).await.unwrap(), 3);
+    // A paused sandbox's own build counts too.
+    let pause = build(&a.id, &h.id, BuildKind::Pause);
+    store.insert_build(&pause).await.unwrap();
+    store.insert_build(&pause).await.unwrap(); // idempotent
+    let changes = Changes {
+        build_id: Some(pause.id.clone()),
+        ..Changes::default()
+    };
+    assert!(
+        store
+            .transition(
+                None,
+                &from[0].id,
+                &[SandboxState::Running],
+                SandboxState::Paused,
+                &changes,
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.build_references(&pause.id).await.unwrap(), 1);
+    let destroyed = Changes {
+        destroyed_at: Some(now_ms()),
+        ..Changes::default()
+    };
+    assert!(
+        store
+            .transition(
+                None,
+                &from[1].id,
+                &[SandboxState::Running],
+                SandboxState::Destroyed,
+                &destroyed,
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.build_references(&bl.id).await.unwrap(), 2);
+    store
+        .delete_template(&a.id, "py", now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.build_references(&bl.id).await.unwrap(),
+        1,
+        "the paused sandbox still depends on it"
+    );
+    // A build that something names cannot vanish from under it.
+    assert!(sqlx_delete_build(&store, &bl.id).await.is_err());
+}
+
+async fn sqlx_delete_build(store: &Store, id: &str) -> Result<(), ()> {
+    store
+        .fetch_all_text(&format!("DELETE FROM builds WHERE id = '{id}'"))
+        .await
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
+async fn listing_paginates_and_filters(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let h = host(&store, "host-a").await;
+    let base = now_ms() - 100_000;
+    let mut all = Vec::new();
+    for i in 0..25i64 {
+        let state = match i % 5 {
+            0 => SandboxState::Paused,
+            4 => SandboxState::Destroyed,
+            _ => SandboxState::Running,
+        };
+        // Pairs share a timestamp so the ID tie-break is exercised.
+        let mut sb = sandbox(&a.id, &h.id, state, base + i / 2);
+        if state == SandboxState::Destroyed {
+            sb.destroyed_at = Some(base);
+        }
+        sb.metadata.insert(
+            "parity".into(),
+            if i % 2 == 0 { "even" } else { "odd" }.into(),
+        );
+        sb.metadata.insert("n".into(), i.to_string());
+        if i % 3 == 0 {
+            sb.template = "py".into();
+        }
+        assert!(store.insert_sandbox(&sb, None).await.unwrap());
+        all.push(sb);
+    }
+    let visible: Vec<&Sandbox> = all
+        .iter()
+        .filter(|s| s.state != SandboxState::Destroyed)
+        .collect();
+    let mut seen = Vec::new();
+    let mut after: Option<PageAfter> = None;
+    loop {
+        let page = store
+            .list_sandboxes(&a.id, &SandboxFilter::default(), after.as_ref(), 7)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let last = page.last().unwrap();
+        after = Some(PageAfter {
+            created_at: last.created_at,
+            id: last.id.clone(),
+        });
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), visible.len());
+    for w in seen.windows(2) {
+        assert!(
+            (w[0].created_at, &w[0].id) > (w[1].created_at, &w[1].id),
+            "newest first, no repeats"
+        );
+    }
+
+    let by = |f: SandboxFilter| {
+        let store = store.clone();
+        let team = a.id.clone();
+        async move { store.list_sandboxes(&team, &f, None, 100).await.unwrap() }
+    };
+    let paused = by(SandboxFilter {
+        states: vec![SandboxState::Paused],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(paused.len(), 5);
+    assert!(paused.iter().all(|s| s.state == SandboxState::Paused));
+    let destroyed = by(SandboxFilter {
+        states: vec![SandboxState::Destroyed],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(destroyed.len(), 5);
+    let mut f = SandboxFilter::default();
+    f.metadata.insert("parity".into(), "even".into());
+    let even = by(f.clone()).await;
+    assert_eq!(
+        even.len(),
+        visible
+            .iter()
+            .filter(|s| s.metadata["parity"] == "even")
+            .count()
+    );
+    f.metadata.insert("n".into(), "6".into());
+    let six = by(f).await;
+    assert_eq!(six.len(), 1);
+    assert_eq!(six[0].metadata["n"], "6");
+    let py = by(SandboxFilter {
+        template: Some("py".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        py.len(),
+        visible.iter().filter(|s| s.template == "py").count()
+    );
+    assert!(py.iter().all(|s| s.template == "py"));
+    // A filter value that looks like SQL is only a value.
+    let mut evil = SandboxFilter::default();
+    evil.metadata.insert("parity".into(), "' OR '1'='1".into());
+    assert!(by(evil).await.is_empty());
+    // Round trip of every stored field.
+    let one = store
+        .sandbox(Some(&a.id), &all[3].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(one, all[3]);
+}
+
+async fn expiry_and_purge(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let h = host(&store, "host-a").await;
+    let now = now_ms();
+    let mut due = sandbox(&a.id, &h.id, SandboxState::Running, now);
+    due.expires_at = Some(now - 1);
+    let mut later = sandbox(&a.id, &h.id, SandboxState::Running, now);
+    later.expires_at = Some(now + 60_000);
+    let mut paused = sandbox(&a.id, &h.id, SandboxState::Paused, now);
+    paused.expires_at = Some(now - 1);
+    for s in [&due, &later, &paused] {
+        assert!(store.insert_sandbox(s, None).await.unwrap());
+    }
+    let expired = store.expired_sandboxes(now, 10).await.unwrap();
+    assert_eq!(
+        expired.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![due.id.as_str()]
+    );
+    // Extending never shortens.
+    assert!(
+        !store
+            .set_expiry(None, &later.id, now + 1_000, true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_expiry(None, &later.id, now + 120_000, true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .sandbox(None, &later.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at,
+        Some(now + 120_000)
+    );
+    assert!(
+        !store
+            .set_expiry(None, &paused.id, now + 120_000, false)
+            .await
+            .unwrap(),
+        "only running sandboxes expire"
+    );
+
+    let gone = Changes {
+        destroyed_at: Some(now - 10_000),
+        ..Changes::default()
+    };
+    assert!(
+        store
+            .transition(
+                None,
+                &due.id,
+                &[SandboxState::Running],
+                SandboxState::Destroyed,
+                &gone,
+                now,
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .sandboxes_on_host(&h.id, now - 20_000)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        store
+            .sandboxes_on_host(&h.id, now - 5_000)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(store.purge_destroyed(now - 20_000).await.unwrap(), 0);
+    assert_eq!(store.purge_destroyed(now).await.unwrap(), 1);
+    assert!(store.sandbox(None, &due.id).await.unwrap().is_none());
+    let counts = store.count_by_state().await.unwrap();
+    assert_eq!(
+        counts
+            .iter()
+            .find(|(s, _)| *s == SandboxState::Running)
+            .map(|c| c.1),
+        Some(1)
+    );
+}
+
+async fn concurrent_first_starts_agree_on_one_setting(url: &str) {
+    let store = open(url).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .setting_or_insert("join_token", &format!("t{i}"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut values = Vec::new();
+    for t in tasks {
+        values.push(t.await.unwrap());
+    }
+    values.dedup();
+    assert_eq!(values.len(), 1, "{values:?}");
+    store.put_setting("join_token", "new").await.unwrap();
+    assert_eq!(
+        store.setting("join_token").await.unwrap().as_deref(),
+        Some("new")
+    );
+}

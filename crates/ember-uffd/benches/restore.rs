@@ -1,0 +1,660 @@
+//! Restore-and-touch benchmark: how fast guest memory becomes usable when
+//! the page server serves it, against the kernel serving a private file
+//! mapping (Firecracker's `File` backend) and against memcpy (the limit).
+//!
+//! `cargo bench -p ember-uffd --bench restore` (as root: userfaultfd, and
+//! huge pages are reserved for the 2 MiB case). `EMBER_BENCH_MIB` sets the
+//! image size (default 1024), `EMBER_BENCH_RUNS` the runs per cell
+//! (default 3; the median is shown).
+//!
+//! Every case maps fresh guest memory, restores it, and touches every page
+//! of a touch list (all pages in address order, all in random order, or a
+//! recorded working set in its recorded order) from 1 or 2 threads, each
+//! thread taking its own contiguous share of the list. The clock runs from before
+//! the memory is mapped until the last page is touched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_uffd::vmm_side::{GuestMemory, HugePageReservation};
+use ember_uffd::{Config, Image, Layout, PageServer, WorkingSet};
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut u8);
+// SAFETY: the benchmark shares mapped memory between its touch threads;
+// each thread only reads or writes through volatile accesses.
+unsafe impl Send for Ptr {}
+// SAFETY: as above.
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// A method, so closures capture the whole `Ptr` (which is Send), not its field.
+    fn at(self, off: u64) -> *mut u8 {
+        self.0.wrapping_add(off as usize)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Touch {
+    Read,
+    Write,
+}
+
+/// Touch every page of `order` at `base + offset` from `threads` threads.
+fn touch(base: Ptr, order: &[u64], threads: usize, how: Touch) -> u64 {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut sum = 0u64;
+                    for &off in share(order, t, threads) {
+                        let p = base.at(off);
+                        // SAFETY: `off` is inside the mapping `base` starts.
+                        unsafe {
+                            match how {
+                                Touch::Read => {
+                                    sum = sum.wrapping_add(p.cast::<u64>().read_volatile())
+                                }
+                                Touch::Write => p.write_volatile(1),
+                            }
+                        }
+                    }
+                    sum
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold(0, u64::wrapping_add)
+    })
+}
+
+/// Thread `t`'s share of `order`: the `t`-th of `threads` contiguous
+/// pieces, as vCPUs each work in their own part of memory.
+fn share(order: &[u64], t: usize, threads: usize) -> &[u64] {
+    let per = order.len().div_ceil(threads);
+    &order[(t * per).min(order.len())..((t + 1) * per).min(order.len())]
+}
+
+fn mmap(len: u64, prot: i32, flags: i32, fd: i32) -> *mut u8 {
+    // SAFETY: a fresh mapping at a kernel-chosen address.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    p.cast()
+}
+
+fn munmap(p: *mut u8, len: u64) {
+    // SAFETY: unmapping a mapping this benchmark made.
+    unsafe { libc::munmap(p.cast(), len as usize) };
+}
+
+struct Bench {
+    size: u64,
+    memfile: PathBuf,
+    _dir: tempfile::TempDir,
+    runs: usize,
+}
+
+impl Bench {
+    /// (e) memcpy of the same pages from the file's (populated) mapping into
+    /// pre-faulted memory: what copying costs with no faults at all.
+    fn memcpy(&self, order: &[u64], threads: usize) -> Duration {
+        let file = std::fs::File::open(&self.memfile).unwrap();
+        let src = mmap(
+            self.size,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+        );
+        let dst = mmap(
+            self.size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+        );
+        let (s, d) = (Ptr(src), Ptr(dst));
+        let started = Instant::now();
+        std::thread::scope(|sc| {
+            for t in 0..threads {
+                sc.spawn(move || {
+                    for &off in share(order, t, threads) {
+                        // SAFETY: both mappings cover `off + PAGE`, and do not overlap.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(s.at(off), d.at(off), PAGE as usize)
+                        };
+                    }
+                });
+            }
+        });
+        let t = started.elapsed();
+        munmap(src, self.size);
+        munmap(dst, self.size);
+        t
+    }
+
+    /// (a) the kernel: `mmap(MAP_PRIVATE)` of the memory file, then touch.
+    fn kernel(&self, order: &[u64], threads: usize, how: Touch) -> Duration {
+        let file = std::fs::File::open(&self.memfile).unwrap();
+        let started = Instant::now();
+        let p = mmap(
+            self.size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+        );
+        touch(Ptr(p), order, threads, how);
+        let t = started.elapsed();
+        munmap(p, self.size);
+        t
+    }
+
+    /// (b)/(c)/(d) the page server: map and register guest memory, open the
+    /// build, hand over the userfaultfd, touch.
+    fn page_server(
+        &self,
+        order: &[u64],
+        threads: usize,
+        page_size: u64,
+        config: Config,
+        how: Touch,
+    ) -> (Duration, ember_uffd::MetricsSnapshot) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("uffd.sock");
+        let started = Instant::now();
+        let layout = Arc::new(Layout::flat(self.size).unwrap());
+        let image = Image::open("bench", layout, std::slice::from_ref(&self.memfile)).unwrap();
+        let server = PageServer::bind(&socket, image, config).unwrap();
+        let serving = std::thread::spawn(move || server.accept().unwrap());
+        let mem = GuestMemory::new(&[self.size], page_size).unwrap();
+        mem.send_handshake(&socket).unwrap();
+        let session = serving.join().unwrap();
+        touch(Ptr(mem.addr_of(0)), order, threads, how);
+        let t = started.elapsed();
+        // This process plays the VMM: unmap, then stop serving.
+        drop(mem);
+        let metrics = session.detach();
+        (t, metrics)
+    }
+
+    fn median(&self, mut f: impl FnMut() -> Duration) -> Duration {
+        let mut v: Vec<Duration> = (0..self.runs).map(|_| f()).collect();
+        v.sort();
+        v[v.len() / 2]
+    }
+}
+
+fn write_memfile(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f =
+        std::io::BufWriter::with_capacity(8 * MIB as usize, std::fs::File::create(path).unwrap());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in 0..size / MIB {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&(x | 1).to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..n).map(|p| p * PAGE).collect();
+    let mut x = seed | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+/// About a quarter of the pages, in runs of 1..=32 pages, runs in random
+/// order: the shape of a real working set (kernel text, page tables, heap
+/// and page-cache runs), not uniform scatter.
+fn working_set_order(pages: u64) -> Vec<u64> {
+    let mut runs = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut p = 0;
+    while p < pages {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 1 + x % 32;
+        if x >> 62 == 0 {
+            runs.push(p..(p + len).min(pages));
+        }
+        p += len;
+    }
+    let idx = shuffled(runs.len() as u64, 99);
+    idx.iter()
+        .flat_map(|i| runs[(i / PAGE) as usize].clone().map(|p| p * PAGE))
+        .collect()
+}
+
+/// The default configuration, with experiment overrides from the
+/// environment (`EMBER_BENCH_SPIN_US`, `EMBER_BENCH_POPULATE=1`).
+fn tuned() -> Config {
+    let mut c = Config::default();
+    if let Some(us) = std::env::var("EMBER_BENCH_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.spin = Duration::from_micros(us);
+    }
+    if std::env::var("EMBER_BENCH_POPULATE").as_deref() == Ok("1") {
+        c.populate_source = true;
+    }
+    if let Some(n) = std::env::var("EMBER_BENCH_PREFETCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.prefetch_threads = n;
+    }
+    if let Some(kib) = std::env::var("EMBER_BENCH_BATCH_KIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        c.prefetch_batch = kib * 1024;
+    }
+    if let Some(kib) = std::env::var("EMBER_BENCH_CHUNK_KIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        c.prefetch_chunk = kib * 1024;
+    }
+    c
+}
+
+fn window_name(ra: u64, max: u64) -> String {
+    if ra == max {
+        format!("(b) page server 4K, read-ahead {:>4} KiB", ra / 1024)
+    } else {
+        format!(
+            "(b) page server 4K, read-ahead {}K..{}K",
+            ra / 1024,
+            max / 1024
+        )
+    }
+}
+
+fn fault_note(m: &ember_uffd::MetricsSnapshot) -> String {
+    format!(
+        "{} faults, mean {:.1} us to serve",
+        m.faults, m.fault_latency_mean_us
+    )
+}
+
+struct Row {
+    name: String,
+    t: Option<Duration>,
+    note: String,
+}
+
+fn print_block(
+    title: &str,
+    bytes: u64,
+    rows: &[Row],
+    kernel_read: Duration,
+    kernel_write: Duration,
+    memcpy: Duration,
+) {
+    println!("\n{title}");
+    println!(
+        "  {:<44} {:>9} {:>8} {:>11} {:>11} {:>9}",
+        "method", "ms", "GiB/s", "x k-read", "x k-write", "x memcpy"
+    );
+    for r in rows {
+        match r.t {
+            Some(t) => println!(
+                "  {:<44} {:>9.1} {:>8.2} {:>11.2} {:>11.2} {:>9.2}  {}",
+                r.name,
+                t.as_secs_f64() * 1e3,
+                bytes as f64 / (1u64 << 30) as f64 / t.as_secs_f64(),
+                kernel_read.as_secs_f64() / t.as_secs_f64(),
+                kernel_write.as_secs_f64() / t.as_secs_f64(),
+                memcpy.as_secs_f64() / t.as_secs_f64(),
+                r.note
+            ),
+            None => println!("  {:<44} {:>9}  {}", r.name, "-", r.note),
+        }
+    }
+}
+
+fn main() {
+    ember_testkit_like_skip();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("EMBER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let size = std::env::var("EMBER_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024u64)
+        * MIB;
+    let runs = std::env::var("EMBER_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3usize);
+    let only: Option<String> = std::env::var("EMBER_BENCH_ONLY").ok();
+    let dir = tempfile::tempdir_in(
+        std::env::var("EMBER_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+    )
+    .unwrap();
+    let memfile = dir.path().join("memfile");
+    write_memfile(&memfile, size);
+    // Read it once so the page cache holds it all: every method starts from
+    // cached file data.
+    let _ = std::fs::read(&memfile).unwrap();
+    let bench = Bench {
+        size,
+        memfile,
+        _dir: dir,
+        runs,
+    };
+    let pages = size / PAGE;
+    let huge = HugePageReservation::reserve(size / (2 * MIB) + 8);
+    println!(
+        "ember-uffd restore benchmark: {} MiB image of non-zero data, data file in the page cache (read once before timing).",
+        size / MIB
+    );
+    println!(
+        "Median of {runs} runs per cell. Ratios: how many times faster than the kernel (read / write touch) and than memcpy; > 1 is faster."
+    );
+    println!(
+        "Clock: from mapping guest memory (and, for the page server, opening the build and the handshake) to the last page touched."
+    );
+    let d = Config::default();
+    let read_aheads = [
+        (4 * 1024, 4 * 1024),
+        (64 * 1024, 64 * 1024),
+        (256 * 1024, 256 * 1024),
+        (1024 * 1024, 1024 * 1024),
+        (d.readahead, d.readahead_max),
+    ];
+    let seq: Vec<u64> = (0..pages).map(|p| p * PAGE).collect();
+    let random = shuffled(pages, 0x5eed);
+    for (label, order) in [("sequential", &seq), ("random", &random)] {
+        for threads in [1usize, 2] {
+            if only
+                .as_deref()
+                .is_some_and(|o| !format!("{label}-{threads}").contains(o))
+            {
+                continue;
+            }
+            let memcpy = bench.median(|| bench.memcpy(order, threads));
+            let kr = bench.median(|| bench.kernel(order, threads, Touch::Read));
+            let kw = bench.median(|| bench.kernel(order, threads, Touch::Write));
+            let mut rows = vec![
+                Row {
+                    name: "(e) memcpy, pre-faulted".into(),
+                    t: Some(memcpy),
+                    note: String::new(),
+                },
+                Row {
+                    name: "(a) kernel, private file mapping, read".into(),
+                    t: Some(kr),
+                    note: String::new(),
+                },
+                Row {
+                    name: "(a) kernel, private file mapping, write".into(),
+                    t: Some(kw),
+                    note: String::new(),
+                },
+            ];
+            for (ra, max) in read_aheads {
+                let mut note = String::new();
+                let t = bench.median(|| {
+                    let config = Config {
+                        readahead: ra,
+                        readahead_max: max,
+                        ..tuned()
+                    };
+                    let (t, m) = bench.page_server(order, threads, PAGE, config, Touch::Read);
+                    note = fault_note(&m);
+                    t
+                });
+                rows.push(Row {
+                    name: window_name(ra, max),
+                    t: Some(t),
+                    note,
+                });
+            }
+            match &huge {
+                Ok(_) => {
+                    // Pages fresh in the pool are slow the first time round;
+                    // one untimed pass settles them.
+                    bench.page_server(order, threads, 2 * MIB, Config::default(), Touch::Read);
+                    let mut note = String::new();
+                    let t = bench.median(|| {
+                        let (t, m) = bench.page_server(
+                            order,
+                            threads,
+                            2 * MIB,
+                            Config::default(),
+                            Touch::Read,
+                        );
+                        note = fault_note(&m);
+                        t
+                    });
+                    rows.push(Row {
+                        name: "(c) page server 2M huge pages".into(),
+                        t: Some(t),
+                        note,
+                    });
+                }
+                Err(why) => rows.push(Row {
+                    name: "(c) page server 2M huge pages".into(),
+                    t: None,
+                    note: format!("skipped: {why}"),
+                }),
+            }
+            print_block(
+                &format!("== all pages, {label} order, {threads} thread(s) =="),
+                size,
+                &rows,
+                kr,
+                kw,
+                memcpy,
+            );
+        }
+    }
+
+    // What write-protect dirty tracking costs: the same restore with it off
+    // and on, touching by reads (no page gets dirty) and by writes (every
+    // page does: one write-protect fault each, except the page whose
+    // missing fault brought it in).
+    for (label, order) in [("sequential", &seq), ("random", &random)] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("dirty-{label}").contains(o))
+        {
+            continue;
+        }
+        let memcpy = bench.median(|| bench.memcpy(order, 1));
+        let kr = bench.median(|| bench.kernel(order, 1, Touch::Read));
+        let kw = bench.median(|| bench.kernel(order, 1, Touch::Write));
+        let mut rows = Vec::new();
+        for (tracking, how, name) in [
+            (false, Touch::Read, "(b) page server, default, read"),
+            (true, Touch::Read, "(b) page server, dirty tracking, read"),
+            (false, Touch::Write, "(b) page server, default, write"),
+            (true, Touch::Write, "(b) page server, dirty tracking, write"),
+        ] {
+            let mut note = String::new();
+            let t = bench.median(|| {
+                let config = Config {
+                    dirty_tracking: tracking,
+                    ..tuned()
+                };
+                let (t, m) = bench.page_server(order, 1, PAGE, config, how);
+                note = format!(
+                    "{} faults, {} write-protect faults",
+                    m.faults - m.write_protect_faults,
+                    m.write_protect_faults
+                );
+                t
+            });
+            rows.push(Row {
+                name: name.into(),
+                t: Some(t),
+                note,
+            });
+        }
+        print_block(
+            &format!("== dirty tracking cost: all pages, {label} order, 1 thread =="),
+            size,
+            &rows,
+            kr,
+            kw,
+            memcpy,
+        );
+    }
+
+    // (d) A recorded working set: record it on a first restore, then
+    // restore again with prefetch and touch exactly those pages.
+    let ws_order = working_set_order(pages);
+    let ws_bytes = ws_order.len() as u64 * PAGE;
+    for threads in [1usize, 2] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("ws-{threads}").contains(o))
+        {
+            continue;
+        }
+        let ws_dir = tempfile::tempdir().unwrap();
+        let ws_path = ws_dir.path().join("working-set");
+        let ws = record_working_set(&bench, &ws_order, threads, &ws_path);
+        let memcpy = bench.median(|| bench.memcpy(&ws_order, threads));
+        let kr = bench.median(|| bench.kernel(&ws_order, threads, Touch::Read));
+        let kw = bench.median(|| bench.kernel(&ws_order, threads, Touch::Write));
+        let mut rows = vec![
+            Row {
+                name: "(e) memcpy, pre-faulted".into(),
+                t: Some(memcpy),
+                note: String::new(),
+            },
+            Row {
+                name: "(a) kernel, private file mapping, read".into(),
+                t: Some(kr),
+                note: String::new(),
+            },
+            Row {
+                name: "(a) kernel, private file mapping, write".into(),
+                t: Some(kw),
+                note: String::new(),
+            },
+        ];
+        let d = Config::default();
+        for (ra, max) in [
+            (4 * 1024, 4 * 1024),
+            (64 * 1024, 64 * 1024),
+            (256 * 1024, 256 * 1024),
+            (d.readahead, d.readahead_max),
+        ] {
+            let mut note = String::new();
+            let t = bench.median(|| {
+                let config = Config {
+                    readahead: ra,
+                    readahead_max: max,
+                    ..tuned()
+                };
+                let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
+                note = format!(
+                    "{}; {} MiB populated",
+                    fault_note(&m),
+                    (m.pages_copied + m.pages_zeroed) * PAGE / MIB
+                );
+                t
+            });
+            rows.push(Row {
+                name: format!("{}, lazy", window_name(ra, max)),
+                t: Some(t),
+                note,
+            });
+        }
+        let mut note = String::new();
+        let prefetched = bench.median(|| {
+            let config = Config {
+                prefetch: Some(ws.clone()),
+                ..tuned()
+            };
+            let (t, m) = bench.page_server(&ws_order, threads, PAGE, config, Touch::Read);
+            note = format!(
+                "{} faults; {} MiB prefetched",
+                m.faults,
+                m.pages_prefetched * PAGE / MIB
+            );
+            t
+        });
+        rows.push(Row {
+            name: "(d) page server 4K, working-set prefetch".into(),
+            t: Some(prefetched),
+            note,
+        });
+        print_block(
+            &format!(
+                "== recorded working set: {} MiB ({:.0}% of pages), recorded order, {threads} thread(s) ==",
+                ws_bytes / MIB,
+                100.0 * ws_bytes as f64 / size as f64
+            ),
+            ws_bytes,
+            &rows,
+            kr,
+            kw,
+            memcpy,
+        );
+    }
+}
+
+/// A first restore that touches `order` with recording on; the set it wrote.
+fn record_working_set(bench: &Bench, order: &[u64], threads: usize, path: &Path) -> WorkingSet {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("uffd.sock");
+    let layout = Arc::new(Layout::flat(bench.size).unwrap());
+    let image = Image::open("bench", layout, std::slice::from_ref(&bench.memfile)).unwrap();
+    // Recording without read-ahead keeps the set to the pages touched.
+    let config = Config {
+        record_working_set: Some(path.to_owned()),
+        readahead: PAGE,
+        readahead_max: PAGE,
+        ..Config::default()
+    };
+    let server = PageServer::bind(&socket, image, config).unwrap();
+    let serving = std::thread::spawn(move || server.accept().unwrap());
+    let mem = GuestMemory::new(&[bench.size], PAGE).unwrap();
+    mem.send_handshake(&socket).unwrap();
+    let session = serving.join().unwrap();
+    touch(Ptr(mem.addr_of(0)), order, threads, Touch::Read);
+    let ws = session
+        .handle()
+        .write_working_set()
+        .unwrap()
+        .expect("recording is on")
+        .1;
+    drop(mem);
+    session.detach();
+    ws
+}
+
+fn ember_testkit_like_skip() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/userfaultfd").exists() {
+        println!("SKIPPED restore benchmark: needs root and /dev/userfaultfd");
+        std::process::exit(0);
+    }
+}
