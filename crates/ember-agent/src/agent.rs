@@ -569,7 +569,15 @@ impl Agent {
         let image = if vm_extra.image == self.inner.image.manifest.key {
             self.inner.image.clone()
         } else {
-            let dir = self.inner.config.data_dir.join("images").join(&vm_extra.image);
+            // An older image this build was made with: images are immutable
+            // and sit side by side under images/.
+            let dir = self
+                .inner
+                .image
+                .dir
+                .parent()
+                .map(|p| p.join(&vm_extra.image))
+                .unwrap_or_default();
             blocking(move || Image::open(&dir).map_err(AgentError::Image)).await?
         };
         let mut rt = self.prepare(record).await?;
@@ -866,7 +874,7 @@ impl Agent {
             .map_err(AgentError::Store)?;
             let disk_parent_build = parent.unwrap_or(base_build);
             let disk_parent = store
-                .open_header(disk_parent_build, ImageKind::Disk)
+                .open_header(disk_parent_build, ImageKind::Rootfs)
                 .map_err(AgentError::Store)?;
             let disk_report = disk::write_disk_diff(&mut w, &disk, &disk_parent)?;
             let vmstate = std::fs::File::open(&out.vmstate)
@@ -1272,7 +1280,7 @@ impl Agent {
                 .map(|h| h.size())
                 .unwrap_or(0);
             let disk = store
-                .open_header(build, ImageKind::Disk)
+                .open_header(build, ImageKind::Rootfs)
                 .map(|h| h.size())
                 .unwrap_or(0);
             Ok((stored, mem, disk))
@@ -1303,6 +1311,9 @@ pub(crate) fn runtime_record(rt: &Runtime) -> RuntimeRecord {
 }
 
 async fn ensure_image(config: &AgentConfig) -> Result<Image, AgentError> {
+    if let Some(dir) = config.image_dir.clone() {
+        return blocking(move || Image::open(&dir).map_err(AgentError::Image)).await;
+    }
     let data = config.data_dir.clone();
     let guest_bin = config.guest_bin.clone();
     blocking(move || {
@@ -1310,7 +1321,7 @@ async fn ensure_image(config: &AgentConfig) -> Result<Image, AgentError> {
             Some(bin) => ember_image::ImageSpec::new(bin),
             None => ember_image::ImageSpec::default(),
         };
-        let mut log = |p: ember_image::Progress| info!(progress = %p, "guest image");
+        let mut log = |p: ember_image::Progress| info!(progress = ?p, "guest image");
         Image::ensure(&data, &spec, &mut log).map_err(AgentError::Image)
     })
     .await
@@ -1337,14 +1348,8 @@ async fn import_base_image(store: &BuildStore, image: &Image) -> Result<BuildId,
                 },
             )
             .map_err(AgentError::Store)?;
-        w.write_image_from_full(
-            ImageKind::Disk,
-            Base::Fresh {
-                block_size: DISK_BLOCK,
-            },
-            &rootfs,
-        )
-        .map_err(AgentError::Store)?;
+        w.link_image(ImageKind::Rootfs, DISK_BLOCK, &rootfs)
+            .map_err(AgentError::Store)?;
         w.commit().map_err(AgentError::Store)?;
         info!(build = %id, ms = started.elapsed().as_millis() as u64, "base image imported");
         Ok(id)

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use ember_types::BackendKind;
 use ember_vmm::Vmm;
 use ember_vmm::firecracker::{FirecrackerConfig, FirecrackerVmm};
-use ember_vmm::qemu::{Accel, AccelChoice, HostFacts, Qemu};
+use ember_vmm::qemu::accel::HostFacts;
+use ember_vmm::qemu::{Accel, AccelChoice, Qemu};
 
 use crate::config::{AgentConfig, BackendChoice};
 use crate::error::AgentError;

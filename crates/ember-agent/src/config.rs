@@ -33,7 +33,7 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub host_id: HostId,
     /// Images, builds, sandbox records (persistent).
@@ -57,6 +57,10 @@ pub struct AgentConfig {
     pub default_memory_mib: u32,
     /// The guest agent's binary baked into the base image.
     pub guest_bin: Option<PathBuf>,
+    /// Use this built image (an `images/<key>` directory) instead of
+    /// building or finding one under `data_dir` (several agents on one
+    /// machine, or tests, share one image this way).
+    pub image_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -68,7 +72,7 @@ impl AgentConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let memory_mib = host_memory_mib().unwrap_or(4096);
         AgentConfig {
-            host_id: HostId::new(),
+            host_id: AgentConfig::load_or_create_host_id(&data_dir).unwrap_or_default(),
             run_dir: PathBuf::from("/run/ember/agent"),
             memory_dir: PathBuf::from("/dev/shm/ember"),
             data_dir,
@@ -82,6 +86,25 @@ impl AgentConfig {
             default_vcpus: 1,
             default_memory_mib: 512,
             guest_bin: None,
+            image_dir: None,
+        }
+    }
+
+    /// This host's ID, kept in `<data>/host-id` so it survives restarts.
+    pub fn load_or_create_host_id(data_dir: &std::path::Path) -> std::io::Result<HostId> {
+        let path = data_dir.join("host-id");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(data_dir)?;
+                let id = HostId::new();
+                std::fs::write(&path, format!("{id}\n"))?;
+                Ok(id)
+            }
+            Err(e) => Err(e),
         }
     }
 }

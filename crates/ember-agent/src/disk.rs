@@ -27,9 +27,9 @@ pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Resul
     std::fs::create_dir_all(dir).map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
     let tmp = dir.join(format!(".{build}.tmp"));
     let _ = std::fs::remove_file(&tmp);
-    let header = store.open_header(build, ImageKind::Disk).map_err(AgentError::Store)?;
+    let header = store.open_header(build, ImageKind::Rootfs).map_err(AgentError::Store)?;
     store
-        .materialize(&header, ImageKind::Disk, &tmp)
+        .materialize(&header, ImageKind::Rootfs, &tmp)
         .map_err(AgentError::Store)?;
     // Read-only: qcow2 overlays of many sandboxes read it; nothing writes it.
     let mut perms = std::fs::metadata(&tmp)
@@ -50,7 +50,7 @@ pub fn write_disk_diff(
 ) -> Result<WriteReport, AgentError> {
     match disk {
         DiskLayer::Raw { path } => w
-            .write_image_from_full(ImageKind::Disk, Base::Parent(parent), path)
+            .write_image_from_full(ImageKind::Rootfs, Base::Parent(parent), path)
             .map_err(AgentError::Store),
         DiskLayer::Qcow2 { overlay, base } => {
             let extents = ember_image::cow::overlay_extents(overlay).map_err(AgentError::Image)?;
@@ -60,7 +60,7 @@ pub fn write_disk_diff(
             let base_file =
                 File::open(base).map_err(|e| AgentError::io(format!("open {}", base.display()), e))?;
             let size = parent.size();
-            w.write_image_from_blocks(ImageKind::Disk, Base::Parent(parent), size, &dirty, |offset, buf| {
+            w.write_image_from_blocks(ImageKind::Rootfs, Base::Parent(parent), size, &dirty, |offset, buf| {
                 read_layered(&extents, &overlay_file, &base_file, offset, buf)
             })
             .map_err(AgentError::Store)

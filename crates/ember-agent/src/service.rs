@@ -81,7 +81,6 @@ impl HostService {
         TokenCheck,
     > {
         pb::host_agent_server::HostAgentServer::with_interceptor(self, TokenCheck::new(token))
-            .max_decoding_message_size(16 << 20)
     }
 }
 
