@@ -216,7 +216,11 @@ impl Agent {
             .ok_or_else(|| AgentError::SandboxNotFound(id.clone()))
     }
 
-    pub(crate) fn insert_entry(&self, record: SandboxRecord, runtime: Option<Runtime>) -> Arc<Entry> {
+    pub(crate) fn insert_entry(
+        &self,
+        record: SandboxRecord,
+        runtime: Option<Runtime>,
+    ) -> Arc<Entry> {
         let entry = Arc::new(Entry {
             id: record.id.clone(),
             op: Mutex::new(()),
@@ -232,7 +236,11 @@ impl Agent {
     }
 
     fn remove_entry(&self, id: &SandboxId) {
-        self.inner.sandboxes.lock().expect("sandboxes lock").remove(id);
+        self.inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .remove(id);
     }
 
     pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord, AgentError> {
@@ -339,14 +347,28 @@ impl Agent {
         let cfg = &self.inner.config;
         let (vcpus, memory_mib) = match req.build {
             None => (
-                if req.vcpus == 0 { cfg.default_vcpus } else { req.vcpus },
-                if req.memory_mib == 0 { cfg.default_memory_mib } else { req.memory_mib },
+                if req.vcpus == 0 {
+                    cfg.default_vcpus
+                } else {
+                    req.vcpus
+                },
+                if req.memory_mib == 0 {
+                    cfg.default_memory_mib
+                } else {
+                    req.memory_mib
+                },
             ),
             Some(build) => {
                 let meta = self.build_meta(build).await?;
-                let vm = meta.info.vm.as_ref().ok_or(AgentError::BuildNotFound(build))?;
+                let vm = meta
+                    .info
+                    .vm
+                    .as_ref()
+                    .ok_or(AgentError::BuildNotFound(build))?;
                 let (tv, tm) = (vm.vcpus, vm.memory_mib as u32);
-                if (req.vcpus != 0 && req.vcpus != tv) || (req.memory_mib != 0 && req.memory_mib != tm) {
+                if (req.vcpus != 0 && req.vcpus != tv)
+                    || (req.memory_mib != 0 && req.memory_mib != tm)
+                {
                     return Err(AgentError::TemplateShapeMismatch {
                         build,
                         template_vcpus: tv,
@@ -495,7 +517,12 @@ impl Agent {
                 kernel_args: kernel_args.to_owned(),
                 drives: vec![DriveSpec {
                     id: "root".to_owned(),
-                    host_path: rt.disk.as_ref().expect("disk prepared").path().to_path_buf(),
+                    host_path: rt
+                        .disk
+                        .as_ref()
+                        .expect("disk prepared")
+                        .path()
+                        .to_path_buf(),
                     read_only: false,
                     root: true,
                 }],
@@ -514,8 +541,12 @@ impl Agent {
         let result = async {
             let image = self.inner.image.clone();
             rt.disk = Some(
-                self.disk_for(&record.id, self.inner.base_build, Some(image.rootfs.clone()))
-                    .await?,
+                self.disk_for(
+                    &record.id,
+                    self.inner.base_build,
+                    Some(image.rootfs.clone()),
+                )
+                .await?,
             );
             if self.inner.backend.kind == BackendKind::Qemu {
                 rt.memory_file = Some(self.memory_file(&record.id));
@@ -617,7 +648,10 @@ impl Agent {
             };
             let launch = self.launch(record, &rt, &image, &vm_extra.kernel_args);
             let spec = RestoreSpec {
-                vmstate: self.inner.store.file_path(build, ember_snapshot::BuildFile::Vmstate),
+                vmstate: self
+                    .inner
+                    .store
+                    .file_path(build, ember_snapshot::BuildFile::Vmstate),
                 memory,
                 track_dirty_pages: true,
                 resume: true,
@@ -964,7 +998,10 @@ impl Agent {
         let mut merged_env = record.env.clone();
         merged_env.extend(env);
         let started = Instant::now();
-        match self.start_from_build(&record, build, &token, &merged_env).await {
+        match self
+            .start_from_build(&record, build, &token, &merged_env)
+            .await
+        {
             Ok(rt) => {
                 let rt_record = runtime_record(&rt);
                 *entry.runtime.lock().await = Some(rt);
@@ -1055,8 +1092,11 @@ impl Agent {
                 if alive {
                     self.update(&entry, |r| r.state = SandboxState::Running)?;
                 } else {
-                    self.fail(&entry, format!("snapshot failed and the VM is gone: {}", chain(&e)))
-                        .await?;
+                    self.fail(
+                        &entry,
+                        format!("snapshot failed and the VM is gone: {}", chain(&e)),
+                    )
+                    .await?;
                 }
                 Err(e)
             }
@@ -1132,15 +1172,19 @@ impl Agent {
         for entry in entries {
             // Only look at settled running sandboxes; an operation in
             // progress owns the runtime and reports its own failures.
-            let Ok(_op) = entry.op.try_lock() else { continue };
+            let Ok(_op) = entry.op.try_lock() else {
+                continue;
+            };
             if entry.state() != SandboxState::Running {
                 continue;
             }
             let exited = {
                 let runtime = entry.runtime.lock().await;
-                runtime
-                    .as_ref()
-                    .and_then(|rt| rt.vm.as_ref().map(|vm| (vm.exit_status(), rt.run_dir.clone())))
+                runtime.as_ref().and_then(|rt| {
+                    rt.vm
+                        .as_ref()
+                        .map(|vm| (vm.exit_status(), rt.run_dir.clone()))
+                })
             };
             if let Some((Some(status), run_dir)) = exited {
                 let console = run_dir
@@ -1361,4 +1405,3 @@ pub fn base_build_id(image_key: &str) -> BuildId {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c_2b7e_4d3a_4e59_9b1f_0c8d_2a5e_7f31);
     BuildId(uuid::Uuid::new_v5(&NAMESPACE, image_key.as_bytes()))
 }
-

@@ -41,7 +41,10 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
                 BackendKind::Qemu,
                 "a Firecracker binary exists but KVM cannot run stock Linux guests here".to_owned(),
             ),
-            (None, _) => (BackendKind::Qemu, "no Firecracker binary configured".to_owned()),
+            (None, _) => (
+                BackendKind::Qemu,
+                "no Firecracker binary configured".to_owned(),
+            ),
         },
     };
     let vmm: Arc<dyn Vmm> = match kind {
@@ -52,12 +55,14 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
             };
             Arc::new(FirecrackerVmm::new(fc))
         }
-        BackendKind::Qemu => Arc::new(Qemu::new(config.qemu.clone()).map_err(|e| {
-            AgentError::Backend {
-                backend: "qemu",
-                source: e,
-            }
-        })?),
+        BackendKind::Qemu => {
+            Arc::new(
+                Qemu::new(config.qemu.clone()).map_err(|e| AgentError::Backend {
+                    backend: "qemu",
+                    source: e,
+                })?,
+            )
+        }
     };
     let version = vmm.version().await.map_err(|e| AgentError::Backend {
         backend: kind.as_str(),

@@ -77,7 +77,8 @@ impl AgentConfig {
             memory_dir: PathBuf::from("/dev/shm/ember"),
             data_dir,
             backend: BackendChoice::Auto,
-            firecracker_bin: std::env::var_os(ember_vmm::firecracker::BINARY_ENV).map(PathBuf::from),
+            firecracker_bin: std::env::var_os(ember_vmm::firecracker::BINARY_ENV)
+                .map(PathBuf::from),
             qemu: ember_vmm::qemu::QemuConfig::default(),
             ember_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ember")),
             net: PoolConfig::default(),

@@ -17,17 +17,23 @@ use crate::runtime::DiskLayer;
 /// Where the flat copy of `build`'s root filesystem is cached. Derived
 /// data: removed with the build, recreated on demand.
 pub fn flat_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
-    data_dir.join("cache").join("rootfs").join(format!("{build}.raw"))
+    data_dir
+        .join("cache")
+        .join("rootfs")
+        .join(format!("{build}.raw"))
 }
 
 /// Write `build`'s root filesystem as one sparse file at `dst` (holes for
 /// zero runs, reflinks where the file system shares extents), atomically.
 pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Result<(), AgentError> {
     let dir = dst.parent().expect("cache files live in a directory");
-    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
     let tmp = dir.join(format!(".{build}.tmp"));
     let _ = std::fs::remove_file(&tmp);
-    let header = store.open_header(build, ImageKind::Rootfs).map_err(AgentError::Store)?;
+    let header = store
+        .open_header(build, ImageKind::Rootfs)
+        .map_err(AgentError::Store)?;
     store
         .materialize(&header, ImageKind::Rootfs, &tmp)
         .map_err(AgentError::Store)?;
@@ -38,7 +44,8 @@ pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Resul
     perms.set_readonly(true);
     std::fs::set_permissions(&tmp, perms)
         .map_err(|e| AgentError::io(format!("chmod {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, dst).map_err(|e| AgentError::io(format!("rename to {}", dst.display()), e))
+    std::fs::rename(&tmp, dst)
+        .map_err(|e| AgentError::io(format!("rename to {}", dst.display()), e))
 }
 
 /// Store the blocks of `disk` that changed since `parent` as this build's
@@ -57,12 +64,16 @@ pub fn write_disk_diff(
             let dirty = dirty_blocks(&extents);
             let overlay_file = File::open(overlay)
                 .map_err(|e| AgentError::io(format!("open {}", overlay.display()), e))?;
-            let base_file =
-                File::open(base).map_err(|e| AgentError::io(format!("open {}", base.display()), e))?;
+            let base_file = File::open(base)
+                .map_err(|e| AgentError::io(format!("open {}", base.display()), e))?;
             let size = parent.size();
-            w.write_image_from_blocks(ImageKind::Rootfs, Base::Parent(parent), size, &dirty, |offset, buf| {
-                read_layered(&extents, &overlay_file, &base_file, offset, buf)
-            })
+            w.write_image_from_blocks(
+                ImageKind::Rootfs,
+                Base::Parent(parent),
+                size,
+                &dirty,
+                |offset, buf| read_layered(&extents, &overlay_file, &base_file, offset, buf),
+            )
             .map_err(AgentError::Store)
         }
     }
@@ -144,7 +155,11 @@ mod tests {
 
     #[test]
     fn partial_writes_dirty_whole_blocks() {
-        let d = dirty_blocks(&[ext(512, 512, Some(0)), ext(8192, 8192, None), ext(20000, 1, Some(0))]);
+        let d = dirty_blocks(&[
+            ext(512, 512, Some(0)),
+            ext(8192, 8192, None),
+            ext(20000, 1, Some(0)),
+        ]);
         let runs: Vec<_> = d.runs().collect();
         assert_eq!(runs, vec![0..1, 2..5]);
     }

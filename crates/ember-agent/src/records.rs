@@ -40,7 +40,8 @@ impl Records {
             templates: data_dir.join("templates"),
         };
         for dir in [&records.sandboxes, &records.templates] {
-            fs::create_dir_all(dir).map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+            fs::create_dir_all(dir)
+                .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
         }
         Ok(records)
     }
@@ -52,7 +53,8 @@ impl Records {
 
     pub fn save(&self, record: &SandboxRecord) -> Result<(), AgentError> {
         let dir = self.sandbox_dir(&record.id);
-        fs::create_dir_all(&dir).map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
         write_json_atomic(&dir.join("state.json"), record)
     }
 
@@ -102,7 +104,9 @@ impl Records {
         let entries = fs::read_dir(&self.templates)
             .map_err(|e| AgentError::io(format!("read {}", self.templates.display()), e))?;
         for entry in entries {
-            let path = entry.map_err(|e| AgentError::io("read templates directory", e))?.path();
+            let path = entry
+                .map_err(|e| AgentError::io("read templates directory", e))?
+                .path();
             if path.extension().is_some_and(|e| e == "json") {
                 out.push(read_json(&path)?);
             }
@@ -112,7 +116,8 @@ impl Records {
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, AgentError> {
-    let bytes = fs::read(path).map_err(|e| AgentError::io(format!("read {}", path.display()), e))?;
+    let bytes =
+        fs::read(path).map_err(|e| AgentError::io(format!("read {}", path.display()), e))?;
     serde_json::from_slice(&bytes).map_err(|e| AgentError::CorruptRecord {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -125,14 +130,18 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<
     let dir = path.parent().expect("records live in a directory");
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("record")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("record")
     ));
     let body = serde_json::to_vec_pretty(value).expect("records serialize");
     let ctx = |what: &str| format!("{what} {}", tmp.display());
     let mut f = fs::File::create(&tmp).map_err(|e| AgentError::io(ctx("create"), e))?;
-    f.write_all(&body).map_err(|e| AgentError::io(ctx("write"), e))?;
+    f.write_all(&body)
+        .map_err(|e| AgentError::io(ctx("write"), e))?;
     f.sync_all().map_err(|e| AgentError::io(ctx("fsync"), e))?;
-    fs::rename(&tmp, path).map_err(|e| AgentError::io(format!("rename over {}", path.display()), e))?;
+    fs::rename(&tmp, path)
+        .map_err(|e| AgentError::io(format!("rename over {}", path.display()), e))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| AgentError::io(format!("fsync {}", dir.display()), e))?;

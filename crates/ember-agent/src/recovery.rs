@@ -69,7 +69,10 @@ async fn recover_one(
                 && !rec.build.is_some_and(|b| agent.inner().store.exists(b))
             {
                 agent
-                    .fail(&entry, "paused, but its build is missing from this host".into())
+                    .fail(
+                        &entry,
+                        "paused, but its build is missing from this host".into(),
+                    )
                     .await?;
                 return Ok(Outcome::Failed("build missing".into()));
             }
@@ -100,7 +103,10 @@ async fn recover_one(
             let Some(rt_record) = record.runtime.clone() else {
                 let entry = agent.insert_entry(record, None);
                 agent
-                    .fail(&entry, "the host agent restarted before the VM was started".into())
+                    .fail(
+                        &entry,
+                        "the host agent restarted before the VM was started".into(),
+                    )
                     .await?;
                 return Ok(Outcome::Failed("no VM recorded".into()));
             };
@@ -181,7 +187,10 @@ async fn adopt(
     let guest = GuestClient::new(guest_addr).with_token(record.guest_token.clone());
     // The guest must answer: a VM that runs but whose agent is gone is not
     // a sandbox anyone can use.
-    match guest.wait_ready(Instant::now() + Duration::from_secs(30)).await {
+    match guest
+        .wait_ready(Instant::now() + Duration::from_secs(30))
+        .await
+    {
         Ok(_) => rt.guest = Some(guest),
         Err(e) => {
             // Give back what we took without killing the VM twice.
@@ -339,7 +348,9 @@ fn processes_mentioning(path: &Path) -> Vec<u32> {
             let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline);
             let mentions = cmdline.contains(&needle)
-                || cmdline.split('\0').any(|arg| arg == id || arg.ends_with(&format!("={id}")));
+                || cmdline
+                    .split('\0')
+                    .any(|arg| arg == id || arg.ends_with(&format!("={id}")));
             mentions.then_some(pid)
         })
         .collect()

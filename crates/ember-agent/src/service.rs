@@ -327,7 +327,10 @@ impl HostAgent for HostService {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let r = req.into_inner();
         let id = sandbox_id(&r.sandbox_id)?;
-        let rec = self.agent.set_network_policy(&id, policy(r.network)?).await?;
+        let rec = self
+            .agent
+            .set_network_policy(&id, policy(r.network)?)
+            .await?;
         Ok(Response::new(to_proto(&rec)))
     }
 
@@ -438,7 +441,13 @@ impl HostAgent for HostService {
             Err(_) => SignalSpec::name(r.signal),
         };
         guest
-            .signal(r.pid, &SignalRequest { signal, group: false })
+            .signal(
+                r.pid,
+                &SignalRequest {
+                    signal,
+                    group: false,
+                },
+            )
             .await
             .map_err(guest_err(&id))?;
         Ok(Response::new(pb::Empty {}))
@@ -554,10 +563,7 @@ impl HostAgent for HostService {
         Ok(Response::new(file_stat(info)))
     }
 
-    async fn stat_file(
-        &self,
-        req: Request<pb::FileRef>,
-    ) -> Result<Response<pb::FileStat>, Status> {
+    async fn stat_file(&self, req: Request<pb::FileRef>) -> Result<Response<pb::FileStat>, Status> {
         let r = req.into_inner();
         let id = sandbox_id(&r.sandbox_id)?;
         let guest = self.agent.guest(&id).await?;

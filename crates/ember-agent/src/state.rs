@@ -184,10 +184,26 @@ mod tests {
             Destroyed,
         ];
         for s in all {
-            assert_eq!(Operation::Pause.enter(s).is_some(), s == Running, "pause from {s}");
-            assert_eq!(Operation::Resume.enter(s).is_some(), s == Paused, "resume from {s}");
-            assert_eq!(Operation::Snapshot.enter(s).is_some(), s == Running, "snapshot from {s}");
-            assert_eq!(Operation::Guest.enter(s).is_some(), s == Running, "guest from {s}");
+            assert_eq!(
+                Operation::Pause.enter(s).is_some(),
+                s == Running,
+                "pause from {s}"
+            );
+            assert_eq!(
+                Operation::Resume.enter(s).is_some(),
+                s == Paused,
+                "resume from {s}"
+            );
+            assert_eq!(
+                Operation::Snapshot.enter(s).is_some(),
+                s == Running,
+                "snapshot from {s}"
+            );
+            assert_eq!(
+                Operation::Guest.enter(s).is_some(),
+                s == Running,
+                "guest from {s}"
+            );
             assert_eq!(
                 Operation::Destroy.enter(s).is_some(),
                 !matches!(s, Destroying | Destroyed),

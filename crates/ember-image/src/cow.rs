@@ -344,7 +344,12 @@ mod tests {
             if let Some(off) = e.file_offset {
                 file.read_exact_at(&mut buf, off).unwrap();
             }
-            seen.push((e.start, e.length, buf.iter().all(|&b| b == 0), buf.first().copied()));
+            seen.push((
+                e.start,
+                e.length,
+                buf.iter().all(|&b| b == 0),
+                buf.first().copied(),
+            ));
         }
         assert_eq!(
             seen,

@@ -278,8 +278,13 @@ impl BuildWriter {
         let bytes = header.encode();
         let header_path = self.create_file(kind.header_file())?;
         write_synced(&header_path, &bytes)?;
-        self.files
-            .insert(kind.data_file(), FileDigest { size: hashed, sha256 });
+        self.files.insert(
+            kind.data_file(),
+            FileDigest {
+                size: hashed,
+                sha256,
+            },
+        );
         self.files.insert(
             kind.header_file(),
             FileDigest {

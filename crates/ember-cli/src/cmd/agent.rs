@@ -107,7 +107,9 @@ pub struct AgentArgs {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = args.options.config(args.data_dir.clone());
-    let agent = Agent::start(config).await.context("starting the host agent")?;
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -119,7 +121,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let served = serve(agent.clone(), listener, args.token.clone(), shutdown.clone());
+    let served = serve(
+        agent.clone(),
+        listener,
+        args.token.clone(),
+        shutdown.clone(),
+    );
     if let (Some(url), Some(token)) = (&args.control_plane, &args.token) {
         let advertise = args
             .advertise
@@ -146,7 +153,9 @@ pub async fn start_agent(
     token: Option<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(Agent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let agent = Agent::start(config).await.context("starting the host agent")?;
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
     let task = tokio::spawn(serve(agent.clone(), listener, token, shutdown));
     Ok((agent, task))
 }
