@@ -375,3 +375,259 @@ fn killed_vmm_marks_the_sandbox_failed_and_reclaims_it_root_vm() {
             .unwrap();
     });
 }
+
+/// Snapshot a running sandbox into a template, fork three sandboxes from
+/// it at once: each sees the template's files and state, their writes are
+/// their own, and the source keeps running.
+#[test]
+fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let src = new_id();
+        let mut req = create_request(&src);
+        req.memory_mib = 384;
+        c.create_sandbox(req).await.unwrap();
+        let (_, err, code) = sh(
+            &mut c,
+            &src,
+            "mkdir -p /srv && echo from-template > /srv/data && sync",
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        let snap = c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                sandbox_id: src.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()))
+            .into_inner();
+        assert_eq!((snap.vcpus, snap.memory_mib), (1, 384));
+        assert!(snap.stored_bytes > 0 && snap.memory_bytes == 384 << 20);
+        // The source keeps running and keeps its own state.
+        let (out, _, _) = sh(&mut c, &src, "cat /srv/data; echo after > /srv/data").await;
+        assert_eq!(out, "from-template\n");
+
+        // Locked shape: other values are refused, naming the template's.
+        let mut bad = create_request(&new_id());
+        bad.build_id = snap.build_id.clone();
+        bad.vcpus = 2;
+        let err = c.create_sandbox(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("1 vCPUs and 384 MiB"), "{}", err.message());
+
+        let forks: Vec<String> = (0..3).map(|_| new_id()).collect();
+        let creates = forks.iter().map(|id| {
+            let mut c = c.clone();
+            let mut req = create_request(id);
+            req.build_id = snap.build_id.clone();
+            async move { c.create_sandbox(req).await }
+        });
+        for r in futures::future::join_all(creates).await {
+            let sb = r.unwrap_or_else(|s| panic!("fork: {s:?}\n{}", home.logs())).into_inner();
+            assert_eq!(state(&sb), pb::SandboxState::Running);
+            assert_eq!((sb.vcpus, sb.memory_mib), (1, 384));
+            assert_eq!(sb.source_build_id, snap.build_id);
+        }
+        for (i, id) in forks.iter().enumerate() {
+            let (out, _, _) = sh(&mut c, id, &format!("cat /srv/data; echo fork-{i} > /srv/data")).await;
+            assert_eq!(out, "from-template\n", "fork {i}");
+        }
+        for (i, id) in forks.iter().enumerate() {
+            let (out, _, _) = sh(&mut c, id, "cat /srv/data").await;
+            assert_eq!(out, format!("fork-{i}\n"), "fork {i} saw another's write");
+        }
+        let (out, _, _) = sh(&mut c, &src, "cat /srv/data").await;
+        assert_eq!(out, "after\n");
+        // Forks get fresh randomness: their kernels' RNG output differs.
+        let mut uuids = std::collections::HashSet::new();
+        for id in &forks {
+            let (out, _, _) = sh(&mut c, id, "cat /proc/sys/kernel/random/uuid").await;
+            uuids.insert(out);
+        }
+        assert_eq!(uuids.len(), 3);
+
+        // Deleting the template while a paused fork still references its
+        // data keeps the data; the paused fork still resumes; the data goes
+        // with the last user.
+        let kept = forks[0].clone();
+        c.pause_sandbox(pb::SandboxRef { sandbox_id: kept.clone() }).await.unwrap();
+        for id in forks.iter().skip(1).chain([&src]) {
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: id.clone() }).await.unwrap();
+        }
+        let del = c
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                build_id: snap.build_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!del.data_freed, "the paused fork still needs the template's data");
+        let listed = c.list_snapshots(pb::ListSnapshotsRequest {}).await.unwrap().into_inner();
+        assert!(listed.snapshots.is_empty());
+        c.resume_sandbox(pb::ResumeSandboxRequest {
+            sandbox_id: kept.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()));
+        let (out, _, _) = sh(&mut c, &kept, "cat /srv/data").await;
+        assert_eq!(out, "fork-0\n");
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: kept }).await.unwrap();
+        let builds = std::fs::read_dir(home.data().join("builds"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect::<Vec<_>>();
+        assert_eq!(builds.len(), 1, "only the base image's build is left: {builds:?}");
+        assert_clean(&home);
+    });
+}
+
+/// A namespace standing in for a network service outside the host: a veth
+/// to the host with `net.1` on the host side and `net.2` inside, where a
+/// TCP server answers "world".
+struct World {
+    ns: String,
+    host_link: String,
+    addr: std::net::Ipv4Addr,
+    server: std::process::Child,
+}
+
+impl World {
+    fn new(net: [u8; 3], port: u16) -> World {
+        use std::process::Command;
+        let tag: String = (0..4).map(|_| (b'a' + rand::random::<u8>() % 26) as char).collect();
+        let ns = format!("world-{tag}");
+        let host_link = format!("w{tag}h");
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let host_ip = format!("{}.{}.{}.1/24", net[0], net[1], net[2]);
+        let ns_ip = format!("{}.{}.{}.2/24", net[0], net[1], net[2]);
+        run(&["netns", "add", &ns]);
+        run(&["link", "add", &host_link, "type", "veth", "peer", "name", "w0", "netns", &ns]);
+        run(&["addr", "add", &host_ip, "dev", &host_link]);
+        run(&["link", "set", &host_link, "up"]);
+        run(&["-n", &ns, "addr", "add", &ns_ip, "dev", "w0"]);
+        run(&["-n", &ns, "link", "set", "w0", "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        run(&["-n", &ns, "route", "add", "default", "via", &host_ip[..host_ip.len() - 3]]);
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c"])
+            .arg(format!(
+                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n  c,_=s.accept(); c.sendall(b'world\\n'); c.close()\n"
+            ))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        World {
+            ns,
+            host_link,
+            addr: std::net::Ipv4Addr::new(net[0], net[1], net[2], 2),
+            server,
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_link]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// Can the sandbox open a TCP connection to addr:port (3 s budget)?
+async fn reaches(c: &mut Client, id: &str, addr: &str, port: u16) -> bool {
+    let (out, _, _) = sh(
+        c,
+        id,
+        &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && echo open' 2>/dev/null || echo closed"),
+    )
+    .await;
+    out.trim() == "open"
+}
+
+/// From inside a sandbox: the host's own addresses, the host agent's
+/// services, the other sandbox and private ranges are unreachable; an
+/// allowed CIDR is reachable; the host reaches each guest on its own slot.
+#[test]
+fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let agent = home.start();
+    // A private "world" network the default policy refuses.
+    let net = [172, 31, rand::random::<u8>()];
+    let world = World::new(net, 8080);
+    // A host service on every host address.
+    let host_server = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in host_server.incoming().flatten() {
+            drop(s);
+        }
+    });
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let a = new_id();
+        let mut req = create_request(&a);
+        req.network = Some(pb::NetworkPolicy {
+            allow_out: vec![format!("{}.{}.{}.0/24", net[0], net[1], net[2])],
+            deny_out: vec![],
+        });
+        c.create_sandbox(req).await.unwrap();
+        let b = new_id();
+        c.create_sandbox(create_request(&b)).await.unwrap();
+
+        // Sanity: the world server and the host server answer the host.
+        assert!(std::net::TcpStream::connect((world.addr, 8080)).is_ok());
+
+        // The allowed CIDR is reachable from A; B has the default policy.
+        assert!(reaches(&mut c, &a, &world.addr.to_string(), 8080).await, "allowed CIDR");
+        let (out, _, _) = sh(&mut c, &a, &format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{}/8080; cat <&3'", world.addr)).await;
+        assert_eq!(out, "world\n");
+        assert!(!reaches(&mut c, &b, &world.addr.to_string(), 8080).await, "private range");
+
+        // Every address of the host, at the test's port and at the port of
+        // the host agent's gRPC API.
+        let agent_port: u16 = agent.addr.rsplit(':').next().unwrap().parse().unwrap();
+        let out = std::process::Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
+        let host_addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|cidr| cidr.split('/').next())
+            .map(str::to_owned)
+            .collect();
+        assert!(host_addrs.len() >= 2, "{host_addrs:?}");
+        for addr in &host_addrs {
+            for port in [host_port, agent_port] {
+                for sb in [&a, &b] {
+                    assert!(!reaches(&mut c, sb, addr, port).await, "{sb} reached host {addr}:{port}");
+                }
+            }
+        }
+        // The other sandbox's guest agent, through its slot address (the
+        // host-side addresses of our pool's namespaces: .2 of each /30).
+        let base: std::net::Ipv4Addr = home.pool.split('/').next().unwrap().parse().unwrap();
+        let base = u32::from(base);
+        for slot in 0..2u32 {
+            let ns_addr = std::net::Ipv4Addr::from(base + 4 * slot + 2).to_string();
+            for sb in [&a, &b] {
+                assert!(!reaches(&mut c, sb, &ns_addr, 49983).await, "{sb} reached {ns_addr}");
+            }
+            // The host itself does reach each guest agent there.
+            assert!(std::net::TcpStream::connect((ns_addr.as_str(), 49983)).is_ok());
+        }
+        for sb in [a, b] {
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: sb }).await.unwrap();
+        }
+        assert_clean(&home);
+    });
+    drop(world);
+}
