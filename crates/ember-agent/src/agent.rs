@@ -455,14 +455,14 @@ impl Agent {
             store.read_meta(build).map_err(AgentError::Store)
         })
         .await?;
-        if let Some(vm) = &meta.info.vm {
-            if vm.backend != self.inner.backend.kind {
-                return Err(AgentError::BackendMismatch {
-                    build,
-                    made_by: vm.backend.to_string(),
-                    runs: self.inner.backend.kind.to_string(),
-                });
-            }
+        if let Some(vm) = &meta.info.vm
+            && vm.backend != self.inner.backend.kind
+        {
+            return Err(AgentError::BackendMismatch {
+                build,
+                made_by: vm.backend.to_string(),
+                runs: self.inner.backend.kind.to_string(),
+            });
         }
         Ok(meta)
     }
@@ -776,13 +776,15 @@ impl Agent {
         .await
     }
 
-    /// A flat, read-only copy of `build`'s root filesystem, made once and
-    /// shared by every sandbox restored from it (qcow2 backing files).
+    /// A read-only file holding `build`'s root filesystem for disk layers
+    /// to sit on (see `disk`): cached, made once even when many sandboxes
+    /// fork from the build at once.
     async fn flat_rootfs(&self, build: BuildId) -> Result<PathBuf, AgentError> {
         if build == self.inner.base_build {
             return Ok(self.inner.image.rootfs.clone());
         }
-        let path = disk::flat_cache_path(&self.inner.config.data_dir, build);
+        let data_dir = &self.inner.config.data_dir;
+        let path = disk::flat_cache_path(data_dir, build);
         let lock = self
             .inner
             .flat_locks
@@ -792,8 +794,9 @@ impl Agent {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
-        if path.exists() {
-            return Ok(path);
+        if let Some(cached) = disk::cached_base(data_dir, build) {
+            // Firecracker needs raw files: it copies the cache either way.
+            return Ok(cached);
         }
         let store = self.inner.store.clone();
         let dst = path.clone();
@@ -817,10 +820,10 @@ impl Agent {
             .await
             .map_err(|e| AgentError::operation(id, "pause vCPUs", e))?;
         let result = self.write_build(record, rt).await;
-        if result.is_err() {
-            if let Err(e) = vm.resume().await {
-                warn!(sandbox = %id, error = %e, "could not resume the VM after a failed snapshot");
-            }
+        if result.is_err()
+            && let Err(e) = vm.resume().await
+        {
+            warn!(sandbox = %id, error = %e, "could not resume the VM after a failed snapshot");
         }
         result
     }
@@ -910,7 +913,7 @@ impl Agent {
             let disk_parent = store
                 .open_header(disk_parent_build, ImageKind::Rootfs)
                 .map_err(AgentError::Store)?;
-            let disk_report = disk::write_disk_diff(&mut w, &disk, &disk_parent)?;
+            let disk_report = disk::write_disk_diff(&store, &mut w, &disk, &disk_parent)?;
             let vmstate = std::fs::File::open(&out.vmstate)
                 .map_err(|e| AgentError::io(format!("open {}", out.vmstate.display()), e))?;
             w.write_vmstate(vmstate).map_err(AgentError::Store)?;
@@ -946,6 +949,16 @@ impl Agent {
             Ok((build, _meta)) => {
                 let rt = runtime.take().expect("runtime");
                 drop(runtime);
+                // Stop the VM first so its disk is quiet, then keep the disk
+                // as the new build's rootfs cache: the resume needs no copy.
+                if let Some(vm) = &rt.vm {
+                    let _ = vm.kill().await;
+                }
+                if let Some(d) = &rt.disk
+                    && let Err(e) = disk::keep_as_cache(&self.inner.config.data_dir, d, build)
+                {
+                    warn!(sandbox = %id, error = %chain(&e), "disk not kept as cache; a resume will copy it");
+                }
                 let problems = rt.teardown().await;
                 if !problems.is_empty() {
                     warn!(sandbox = %id, ?problems, "pause released resources with problems");
@@ -1222,9 +1235,7 @@ impl Agent {
         let data_dir = self.inner.config.data_dir.clone();
         let result = blocking(move || {
             let report = store.gc(&roots).map_err(AgentError::Store)?;
-            for b in &report.deleted {
-                let _ = std::fs::remove_file(disk::flat_cache_path(&data_dir, *b));
-            }
+            disk::remove_caches(&data_dir, &report.deleted);
             Ok(report)
         })
         .await;

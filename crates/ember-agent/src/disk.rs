@@ -1,6 +1,17 @@
-//! Root disks: flat copies of a build's root filesystem (the read-only
-//! base every sandbox restored from that build layers on), and disk diffs
-//! written into a new build at pause.
+//! Root disks: the read-only base each sandbox's disk layer sits on, and
+//! disk diffs written into a new build at pause.
+//!
+//! A build's root filesystem is stored as diff blocks under a header. To
+//! run a VM on it, the VMM needs a file: the *rootfs cache* holds one per
+//! build (derived data, rebuilt on demand, deleted with the build):
+//!
+//! - `<build>.raw`: the whole image, materialised from the header (a
+//!   reflinked or sparse copy).
+//! - `<build>.qcow2`: the qcow2 overlay the sandbox that paused into this
+//!   build was running on, kept at pause instead of deleted: over its own
+//!   backing file it is exactly the build's content, so a resume needs no
+//!   copy. Chains grow by one per pause/resume cycle and are cut (a `.raw`
+//!   materialised) past [`MAX_CHAIN`].
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,13 +25,90 @@ use crate::agent::DISK_BLOCK;
 use crate::error::AgentError;
 use crate::runtime::DiskLayer;
 
-/// Where the flat copy of `build`'s root filesystem is cached. Derived
-/// data: removed with the build, recreated on demand.
+/// Longest qcow2 backing chain a restore may stack a new overlay on.
+pub const MAX_CHAIN: usize = 8;
+
+pub fn cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("cache").join("rootfs")
+}
+
+/// Where the flat copy of `build`'s root filesystem is cached.
 pub fn flat_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
-    data_dir
-        .join("cache")
-        .join("rootfs")
-        .join(format!("{build}.raw"))
+    cache_dir(data_dir).join(format!("{build}.raw"))
+}
+
+/// Where the kept qcow2 overlay holding `build`'s root filesystem is.
+pub fn qcow2_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
+    cache_dir(data_dir).join(format!("{build}.qcow2"))
+}
+
+/// A usable cached base for `build`, if there is one: its flat copy, or
+/// its kept overlay when the chain under it is intact and short enough.
+pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<PathBuf> {
+    let raw = flat_cache_path(data_dir, build);
+    if raw.exists() {
+        return Some(raw);
+    }
+    let q = qcow2_cache_path(data_dir, build);
+    let chain = ember_image::cow::backing_chain(&q).ok()?;
+    (chain.len() <= MAX_CHAIN && chain.iter().all(|p| p.exists())).then_some(q)
+}
+
+/// Keep the disk a paused sandbox ran on as the cache of the build it
+/// paused into (a rename: no copy). The VM must be stopped.
+pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Result<(), AgentError> {
+    let (from, to) = match disk {
+        DiskLayer::Qcow2 { overlay, .. } => (overlay, qcow2_cache_path(data_dir, build)),
+        DiskLayer::Raw { path } => (path, flat_cache_path(data_dir, build)),
+    };
+    let dir = cache_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    std::fs::rename(from, &to)
+        .map_err(|e| AgentError::io(format!("move {} to the rootfs cache", from.display()), e))?;
+    let mut perms = std::fs::metadata(&to)
+        .map_err(|e| AgentError::io(format!("stat {}", to.display()), e))?
+        .permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&to, perms)
+        .map_err(|e| AgentError::io(format!("chmod {}", to.display()), e))
+}
+
+/// Remove the cache files of deleted builds, and every cached overlay whose
+/// backing chain runs through one of them (they are rebuilt on demand).
+pub fn remove_caches(data_dir: &Path, deleted: &[BuildId]) {
+    let mut gone: Vec<PathBuf> = Vec::new();
+    for b in deleted {
+        for p in [
+            flat_cache_path(data_dir, *b),
+            qcow2_cache_path(data_dir, *b),
+        ] {
+            if std::fs::remove_file(&p).is_ok() {
+                gone.push(p);
+            }
+        }
+    }
+    if gone.is_empty() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(cache_dir(data_dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "qcow2") {
+            let broken = match ember_image::cow::backing_chain(&p) {
+                Ok(chain) => chain
+                    .iter()
+                    .skip(1)
+                    .any(|c| gone.contains(c) || !c.exists()),
+                Err(_) => true,
+            };
+            if broken {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 /// Write `build`'s root filesystem as one sparse file at `dst` (holes for
@@ -51,6 +139,7 @@ pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Resul
 /// Store the blocks of `disk` that changed since `parent` as this build's
 /// root filesystem. The VM must be paused.
 pub fn write_disk_diff(
+    store: &BuildStore,
     w: &mut BuildWriter,
     disk: &DiskLayer,
     parent: &Header,
@@ -59,23 +148,43 @@ pub fn write_disk_diff(
         DiskLayer::Raw { path } => w
             .write_image_from_full(ImageKind::Rootfs, Base::Parent(parent), path)
             .map_err(AgentError::Store),
-        DiskLayer::Qcow2 { overlay, base } => {
+        DiskLayer::Qcow2 { overlay, .. } => {
             let extents = ember_image::cow::overlay_extents(overlay).map_err(AgentError::Image)?;
             let dirty = dirty_blocks(&extents);
             let overlay_file = File::open(overlay)
                 .map_err(|e| AgentError::io(format!("open {}", overlay.display()), e))?;
-            let base_file = File::open(base)
-                .map_err(|e| AgentError::io(format!("open {}", base.display()), e))?;
+            // Below the overlay the disk reads as the parent build: a block
+            // the guest wrote only partly takes the rest from there.
+            let below = store
+                .reader(parent.clone(), ImageKind::Rootfs)
+                .map_err(AgentError::Store)?;
             let size = parent.size();
             w.write_image_from_blocks(
                 ImageKind::Rootfs,
                 Base::Parent(parent),
                 size,
                 &dirty,
-                |offset, buf| read_layered(&extents, &overlay_file, &base_file, offset, buf),
+                |offset, buf| read_layered(&extents, &overlay_file, &below, offset, buf),
             )
             .map_err(AgentError::Store)
         }
+    }
+}
+
+/// What lies under an overlay: reads of the image it was created over.
+trait Below {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl Below for ember_snapshot::ImageReader {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_at(buf, offset).map_err(std::io::Error::other)
+    }
+}
+
+impl Below for File {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        read_or_zero(self, buf, offset)
     }
 }
 
@@ -94,7 +203,7 @@ fn dirty_blocks(extents: &[OverlayExtent]) -> BlockSet {
 fn read_layered(
     extents: &[OverlayExtent],
     overlay: &File,
-    base: &File,
+    base: &dyn Below,
     offset: u64,
     buf: &mut [u8],
 ) -> std::io::Result<()> {
@@ -118,7 +227,7 @@ fn read_layered(
             _ => {
                 let stop = next.map_or(end, |e| e.start.min(end));
                 let dst = &mut buf[(at - offset) as usize..(stop - offset) as usize];
-                read_or_zero(base, dst, at)?;
+                base.read_below(dst, at)?;
                 at = stop;
             }
         }

@@ -185,10 +185,10 @@ impl Runtime {
     /// run directory. Keeps going past failures and reports them.
     pub async fn teardown(mut self) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Some(vm) = self.vm.take() {
-            if let Err(e) = vm.kill().await {
-                problems.push(format!("kill VMM: {e}"));
-            }
+        if let Some(vm) = self.vm.take()
+            && let Err(e) = vm.kill().await
+        {
+            problems.push(format!("kill VMM: {e}"));
         }
         if let Some(ps) = self.page_server.take() {
             ps.stop().await;
@@ -207,12 +207,11 @@ impl Runtime {
         if let Some(mem) = self.memory_file.take() {
             remove_file(&mem, &mut problems);
         }
-        if let Some(dir) = self.run_dir.take() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("remove {}: {e}", dir.display()));
-                }
-            }
+        if let Some(dir) = self.run_dir.take()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(format!("remove {}: {e}", dir.display()));
         }
         if problems.is_empty() {
             info!("sandbox resources released");
@@ -235,9 +234,9 @@ impl Runtime {
 }
 
 fn remove_file(path: &Path, problems: &mut Vec<String>) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            problems.push(format!("remove {}: {e}", path.display()));
-        }
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        problems.push(format!("remove {}: {e}", path.display()));
     }
 }

@@ -416,7 +416,11 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
         bad.vcpus = 2;
         let err = c.create_sandbox(bad).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("1 vCPUs and 384 MiB"), "{}", err.message());
+        assert!(
+            err.message().contains("1 vCPUs and 384 MiB"),
+            "{}",
+            err.message()
+        );
 
         let forks: Vec<String> = (0..3).map(|_| new_id()).collect();
         let creates = forks.iter().map(|id| {
@@ -426,13 +430,20 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
             async move { c.create_sandbox(req).await }
         });
         for r in futures::future::join_all(creates).await {
-            let sb = r.unwrap_or_else(|s| panic!("fork: {s:?}\n{}", home.logs())).into_inner();
+            let sb = r
+                .unwrap_or_else(|s| panic!("fork: {s:?}\n{}", home.logs()))
+                .into_inner();
             assert_eq!(state(&sb), pb::SandboxState::Running);
             assert_eq!((sb.vcpus, sb.memory_mib), (1, 384));
             assert_eq!(sb.source_build_id, snap.build_id);
         }
         for (i, id) in forks.iter().enumerate() {
-            let (out, _, _) = sh(&mut c, id, &format!("cat /srv/data; echo fork-{i} > /srv/data")).await;
+            let (out, _, _) = sh(
+                &mut c,
+                id,
+                &format!("cat /srv/data; echo fork-{i} > /srv/data"),
+            )
+            .await;
             assert_eq!(out, "from-template\n", "fork {i}");
         }
         for (i, id) in forks.iter().enumerate() {
@@ -453,9 +464,17 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
         // data keeps the data; the paused fork still resumes; the data goes
         // with the last user.
         let kept = forks[0].clone();
-        c.pause_sandbox(pb::SandboxRef { sandbox_id: kept.clone() }).await.unwrap();
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: kept.clone(),
+        })
+        .await
+        .unwrap();
         for id in forks.iter().skip(1).chain([&src]) {
-            c.destroy_sandbox(pb::SandboxRef { sandbox_id: id.clone() }).await.unwrap();
+            c.destroy_sandbox(pb::SandboxRef {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap();
         }
         let del = c
             .delete_snapshot(pb::DeleteSnapshotRequest {
@@ -464,8 +483,15 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
             .await
             .unwrap()
             .into_inner();
-        assert!(!del.data_freed, "the paused fork still needs the template's data");
-        let listed = c.list_snapshots(pb::ListSnapshotsRequest {}).await.unwrap().into_inner();
+        assert!(
+            !del.data_freed,
+            "the paused fork still needs the template's data"
+        );
+        let listed = c
+            .list_snapshots(pb::ListSnapshotsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(listed.snapshots.is_empty());
         c.resume_sandbox(pb::ResumeSandboxRequest {
             sandbox_id: kept.clone(),
@@ -475,14 +501,20 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
         .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()));
         let (out, _, _) = sh(&mut c, &kept, "cat /srv/data").await;
         assert_eq!(out, "fork-0\n");
-        c.destroy_sandbox(pb::SandboxRef { sandbox_id: kept }).await.unwrap();
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: kept })
+            .await
+            .unwrap();
         let builds = std::fs::read_dir(home.data().join("builds"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| !n.starts_with('.'))
             .collect::<Vec<_>>();
-        assert_eq!(builds.len(), 1, "only the base image's build is left: {builds:?}");
+        assert_eq!(
+            builds.len(),
+            1,
+            "only the base image's build is left: {builds:?}"
+        );
         assert_clean(&home);
     });
 }
@@ -500,7 +532,9 @@ struct World {
 impl World {
     fn new(net: [u8; 3], port: u16) -> World {
         use std::process::Command;
-        let tag: String = (0..4).map(|_| (b'a' + rand::random::<u8>() % 26) as char).collect();
+        let tag: String = (0..4)
+            .map(|_| (b'a' + rand::random::<u8>() % 26) as char)
+            .collect();
         let ns = format!("world-{tag}");
         let host_link = format!("w{tag}h");
         let run = |args: &[&str]| {
@@ -510,13 +544,23 @@ impl World {
         let host_ip = format!("{}.{}.{}.1/24", net[0], net[1], net[2]);
         let ns_ip = format!("{}.{}.{}.2/24", net[0], net[1], net[2]);
         run(&["netns", "add", &ns]);
-        run(&["link", "add", &host_link, "type", "veth", "peer", "name", "w0", "netns", &ns]);
+        run(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", "w0", "netns", &ns,
+        ]);
         run(&["addr", "add", &host_ip, "dev", &host_link]);
         run(&["link", "set", &host_link, "up"]);
         run(&["-n", &ns, "addr", "add", &ns_ip, "dev", "w0"]);
         run(&["-n", &ns, "link", "set", "w0", "up"]);
         run(&["-n", &ns, "link", "set", "lo", "up"]);
-        run(&["-n", &ns, "route", "add", "default", "via", &host_ip[..host_ip.len() - 3]]);
+        run(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_ip[..host_ip.len() - 3],
+        ]);
         let server = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c"])
             .arg(format!(
@@ -538,8 +582,12 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_link]).status();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
     }
 }
 
@@ -589,15 +637,32 @@ fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
         assert!(std::net::TcpStream::connect((world.addr, 8080)).is_ok());
 
         // The allowed CIDR is reachable from A; B has the default policy.
-        assert!(reaches(&mut c, &a, &world.addr.to_string(), 8080).await, "allowed CIDR");
-        let (out, _, _) = sh(&mut c, &a, &format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{}/8080; cat <&3'", world.addr)).await;
+        assert!(
+            reaches(&mut c, &a, &world.addr.to_string(), 8080).await,
+            "allowed CIDR"
+        );
+        let (out, _, _) = sh(
+            &mut c,
+            &a,
+            &format!(
+                "timeout 5 bash -c 'exec 3<>/dev/tcp/{}/8080; cat <&3'",
+                world.addr
+            ),
+        )
+        .await;
         assert_eq!(out, "world\n");
-        assert!(!reaches(&mut c, &b, &world.addr.to_string(), 8080).await, "private range");
+        assert!(
+            !reaches(&mut c, &b, &world.addr.to_string(), 8080).await,
+            "private range"
+        );
 
         // Every address of the host, at the test's port and at the port of
         // the host agent's gRPC API.
         let agent_port: u16 = agent.addr.rsplit(':').next().unwrap().parse().unwrap();
-        let out = std::process::Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .output()
+            .unwrap();
         let host_addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_whitespace().nth(3))
@@ -608,7 +673,10 @@ fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
         for addr in &host_addrs {
             for port in [host_port, agent_port] {
                 for sb in [&a, &b] {
-                    assert!(!reaches(&mut c, sb, addr, port).await, "{sb} reached host {addr}:{port}");
+                    assert!(
+                        !reaches(&mut c, sb, addr, port).await,
+                        "{sb} reached host {addr}:{port}"
+                    );
                 }
             }
         }
@@ -619,15 +687,331 @@ fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
         for slot in 0..2u32 {
             let ns_addr = std::net::Ipv4Addr::from(base + 4 * slot + 2).to_string();
             for sb in [&a, &b] {
-                assert!(!reaches(&mut c, sb, &ns_addr, 49983).await, "{sb} reached {ns_addr}");
+                assert!(
+                    !reaches(&mut c, sb, &ns_addr, 49983).await,
+                    "{sb} reached {ns_addr}"
+                );
             }
             // The host itself does reach each guest agent there.
             assert!(std::net::TcpStream::connect((ns_addr.as_str(), 49983)).is_ok());
         }
         for sb in [a, b] {
-            c.destroy_sandbox(pb::SandboxRef { sandbox_id: sb }).await.unwrap();
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: sb })
+                .await
+                .unwrap();
         }
         assert_clean(&home);
     });
     drop(world);
+}
+
+/// Kill the agent (SIGKILL) while one sandbox runs and one is paused, start
+/// a new agent: the running one is re-adopted (same VM, its processes
+/// intact) and the paused one resumes.
+#[test]
+fn agent_crash_loses_nothing_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let mut agent = home.start();
+    let rt = runtime();
+    let (running, paused, vmm) = rt.block_on(async {
+        let mut c = agent.client().await;
+        let running = new_id();
+        c.create_sandbox(create_request(&running)).await.unwrap();
+        let (_, err, code) = sh(
+            &mut c,
+            &running,
+            "echo alive > /tmp/mark; sleep 1000 >/dev/null 2>&1 &",
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        let paused = new_id();
+        c.create_sandbox(create_request(&paused)).await.unwrap();
+        sh(&mut c, &paused, "echo kept > /home/user/f && sync").await;
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: paused.clone(),
+        })
+        .await
+        .unwrap();
+        let vmm = home.processes();
+        assert_eq!(vmm.len(), 1, "{vmm:?}");
+        (running, paused, vmm[0])
+    });
+    agent.kill();
+    // The VM outlives its agent.
+    assert!(std::path::Path::new(&format!("/proc/{vmm}")).exists());
+    let agent = home.start();
+    rt.block_on(async {
+        let mut c = agent.client().await;
+        let sb = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: running.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            state(&sb),
+            pb::SandboxState::Running,
+            "{sb:?}\n{}",
+            home.logs()
+        );
+        assert_eq!(home.processes(), vec![vmm], "the same VM, not a new one");
+        let (out, _, _) = sh(&mut c, &running, "cat /tmp/mark; pgrep -c -x sleep").await;
+        assert_eq!(out, "alive\n1\n");
+        let info = c
+            .host_info(pb::HostInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                info.vcpus_used,
+                info.sandboxes_running,
+                info.sandboxes_paused
+            ),
+            (1, 1, 1)
+        );
+
+        c.resume_sandbox(pb::ResumeSandboxRequest {
+            sandbox_id: paused.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()));
+        let (out, _, _) = sh(&mut c, &paused, "cat /home/user/f").await;
+        assert_eq!(out, "kept\n");
+        for id in [running, paused] {
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+                .await
+                .unwrap();
+        }
+        assert_clean(&home);
+    });
+}
+
+/// A sandbox whose VMM died while no agent was running is marked failed by
+/// the next agent, and what it held is reclaimed.
+#[test]
+fn vm_that_died_while_the_agent_was_down_is_failed_and_reclaimed_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let mut agent = home.start();
+    let rt = runtime();
+    let id = rt.block_on(async {
+        let mut c = agent.client().await;
+        let id = new_id();
+        c.create_sandbox(create_request(&id)).await.unwrap();
+        id
+    });
+    agent.kill();
+    for pid in home.processes() {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = home.start();
+    rt.block_on(async {
+        let mut c = agent.client().await;
+        let sb = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Failed);
+        assert!(
+            sb.failure_reason.contains("did not survive"),
+            "{}",
+            sb.failure_reason
+        );
+        assert_clean(&home);
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+            .await
+            .unwrap();
+    });
+}
+
+/// A corrupt build: resuming fails with an error naming the problem; the
+/// sandbox stays paused and nothing else is affected.
+#[test]
+fn corrupt_build_fails_the_resume_cleanly_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let (victim, bystander) = (new_id(), new_id());
+        c.create_sandbox(create_request(&victim)).await.unwrap();
+        c.create_sandbox(create_request(&bystander)).await.unwrap();
+        let sb = c
+            .pause_sandbox(pb::SandboxRef {
+                sandbox_id: victim.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Truncate the device state file of the paused sandbox's build.
+        let vmstate = home
+            .data()
+            .join("builds")
+            .join(&sb.build_id)
+            .join("vmstate");
+        let len = std::fs::metadata(&vmstate).unwrap().len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&vmstate)
+            .unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        let err = c
+            .resume_sandbox(pb::ResumeSandboxRequest {
+                sandbox_id: victim.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        assert!(err.message().contains("restore"), "{}", err.message());
+        let sb = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: victim.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Paused);
+        assert!(
+            sb.failure_reason.contains("last resume failed"),
+            "{}",
+            sb.failure_reason
+        );
+        // The bystander is untouched and the failed resume left nothing.
+        let (out, _, _) = sh(&mut c, &bystander, "echo ok").await;
+        assert_eq!(out, "ok\n");
+        assert_eq!(home.processes().len(), 1);
+        let info = c
+            .host_info(pb::HostInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.vcpus_used, 1);
+        for id in [victim, bystander] {
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+                .await
+                .unwrap();
+        }
+        assert_clean(&home);
+    });
+}
+
+/// The data directory on a small file system that fills up during a
+/// pause: the pause fails cleanly, the sandbox keeps running (and can pause
+/// once there is room again), and no half-written build is left.
+#[test]
+fn disk_full_during_pause_keeps_the_sandbox_running_root_vm() {
+    require_vm!();
+    use std::process::Command;
+    let home = AgentHome::new();
+    let img = home.dir.path().join("fs.img");
+    let data = home.data();
+    std::fs::create_dir_all(&data).unwrap();
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(600 << 20).unwrap();
+    drop(f);
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&data)
+            .status()
+            .unwrap()
+            .success()
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let id = new_id();
+        c.create_sandbox(create_request(&id)).await.unwrap();
+        sh(&mut c, &id, "echo before > /home/user/f && sync").await;
+        // Leave almost no room.
+        let filler = data.join("filler");
+        let st = nix::sys::statvfs::statvfs(&data).unwrap();
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let keep = 8 << 20;
+        let out = Command::new("fallocate")
+            .args(["-l", &(free.saturating_sub(keep)).to_string()])
+            .arg(&filler)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let err = c
+            .pause_sandbox(pb::SandboxRef {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("No space left") || err.message().contains("space"),
+            "{err:?}"
+        );
+        let sb = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Running);
+        let (out, _, _) = sh(&mut c, &id, "cat /home/user/f; echo after >> /home/user/f").await;
+        assert_eq!(out, "before\n", "the sandbox keeps running");
+        let leftovers: Vec<_> = std::fs::read_dir(data.join("builds"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        std::fs::remove_file(&filler).unwrap();
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"));
+        c.resume_sandbox(pb::ResumeSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let (out, _, _) = sh(&mut c, &id, "cat /home/user/f").await;
+        assert_eq!(out, "before\nafter\n");
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+            .await
+            .unwrap();
+        assert_clean(&home);
+    });
+    drop(agent);
 }

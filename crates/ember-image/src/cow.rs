@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::unistd::Whence;
@@ -26,8 +26,9 @@ use crate::{Error, Result};
 /// The granularity of [`written_blocks`].
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// Create `overlay`, a qcow2 disk backed by the raw image `base`. `base` is
-/// recorded by absolute path and must not change while the overlay exists.
+/// Create `overlay`, a qcow2 disk backed by `base` (a raw image, or another
+/// qcow2 overlay, making a chain). `base` is recorded by absolute path and
+/// must not change while the overlay exists.
 ///
 /// The overlay uses 128 KiB clusters with extended L2 entries: 32
 /// sub-clusters of 4 KiB each, so a 4 KiB guest write allocates (and a diff
@@ -39,13 +40,76 @@ pub fn qcow2_overlay(base: &Path, overlay: &Path) -> Result<()> {
             io::ErrorKind::AlreadyExists.into(),
         ));
     }
+    let format = if is_qcow2(&base)? { "qcow2" } else { "raw" };
     let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
         .arg(&base)
         .args(["-o", "cluster_size=128k,extended_l2=on"])
         .arg(overlay);
     QEMU_IMG.output(&mut cmd)?;
     Ok(())
+}
+
+/// Does `path` start with the qcow2 magic?
+pub fn is_qcow2(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let mut magic = [0u8; 4];
+    match f.read_exact_at(&mut magic, 0) {
+        Ok(()) => Ok(&magic == b"QFI\xfb"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io("read", path)(e)),
+    }
+}
+
+/// The backing file a qcow2 image names, read from its header; `None` for
+/// a raw image or a qcow2 without backing.
+pub fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let mut hdr = [0u8; 20];
+    match f.read_exact_at(&mut hdr, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(Error::io("read", path)(e)),
+    }
+    if &hdr[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(hdr[16..20].try_into().expect("4 bytes")) as usize;
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 4096 {
+        return Err(Error::ToolOutput {
+            tool: "qcow2 header".into(),
+            reason: format!("{}: backing file name of {len} bytes", path.display()),
+        });
+    }
+    let mut name = vec![0u8; len];
+    f.read_exact_at(&mut name, offset)
+        .map_err(Error::io("read", path))?;
+    let name = String::from_utf8(name).map_err(|_| Error::ToolOutput {
+        tool: "qcow2 header".into(),
+        reason: format!("{}: backing file name is not UTF-8", path.display()),
+    })?;
+    Ok(Some(PathBuf::from(name)))
+}
+
+/// `path` and the files it is backed by, top first.
+pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut chain = vec![path.to_path_buf()];
+    while let Some(next) = qcow2_backing(chain.last().expect("non-empty"))? {
+        if chain.len() > 64 || chain.contains(&next) {
+            return Err(Error::ToolOutput {
+                tool: "qcow2 header".into(),
+                reason: format!("{}: backing chain loops or is too long", path.display()),
+            });
+        }
+        chain.push(next);
+    }
+    Ok(chain)
 }
 
 /// How [`raw_copy`] copied.
@@ -273,6 +337,51 @@ mod tests {
 
     fn have_qemu_img() -> bool {
         QEMU_IMG.path().is_ok()
+    }
+
+    #[test]
+    fn overlays_chain_over_overlays_and_the_chain_reads_back() {
+        ember_testkit::require!(
+            have_qemu_img(),
+            "qemu-img not found: apt-get install qemu-utils"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let f = File::create(&base).unwrap();
+        f.set_len(4 << 20).unwrap();
+        drop(f);
+        let mid = dir.path().join("mid.qcow2");
+        qcow2_overlay(&base, &mid).unwrap();
+        let top = dir.path().join("top.qcow2");
+        qcow2_overlay(&mid, &top).unwrap();
+        assert!(is_qcow2(&top).unwrap() && !is_qcow2(&base).unwrap());
+        let chain = backing_chain(&top).unwrap();
+        assert_eq!(
+            chain,
+            [
+                top.clone(),
+                mid.canonicalize().unwrap(),
+                base.canonicalize().unwrap()
+            ]
+        );
+        // A write to the middle layer shows through the top one.
+        let io = |file: &Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd])
+                .arg(file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        io(&mid, "write -P 0x5a 8192 4096");
+        let out = io(&top, "read -P 0x5a 8192 4096");
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        assert_eq!(written_blocks(&top).unwrap(), []);
     }
 
     #[test]

@@ -171,10 +171,16 @@ impl Drop for AgentHome {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         for ns in self.namespaces() {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
         }
         for l in self.links() {
-            let _ = Command::new("ip").args(["link", "del", &l]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &l])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = Command::new("nft")
             .args(["delete", "table", "ip", &self.prefix])
