@@ -1,1 +1,32 @@
-//! The host agent: sandbox lifecycle, pause/resume, templates, cleanup and recovery on one machine.
+//! The host agent: sandbox lifecycle on one machine — create, exec, pause,
+//! resume, templates, destroy — and the gRPC service the control plane
+//! drives it through.
+//!
+//! - [`agent`]: the [`Agent`], its per-sandbox state machine and lifecycle.
+//! - [`state`], [`records`]: the state machine's data and its on-disk form.
+//! - [`runtime`]: what a running sandbox holds and how it is released.
+//! - [`disk`]: root-disk layers and disk diffs.
+//! - [`recovery`]: what a starting agent does with what the last one left.
+//! - [`service`]: the gRPC service (`ember.host.v1.HostAgent`).
+//! - [`backend`], [`config`]: choosing the VMM; the agent's settings.
+//!
+//! Not here: VMMs (`ember-vmm`), network slots (`ember-net`), images
+//! (`ember-image`), builds (`ember-snapshot`), page servers (`ember-uffd`,
+//! run as `ember uffd` processes).
+
+pub mod agent;
+pub mod backend;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod records;
+mod recovery;
+pub mod runtime;
+pub mod service;
+pub mod state;
+
+pub use agent::{Agent, CreateRequest};
+pub use config::{AgentConfig, BackendChoice};
+pub use error::AgentError;
+pub use service::HostService;
+pub use state::{SandboxRecord, SandboxState};

@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The host agent of this machine (gRPC), optionally joining a control plane.
+    Agent(Box<cmd::agent::AgentArgs>),
     /// Guest images: kernel, initramfs and root filesystem.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Agent(a) => cmd::agent::run(*a).await,
             Command::Image(c) => cmd::image::run(c).await,
             Command::Run(a) => cmd::run::run(a).await,
             Command::Server(a) => cmd::server::run(a).await,

@@ -94,6 +94,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args([
                 "server",
+                "--no-agent",
                 "--listen",
                 "127.0.0.1:0",
                 "--database-url",
@@ -1312,7 +1313,13 @@ async fn config_file_settings_apply_and_typos_are_errors() {
     // --listen on the command line beats the file's unusable port; the
     // database defaults to SQLite in the file's data_dir.
     let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "server",
+            "--no-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&config)
         .env_remove("EMBER_JOIN_TOKEN")
         .env_remove("EMBER_DATA_DIR")

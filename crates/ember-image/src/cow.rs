@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::unistd::Whence;
@@ -26,8 +26,9 @@ use crate::{Error, Result};
 /// The granularity of [`written_blocks`].
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// Create `overlay`, a qcow2 disk backed by the raw image `base`. `base` is
-/// recorded by absolute path and must not change while the overlay exists.
+/// Create `overlay`, a qcow2 disk backed by `base` (a raw image, or another
+/// qcow2 overlay, making a chain). `base` is recorded by absolute path and
+/// must not change while the overlay exists.
 ///
 /// The overlay uses 128 KiB clusters with extended L2 entries: 32
 /// sub-clusters of 4 KiB each, so a 4 KiB guest write allocates (and a diff
@@ -39,13 +40,76 @@ pub fn qcow2_overlay(base: &Path, overlay: &Path) -> Result<()> {
             io::ErrorKind::AlreadyExists.into(),
         ));
     }
+    let format = if is_qcow2(&base)? { "qcow2" } else { "raw" };
     let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
         .arg(&base)
         .args(["-o", "cluster_size=128k,extended_l2=on"])
         .arg(overlay);
     QEMU_IMG.output(&mut cmd)?;
     Ok(())
+}
+
+/// Does `path` start with the qcow2 magic?
+pub fn is_qcow2(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let mut magic = [0u8; 4];
+    match f.read_exact_at(&mut magic, 0) {
+        Ok(()) => Ok(&magic == b"QFI\xfb"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io("read", path)(e)),
+    }
+}
+
+/// The backing file a qcow2 image names, read from its header; `None` for
+/// a raw image or a qcow2 without backing.
+pub fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let mut hdr = [0u8; 20];
+    match f.read_exact_at(&mut hdr, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(Error::io("read", path)(e)),
+    }
+    if &hdr[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(hdr[16..20].try_into().expect("4 bytes")) as usize;
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 4096 {
+        return Err(Error::ToolOutput {
+            tool: "qcow2 header".into(),
+            reason: format!("{}: backing file name of {len} bytes", path.display()),
+        });
+    }
+    let mut name = vec![0u8; len];
+    f.read_exact_at(&mut name, offset)
+        .map_err(Error::io("read", path))?;
+    let name = String::from_utf8(name).map_err(|_| Error::ToolOutput {
+        tool: "qcow2 header".into(),
+        reason: format!("{}: backing file name is not UTF-8", path.display()),
+    })?;
+    Ok(Some(PathBuf::from(name)))
+}
+
+/// `path` and the files it is backed by, top first.
+pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut chain = vec![path.to_path_buf()];
+    while let Some(next) = qcow2_backing(chain.last().expect("non-empty"))? {
+        if chain.len() > 64 || chain.contains(&next) {
+            return Err(Error::ToolOutput {
+                tool: "qcow2 header".into(),
+                reason: format!("{}: backing chain loops or is too long", path.display()),
+            });
+        }
+        chain.push(next);
+    }
+    Ok(chain)
 }
 
 /// How [`raw_copy`] copied.
@@ -168,6 +232,50 @@ struct MapEntry {
     length: u64,
     /// 0: allocated in the overlay itself; 1+: in a backing file.
     depth: u32,
+    /// Reads as zeros.
+    #[serde(default)]
+    zero: bool,
+    /// Where the data is in the file of layer `depth` (absent for zeros).
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+/// A range of guest-visible disk bytes that the overlay itself holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayExtent {
+    /// Offset in the virtual disk.
+    pub start: u64,
+    pub length: u64,
+    /// Where those bytes are in the overlay file; `None` when the overlay
+    /// records them as zeros.
+    pub file_offset: Option<u64>,
+}
+
+/// The extents `overlay`'s own layer holds (everything written since it was
+/// created), with where each one's bytes are in the overlay file, so a
+/// caller can read them without a qcow2 parser. Unaligned, as QEMU reports
+/// them. The VM using it must be paused or stopped.
+pub fn overlay_extents(overlay: &Path) -> Result<Vec<OverlayExtent>> {
+    Ok(map_overlay(overlay)?
+        .into_iter()
+        .filter(|e| e.depth == 0 && e.length > 0)
+        .map(|e| OverlayExtent {
+            start: e.start,
+            length: e.length,
+            file_offset: if e.zero { None } else { e.offset },
+        })
+        .collect())
+}
+
+fn map_overlay(overlay: &Path) -> Result<Vec<MapEntry>> {
+    let mut cmd = QEMU_IMG.command()?;
+    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
+        .arg(overlay);
+    let json = QEMU_IMG.output(&mut cmd)?;
+    serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
+        tool: "qemu-img map".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// The byte ranges of `overlay` written since it was created (data in its
@@ -175,15 +283,7 @@ struct MapEntry {
 /// blocks, sorted and merged. The VM using it must be paused or stopped:
 /// this reads the qcow2 metadata while another process may hold it.
 pub fn written_blocks(overlay: &Path) -> Result<Vec<Range<u64>>> {
-    let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
-        .arg(overlay);
-    let json = QEMU_IMG.output(&mut cmd)?;
-    let entries: Vec<MapEntry> = serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
-        tool: "qemu-img map".into(),
-        reason: e.to_string(),
-    })?;
-    Ok(top_layer_blocks(&entries))
+    Ok(top_layer_blocks(&map_overlay(overlay)?))
 }
 
 fn top_layer_blocks(entries: &[MapEntry]) -> Vec<Range<u64>> {
@@ -217,6 +317,8 @@ mod tests {
             start,
             length,
             depth,
+            zero: false,
+            offset: None,
         }
     }
 
@@ -235,6 +337,51 @@ mod tests {
 
     fn have_qemu_img() -> bool {
         QEMU_IMG.path().is_ok()
+    }
+
+    #[test]
+    fn overlays_chain_over_overlays_and_the_chain_reads_back() {
+        ember_testkit::require!(
+            have_qemu_img(),
+            "qemu-img not found: apt-get install qemu-utils"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let f = File::create(&base).unwrap();
+        f.set_len(4 << 20).unwrap();
+        drop(f);
+        let mid = dir.path().join("mid.qcow2");
+        qcow2_overlay(&base, &mid).unwrap();
+        let top = dir.path().join("top.qcow2");
+        qcow2_overlay(&mid, &top).unwrap();
+        assert!(is_qcow2(&top).unwrap() && !is_qcow2(&base).unwrap());
+        let chain = backing_chain(&top).unwrap();
+        assert_eq!(
+            chain,
+            [
+                top.clone(),
+                mid.canonicalize().unwrap(),
+                base.canonicalize().unwrap()
+            ]
+        );
+        // A write to the middle layer shows through the top one.
+        let io = |file: &Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd])
+                .arg(file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        io(&mid, "write -P 0x5a 8192 4096");
+        let out = io(&top, "read -P 0x5a 8192 4096");
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        assert_eq!(written_blocks(&top).unwrap(), []);
     }
 
     #[test]
@@ -295,6 +442,31 @@ mod tests {
             fs::read(&base).unwrap()[4096..8192],
             [0u8; 4096],
             "the base is untouched"
+        );
+
+        // Each extent's bytes are where `overlay_extents` says they are.
+        let extents = overlay_extents(&overlay).unwrap();
+        let file = File::open(&overlay).unwrap();
+        let mut seen = Vec::new();
+        for e in &extents {
+            let mut buf = vec![0u8; e.length as usize];
+            if let Some(off) = e.file_offset {
+                file.read_exact_at(&mut buf, off).unwrap();
+            }
+            seen.push((
+                e.start,
+                e.length,
+                buf.iter().all(|&b| b == 0),
+                buf.first().copied(),
+            ));
+        }
+        assert_eq!(
+            seen,
+            [
+                (4096, 4096, false, Some(0xab)),
+                (2097152, 12288, false, Some(1)),
+                (8388608, 4096, true, Some(0)),
+            ]
         );
     }
 

@@ -383,16 +383,9 @@ pub fn slot_ruleset(
         Rule::new(vec![Match::CtStatusDnat], Verdict::Accept)
             .commented("guest side of host-opened connections"),
     ];
-    let policy = inputs.policy;
-    if !policy.deny_out.is_empty() {
-        guest_out
-            .push(Rule::new(vec![to(policy.deny_out.clone())], refuse()).commented("deny_out"));
-    }
-    if !policy.allow_out.is_empty() {
-        guest_out.push(
-            Rule::new(vec![to(policy.allow_out.clone())], Verdict::Accept).commented("allow_out"),
-        );
-    }
+    // The host's own addresses and the other sandboxes come first: no
+    // policy opens them (an `allow_out` of a LAN range must not expose the
+    // host's services on its LAN address).
     let host: Vec<Ipv4Cidr> = inputs
         .host_addrs
         .iter()
@@ -403,6 +396,16 @@ pub fn slot_ruleset(
         guest_out.push(Rule::new(vec![to(host)], refuse()).commented("host addresses"));
     }
     guest_out.push(Rule::new(vec![to(vec![layout.pool()])], refuse()).commented("sandbox pool"));
+    let policy = inputs.policy;
+    if !policy.deny_out.is_empty() {
+        guest_out
+            .push(Rule::new(vec![to(policy.deny_out.clone())], refuse()).commented("deny_out"));
+    }
+    if !policy.allow_out.is_empty() {
+        guest_out.push(
+            Rule::new(vec![to(policy.allow_out.clone())], Verdict::Accept).commented("allow_out"),
+        );
+    }
     guest_out.push(
         Rule::new(vec![to(SPECIAL_RANGES.to_vec())], refuse())
             .commented("private and special ranges"),
@@ -616,8 +619,8 @@ mod tests {
 
     fn with_policy_lines(lines: &str) -> String {
         DEFAULT_RULESET.replace(
-            "\t\tct status dnat accept comment \"guest side of host-opened connections\"\n",
-            &format!("\t\tct status dnat accept comment \"guest side of host-opened connections\"\n{lines}"),
+            "\t\tip daddr 10.200.0.0/16 goto refuse comment \"sandbox pool\"\n",
+            &format!("\t\tip daddr 10.200.0.0/16 goto refuse comment \"sandbox pool\"\n{lines}"),
         )
     }
 

@@ -8,13 +8,14 @@ use crate::cidr::Ipv4Cidr;
 /// Per-sandbox egress rules on top of the default ones.
 ///
 /// Evaluation order for every packet the guest sends:
-/// 1. `deny_out` — refused, before anything else (`["0.0.0.0/0"]` isolates fully);
-/// 2. `allow_out` — accepted, before the default denies (so
-///    `["10.9.0.0/16"]` opens that private range; an entry covering a host
-///    address or the slot pool opens those too);
-/// 3. default denies: the host's own addresses, the slot pool (other
-///    sandboxes), private and special-purpose ranges;
-/// 4. everything else is accepted.
+/// 1. always refused, whatever the policy: the host's own addresses and the
+///    slot pool (other sandboxes) — no policy exposes the host's services
+///    or another sandbox;
+/// 2. `deny_out` — refused (`["0.0.0.0/0"]` isolates fully);
+/// 3. `allow_out` — accepted, before the default denies (so
+///    `["10.9.0.0/16"]` opens that private range);
+/// 4. default denies: private and special-purpose ranges;
+/// 5. everything else is accepted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {

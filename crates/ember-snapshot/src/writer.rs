@@ -238,6 +238,72 @@ impl BuildWriter {
         self.finish_image(diff, base)
     }
 
+    /// A first build whose image is an existing, immutable file, taken as
+    /// is: hard-linked into the build (on the same file system; a reflink or
+    /// a sparse copy otherwise), with an identity header (block `i` at
+    /// storage offset `i * block_size`). For importing a base image that
+    /// already exists on disk without storing its bytes twice. The caller
+    /// must never modify `image_path` afterwards.
+    pub fn link_image(
+        &mut self,
+        kind: ImageKind,
+        block_size: u64,
+        image_path: &Path,
+    ) -> Result<WriteReport> {
+        let size = fs::metadata(image_path)
+            .map_err(io("stat", image_path))?
+            .len();
+        check_geometry(size, block_size)?;
+        let path = self.tmp.join(kind.data_file().name());
+        if path.exists() {
+            return Err(SnapshotError::BuildFileWritten {
+                build: self.build_id,
+                file: kind.data_file().name(),
+            });
+        }
+        if fs::hard_link(image_path, &path).is_err() {
+            let src = File::open(image_path).map_err(io("open", image_path))?;
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io("create", &path))?;
+            dst.set_len(size).map_err(io("truncate", &path))?;
+            copy_sparse(&src, &dst, size).map_err(io("copy", image_path))?;
+            dst.sync_all().map_err(io("sync", &path))?;
+        }
+        let file = File::open(&path).map_err(io("open", &path))?;
+        let (hashed, sha256) = hash_file(&file).map_err(io("read", &path))?;
+        let header = Header::base(self.build_id, size, block_size)?;
+        let bytes = header.encode();
+        let header_path = self.create_file(kind.header_file())?;
+        write_synced(&header_path, &bytes)?;
+        self.files.insert(
+            kind.data_file(),
+            FileDigest {
+                size: hashed,
+                sha256,
+            },
+        );
+        self.files.insert(
+            kind.header_file(),
+            FileDigest {
+                size: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(&bytes)),
+            },
+        );
+        self.headers.push((kind, header.clone()));
+        let blocks = size.div_ceil(block_size);
+        Ok(WriteReport {
+            kind,
+            image_size: size,
+            bytes_written: 0,
+            dirty_blocks: blocks,
+            zero_blocks: 0,
+            header,
+        })
+    }
+
     fn start_image(&mut self, kind: ImageKind, base: Base<'_>, size: u64) -> Result<ImageDiff> {
         let block_size = match base {
             Base::Fresh { block_size } => block_size,
@@ -433,6 +499,21 @@ impl Drop for BuildWriter {
             tracing::warn!(path = %self.tmp.display(), error = %e, "could not remove an abandoned build");
         }
     }
+}
+
+/// Copy `len` bytes of `src` to the same offsets of `dst`, skipping holes.
+fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset)?;
+        if !is_zero(&buf[..n]) {
+            dst.write_all_at(&buf[..n], offset)?;
+        }
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// One image being written: classifies blocks and appends dirty ones.

@@ -909,3 +909,40 @@ impl Drop for Mount {
             .status();
     }
 }
+
+#[test]
+fn a_linked_image_shares_its_file_and_diffs_build_on_it() {
+    let fx = fixture();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut image = vec![0u8; 64 * PAGE as usize];
+    for page in [0, 5, 6, 40] {
+        set_page(&mut image, page, &random_page(&mut rng));
+    }
+    let src = fx.write("base.img", &image);
+    let base = BuildId::new();
+    let mut w = fx.store.begin(base, BuildInfo::default()).unwrap();
+    let report = w.link_image(ImageKind::Rootfs, PAGE, &src).unwrap();
+    assert_eq!(report.bytes_written, 0, "nothing is copied");
+    w.commit().unwrap();
+    // Same inode: the image's bytes are stored once.
+    let linked = fs::metadata(fx.store.data_path(base, ImageKind::Rootfs)).unwrap();
+    assert_eq!(linked.ino(), fs::metadata(&src).unwrap().ino());
+    fx.store.verify(base).unwrap();
+    assert_reads_back(&fx.store, base, ImageKind::Rootfs, &image);
+
+    // A diff on top of it reads through to the linked file.
+    let parent = fx.store.open_header(base, ImageKind::Rootfs).unwrap();
+    let mut next = image.clone();
+    set_page(&mut next, 6, &random_page(&mut rng));
+    let next_path = fx.write("next.img", &next);
+    let child = BuildId::new();
+    let mut w = fx.store.begin(child, BuildInfo::default()).unwrap();
+    let r = w
+        .write_image_from_full(ImageKind::Rootfs, Base::Parent(&parent), &next_path)
+        .unwrap();
+    assert_eq!(r.bytes_written, PAGE);
+    w.commit().unwrap();
+    assert_reads_back(&fx.store, child, ImageKind::Rootfs, &next);
+    let header = fx.store.open_header(child, ImageKind::Rootfs).unwrap();
+    assert_eq!(fx.materialized(&header, ImageKind::Rootfs), next);
+}

@@ -41,6 +41,11 @@ pub struct ServerArgs {
     /// reconcile_interval_s, ttl_interval_s, orphan_grace_s.
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
+    /// Do not run a host agent in this process (hosts join with `ember agent`).
+    #[arg(long, env = "EMBER_NO_AGENT")]
+    no_agent: bool,
+    #[command(flatten)]
+    agent: crate::cmd::agent::AgentOptions,
 }
 
 /// The `--config` file.
@@ -112,23 +117,61 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         );
         eprintln!("    EMBER_JOIN_TOKEN={token}");
     }
-    attach_embedded_agent(&plane).await?;
+    let shutdown = CancellationToken::new();
+    let agent = if args.no_agent {
+        None
+    } else {
+        Some(attach_embedded_agent(&plane, &args.agent, &data_dir, shutdown.clone()).await?)
+    };
 
     let listener = ember_control::server::bind(listen).await?;
     let addr = listener.local_addr()?;
     eprintln!("ember server: listening on http://{addr}");
-    let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     plane.serve(listener, shutdown).await?;
+    if let Some((agent, task)) = agent {
+        let _ = task.await;
+        agent.detach_all().await;
+    }
     eprintln!("ember server: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// The seam for phase 2: start the host agent in this process and attach it
-/// with `plane.hosts().register_address(<its loopback gRPC address>)` (or
-/// `register_client`). Until the agent lands, hosts join with `ember agent`.
-async fn attach_embedded_agent(_plane: &ControlPlane) -> anyhow::Result<()> {
-    Ok(())
+/// Start this machine's host agent in this process, serving gRPC on a
+/// loopback port with the join token, and register it as a host.
+async fn attach_embedded_agent(
+    plane: &ControlPlane,
+    options: &crate::cmd::agent::AgentOptions,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(
+    ember_agent::Agent,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let config = options.config(data_dir.to_path_buf());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the embedded agent's gRPC port")?;
+    let addr = listener.local_addr()?;
+    let (agent, task) = crate::cmd::agent::start_agent(
+        config,
+        listener,
+        Some(plane.join_token().to_owned()),
+        shutdown,
+    )
+    .await?;
+    let address = format!("http://{addr}");
+    plane
+        .hosts()
+        .register_address(&address)
+        .await
+        .context("registering the embedded host agent")?;
+    eprintln!(
+        "ember server: host agent {} ({}) attached",
+        agent.config().host_id,
+        agent.backend().detail
+    );
+    Ok((agent, task))
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

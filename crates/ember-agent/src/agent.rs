@@ -1,0 +1,1418 @@
+//! The host agent: every sandbox on this machine, its lifecycle, and the
+//! bookkeeping that lets it survive restarts.
+//!
+//! Concurrency: each sandbox has an operation lock, so lifecycle calls on
+//! one sandbox run one after another; a call that finds the sandbox in a
+//! state it cannot start from fails with [`AgentError::IllegalTransition`]
+//! before touching anything. Reads (get, list) never wait for an operation.
+//! Exec and file calls take the guest client under a short lock and then
+//! run without holding anything, so a long exec never blocks a pause (it
+//! is cut off when the VM stops, and may reconnect after the resume).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ember_guest_api::{GuestClient, InitRequest};
+use ember_image::Image;
+use ember_net::{EgressPolicy, SlotPool};
+use ember_snapshot::{Base, BuildInfo, BuildStore, ImageKind, VmInfo};
+use ember_types::{BackendKind, BuildId, SandboxId};
+use ember_vmm::{
+    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
+    SnapshotRequest, VmConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{error, info, warn};
+
+use crate::backend::Backend;
+use crate::config::AgentConfig;
+use crate::disk;
+use crate::error::{AgentError, chain};
+use crate::records::{Records, TemplateRecord};
+use crate::runtime::{DiskLayer, PageServer, Runtime};
+use crate::state::{Operation, RuntimeRecord, SandboxRecord, SandboxState};
+
+/// Guest memory is tracked and stored in pages of this size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Disk diffs are made of blocks of this size.
+pub const DISK_BLOCK: u64 = 4096;
+/// How long a booting or restored guest agent may take to answer. TCG
+/// boots take seconds, more on a loaded machine.
+const GUEST_READY: Duration = Duration::from_secs(120);
+
+/// What a build records about the VM beyond `VmInfo`, so any host with the
+/// same image can restore it (kept in `BuildInfo::extra["ember"]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildVm {
+    /// Image key: the kernel, initramfs and base root filesystem.
+    pub image: String,
+    pub kernel_args: String,
+    /// Token the guest agent requires in this snapshot.
+    pub guest_token: String,
+    /// The sandbox the snapshot was taken from.
+    pub source_sandbox: SandboxId,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: SandboxId,
+    pub build: Option<BuildId>,
+    /// 0 = the template's, or the default.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub network: EgressPolicy,
+    pub guest_token: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub creates: AtomicU64,
+    pub pauses: AtomicU64,
+    pub resumes: AtomicU64,
+    pub page_faults_served: AtomicU64,
+    pub pages_prefetched: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub id: SandboxId,
+    /// Serialises lifecycle operations on this sandbox.
+    pub op: Mutex<()>,
+    pub record: StdMutex<SandboxRecord>,
+    pub runtime: Mutex<Option<Runtime>>,
+}
+
+impl Entry {
+    pub fn record(&self) -> SandboxRecord {
+        self.record.lock().expect("record lock").clone()
+    }
+
+    pub fn state(&self) -> SandboxState {
+        self.record.lock().expect("record lock").state
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    vcpus: u32,
+    memory_mib: u64,
+}
+
+/// A host agent. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub config: AgentConfig,
+    pub backend: Backend,
+    pub store: BuildStore,
+    pub records: Records,
+    pub slots: SlotPool,
+    pub image: Image,
+    /// The image's root filesystem, imported as a disk-only build so every
+    /// disk diff has a header to be a diff of.
+    pub base_build: BuildId,
+    sandboxes: StdMutex<HashMap<SandboxId, Arc<Entry>>>,
+    usage: StdMutex<Usage>,
+    pub metrics: Metrics,
+    /// One flat root filesystem per build, materialised once even when many
+    /// sandboxes fork from it at once.
+    flat_locks: StdMutex<HashMap<BuildId, Arc<Mutex<()>>>>,
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+pub(crate) fn random_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::thread_rng().r#gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Run blocking work (file copies, commands, locks) off the async threads.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, AgentError>
+where
+    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::io("blocking task", std::io::Error::other(e.to_string())))?
+}
+
+impl Agent {
+    /// Start an agent: choose the backend, ensure the guest image, import it
+    /// as the base build, then recover whatever a previous agent left.
+    pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        for dir in [&config.data_dir, &config.run_dir, &config.memory_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+        }
+        let backend = crate::backend::choose(&config).await?;
+        info!(backend = %backend.kind, detail = %backend.detail, "backend chosen");
+        let image = ensure_image(&config).await?;
+        let store = {
+            let data = config.data_dir.clone();
+            blocking(move || BuildStore::open(&data).map_err(AgentError::Store)).await?
+        };
+        let base_build = import_base_image(&store, &image).await?;
+        let records = Records::open(&config.data_dir)?;
+        let slots = SlotPool::new(config.net.clone()).map_err(AgentError::Net)?;
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                config,
+                backend,
+                store,
+                records,
+                slots,
+                image,
+                base_build,
+                sandboxes: StdMutex::new(HashMap::new()),
+                usage: StdMutex::new(Usage::default()),
+                metrics: Metrics::default(),
+                flat_locks: StdMutex::new(HashMap::new()),
+            }),
+        };
+        crate::recovery::recover(&agent).await?;
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn entry(&self, id: &SandboxId) -> Result<Arc<Entry>, AgentError> {
+        self.inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::SandboxNotFound(id.clone()))
+    }
+
+    pub(crate) fn insert_entry(
+        &self,
+        record: SandboxRecord,
+        runtime: Option<Runtime>,
+    ) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            id: record.id.clone(),
+            op: Mutex::new(()),
+            record: StdMutex::new(record),
+            runtime: Mutex::new(runtime),
+        });
+        self.inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .insert(entry.id.clone(), entry.clone());
+        entry
+    }
+
+    fn remove_entry(&self, id: &SandboxId) {
+        self.inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .remove(id);
+    }
+
+    pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord, AgentError> {
+        Ok(self.entry(id)?.record())
+    }
+
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        let entries: Vec<_> = self
+            .inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<_> = entries.iter().map(|e| e.record()).collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        out
+    }
+
+    /// vCPUs and MiB in use by sandboxes that hold a VM.
+    pub fn usage(&self) -> (u32, u64) {
+        let u = *self.inner.usage.lock().expect("usage lock");
+        (u.vcpus, u.memory_mib)
+    }
+
+    fn reserve(&self, vcpus: u32, memory_mib: u32) -> Result<(), AgentError> {
+        let mut u = self.inner.usage.lock().expect("usage lock");
+        let cfg = &self.inner.config;
+        let free_vcpus = cfg.capacity_vcpus.saturating_sub(u.vcpus);
+        let free_mem = cfg.capacity_memory_mib.saturating_sub(u.memory_mib);
+        if vcpus > free_vcpus || u64::from(memory_mib) > free_mem {
+            return Err(AgentError::NoCapacity {
+                vcpus,
+                memory_mib,
+                free_vcpus,
+                free_memory_mib: free_mem,
+            });
+        }
+        u.vcpus += vcpus;
+        u.memory_mib += u64::from(memory_mib);
+        Ok(())
+    }
+
+    pub(crate) fn reserve_unchecked(&self, vcpus: u32, memory_mib: u32) {
+        let mut u = self.inner.usage.lock().expect("usage lock");
+        u.vcpus += vcpus;
+        u.memory_mib += u64::from(memory_mib);
+    }
+
+    fn release(&self, vcpus: u32, memory_mib: u32) {
+        let mut u = self.inner.usage.lock().expect("usage lock");
+        u.vcpus = u.vcpus.saturating_sub(vcpus);
+        u.memory_mib = u.memory_mib.saturating_sub(u64::from(memory_mib));
+    }
+
+    /// Persist a change to a sandbox's record (state changes are logged).
+    pub(crate) fn update(
+        &self,
+        entry: &Entry,
+        f: impl FnOnce(&mut SandboxRecord),
+    ) -> Result<SandboxRecord, AgentError> {
+        let mut rec = entry.record.lock().expect("record lock");
+        let before = rec.state;
+        let mut next = rec.clone();
+        f(&mut next);
+        if next.state != before {
+            next.state_changed_at = now_rfc3339();
+            info!(sandbox = %next.id, from = %before, to = %next.state, "state change");
+        }
+        self.inner.records.save(&next)?;
+        *rec = next.clone();
+        Ok(next)
+    }
+
+    /// Move into the transitional state of `op`, or refuse.
+    fn begin(&self, entry: &Entry, op: Operation) -> Result<SandboxState, AgentError> {
+        let from = entry.state();
+        let Some(to) = op.enter(from) else {
+            return Err(AgentError::IllegalTransition {
+                id: entry.id.clone(),
+                operation: op.as_str(),
+                state: from.to_string(),
+            });
+        };
+        self.update(entry, |r| r.state = to)?;
+        Ok(from)
+    }
+
+    // ------------------------------------------------------------ create
+
+    pub async fn create(&self, req: CreateRequest) -> Result<SandboxRecord, AgentError> {
+        if let Ok(existing) = self.entry(&req.id) {
+            // A retried create (the control plane lost our answer) gets the
+            // same sandbox back; it must wait for the first attempt to end.
+            let _op = existing.op.lock().await;
+            return Ok(existing.record());
+        }
+        if req.guest_token.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "guest_token must not be empty".to_owned(),
+            ));
+        }
+        let cfg = &self.inner.config;
+        let (vcpus, memory_mib) = match req.build {
+            None => (
+                if req.vcpus == 0 {
+                    cfg.default_vcpus
+                } else {
+                    req.vcpus
+                },
+                if req.memory_mib == 0 {
+                    cfg.default_memory_mib
+                } else {
+                    req.memory_mib
+                },
+            ),
+            Some(build) => {
+                let meta = self.build_meta(build).await?;
+                let vm = meta
+                    .info
+                    .vm
+                    .as_ref()
+                    .ok_or(AgentError::BuildNotFound(build))?;
+                let (tv, tm) = (vm.vcpus, vm.memory_mib as u32);
+                if (req.vcpus != 0 && req.vcpus != tv)
+                    || (req.memory_mib != 0 && req.memory_mib != tm)
+                {
+                    return Err(AgentError::TemplateShapeMismatch {
+                        build,
+                        template_vcpus: tv,
+                        template_memory_mib: tm,
+                        asked_vcpus: req.vcpus,
+                        asked_memory_mib: req.memory_mib,
+                    });
+                }
+                (tv, tm)
+            }
+        };
+        if vcpus > 32 || !(128..=65536).contains(&memory_mib) {
+            return Err(AgentError::InvalidArgument(format!(
+                "vcpus must be 1..=32 and memory_mib 128..=65536 (got {vcpus} and {memory_mib})"
+            )));
+        }
+        self.reserve(vcpus, memory_mib)?;
+        let now = now_rfc3339();
+        let record = SandboxRecord {
+            id: req.id.clone(),
+            state: SandboxState::Creating,
+            backend: self.inner.backend.kind,
+            vcpus,
+            memory_mib,
+            source_build: req.build,
+            build: req.build,
+            image: self.inner.image.manifest.key.clone(),
+            env: req.env.clone(),
+            metadata: req.metadata.clone(),
+            network: req.network.clone(),
+            guest_token: req.guest_token.clone(),
+            failure_reason: None,
+            created_at: now.clone(),
+            state_changed_at: now,
+            last_operation_ms: 0,
+            runtime: None,
+        };
+        if let Err(e) = self.inner.records.save(&record) {
+            self.release(vcpus, memory_mib);
+            return Err(e);
+        }
+        let entry = self.insert_entry(record.clone(), None);
+        let _op = entry.op.lock().await;
+        let started = Instant::now();
+        let result = match req.build {
+            None => self.boot_cold(&record).await,
+            Some(build) => {
+                self.start_from_build(&record, build, &req.guest_token, &req.env)
+                    .await
+            }
+        };
+        match result {
+            Ok(rt) => {
+                let rt_record = runtime_record(&rt);
+                *entry.runtime.lock().await = Some(rt);
+                self.inner.metrics.creates.fetch_add(1, Ordering::Relaxed);
+                let ms = started.elapsed().as_millis() as u64;
+                info!(sandbox = %record.id, ms, "created");
+                self.update(&entry, |r| {
+                    r.state = SandboxState::Running;
+                    r.runtime = Some(rt_record);
+                    r.last_operation_ms = ms;
+                })
+            }
+            Err(e) => {
+                self.release(vcpus, memory_mib);
+                let reason = chain(&e);
+                error!(sandbox = %record.id, error = %reason, "create failed");
+                self.update(&entry, |r| {
+                    r.state = SandboxState::Failed;
+                    r.failure_reason = Some(format!("create failed: {reason}"));
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_meta(&self, build: BuildId) -> Result<ember_snapshot::BuildMeta, AgentError> {
+        let store = self.inner.store.clone();
+        let meta = blocking(move || {
+            if !store.exists(build) {
+                return Err(AgentError::BuildNotFound(build));
+            }
+            store.read_meta(build).map_err(AgentError::Store)
+        })
+        .await?;
+        if let Some(vm) = &meta.info.vm
+            && vm.backend != self.inner.backend.kind
+        {
+            return Err(AgentError::BackendMismatch {
+                build,
+                made_by: vm.backend.to_string(),
+                runs: self.inner.backend.kind.to_string(),
+            });
+        }
+        Ok(meta)
+    }
+
+    fn run_dir(&self, id: &SandboxId) -> PathBuf {
+        self.inner.config.run_dir.join("vms").join(id.as_str())
+    }
+
+    fn memory_file(&self, id: &SandboxId) -> PathBuf {
+        self.inner.config.memory_dir.join(format!("{id}.ram"))
+    }
+
+    /// Slot and run directory: the first things every VM start needs.
+    async fn prepare(&self, record: &SandboxRecord) -> Result<Runtime, AgentError> {
+        let mut rt = Runtime::default();
+        let run_dir = self.run_dir(&record.id);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| AgentError::io(format!("create {}", run_dir.display()), e))?;
+        rt.run_dir = Some(run_dir);
+        let pool = self.inner.slots.clone();
+        let policy = record.network.clone();
+        match blocking(move || pool.acquire(policy).map_err(AgentError::Net)).await {
+            Ok(slot) => rt.slot = Some(slot),
+            Err(e) => {
+                rt.teardown().await;
+                return Err(e);
+            }
+        }
+        Ok(rt)
+    }
+
+    fn launch(
+        &self,
+        record: &SandboxRecord,
+        rt: &Runtime,
+        image: &Image,
+        kernel_args: &str,
+    ) -> Launch {
+        let slot = rt.slot.as_ref().expect("prepared runtime has a slot");
+        let net = slot.vmm_net();
+        Launch {
+            vm_id: record.id.to_string(),
+            run_dir: rt.run_dir.clone().expect("prepared runtime has a run dir"),
+            config: VmConfig {
+                machine: MachineSpec {
+                    vcpus: record.vcpus,
+                    memory_mib: record.memory_mib,
+                },
+                kernel: image.vmlinux.clone(),
+                initrd: Some(image.initrd.clone()),
+                kernel_args: kernel_args.to_owned(),
+                drives: vec![DriveSpec {
+                    id: "root".to_owned(),
+                    host_path: rt
+                        .disk
+                        .as_ref()
+                        .expect("disk prepared")
+                        .path()
+                        .to_path_buf(),
+                    read_only: false,
+                    root: true,
+                }],
+                net: Some(NetSpec {
+                    tap: net.tap,
+                    guest_mac: net.guest_mac,
+                    netns: Some(net.netns),
+                }),
+            },
+            memory_file: rt.memory_file.clone(),
+        }
+    }
+
+    async fn boot_cold(&self, record: &SandboxRecord) -> Result<Runtime, AgentError> {
+        let mut rt = self.prepare(record).await?;
+        let result = async {
+            let image = self.inner.image.clone();
+            rt.disk = Some(
+                self.disk_for(
+                    &record.id,
+                    self.inner.base_build,
+                    Some(image.rootfs.clone()),
+                )
+                .await?,
+            );
+            if self.inner.backend.kind == BackendKind::Qemu {
+                rt.memory_file = Some(self.memory_file(&record.id));
+            }
+            let launch = self.launch(record, &rt, &image, image.kernel_args());
+            let vm = self
+                .inner
+                .backend
+                .vmm
+                .boot(&launch)
+                .await
+                .map_err(|e| AgentError::operation(&record.id, "boot", e))?;
+            rt.vm = Some(vm);
+            rt.launch = Some(launch);
+            let guest = self.guest_client(&rt, None);
+            self.init_guest(record, &guest, &record.guest_token, &record.env)
+                .await?;
+            rt.guest = Some(guest);
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(rt),
+            Err(e) => {
+                let e = self.with_console(&rt, e);
+                rt.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Restore a VM from `build` for `record`: a fork of a template, or the
+    /// resume of a paused sandbox.
+    async fn start_from_build(
+        &self,
+        record: &SandboxRecord,
+        build: BuildId,
+        new_token: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Runtime, AgentError> {
+        let meta = self.build_meta(build).await?;
+        let vm_extra: BuildVm = meta
+            .info
+            .extra
+            .get("ember")
+            .cloned()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| {
+                AgentError::InvalidArgument(format!("build {build} holds no VM to restore"))
+            })?;
+        let image = if vm_extra.image == self.inner.image.manifest.key {
+            self.inner.image.clone()
+        } else {
+            // An older image this build was made with: images are immutable
+            // and sit side by side under images/.
+            let dir = self
+                .inner
+                .image
+                .dir
+                .parent()
+                .map(|p| p.join(&vm_extra.image))
+                .unwrap_or_default();
+            blocking(move || Image::open(&dir).map_err(AgentError::Image)).await?
+        };
+        let mut rt = self.prepare(record).await?;
+        let result = async {
+            rt.disk = Some(self.disk_for(&record.id, build, None).await?);
+            let memory = match self.inner.backend.kind {
+                BackendKind::Qemu => {
+                    let path = self.memory_file(&record.id);
+                    let store = self.inner.store.clone();
+                    let dst = path.clone();
+                    rt.memory_file = Some(path.clone());
+                    blocking(move || {
+                        let header = store
+                            .open_header(build, ImageKind::Memory)
+                            .map_err(AgentError::Store)?;
+                        let _ = std::fs::remove_file(&dst);
+                        store
+                            .materialize(&header, ImageKind::Memory, &dst)
+                            .map_err(AgentError::Store)?;
+                        Ok(())
+                    })
+                    .await?;
+                    MemoryBackend::File(path)
+                }
+                BackendKind::Firecracker => {
+                    let ps = PageServer::spawn(
+                        &self.inner.config.ember_bin,
+                        &self.inner.config.data_dir,
+                        rt.run_dir.as_ref().expect("run dir"),
+                        build,
+                    )
+                    .await?;
+                    let socket = ps.socket.clone();
+                    rt.page_server = Some(ps);
+                    MemoryBackend::Uffd(socket)
+                }
+            };
+            let launch = self.launch(record, &rt, &image, &vm_extra.kernel_args);
+            let spec = RestoreSpec {
+                vmstate: self
+                    .inner
+                    .store
+                    .file_path(build, ember_snapshot::BuildFile::Vmstate),
+                memory,
+                track_dirty_pages: true,
+                resume: true,
+            };
+            let vm = self
+                .inner
+                .backend
+                .vmm
+                .restore(&launch, &spec)
+                .await
+                .map_err(|e| AgentError::operation(&record.id, "restore", e))?;
+            rt.vm = Some(vm);
+            rt.launch = Some(launch);
+            let guest = self.guest_client(&rt, Some(&vm_extra.guest_token));
+            self.init_guest(record, &guest, new_token, env).await?;
+            rt.guest = Some(guest);
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(rt),
+            Err(e) => {
+                let e = self.with_console(&rt, e);
+                rt.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Add the end of the guest's serial console to a failed start: the
+    /// guest's last words are usually the diagnosis.
+    fn with_console(&self, rt: &Runtime, e: AgentError) -> AgentError {
+        let Some(dir) = &rt.run_dir else { return e };
+        let tail = crate::runtime::tail_of(&dir.join("serial.log"));
+        if tail.is_empty() {
+            return e;
+        }
+        AgentError::StartFailed {
+            console: tail,
+            source: Box::new(e),
+        }
+    }
+
+    fn guest_client(&self, rt: &Runtime, token: Option<&str>) -> GuestClient {
+        let slot = rt.slot.as_ref().expect("slot");
+        let client = GuestClient::new(slot.agent_addr());
+        match token {
+            Some(t) => client.with_token(t),
+            None => client,
+        }
+    }
+
+    /// Wait for the guest agent, then give it the time, env, a fresh token
+    /// and fresh entropy (forks of one snapshot must not share RNG state).
+    async fn init_guest(
+        &self,
+        record: &SandboxRecord,
+        guest: &GuestClient,
+        token: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), AgentError> {
+        let guest_err = |source| AgentError::Guest {
+            id: record.id.clone(),
+            source,
+        };
+        guest
+            .wait_ready(Instant::now() + GUEST_READY)
+            .await
+            .map_err(guest_err)?;
+        let entropy: [u8; 64] = {
+            use rand::Rng;
+            let mut b = [0u8; 64];
+            rand::thread_rng().fill(&mut b[..]);
+            b
+        };
+        guest
+            .init(&InitRequest {
+                token: token.to_owned(),
+                time_unix_ns: Some(unix_ns()),
+                env: Some(env.clone()),
+                entropy_b64: Some(bytes::Bytes::copy_from_slice(&entropy)),
+                dns: None,
+                hostname: None,
+            })
+            .await
+            .map_err(guest_err)?;
+        Ok(())
+    }
+
+    /// The sandbox's root disk layered over `build`'s root filesystem.
+    async fn disk_for(
+        &self,
+        id: &SandboxId,
+        build: BuildId,
+        known_flat: Option<PathBuf>,
+    ) -> Result<DiskLayer, AgentError> {
+        let dir = self.inner.records.sandbox_dir(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+        let flat = match known_flat {
+            Some(f) => f,
+            None => self.flat_rootfs(build).await?,
+        };
+        let kind = self.inner.backend.kind;
+        blocking(move || match kind {
+            BackendKind::Qemu => {
+                let overlay = dir.join("disk.qcow2");
+                let _ = std::fs::remove_file(&overlay);
+                ember_image::cow::qcow2_overlay(&flat, &overlay).map_err(AgentError::Image)?;
+                Ok(DiskLayer::Qcow2 {
+                    overlay,
+                    base: flat,
+                })
+            }
+            BackendKind::Firecracker => {
+                let path = dir.join("disk.raw");
+                let _ = std::fs::remove_file(&path);
+                ember_image::cow::raw_copy(&flat, &path).map_err(AgentError::Image)?;
+                Ok(DiskLayer::Raw { path })
+            }
+        })
+        .await
+    }
+
+    /// A read-only file holding `build`'s root filesystem for disk layers
+    /// to sit on (see `disk`): cached, made once even when many sandboxes
+    /// fork from the build at once.
+    async fn flat_rootfs(&self, build: BuildId) -> Result<PathBuf, AgentError> {
+        if build == self.inner.base_build {
+            return Ok(self.inner.image.rootfs.clone());
+        }
+        let data_dir = &self.inner.config.data_dir;
+        let path = disk::flat_cache_path(data_dir, build);
+        let lock = self
+            .inner
+            .flat_locks
+            .lock()
+            .expect("flat locks")
+            .entry(build)
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if let Some(cached) = disk::cached_base(data_dir, build) {
+            // Firecracker needs raw files: it copies the cache either way.
+            return Ok(cached);
+        }
+        let store = self.inner.store.clone();
+        let dst = path.clone();
+        blocking(move || disk::materialize_flat(&store, build, &dst)).await?;
+        Ok(path)
+    }
+
+    // ------------------------------------------------------------ snapshots
+
+    /// Pause the VM, write its memory, disk and device state as a new build
+    /// that is a diff of `record.build`, and leave the VM paused. On failure
+    /// the VM is resumed and nothing of the build is left.
+    async fn snapshot_build(
+        &self,
+        record: &SandboxRecord,
+        rt: &Runtime,
+    ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
+        let vm = rt.vm.as_ref().expect("running sandbox has a VM");
+        let id = &record.id;
+        vm.pause()
+            .await
+            .map_err(|e| AgentError::operation(id, "pause vCPUs", e))?;
+        let result = self.write_build(record, rt).await;
+        if result.is_err()
+            && let Err(e) = vm.resume().await
+        {
+            warn!(sandbox = %id, error = %e, "could not resume the VM after a failed snapshot");
+        }
+        result
+    }
+
+    async fn write_build(
+        &self,
+        record: &SandboxRecord,
+        rt: &Runtime,
+    ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
+        let id = &record.id;
+        let vm = rt.vm.as_ref().expect("VM");
+        let work = self.inner.records.sandbox_dir(id).join("snapshot.tmp");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| AgentError::io(format!("create {}", work.display()), e))?;
+        let parent = record.build;
+        let kind = match (self.inner.backend.kind, parent) {
+            (BackendKind::Firecracker, Some(_)) => SnapshotKind::Diff,
+            _ => SnapshotKind::Full,
+        };
+        let out = vm
+            .snapshot(&SnapshotRequest {
+                kind,
+                vmstate: work.join("vmstate"),
+                memory: work.join("memory"),
+            })
+            .await
+            .map_err(|e| AgentError::operation(id, "snapshot", e))?;
+        let build_id = BuildId::new();
+        let extra = BuildVm {
+            image: record.image.clone(),
+            kernel_args: rt
+                .launch
+                .as_ref()
+                .map(|l| l.config.kernel_args.clone())
+                .unwrap_or_default(),
+            guest_token: record.guest_token.clone(),
+            source_sandbox: id.clone(),
+        };
+        let info = BuildInfo {
+            parent,
+            vm: Some(VmInfo {
+                backend: self.inner.backend.kind,
+                vmm_version: self.inner.backend.version.clone(),
+                vcpus: record.vcpus,
+                memory_mib: u64::from(record.memory_mib),
+                kernel: record.image.clone(),
+                page_size: PAGE_SIZE,
+            }),
+            image: Some(record.image.clone()),
+            extra: [(
+                "ember".to_owned(),
+                serde_json::to_value(&extra).expect("BuildVm serialises"),
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let store = self.inner.store.clone();
+        let base_build = self.inner.base_build;
+        let disk = rt.disk.clone().expect("disk");
+        let started = Instant::now();
+        let work2 = work.clone();
+        let result = blocking(move || {
+            let mut w = store.begin(build_id, info).map_err(AgentError::Store)?;
+            let mem_parent = match parent {
+                Some(p) if store.header_path(p, ImageKind::Memory).exists() => Some(
+                    store
+                        .open_header(p, ImageKind::Memory)
+                        .map_err(AgentError::Store)?,
+                ),
+                _ => None,
+            };
+            let mem_base = match &mem_parent {
+                Some(h) => Base::Parent(h),
+                None => Base::Fresh {
+                    block_size: PAGE_SIZE,
+                },
+            };
+            let mem = match &out.memory {
+                MemoryDump::Full(p) => w.write_image_from_full(ImageKind::Memory, mem_base, p),
+                MemoryDump::DirtyOnly(p) => {
+                    w.write_image_from_sparse(ImageKind::Memory, mem_base, p)
+                }
+            }
+            .map_err(AgentError::Store)?;
+            let disk_parent_build = parent.unwrap_or(base_build);
+            let disk_parent = store
+                .open_header(disk_parent_build, ImageKind::Rootfs)
+                .map_err(AgentError::Store)?;
+            let disk_report = disk::write_disk_diff(&store, &mut w, &disk, &disk_parent)?;
+            let vmstate = std::fs::File::open(&out.vmstate)
+                .map_err(|e| AgentError::io(format!("open {}", out.vmstate.display()), e))?;
+            w.write_vmstate(vmstate).map_err(AgentError::Store)?;
+            let meta = w.commit().map_err(AgentError::Store)?;
+            info!(
+                build = %build_id,
+                memory_written = mem.bytes_written,
+                memory_size = mem.image_size,
+                disk_written = disk_report.bytes_written,
+                disk_size = disk_report.image_size,
+                "build written"
+            );
+            Ok(meta)
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&work2);
+        let meta = result?;
+        info!(sandbox = %id, build = %build_id, ms = started.elapsed().as_millis() as u64, "snapshot stored");
+        Ok((build_id, meta))
+    }
+
+    // ------------------------------------------------------------ pause / resume
+
+    pub async fn pause(&self, id: &SandboxId) -> Result<SandboxRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        self.begin(&entry, Operation::Pause)?;
+        let started = Instant::now();
+        let mut runtime = entry.runtime.lock().await;
+        let record = entry.record();
+        let rt = runtime.as_ref().expect("running sandbox has a runtime");
+        match self.snapshot_build(&record, rt).await {
+            Ok((build, _meta)) => {
+                let rt = runtime.take().expect("runtime");
+                drop(runtime);
+                // Stop the VM first so its disk is quiet, then keep the disk
+                // as the new build's rootfs cache: the resume needs no copy.
+                if let Some(vm) = &rt.vm {
+                    let _ = vm.kill().await;
+                }
+                if let Some(d) = &rt.disk
+                    && let Err(e) = disk::keep_as_cache(&self.inner.config.data_dir, d, build)
+                {
+                    warn!(sandbox = %id, error = %chain(&e), "disk not kept as cache; a resume will copy it");
+                }
+                let problems = rt.teardown().await;
+                if !problems.is_empty() {
+                    warn!(sandbox = %id, ?problems, "pause released resources with problems");
+                }
+                self.release(record.vcpus, record.memory_mib);
+                self.inner.metrics.pauses.fetch_add(1, Ordering::Relaxed);
+                let ms = started.elapsed().as_millis() as u64;
+                let rec = self.update(&entry, |r| {
+                    r.state = SandboxState::Paused;
+                    r.build = Some(build);
+                    r.runtime = None;
+                    r.last_operation_ms = ms;
+                })?;
+                info!(sandbox = %id, build = %build, ms, "paused");
+                self.collect_garbage().await;
+                Ok(rec)
+            }
+            Err(e) => {
+                let alive = rt.vm.as_ref().is_some_and(|vm| vm.exit_status().is_none());
+                drop(runtime);
+                let reason = chain(&e);
+                if alive {
+                    warn!(sandbox = %id, error = %reason, "pause failed; the sandbox keeps running");
+                    self.update(&entry, |r| r.state = SandboxState::Running)?;
+                } else {
+                    self.fail(&entry, format!("pause failed and the VM is gone: {reason}"))
+                        .await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn resume(
+        &self,
+        id: &SandboxId,
+        env: BTreeMap<String, String>,
+        new_token: Option<String>,
+    ) -> Result<SandboxRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        self.begin(&entry, Operation::Resume)?;
+        let record = entry.record();
+        if let Err(e) = self.reserve(record.vcpus, record.memory_mib) {
+            self.update(&entry, |r| r.state = SandboxState::Paused)?;
+            return Err(e);
+        }
+        let build = record.build.expect("a paused sandbox has a build");
+        let token = new_token.unwrap_or_else(random_token);
+        let mut merged_env = record.env.clone();
+        merged_env.extend(env);
+        let started = Instant::now();
+        match self
+            .start_from_build(&record, build, &token, &merged_env)
+            .await
+        {
+            Ok(rt) => {
+                let rt_record = runtime_record(&rt);
+                *entry.runtime.lock().await = Some(rt);
+                self.inner.metrics.resumes.fetch_add(1, Ordering::Relaxed);
+                let ms = started.elapsed().as_millis() as u64;
+                info!(sandbox = %id, ms, "resumed");
+                self.update(&entry, |r| {
+                    r.state = SandboxState::Running;
+                    r.runtime = Some(rt_record);
+                    r.guest_token = token;
+                    r.env = merged_env;
+                    r.last_operation_ms = ms;
+                    r.failure_reason = None;
+                })
+            }
+            Err(e) => {
+                self.release(record.vcpus, record.memory_mib);
+                let reason = chain(&e);
+                warn!(sandbox = %id, error = %reason, "resume failed; the sandbox stays paused");
+                // The build is untouched: the sandbox stays paused and a
+                // later resume (after fixing the cause) may succeed.
+                self.update(&entry, |r| {
+                    r.state = SandboxState::Paused;
+                    r.failure_reason = Some(format!("last resume failed: {reason}"));
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ templates
+
+    /// Freeze a running sandbox into a template build; it keeps running.
+    pub async fn create_snapshot(&self, id: &SandboxId) -> Result<TemplateRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        self.begin(&entry, Operation::Snapshot)?;
+        let record = entry.record();
+        let runtime = entry.runtime.lock().await;
+        let rt = runtime.as_ref().expect("running sandbox has a runtime");
+        let result = self.snapshot_build(&record, rt).await;
+        let outcome = match result {
+            Ok((build, _)) => {
+                let vm = rt.vm.as_ref().expect("VM");
+                match vm.resume().await {
+                    Ok(()) => Ok(build),
+                    Err(e) => Err((
+                        Some(build),
+                        AgentError::operation(id, "resume after snapshot", e),
+                    )),
+                }
+            }
+            Err(e) => Err((None, e)),
+        };
+        drop(runtime);
+        match outcome {
+            Ok(build) => {
+                let template = TemplateRecord {
+                    build,
+                    vcpus: record.vcpus,
+                    memory_mib: record.memory_mib,
+                    source_sandbox: id.clone(),
+                    created_at: now_rfc3339(),
+                };
+                self.inner.records.save_template(&template)?;
+                // The running VM now descends from the template: its next
+                // pause is a diff of it.
+                self.update(&entry, |r| {
+                    r.state = SandboxState::Running;
+                    r.build = Some(build);
+                })?;
+                info!(sandbox = %id, build = %build, "template created");
+                Ok(template)
+            }
+            Err((build, e)) => {
+                if let Some(b) = build {
+                    // Keep the build as a template even though the VM failed
+                    // afterwards? No: nothing refers to it yet, gc removes it.
+                    warn!(sandbox = %id, build = %b, "snapshot written but the VM did not resume");
+                }
+                let alive = {
+                    let runtime = entry.runtime.lock().await;
+                    runtime
+                        .as_ref()
+                        .and_then(|rt| rt.vm.as_ref())
+                        .is_some_and(|vm| vm.exit_status().is_none())
+                };
+                if alive {
+                    self.update(&entry, |r| r.state = SandboxState::Running)?;
+                } else {
+                    self.fail(
+                        &entry,
+                        format!("snapshot failed and the VM is gone: {}", chain(&e)),
+                    )
+                    .await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>, AgentError> {
+        self.inner.records.templates()
+    }
+
+    /// Forget a template. Its data stays while paused sandboxes or other
+    /// builds still reference it; returns whether it was freed now.
+    pub async fn delete_snapshot(&self, build: BuildId) -> Result<bool, AgentError> {
+        if !self.inner.records.remove_template(&build)? {
+            return Err(AgentError::BuildNotFound(build));
+        }
+        self.collect_garbage().await;
+        Ok(!self.inner.store.exists(build))
+    }
+
+    // ------------------------------------------------------------ destroy
+
+    pub async fn destroy(&self, id: &SandboxId) -> Result<(), AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let from = self.begin(&entry, Operation::Destroy)?;
+        if let Some(rt) = entry.runtime.lock().await.take() {
+            let problems = rt.teardown().await;
+            if !problems.is_empty() {
+                warn!(sandbox = %id, ?problems, "destroy released resources with problems");
+            }
+        }
+        let record = entry.record();
+        if from.holds_vm() {
+            self.release(record.vcpus, record.memory_mib);
+        }
+        self.inner.records.remove(id)?;
+        self.remove_entry(id);
+        info!(sandbox = %id, "destroyed");
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Mark a sandbox failed and free whatever it held.
+    pub(crate) async fn fail(&self, entry: &Entry, reason: String) -> Result<(), AgentError> {
+        error!(sandbox = %entry.id, %reason, "sandbox failed");
+        let held = entry.state().holds_vm();
+        if let Some(rt) = entry.runtime.lock().await.take() {
+            rt.teardown().await;
+        }
+        let rec = self.update(entry, |r| {
+            r.state = SandboxState::Failed;
+            r.failure_reason = Some(reason);
+            r.runtime = None;
+        })?;
+        if held {
+            self.release(rec.vcpus, rec.memory_mib);
+        }
+        Ok(())
+    }
+
+    /// Notice VMs that died on their own: each becomes failed with the
+    /// VMM's exit status and the end of its console, and its resources go.
+    pub async fn check_vms(&self) {
+        let entries: Vec<_> = self
+            .inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            // Only look at settled running sandboxes; an operation in
+            // progress owns the runtime and reports its own failures.
+            let Ok(_op) = entry.op.try_lock() else {
+                continue;
+            };
+            if entry.state() != SandboxState::Running {
+                continue;
+            }
+            let exited = {
+                let runtime = entry.runtime.lock().await;
+                runtime.as_ref().and_then(|rt| {
+                    rt.vm
+                        .as_ref()
+                        .map(|vm| (vm.exit_status(), rt.run_dir.clone()))
+                })
+            };
+            if let Some((Some(status), run_dir)) = exited {
+                let console = run_dir
+                    .map(|d| crate::runtime::tail_of(&d.join("serial.log")))
+                    .unwrap_or_default();
+                let _ = self
+                    .fail(&entry, format!("VMM exited ({status}); console: {console}"))
+                    .await;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ garbage
+
+    /// Builds something still needs: templates, every sandbox's build and
+    /// source, and the base image.
+    fn live_builds(&self) -> Vec<BuildId> {
+        let mut roots = vec![self.inner.base_build];
+        for r in self.list() {
+            roots.extend(r.build);
+            roots.extend(r.source_build);
+            if let Some(rt) = &r.runtime {
+                roots.extend(rt.restored_from);
+            }
+        }
+        if let Ok(t) = self.inner.records.templates() {
+            roots.extend(t.into_iter().map(|t| t.build));
+        }
+        roots
+    }
+
+    pub async fn collect_garbage(&self) {
+        let roots = self.live_builds();
+        let store = self.inner.store.clone();
+        let data_dir = self.inner.config.data_dir.clone();
+        let result = blocking(move || {
+            let report = store.gc(&roots).map_err(AgentError::Store)?;
+            disk::remove_caches(&data_dir, &report.deleted);
+            Ok(report)
+        })
+        .await;
+        match result {
+            Ok(report) if !report.deleted.is_empty() => {
+                info!(deleted = ?report.deleted, "unreferenced builds deleted")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %chain(&e), "build garbage collection skipped"),
+        }
+    }
+
+    /// The guest client of a running sandbox, for exec and file calls.
+    pub async fn guest(&self, id: &SandboxId) -> Result<GuestClient, AgentError> {
+        let entry = self.entry(id)?;
+        let state = entry.state();
+        if Operation::Guest.enter(state).is_none() {
+            return Err(AgentError::IllegalTransition {
+                id: id.clone(),
+                operation: Operation::Guest.as_str(),
+                state: state.to_string(),
+            });
+        }
+        let runtime = entry.runtime.lock().await;
+        runtime
+            .as_ref()
+            .and_then(|rt| rt.guest.clone())
+            .ok_or_else(|| AgentError::IllegalTransition {
+                id: id.clone(),
+                operation: Operation::Guest.as_str(),
+                state: entry.state().to_string(),
+            })
+    }
+
+    pub async fn set_network_policy(
+        &self,
+        id: &SandboxId,
+        policy: EgressPolicy,
+    ) -> Result<SandboxRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let mut runtime = entry.runtime.lock().await;
+        if let Some(slot) = runtime.as_mut().and_then(|rt| rt.slot.take()) {
+            let p = policy.clone();
+            let (slot, result) = blocking(move || {
+                let mut slot = slot;
+                let r = slot.set_policy(p);
+                Ok((slot, r))
+            })
+            .await?;
+            runtime.as_mut().expect("runtime").slot = Some(slot);
+            result.map_err(AgentError::Net)?;
+        }
+        drop(runtime);
+        self.update(&entry, |r| r.network = policy)
+    }
+
+    /// Stop serving but leave every VM running for the next agent.
+    pub async fn detach_all(&self) {
+        let entries: Vec<_> = self
+            .inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            let _op = entry.op.lock().await;
+            if let Some(rt) = entry.runtime.lock().await.take() {
+                rt.detach();
+            }
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// Builds stored on this host.
+    pub async fn builds_on_disk(&self) -> Vec<BuildId> {
+        let store = self.inner.store.clone();
+        blocking(move || store.list().map_err(AgentError::Store))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// What the control plane shows about a template build.
+    pub async fn snapshot_info(&self, t: &TemplateRecord) -> ember_proto::host::Snapshot {
+        let store = self.inner.store.clone();
+        let build = t.build;
+        let sizes = blocking(move || {
+            let meta = store.read_meta(build).map_err(AgentError::Store)?;
+            let stored: u64 = meta.files.values().map(|f| f.size).sum();
+            let mem = store
+                .open_header(build, ImageKind::Memory)
+                .map(|h| h.size())
+                .unwrap_or(0);
+            let disk = store
+                .open_header(build, ImageKind::Rootfs)
+                .map(|h| h.size())
+                .unwrap_or(0);
+            Ok((stored, mem, disk))
+        })
+        .await
+        .unwrap_or((0, 0, 0));
+        ember_proto::host::Snapshot {
+            build_id: t.build.to_string(),
+            vcpus: t.vcpus,
+            memory_mib: t.memory_mib,
+            stored_bytes: sizes.0,
+            memory_bytes: sizes.1,
+            disk_bytes: sizes.2,
+            source_sandbox_id: t.source_sandbox.to_string(),
+            created_at: t.created_at.clone(),
+        }
+    }
+}
+
+pub(crate) fn runtime_record(rt: &Runtime) -> RuntimeRecord {
+    RuntimeRecord {
+        slot: rt.slot.as_ref().map_or(0, |s| s.index()),
+        vmm_pid: rt.vm.as_ref().map_or(0, |v| v.pid()),
+        page_server_pid: rt.page_server.as_ref().map(|p| p.pid),
+        launch: rt.launch.clone().expect("a started runtime has a launch"),
+        restored_from: None,
+    }
+}
+
+async fn ensure_image(config: &AgentConfig) -> Result<Image, AgentError> {
+    if let Some(dir) = config.image_dir.clone() {
+        return blocking(move || Image::open(&dir).map_err(AgentError::Image)).await;
+    }
+    let data = config.data_dir.clone();
+    let guest_bin = config.guest_bin.clone();
+    blocking(move || {
+        let spec = match guest_bin {
+            Some(bin) => ember_image::ImageSpec::new(bin),
+            None => ember_image::ImageSpec::default(),
+        };
+        let mut log = |p: ember_image::Progress| info!(progress = ?p, "guest image");
+        Image::ensure(&data, &spec, &mut log).map_err(AgentError::Image)
+    })
+    .await
+}
+
+/// The image's root filesystem as build `uuid5(image key)` (deterministic,
+/// so every agent on every host agrees on it).
+async fn import_base_image(store: &BuildStore, image: &Image) -> Result<BuildId, AgentError> {
+    let id = base_build_id(&image.manifest.key);
+    if store.exists(id) {
+        return Ok(id);
+    }
+    let store = store.clone();
+    let rootfs = image.rootfs.clone();
+    let key = image.manifest.key.clone();
+    blocking(move || {
+        let started = Instant::now();
+        let mut w = store
+            .begin(
+                id,
+                BuildInfo {
+                    image: Some(key),
+                    ..BuildInfo::default()
+                },
+            )
+            .map_err(AgentError::Store)?;
+        w.link_image(ImageKind::Rootfs, DISK_BLOCK, &rootfs)
+            .map_err(AgentError::Store)?;
+        w.commit().map_err(AgentError::Store)?;
+        info!(build = %id, ms = started.elapsed().as_millis() as u64, "base image imported");
+        Ok(id)
+    })
+    .await
+}
+
+pub fn base_build_id(image_key: &str) -> BuildId {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c_2b7e_4d3a_4e59_9b1f_0c8d_2a5e_7f31);
+    BuildId(uuid::Uuid::new_v5(&NAMESPACE, image_key.as_bytes()))
+}

@@ -1,0 +1,118 @@
+//! How a host agent is set up: where it keeps things, which backend it
+//! drives, how big the machine is.
+
+use std::path::PathBuf;
+
+use ember_net::PoolConfig;
+use ember_types::HostId;
+use serde::{Deserialize, Serialize};
+
+/// Which VMM the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Firecracker where a Firecracker binary and a KVM that can run the
+    /// guest exist; QEMU (KVM or TCG) otherwise.
+    #[default]
+    Auto,
+    Firecracker,
+    Qemu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "firecracker" => Ok(BackendChoice::Firecracker),
+            "qemu" => Ok(BackendChoice::Qemu),
+            other => Err(format!(
+                "unknown backend {other:?}: use \"auto\", \"firecracker\" or \"qemu\""
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub host_id: HostId,
+    /// Images, builds, sandbox records (persistent).
+    pub data_dir: PathBuf,
+    /// Sockets and per-VM run directories (may be tmpfs; lost on reboot).
+    pub run_dir: PathBuf,
+    /// Guest RAM files of QEMU VMs (tmpfs: RAM files on disk would be
+    /// written back to disk continuously).
+    pub memory_dir: PathBuf,
+    pub backend: BackendChoice,
+    /// Firecracker binary; defaults to `EMBER_FIRECRACKER_BIN`.
+    pub firecracker_bin: Option<PathBuf>,
+    pub qemu: ember_vmm::qemu::QemuConfig,
+    /// The `ember` binary, started as `ember uffd` for page servers.
+    pub ember_bin: PathBuf,
+    pub net: PoolConfig,
+    /// vCPUs and memory the agent may hand out (after overcommit).
+    pub capacity_vcpus: u32,
+    pub capacity_memory_mib: u64,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    /// The guest agent's binary baked into the base image.
+    pub guest_bin: Option<PathBuf>,
+    /// Use this built image (an `images/<key>` directory) instead of
+    /// building or finding one under `data_dir` (several agents on one
+    /// machine, or tests, share one image this way).
+    pub image_dir: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Defaults for this machine under `data_dir`: run state under
+    /// `/run/ember/agent`, RAM files under `/dev/shm/ember`, the whole
+    /// machine's CPUs ×4 (sandboxes idle most of the time) and its memory
+    /// minus 1 GiB for the host.
+    pub fn for_host(data_dir: PathBuf) -> AgentConfig {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let memory_mib = host_memory_mib().unwrap_or(4096);
+        AgentConfig {
+            host_id: AgentConfig::load_or_create_host_id(&data_dir).unwrap_or_default(),
+            run_dir: PathBuf::from("/run/ember/agent"),
+            memory_dir: PathBuf::from("/dev/shm/ember"),
+            data_dir,
+            backend: BackendChoice::Auto,
+            firecracker_bin: std::env::var_os(ember_vmm::firecracker::BINARY_ENV)
+                .map(PathBuf::from),
+            qemu: ember_vmm::qemu::QemuConfig::default(),
+            ember_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ember")),
+            net: PoolConfig::default(),
+            capacity_vcpus: cpus * 4,
+            capacity_memory_mib: memory_mib.saturating_sub(1024).max(512),
+            default_vcpus: 1,
+            default_memory_mib: 512,
+            guest_bin: None,
+            image_dir: None,
+        }
+    }
+
+    /// This host's ID, kept in `<data>/host-id` so it survives restarts.
+    pub fn load_or_create_host_id(data_dir: &std::path::Path) -> std::io::Result<HostId> {
+        let path = data_dir.join("host-id");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(data_dir)?;
+                let id = HostId::new();
+                std::fs::write(&path, format!("{id}\n"))?;
+                Ok(id)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

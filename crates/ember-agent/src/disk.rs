@@ -1,0 +1,305 @@
+//! Root disks: the read-only base each sandbox's disk layer sits on, and
+//! disk diffs written into a new build at pause.
+//!
+//! A build's root filesystem is stored as diff blocks under a header. To
+//! run a VM on it, the VMM needs a file: the *rootfs cache* holds one per
+//! build (derived data, rebuilt on demand, deleted with the build):
+//!
+//! - `<build>.raw`: the whole image, materialised from the header (a
+//!   reflinked or sparse copy).
+//! - `<build>.qcow2`: the qcow2 overlay the sandbox that paused into this
+//!   build was running on, kept at pause instead of deleted: over its own
+//!   backing file it is exactly the build's content, so a resume needs no
+//!   copy. Chains grow by one per pause/resume cycle and are cut (a `.raw`
+//!   materialised) past [`MAX_CHAIN`].
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ember_image::cow::OverlayExtent;
+use ember_snapshot::{Base, BlockSet, BuildStore, BuildWriter, Header, ImageKind, WriteReport};
+use ember_types::BuildId;
+
+use crate::agent::DISK_BLOCK;
+use crate::error::AgentError;
+use crate::runtime::DiskLayer;
+
+/// Longest qcow2 backing chain a restore may stack a new overlay on.
+pub const MAX_CHAIN: usize = 8;
+
+pub fn cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("cache").join("rootfs")
+}
+
+/// Where the flat copy of `build`'s root filesystem is cached.
+pub fn flat_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
+    cache_dir(data_dir).join(format!("{build}.raw"))
+}
+
+/// Where the kept qcow2 overlay holding `build`'s root filesystem is.
+pub fn qcow2_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
+    cache_dir(data_dir).join(format!("{build}.qcow2"))
+}
+
+/// A usable cached base for `build`, if there is one: its flat copy, or
+/// its kept overlay when the chain under it is intact and short enough.
+pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<PathBuf> {
+    let raw = flat_cache_path(data_dir, build);
+    if raw.exists() {
+        return Some(raw);
+    }
+    let q = qcow2_cache_path(data_dir, build);
+    let chain = ember_image::cow::backing_chain(&q).ok()?;
+    (chain.len() <= MAX_CHAIN && chain.iter().all(|p| p.exists())).then_some(q)
+}
+
+/// Keep the disk a paused sandbox ran on as the cache of the build it
+/// paused into (a rename: no copy). The VM must be stopped.
+pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Result<(), AgentError> {
+    let (from, to) = match disk {
+        DiskLayer::Qcow2 { overlay, .. } => (overlay, qcow2_cache_path(data_dir, build)),
+        DiskLayer::Raw { path } => (path, flat_cache_path(data_dir, build)),
+    };
+    let dir = cache_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    std::fs::rename(from, &to)
+        .map_err(|e| AgentError::io(format!("move {} to the rootfs cache", from.display()), e))?;
+    let mut perms = std::fs::metadata(&to)
+        .map_err(|e| AgentError::io(format!("stat {}", to.display()), e))?
+        .permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&to, perms)
+        .map_err(|e| AgentError::io(format!("chmod {}", to.display()), e))
+}
+
+/// Remove the cache files of deleted builds, and every cached overlay whose
+/// backing chain runs through one of them (they are rebuilt on demand).
+pub fn remove_caches(data_dir: &Path, deleted: &[BuildId]) {
+    let mut gone: Vec<PathBuf> = Vec::new();
+    for b in deleted {
+        for p in [
+            flat_cache_path(data_dir, *b),
+            qcow2_cache_path(data_dir, *b),
+        ] {
+            if std::fs::remove_file(&p).is_ok() {
+                gone.push(p);
+            }
+        }
+    }
+    if gone.is_empty() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(cache_dir(data_dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "qcow2") {
+            let broken = match ember_image::cow::backing_chain(&p) {
+                Ok(chain) => chain
+                    .iter()
+                    .skip(1)
+                    .any(|c| gone.contains(c) || !c.exists()),
+                Err(_) => true,
+            };
+            if broken {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+/// Write `build`'s root filesystem as one sparse file at `dst` (holes for
+/// zero runs, reflinks where the file system shares extents), atomically.
+pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Result<(), AgentError> {
+    let dir = dst.parent().expect("cache files live in a directory");
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".{build}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let header = store
+        .open_header(build, ImageKind::Rootfs)
+        .map_err(AgentError::Store)?;
+    store
+        .materialize(&header, ImageKind::Rootfs, &tmp)
+        .map_err(AgentError::Store)?;
+    // Read-only: qcow2 overlays of many sandboxes read it; nothing writes it.
+    let mut perms = std::fs::metadata(&tmp)
+        .map_err(|e| AgentError::io(format!("stat {}", tmp.display()), e))?
+        .permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&tmp, perms)
+        .map_err(|e| AgentError::io(format!("chmod {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dst)
+        .map_err(|e| AgentError::io(format!("rename to {}", dst.display()), e))
+}
+
+/// Store the blocks of `disk` that changed since `parent` as this build's
+/// root filesystem. The VM must be paused.
+pub fn write_disk_diff(
+    store: &BuildStore,
+    w: &mut BuildWriter,
+    disk: &DiskLayer,
+    parent: &Header,
+) -> Result<WriteReport, AgentError> {
+    match disk {
+        DiskLayer::Raw { path } => w
+            .write_image_from_full(ImageKind::Rootfs, Base::Parent(parent), path)
+            .map_err(AgentError::Store),
+        DiskLayer::Qcow2 { overlay, .. } => {
+            let extents = ember_image::cow::overlay_extents(overlay).map_err(AgentError::Image)?;
+            let dirty = dirty_blocks(&extents);
+            let overlay_file = File::open(overlay)
+                .map_err(|e| AgentError::io(format!("open {}", overlay.display()), e))?;
+            // Below the overlay the disk reads as the parent build: a block
+            // the guest wrote only partly takes the rest from there.
+            let below = store
+                .reader(parent.clone(), ImageKind::Rootfs)
+                .map_err(AgentError::Store)?;
+            let size = parent.size();
+            w.write_image_from_blocks(
+                ImageKind::Rootfs,
+                Base::Parent(parent),
+                size,
+                &dirty,
+                |offset, buf| read_layered(&extents, &overlay_file, &below, offset, buf),
+            )
+            .map_err(AgentError::Store)
+        }
+    }
+}
+
+/// What lies under an overlay: reads of the image it was created over.
+trait Below {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl Below for ember_snapshot::ImageReader {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_at(buf, offset).map_err(std::io::Error::other)
+    }
+}
+
+impl Below for File {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        read_or_zero(self, buf, offset)
+    }
+}
+
+/// The 4 KiB blocks any overlay extent touches.
+fn dirty_blocks(extents: &[OverlayExtent]) -> BlockSet {
+    BlockSet::from_ranges(extents.iter().map(|e| {
+        let first = e.start / DISK_BLOCK;
+        let end = (e.start + e.length).div_ceil(DISK_BLOCK);
+        first..end
+    }))
+}
+
+/// Fill `buf` with the disk's bytes at `offset` as the guest sees them:
+/// from the overlay where it holds data, zeros where it records zeros, the
+/// base elsewhere (a block the guest wrote only partly).
+fn read_layered(
+    extents: &[OverlayExtent],
+    overlay: &File,
+    base: &dyn Below,
+    offset: u64,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let end = offset + buf.len() as u64;
+    let mut at = offset;
+    // Extents are sorted by start; find the first that ends after `offset`.
+    let mut i = extents.partition_point(|e| e.start + e.length <= offset);
+    while at < end {
+        let next = extents.get(i).filter(|e| e.start < end);
+        match next {
+            Some(e) if e.start <= at => {
+                let stop = (e.start + e.length).min(end);
+                let dst = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+                match e.file_offset {
+                    Some(file_off) => overlay.read_exact_at(dst, file_off + (at - e.start))?,
+                    None => dst.fill(0),
+                }
+                at = stop;
+                i += 1;
+            }
+            _ => {
+                let stop = next.map_or(end, |e| e.start.min(end));
+                let dst = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+                base.read_below(dst, at)?;
+                at = stop;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `read_exact_at`, with bytes past the end of the file reading as zeros
+/// (a sparse base may be shorter than the disk if its tail is a hole).
+fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(start: u64, length: u64, file_offset: Option<u64>) -> OverlayExtent {
+        OverlayExtent {
+            start,
+            length,
+            file_offset,
+        }
+    }
+
+    #[test]
+    fn partial_writes_dirty_whole_blocks() {
+        let d = dirty_blocks(&[
+            ext(512, 512, Some(0)),
+            ext(8192, 8192, None),
+            ext(20000, 1, Some(0)),
+        ]);
+        let runs: Vec<_> = d.runs().collect();
+        assert_eq!(runs, vec![0..1, 2..5]);
+    }
+
+    #[test]
+    fn layered_reads_take_overlay_zero_and_base_bytes_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("base");
+        let overlay_path = dir.path().join("overlay");
+        std::fs::write(&base_path, vec![b'b'; 16384]).unwrap();
+        // Overlay file: extent data stored at file offset 100.
+        let mut ov = vec![0u8; 100];
+        ov.extend(vec![b'o'; 1024]);
+        std::fs::write(&overlay_path, ov).unwrap();
+        let extents = [ext(1024, 1024, Some(100)), ext(4096, 512, None)];
+        let base = File::open(&base_path).unwrap();
+        let overlay = File::open(&overlay_path).unwrap();
+        let mut buf = vec![0xffu8; 8192];
+        read_layered(&extents, &overlay, &base, 0, &mut buf).unwrap();
+        assert!(buf[..1024].iter().all(|&b| b == b'b'));
+        assert!(buf[1024..2048].iter().all(|&b| b == b'o'));
+        assert!(buf[2048..4096].iter().all(|&b| b == b'b'));
+        assert!(buf[4096..4608].iter().all(|&b| b == 0));
+        assert!(buf[4608..].iter().all(|&b| b == b'b'));
+        // A read starting inside an extent.
+        let mut buf = vec![0u8; 512];
+        read_layered(&extents, &overlay, &base, 1536, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == b'o'));
+        // Past the end of a short base: zeros.
+        let mut buf = vec![0xffu8; 4096];
+        read_layered(&[], &overlay, &base, 16384, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}

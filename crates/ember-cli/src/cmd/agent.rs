@@ -1,0 +1,248 @@
+//! `ember agent`: the host agent of one machine, serving its gRPC API,
+//! optionally joining a control plane (`--control-plane URL --token T`).
+//! `ember server` runs the same agent in its own process (see
+//! [`start_agent`]).
+//!
+//! On SIGTERM/SIGINT the agent stops serving and leaves its VMs running;
+//! the next agent on this machine adopts them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use ember_agent::{Agent, AgentConfig, BackendChoice, HostService};
+use ember_net::{Ipv4Cidr, PoolConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Settings shared by `ember agent` and the agent `ember server` embeds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentOptions {
+    /// Which VMM to drive: auto (Firecracker where a binary and a KVM that
+    /// runs Linux guests exist, else QEMU), firecracker, or qemu.
+    #[arg(long, env = "EMBER_BACKEND", default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Firecracker binary.
+    #[arg(long, env = "EMBER_FIRECRACKER_BIN")]
+    pub firecracker_bin: Option<PathBuf>,
+    /// Run state (sockets, per-VM directories) [default: /run/ember/agent].
+    #[arg(long, env = "EMBER_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Where QEMU guests' RAM files live (tmpfs) [default: /dev/shm/ember].
+    #[arg(long, env = "EMBER_MEMORY_DIR")]
+    pub memory_dir: Option<PathBuf>,
+    /// Use this built image directory instead of the data directory's.
+    #[arg(long, env = "EMBER_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// Prefix of network namespaces and links [default: ember].
+    #[arg(long, env = "EMBER_NET_PREFIX")]
+    pub net_prefix: Option<String>,
+    /// Address pool for the sandboxes' veth links [default: 10.200.0.0/16].
+    #[arg(long, env = "EMBER_NET_POOL")]
+    pub net_pool: Option<Ipv4Cidr>,
+    /// vCPUs this host hands out [default: 4 × CPUs].
+    #[arg(long, env = "EMBER_CAPACITY_VCPUS")]
+    pub capacity_vcpus: Option<u32>,
+    /// MiB of guest memory this host hands out [default: RAM − 1 GiB].
+    #[arg(long, env = "EMBER_CAPACITY_MEMORY_MIB")]
+    pub capacity_memory_mib: Option<u64>,
+}
+
+impl AgentOptions {
+    pub fn config(&self, data_dir: PathBuf) -> AgentConfig {
+        let mut c = AgentConfig::for_host(data_dir);
+        c.backend = self.backend;
+        if self.firecracker_bin.is_some() {
+            c.firecracker_bin = self.firecracker_bin.clone();
+        }
+        if let Some(d) = &self.run_dir {
+            c.run_dir = d.clone();
+        }
+        if let Some(d) = &self.memory_dir {
+            c.memory_dir = d.clone();
+        }
+        c.image_dir = self.image_dir.clone();
+        let mut net = PoolConfig::default();
+        if let Some(p) = &self.net_prefix {
+            net.prefix = p.clone();
+            net.run_dir = PathBuf::from("/run/ember/net");
+        }
+        if let Some(pool) = self.net_pool {
+            net.pool = pool;
+        }
+        c.net = net;
+        if let Some(v) = self.capacity_vcpus {
+            c.capacity_vcpus = v;
+        }
+        if let Some(m) = self.capacity_memory_mib {
+            c.capacity_memory_mib = m;
+        }
+        c
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Address of the gRPC API.
+    #[arg(long, env = "EMBER_AGENT_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Address the control plane dials [default: the listen address].
+    #[arg(long, env = "EMBER_AGENT_ADVERTISE")]
+    advertise: Option<String>,
+    /// The control plane to join, e.g. http://10.0.0.1:3000.
+    #[arg(long, env = "EMBER_CONTROL_PLANE", requires = "token")]
+    control_plane: Option<String>,
+    /// The cluster join token (`ember server` prints it); also required
+    /// from every gRPC caller.
+    #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where this host keeps images, builds and sandbox records.
+    #[arg(long, env = "EMBER_DATA_DIR", default_value = "/var/lib/ember")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    options: AgentOptions,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = args.options.config(args.data_dir.clone());
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "ember agent: {} on {} serving gRPC on {addr}",
+        agent.config().host_id,
+        agent.backend().detail
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let served = serve(
+        agent.clone(),
+        listener,
+        args.token.clone(),
+        shutdown.clone(),
+    );
+    if let (Some(url), Some(token)) = (&args.control_plane, &args.token) {
+        let advertise = args
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        tokio::spawn(register_until_accepted(
+            url.clone(),
+            token.clone(),
+            advertise,
+            shutdown.clone(),
+        ));
+    }
+    served.await?;
+    agent.detach_all().await;
+    eprintln!("ember agent: stopped; running sandboxes keep running");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Start an agent and serve its gRPC API on `listener` until `shutdown`,
+/// checking for VMs that died every 2 s. Returns the agent and the task.
+pub async fn start_agent(
+    config: AgentConfig,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Agent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
+    let task = tokio::spawn(serve(agent.clone(), listener, token, shutdown));
+    Ok((agent, task))
+}
+
+async fn serve(
+    agent: Agent,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let watcher = {
+        let agent = agent.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => agent.check_vms().await,
+                }
+            }
+        })
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(HostService::new(agent).into_server(token))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+        .context("serving gRPC");
+    watcher.abort();
+    result
+}
+
+/// Join the control plane at `url`, retrying (it may start after us) until
+/// it accepts or we shut down.
+async fn register_until_accepted(
+    url: String,
+    token: String,
+    advertise: String,
+    shutdown: CancellationToken,
+) {
+    let client = reqwest::Client::new();
+    let endpoint = format!("{}/internal/v1/hosts", url.trim_end_matches('/'));
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let sent = client
+            .post(&endpoint)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "address": advertise }))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                info!(%url, %advertise, "joined the control plane");
+                eprintln!("ember agent: joined {url} as {advertise}");
+                return;
+            }
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                warn!(%status, %body, "the control plane refused this host; retrying");
+            }
+            Ok(r) => warn!(status = %r.status(), "the control plane is not ready; retrying"),
+            Err(e) => warn!(error = %e, "cannot reach the control plane; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("installing signal handlers failed; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("ember agent: shutting down");
+    token.cancel();
+}

@@ -1,0 +1,328 @@
+//! A real `ember agent` process for tests: its own data directory, network
+//! prefix and address pool (tests run in parallel), the shared guest image,
+//! and a gRPC client to it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ember_proto::host as pb;
+use ember_proto::host::host_agent_client::HostAgentClient;
+use rand::Rng;
+use tonic::transport::Channel;
+
+pub type Client = HostAgentClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.0).parse().unwrap(),
+        );
+        Ok(req)
+    }
+}
+
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("EMBER_DATA_DIR").unwrap_or_else(|| "/var/lib/ember".into()))
+}
+
+pub fn image_dir() -> Option<PathBuf> {
+    ember_image::Image::locate(&data_dir()).map(|i| i.dir)
+}
+
+/// Where one agent keeps everything; survives the agent process so a test
+/// can restart it.
+pub struct AgentHome {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub pool: String,
+    pub token: String,
+    pub memory_dir: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl AgentHome {
+    pub fn new() -> AgentHome {
+        let mut rng = rand::thread_rng();
+        let prefix: String = std::iter::once('t')
+            .chain((0..4).map(|_| (b'a' + rng.gen_range(0..26)) as char))
+            .collect();
+        let pool = format!(
+            "10.{}.{}.0/24",
+            rng.gen_range(100..250),
+            rng.gen_range(0..256)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("ember-agent-")
+            .tempdir()
+            .unwrap();
+        AgentHome {
+            memory_dir: PathBuf::from(format!("/dev/shm/{prefix}")),
+            dir,
+            prefix,
+            pool,
+            token: format!("tok-{}", rng.r#gen::<u64>()),
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn start(&self) -> AgentProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--backend", "qemu"])
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--memory-dir")
+            .arg(&self.memory_dir)
+            .arg("--image-dir")
+            .arg(image_dir().expect("guest image"))
+            .args(["--net-prefix", &self.prefix, "--net-pool", &self.pool])
+            .args(["--token", &self.token])
+            .env("EMBER_LOG", "info,ember_agent=debug")
+            .env_remove("EMBER_CONTROL_PLANE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ember agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_path = self.dir.path().join(format!("agent-{}.log", child.id()));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = std::fs::File::create(&log_path).unwrap();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if let Some(rest) = line.split("serving gRPC on ").nth(1) {
+                    let _ = tx.send(rest.trim().to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("ember agent did not start; log:\n{}", self.logs());
+            }
+        };
+        AgentProc {
+            child: Some(child),
+            addr,
+            token: self.token.clone(),
+        }
+    }
+
+    /// Everything the agent processes of this home logged.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("agent-") {
+                    out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    /// Network namespaces of this home's pool that exist now.
+    pub fn namespaces(&self) -> Vec<String> {
+        list_names("/run/netns", &format!("{}-", self.prefix))
+    }
+
+    /// Host links of this home's pool.
+    pub fn links(&self) -> Vec<String> {
+        list_names("/sys/class/net", &format!("{}h", self.prefix))
+    }
+
+    /// Processes whose command line mentions this home's directory (VMMs,
+    /// page servers) — the agent itself excluded by the caller.
+    pub fn processes(&self) -> Vec<u32> {
+        processes_mentioning(self.dir.path())
+    }
+
+    pub fn memory_files(&self) -> Vec<String> {
+        list_names(self.memory_dir.to_str().unwrap(), "")
+    }
+}
+
+impl Drop for AgentHome {
+    fn drop(&mut self) {
+        // Last resort for a failed test: nothing of it may outlive it.
+        for pid in self.processes() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for ns in self.namespaces() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        for l in self.links() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &l])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.prefix])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.memory_dir);
+    }
+}
+
+fn list_names(dir: &str, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+pub fn processes_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.to_string_lossy().into_owned();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|p| {
+                    let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                    if pid == me {
+                        return None;
+                    }
+                    let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    (cmd.contains(&needle)
+                        && !cmd.contains("ember\0agent")
+                        && !cmd.starts_with("ember"))
+                    .then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub struct AgentProc {
+    child: Option<Child>,
+    pub addr: String,
+    pub token: String,
+}
+
+impl AgentProc {
+    pub async fn client(&self) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to ember agent");
+        HostAgentClient::with_interceptor(channel, Bearer(self.token.clone()))
+            .max_decoding_message_size(64 << 20)
+    }
+
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: a crash. Its VMs keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop. Its VMs keep running.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn create_request(id: &str) -> pb::CreateSandboxRequest {
+    pb::CreateSandboxRequest {
+        sandbox_id: id.to_owned(),
+        guest_token: format!("guest-{id}"),
+        ..Default::default()
+    }
+}
+
+pub fn new_id() -> String {
+    ember_types::SandboxId::new().to_string()
+}
+
+/// Run `sh -c script` in the sandbox; (stdout, stderr, exit code).
+pub async fn sh(client: &mut Client, id: &str, script: &str) -> (String, String, i32) {
+    exec(client, id, "sh", &["-c", script]).await
+}
+
+pub async fn exec(
+    client: &mut Client,
+    id: &str,
+    cmd: &str,
+    args: &[&str],
+) -> (String, String, i32) {
+    let mut stream = client
+        .exec(pb::ExecRequest {
+            sandbox_id: id.to_owned(),
+            cmd: cmd.to_owned(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("exec {cmd} {args:?}: {s:?}"))
+        .into_inner();
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    while let Some(ev) = stream.message().await.expect("exec stream") {
+        match ev.event {
+            Some(pb::exec_event::Event::Stdout(d)) => out.extend(d),
+            Some(pb::exec_event::Event::Stderr(d)) => err.extend(d),
+            Some(pb::exec_event::Event::Exit(e)) => {
+                code = Some(e.exit_code.unwrap_or(128 + e.signal.unwrap_or(0)))
+            }
+            _ => {}
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        code.expect("an exit event"),
+    )
+}
+
+pub fn state(sb: &pb::Sandbox) -> pb::SandboxState {
+    pb::SandboxState::try_from(sb.state).unwrap()
+}
