@@ -1,0 +1,219 @@
+//! Host-agent lifecycle benchmark: a real `ember agent` with real microVMs.
+//! Prints ratios against baselines measured in the same run:
+//!
+//! - resume → first exec vs cold boot → first exec (median of 5 each);
+//! - pause time against memory size (idle guest, and after the guest filled
+//!   64 MiB of its memory), with the bytes each build stored;
+//! - the size of a diff build after a small change vs the first build;
+//! - host memory of 10 sandboxes forked from one template vs 10 cold-booted.
+//!
+//! Needs root and a built guest image. Run:
+//! `cargo bench -p ember-cli --bench lifecycle`.
+
+#[path = "../tests/support/agent.rs"]
+#[allow(dead_code)]
+mod agent;
+
+use std::time::{Duration, Instant};
+
+use agent::*;
+use ember_proto::host as pb;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// MiB of memory the host has handed out (MemTotal - MemAvailable).
+fn host_used_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap()
+            / 1024.0
+    };
+    field("MemTotal:") - field("MemAvailable:")
+}
+
+/// Bytes a build stores itself (its data files, headers, vmstate).
+fn build_bytes(home: &AgentHome, build: &str) -> u64 {
+    let meta = std::fs::read(home.data().join("builds").join(build).join("meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    meta["files"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|f| f["size"].as_u64().unwrap())
+        .sum()
+}
+
+async fn create(c: &mut Client, memory_mib: u32, build: &str) -> String {
+    let id = new_id();
+    let mut req = create_request(&id);
+    req.memory_mib = if build.is_empty() { memory_mib } else { 0 };
+    req.build_id = build.to_owned();
+    c.create_sandbox(req).await.expect("create");
+    id
+}
+
+async fn destroy(c: &mut Client, id: &str) {
+    c.destroy_sandbox(pb::SandboxRef {
+        sandbox_id: id.to_owned(),
+    })
+    .await
+    .expect("destroy");
+}
+
+async fn pause(c: &mut Client, id: &str) -> pb::Sandbox {
+    c.pause_sandbox(pb::SandboxRef {
+        sandbox_id: id.to_owned(),
+    })
+    .await
+    .expect("pause")
+    .into_inner()
+}
+
+async fn resume(c: &mut Client, id: &str) {
+    c.resume_sandbox(pb::ResumeSandboxRequest {
+        sandbox_id: id.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("resume");
+}
+
+fn main() {
+    if !ember_testkit::is_root() || image_dir().is_none() {
+        eprintln!("lifecycle bench: needs root and a built guest image (ember image build); skipped");
+        return;
+    }
+    let home = AgentHome::new();
+    let agent = home.start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = agent.client().await;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("lifecycle bench (QEMU backend; load average {})", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+
+        // 1. Cold boot vs resume, each to the first exec's exit.
+        let mut cold = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let id = create(&mut c, 512, "").await;
+            sh(&mut c, &id, "true").await;
+            cold.push(t.elapsed());
+            destroy(&mut c, &id).await;
+        }
+        let id = create(&mut c, 512, "").await;
+        let mut warm = Vec::new();
+        let mut pauses = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            pause(&mut c, &id).await;
+            pauses.push(t.elapsed());
+            let t = Instant::now();
+            resume(&mut c, &id).await;
+            sh(&mut c, &id, "true").await;
+            warm.push(t.elapsed());
+        }
+        destroy(&mut c, &id).await;
+        let (cold, warm) = (median(cold), median(warm));
+        println!();
+        println!("to first exec (median of 5)    ms      ratio");
+        println!("  cold boot + exec          {:>8.0}    1.00", ms(cold));
+        println!("  resume + exec             {:>8.0}    {:.3} (resume is {:.1}x faster)", ms(warm), ms(warm) / ms(cold), ms(cold) / ms(warm));
+        let pause_med = median(pauses);
+        println!("  pause (same sandbox)      {:>8.0}    {:.3}", ms(pause_med), ms(pause_med) / ms(cold));
+
+        // 2. Pause time against memory size.
+        println!();
+        println!("pause vs memory size   idle: ms   stored MiB | after filling 64 MiB: ms   stored MiB");
+        for mem in [256u32, 512, 1024, 2048] {
+            let id = create(&mut c, mem, "").await;
+            let t = Instant::now();
+            let idle = pause(&mut c, &id).await;
+            let idle_ms = ms(t.elapsed());
+            let idle_mib = build_bytes(&home, &idle.build_id) as f64 / 1048576.0;
+            resume(&mut c, &id).await;
+            let (_, err, code) = sh(
+                &mut c,
+                &id,
+                "python3 -c \"import os; open('/dev/shm/fill','wb').write(os.urandom(64<<20))\"",
+            )
+            .await;
+            assert_eq!(code, 0, "{err}");
+            let t = Instant::now();
+            let full = pause(&mut c, &id).await;
+            let full_ms = ms(t.elapsed());
+            let full_mib = build_bytes(&home, &full.build_id) as f64 / 1048576.0;
+            println!(
+                "  {mem:>5} MiB             {idle_ms:>8.0}   {idle_mib:>10.1} |                     {full_ms:>8.0}   {full_mib:>10.1}"
+            );
+            destroy(&mut c, &id).await;
+        }
+
+        // 3. Diff build after a small change vs the first build.
+        let id = create(&mut c, 512, "").await;
+        let first = pause(&mut c, &id).await;
+        resume(&mut c, &id).await;
+        sh(&mut c, &id, "head -c 1048576 /dev/urandom > /home/user/small && sync").await;
+        let second = pause(&mut c, &id).await;
+        let (a, b) = (build_bytes(&home, &first.build_id), build_bytes(&home, &second.build_id));
+        println!();
+        println!("build sizes                      MiB     ratio");
+        println!("  first pause (full)        {:>8.1}     1.000", a as f64 / 1048576.0);
+        println!("  after writing 1 MiB       {:>8.1}     {:.3}", b as f64 / 1048576.0, b as f64 / a as f64);
+        println!("  nominal memory + disk     {:>8.1}", 512.0 + 2048.0);
+        destroy(&mut c, &id).await;
+
+        // 4. Host memory: 10 forks of one template vs 10 cold boots.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let base = host_used_mib();
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(create(&mut c, 256, "").await);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let cold_mib = host_used_mib() - base;
+        for id in ids.drain(..) {
+            destroy(&mut c, &id).await;
+        }
+        let src = create(&mut c, 256, "").await;
+        let snap = c
+            .create_snapshot(pb::CreateSnapshotRequest { sandbox_id: src.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        destroy(&mut c, &src).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let base = host_used_mib();
+        let t = Instant::now();
+        for _ in 0..10 {
+            ids.push(create(&mut c, 0, &snap.build_id).await);
+        }
+        let fork_time = t.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let fork_mib = host_used_mib() - base;
+        for id in ids.drain(..) {
+            destroy(&mut c, &id).await;
+        }
+        println!();
+        println!("host memory of 10 sandboxes (256 MiB each)   MiB used   ratio");
+        println!("  10 cold-booted                            {cold_mib:>8.0}    1.00");
+        println!("  10 forked from one template               {fork_mib:>8.0}    {:.2}", fork_mib / cold_mib);
+        println!("  (10 forks created in {:.1} s)", fork_time.as_secs_f64());
+        c.delete_snapshot(pb::DeleteSnapshotRequest { build_id: snap.build_id })
+            .await
+            .unwrap();
+    });
+}
