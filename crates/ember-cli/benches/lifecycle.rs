@@ -91,7 +91,9 @@ async fn resume(c: &mut Client, id: &str) {
 
 fn main() {
     if !ember_testkit::is_root() || image_dir().is_none() {
-        eprintln!("lifecycle bench: needs root and a built guest image (ember image build); skipped");
+        eprintln!(
+            "lifecycle bench: needs root and a built guest image (ember image build); skipped"
+        );
         return;
     }
     let home = AgentHome::new();
