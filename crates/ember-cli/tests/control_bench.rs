@@ -13,7 +13,11 @@
 //! - every figure beside `GET /healthz` (auth-free, one trivial query)
 //!   measured in the same run, as the baseline.
 //!
-//! `EMBER_BENCH_CREATES` changes the 100.
+//! `EMBER_BENCH_CREATES` changes the 100; `EMBER_BENCH_STORE=postgres`
+//! (with `EMBER_TEST_POSTGRES_URL`) runs on PostgreSQL.
+//!
+//! And requests per second of `GET /v1/sandboxes` with 1,000 rows against
+//! a real `ember server --no-agent` process, beside `GET /healthz`.
 
 mod support;
 
@@ -134,12 +138,7 @@ fn create_latency_and_api_overhead_root_vm() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let db = match std::env::var(support::server::PG_ENV) {
-            Ok(_) if std::env::var("EMBER_BENCH_STORE").as_deref() == Ok("postgres") => {
-                TestDb::postgres().await
-            }
-            _ => TestDb::sqlite(),
-        };
+        let db = bench_db().await;
         let store = if db.is_postgres() { "postgres" } else { "sqlite" };
         let home = AgentHome::new();
         let mut spec = ServerSpec::new(&db, Some(&home))
@@ -231,6 +230,144 @@ fn create_latency_and_api_overhead_root_vm() {
         assert_eq!(st, StatusCode::NO_CONTENT);
         let (st, _) = a.delete("/v1/snapshots/bench").await;
         assert_eq!(st, StatusCode::OK);
+        server.stop();
+    });
+}
+
+async fn rps(a: &Api, path: &str, authed: bool, requests: usize, clients: usize) -> f64 {
+    let started = Instant::now();
+    let per = requests / clients;
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let a = a.clone();
+            let url = a.url(path);
+            tokio::spawn(async move {
+                for _ in 0..per {
+                    let mut req = a.http.get(&url);
+                    if authed {
+                        req = req.bearer_auth(&a.key);
+                    }
+                    let resp = req.send().await.unwrap();
+                    assert!(resp.status().is_success(), "{}", resp.status());
+                    let _ = resp.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    (per * clients) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn bench_db() -> TestDb {
+    match std::env::var(support::server::PG_ENV) {
+        Ok(_) if std::env::var("EMBER_BENCH_STORE").as_deref() == Ok("postgres") => {
+            TestDb::postgres().await
+        }
+        _ => TestDb::sqlite(),
+    }
+}
+
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn list_sandboxes_requests_per_second() {
+    use ember_control::model::{Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, now_ms};
+    const ROWS: usize = 1000;
+    const CLIENTS: usize = 8;
+    const REQUESTS: usize = 800;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = bench_db().await;
+        let kind = if db.is_postgres() { "postgres" } else { "sqlite" };
+        let mut server = ServerSpec::new(&db, None).start();
+        let a = server.api(server.admin_key.as_deref().unwrap());
+        // 1,000 paused sandboxes of the admin's team, on a host that is not
+        // serving: paused rows are expected absent, so the reconciler and
+        // the timeout sweep leave them alone while we measure.
+        let store = ember_control::store::Store::open(&db.url).await.unwrap();
+        let team = store.team_by_name("default").await.unwrap().unwrap();
+        store
+            .upsert_host(&Host {
+                id: "host-bench".into(),
+                address: "http://127.0.0.1:9".into(),
+                backend: "qemu".into(),
+                version: "0".into(),
+                vcpus_total: 4096,
+                memory_mib_total: 1 << 30,
+                healthy: false,
+                last_error: None,
+                registered_at: now_ms(),
+                last_seen_at: None,
+            })
+            .await
+            .unwrap();
+        let base = now_ms();
+        for i in 0..ROWS {
+            let sb = Sandbox {
+                id: ember_types::SandboxId::new().to_string(),
+                team_id: team.id.clone(),
+                state: SandboxState::Paused,
+                host_id: Some("host-bench".into()),
+                template: "base".into(),
+                source_build_id: None,
+                build_id: None,
+                vcpus: 1,
+                memory_mib: 512,
+                metadata: std::collections::BTreeMap::from([
+                    ("owner".into(), format!("user{}", i % 10)),
+                    ("job".into(), i.to_string()),
+                ]),
+                env: Default::default(),
+                network: NetworkPolicy::default(),
+                timeout_s: 3600,
+                on_timeout: OnTimeout::Kill,
+                expires_at: None,
+                access_token_sha256: "00".repeat(32),
+                failure_reason: None,
+                created_at: base + i as i64,
+                state_changed_at: base,
+                destroyed_at: None,
+            };
+            assert!(store.insert_sandbox(&sb, None).await.unwrap());
+        }
+        store.close().await;
+        let (_, all) = a.get("/v1/sandboxes?limit=1000").await;
+        assert_eq!(all["sandboxes"].as_array().unwrap().len(), ROWS);
+        rps(&a, "/v1/sandboxes?limit=10", true, CLIENTS * 8, CLIENTS).await; // warm-up
+        let health = rps(&a, "/healthz", false, REQUESTS, CLIENTS).await;
+        let one = rps(&a, "/v1/sandboxes?limit=1", true, REQUESTS, CLIENTS).await;
+        let hundred = rps(&a, "/v1/sandboxes", true, REQUESTS, CLIENTS).await;
+        let thousand = rps(&a, "/v1/sandboxes?limit=1000", true, REQUESTS / 8, CLIENTS).await;
+        let filtered = rps(
+            &a,
+            "/v1/sandboxes?metadata.owner=user3&state=paused",
+            true,
+            REQUESTS,
+            CLIENTS,
+        )
+        .await;
+        println!();
+        println!(
+            "GET /v1/sandboxes against `ember server` ({kind}, {ROWS} rows, {CLIENTS} concurrent clients, loopback HTTP)"
+        );
+        println!("  GET /healthz (baseline)                   {health:8.0} req/s  1.00x");
+        for (label, v) in [
+            ("GET /v1/sandboxes?limit=1", one),
+            ("GET /v1/sandboxes (page of 100)", hundred),
+            ("GET /v1/sandboxes?limit=1000 (all)", thousand),
+            ("GET /v1/sandboxes?metadata.owner=…&state=…", filtered),
+        ] {
+            println!("  {label:<41} {v:8.0} req/s  {:.2}x", v / health);
+        }
+        println!(
+            "  rows served per second at limit=1000: {:.0}",
+            thousand * ROWS as f64
+        );
         server.stop();
     });
 }

@@ -899,6 +899,10 @@ async fn two_hosts_spread_fail_and_recover(db: support::server::TestDb) {
     assert_eq!(st, StatusCode::OK, "{t}");
     assert_eq!(a.sh(&f1_id, "echo ok").await.stdout, "ok\n");
 
+    // A paused sandbox on host A rides out A's outage below.
+    let (st, p) = a.post_empty(&format!("/v1/sandboxes/{f1_id}/pause")).await;
+    assert_eq!(st, StatusCode::OK, "{p}");
+
     // SIGKILL host A's agent: A is unhealthy, nothing is failed or killed
     // yet, and host B is not touched.
     let mut b_vms = homes[hb].processes();
@@ -921,14 +925,20 @@ async fn two_hosts_spread_fail_and_recover(db: support::server::TestDb) {
         assert!(Instant::now() < deadline, "host A still healthy: {hosts}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for id in [&s1_id, &f1_id] {
-        assert_eq!(
-            a.sandbox(id).await["state"],
-            "running",
-            "an unreachable host kills nothing"
-        );
-        assert_eq!(homes[ha].processes_of(id).len(), 1, "its VM still runs");
-    }
+    assert_eq!(
+        a.sandbox(&s1_id).await["state"],
+        "running",
+        "an unreachable host kills nothing"
+    );
+    assert_eq!(homes[ha].processes_of(&s1_id).len(), 1, "its VM still runs");
+    let got = a.post_empty(&format!("/v1/sandboxes/{f1_id}/resume")).await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    assert!(
+        got.1["message"].as_str().unwrap().contains(&host_ids[ha]),
+        "{:?}",
+        got.1
+    );
+    assert_eq!(a.sandbox(&f1_id).await["state"], "paused");
     let text = admin.metrics().await;
     assert_eq!(metric(&text, "ember_hosts_healthy"), Some(1.0), "{text}");
     let got = a
@@ -936,13 +946,15 @@ async fn two_hosts_spread_fail_and_recover(db: support::server::TestDb) {
         .await;
     assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
     assert_eq!(a.sh(&s2_id, "echo still").await.stdout, "still\n");
-    // After host_lost_after_s, A's running sandboxes are failed with a reason.
-    for id in [&s1_id, &f1_id] {
-        let sb = a.wait_state(id, "failed", Duration::from_secs(60)).await;
-        let reason = sb["failure_reason"].as_str().unwrap();
-        assert!(reason.contains("unreachable"), "{reason}");
-        assert!(reason.contains(&host_ids[ha]), "{reason}");
-    }
+    // After host_lost_after_s, A's running sandboxes are failed with a
+    // reason; its paused one stays paused (its build is on A's disk).
+    let sb = a
+        .wait_state(&s1_id, "failed", Duration::from_secs(60))
+        .await;
+    let reason = sb["failure_reason"].as_str().unwrap();
+    assert!(reason.contains("unreachable"), "{reason}");
+    assert!(reason.contains(&host_ids[ha]), "{reason}");
+    assert_eq!(a.sandbox(&f1_id).await["state"], "paused");
     assert_eq!(a.sandbox(&s2_id).await["state"], "running");
     let mut b_now = homes[hb].processes();
     b_now.sort();
@@ -953,6 +965,11 @@ async fn two_hosts_spread_fail_and_recover(db: support::server::TestDb) {
     admin.wait_healthy_hosts(2, Duration::from_secs(60)).await;
     wait_clean(&homes[ha], Duration::from_secs(60)).await;
     assert_eq!(a.sandbox(&s1_id).await["state"], "failed");
+    // The paused one resumes on A, its own host, now that A is back.
+    let (st, r) = a.post_empty(&format!("/v1/sandboxes/{f1_id}/resume")).await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    assert_eq!(r["host_id"], s1["host_id"]);
+    assert_eq!(a.sh(&f1_id, "echo resumed").await.stdout, "resumed\n");
 
     // B's agent dies, and so does its VM, and the agent comes back before
     // host_lost_after_s: the host's own account (the VM did not survive) fails it.
