@@ -63,6 +63,8 @@ struct Entry {
     healthy: bool,
     failures: u32,
     next_probe: Instant,
+    /// When this replica first failed to reach the host, since it last answered.
+    unreachable_since: Option<Instant>,
 }
 
 /// Every host this replica knows, with a live client for each.
@@ -99,9 +101,18 @@ pub fn status_reason(status: &tonic::Status) -> String {
     }
 }
 
+/// The gRPC metadata key a host agent puts on every error it answers with
+/// (`ember_agent::error::ERROR_CODE_METADATA`).
+pub const AGENT_ERROR_CODE: &str = "ember-error-code";
+
 /// Does this status mean the host could not be reached (as opposed to the
-/// host answering that the operation failed)?
+/// host answering that the operation failed)? An error the agent itself
+/// answered (it carries the agent's error code) never does: a guest that
+/// does not answer is `Unavailable` too, and says nothing about the host.
 pub fn is_unreachable(status: &tonic::Status) -> bool {
+    if status.metadata().contains_key(AGENT_ERROR_CODE) {
+        return false;
+    }
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
@@ -198,6 +209,7 @@ impl HostRegistry {
             healthy: true,
             failures: 0,
             next_probe: Instant::now() + backoff(0),
+            unreachable_since: None,
         };
         self.write().insert(host.id.clone(), entry);
         tracing::info!(host = %host.id, address = %host.address, "host registered");
@@ -236,6 +248,7 @@ impl HostRegistry {
                         healthy: false,
                         failures: 0,
                         next_probe: Instant::now(),
+                        unreachable_since: None,
                     };
                     self.write().insert(row.id.clone(), entry);
                 }
@@ -263,6 +276,15 @@ impl HostRegistry {
 
     pub fn is_healthy(&self, host_id: &str) -> bool {
         self.read().get(host_id).is_some_and(|e| e.healthy)
+    }
+
+    /// How long this replica has been failing to reach the host (zero while
+    /// it answers, or before the first failure).
+    pub fn unreachable_for(&self, host_id: &str) -> Duration {
+        self.read()
+            .get(host_id)
+            .and_then(|e| e.unreachable_since)
+            .map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     /// The last `HostInfo` of every host that answered one.
@@ -304,6 +326,7 @@ impl HostRegistry {
                     e.healthy = false;
                     e.failures = e.failures.saturating_add(1);
                     e.next_probe = Instant::now() + backoff(e.failures);
+                    e.unreachable_since.get_or_insert_with(Instant::now);
                     was
                 }
                 None => false,
@@ -328,6 +351,11 @@ impl HostRegistry {
             match hosts.get_mut(host_id) {
                 Some(e) => {
                     let was = e.healthy;
+                    if e.unreachable_since.take().is_some() {
+                        // Back from an outage (maybe a restarted agent): its
+                        // capacity and builds are news; probe it now.
+                        e.next_probe = Instant::now();
+                    }
                     e.healthy = e.info.is_some();
                     e.failures = 0;
                     !was && e.healthy
@@ -387,6 +415,7 @@ impl HostRegistry {
                         e.healthy = true;
                         e.failures = 0;
                         e.next_probe = Instant::now() + backoff(0);
+                        e.unreachable_since = None;
                     }
                 }
                 Err(status) => self.mark_unreachable(&id, &status_reason(&status)).await,
@@ -436,6 +465,12 @@ mod tests {
         assert!(is_unreachable(&tonic::Status::deadline_exceeded("timeout")));
         assert!(!is_unreachable(&tonic::Status::not_found("no sandbox")));
         assert!(!is_unreachable(&tonic::Status::internal("VMM died")));
+        // The agent answered: its guest is unreachable, not the host.
+        let mut guest = tonic::Status::unavailable("guest agent does not answer");
+        guest
+            .metadata_mut()
+            .insert(AGENT_ERROR_CODE, "guest_unreachable".parse().unwrap());
+        assert!(!is_unreachable(&guest));
     }
 
     #[test]

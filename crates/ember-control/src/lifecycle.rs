@@ -167,7 +167,17 @@ impl Operations {
             (Some(t.build_id), t.vcpus, t.memory_mib)
         };
         let usage = self.store.host_usage().await?;
-        let snapshots = self.hosts.snapshots(&usage);
+        let mut snapshots = self.hosts.snapshots(&usage);
+        if let Some(build) = &build_id {
+            // The database knows where a template's build was written (v1
+            // never moves builds); the hosts' build lists are only as fresh
+            // as their last probe, which may predate a template made a moment ago.
+            if let Some(row) = self.store.build(build).await? {
+                for snap in snapshots.iter_mut().filter(|s| s.id == row.host_id) {
+                    snap.builds.insert(build.clone());
+                }
+            }
+        }
         let demand = Demand {
             vcpus,
             memory_mib,
@@ -829,6 +839,8 @@ impl Operations {
             ),
             Err(status) => HostView::Unreachable {
                 error: status_reason(&status),
+                for_ms: i64::try_from(self.hosts.unreachable_for(host_id).as_millis())
+                    .unwrap_or(i64::MAX),
             },
         };
         let now = now_ms();

@@ -1,6 +1,9 @@
 //! Prometheus metrics of the control plane: sandboxes by state, lifecycle
 //! latency histograms (as the API sees them: host time plus API overhead),
-//! and the hosts' page-server counters.
+//! host health, and the hosts' own counters (page faults served by their
+//! page servers, lifecycle operations). Host series are labelled with the
+//! host and its backend: only Firecracker hosts run page servers, so a QEMU
+//! host's fault count is 0 by construction, and the label says why.
 //!
 //! Gauges that mirror the database or the hosts are filled at scrape time, so
 //! every replica reports the same truth and nothing drifts between scrapes.
@@ -22,6 +25,24 @@ pub struct StateLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HostLabel {
     pub host: String,
+    /// `firecracker` or `qemu`; `unknown` until the host has answered.
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostOperationLabel {
+    pub host: String,
+    pub backend: String,
+    pub operation: String,
+}
+
+/// What the control plane knows of one host at scrape time.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    pub id: String,
+    pub healthy: bool,
+    /// Its last `HostInfo`, if it ever answered one.
+    pub info: Option<ember_proto::host::HostInfoReply>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +58,8 @@ pub struct Metrics {
     latency: Family<OperationLabel, Histogram>,
     page_faults: Family<HostLabel, Gauge<u64, AtomicU64>>,
     pages_prefetched: Family<HostLabel, Gauge<u64, AtomicU64>>,
+    host_operations: Family<HostOperationLabel, Gauge<u64, AtomicU64>>,
+    host_up: Family<HostLabel, Gauge>,
     hosts_healthy: Gauge,
     hosts_total: Gauge,
 }
@@ -76,14 +99,26 @@ impl Metrics {
         let page_faults = Family::<HostLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "host_page_faults_served",
-            "Page faults served by the host's page servers since its agent started",
+            "Page faults served by the host's userfaultfd page servers since its agent started (Firecracker restores; always 0 on qemu hosts, which map snapshot memory directly)",
             page_faults.clone(),
         );
         let pages_prefetched = Family::<HostLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "host_pages_prefetched",
-            "Pages prefetched by the host's page servers since its agent started",
+            "Pages prefetched by the host's page servers since its agent started (always 0 on qemu hosts)",
             pages_prefetched.clone(),
+        );
+        let host_operations = Family::<HostOperationLabel, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "host_operations",
+            "Lifecycle operations the host agent completed since it started, as it reports them",
+            host_operations.clone(),
+        );
+        let host_up = Family::<HostLabel, Gauge>::default();
+        registry.register(
+            "host_up",
+            "1 if the host answers its probes, 0 if it is unreachable",
+            host_up.clone(),
         );
         let hosts_healthy = Gauge::default();
         registry.register(
@@ -99,6 +134,8 @@ impl Metrics {
             latency,
             page_faults,
             pages_prefetched,
+            host_operations,
+            host_up,
             hosts_healthy,
             hosts_total,
         }
@@ -128,17 +165,33 @@ impl Metrics {
         }
     }
 
-    /// Set host gauges from the hosts' last `HostInfo` replies.
-    pub fn set_hosts(
-        &self,
-        total: usize,
-        healthy: usize,
-        infos: &[(String, ember_proto::host::HostInfoReply)],
-    ) {
-        self.hosts_total.set(total as i64);
-        self.hosts_healthy.set(healthy as i64);
-        for (id, info) in infos {
-            let label = HostLabel { host: id.clone() };
+    /// Set host gauges from what the control plane knows of each host.
+    pub fn set_hosts(&self, hosts: &[HostReport]) {
+        self.hosts_total.set(hosts.len() as i64);
+        self.hosts_healthy
+            .set(hosts.iter().filter(|h| h.healthy).count() as i64);
+        for h in hosts {
+            let backend = h
+                .info
+                .as_ref()
+                .map(|i| i.backend.clone())
+                .filter(|b| !b.is_empty())
+                .unwrap_or_else(|| "unknown".to_owned());
+            let label = HostLabel {
+                host: h.id.clone(),
+                backend: backend.clone(),
+            };
+            if backend != "unknown" {
+                // The placeholder series from before the host first answered.
+                self.host_up.remove(&HostLabel {
+                    host: h.id.clone(),
+                    backend: "unknown".to_owned(),
+                });
+            }
+            self.host_up.get_or_create(&label).set(i64::from(h.healthy));
+            let Some(info) = &h.info else {
+                continue;
+            };
             let m = info.metrics.unwrap_or_default();
             self.page_faults
                 .get_or_create(&label)
@@ -146,6 +199,19 @@ impl Metrics {
             self.pages_prefetched
                 .get_or_create(&label)
                 .set(m.pages_prefetched);
+            for (operation, n) in [
+                ("create", m.creates),
+                ("pause", m.pauses),
+                ("resume", m.resumes),
+            ] {
+                self.host_operations
+                    .get_or_create(&HostOperationLabel {
+                        host: h.id.clone(),
+                        backend: backend.clone(),
+                        operation: operation.to_owned(),
+                    })
+                    .set(n);
+            }
         }
     }
 
@@ -170,13 +236,26 @@ mod tests {
         m.observe("create", 0.2);
         let info = ember_proto::host::HostInfoReply {
             host_id: "host-a".into(),
+            backend: "firecracker".into(),
             metrics: Some(ember_proto::host::HostMetrics {
                 page_faults_served: 42,
+                creates: 2,
                 ..Default::default()
             }),
             ..Default::default()
         };
-        m.set_hosts(1, 1, &[("host-a".into(), info)]);
+        m.set_hosts(&[
+            HostReport {
+                id: "host-a".into(),
+                healthy: true,
+                info: Some(info),
+            },
+            HostReport {
+                id: "host-b".into(),
+                healthy: false,
+                info: None,
+            },
+        ]);
         let text = m.encode();
         assert!(
             text.contains("ember_sandboxes{state=\"running\"} 3"),
@@ -195,8 +274,21 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("ember_host_page_faults_served{host=\"host-a\"} 42"),
+            text.contains(
+                "ember_host_page_faults_served{host=\"host-a\",backend=\"firecracker\"} 42"
+            ),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "ember_host_operations{host=\"host-a\",backend=\"firecracker\",operation=\"create\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_host_up{host=\"host-b\",backend=\"unknown\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("ember_hosts_healthy 1"), "{text}");
     }
 }

@@ -19,7 +19,16 @@
 //! - paused sandboxes are expected absent and left alone;
 //! - a transitional state older than `stuck_after` (its operation's owner died)
 //!   is finished from what the host reports;
-//! - an unreachable host is only marked unhealthy: nothing is killed for it.
+//! - an unreachable host is marked unhealthy and nothing on it is killed or
+//!   changed; only once it has been unreachable for `host_lost` are its
+//!   running sandboxes (and operations stuck on it) marked failed, with a
+//!   reason saying so. Paused sandboxes stay paused: their builds are on the
+//!   host's disk and resume there when it returns. If the host does return
+//!   with those VMs still alive, they are failed rows with a VM left, and are
+//!   destroyed after the grace period like any other;
+//! - a host that answers but no longer has a VM (its agent restarted and
+//!   found the VM dead, or the VM died) is not "unreachable": the sandbox is
+//!   failed at once, with the host's own reason when it gives one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,7 +51,12 @@ pub struct Observed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostView {
     Listed(Vec<Observed>),
-    Unreachable { error: String },
+    /// The host did not answer; it has not answered for `for_ms` (as far
+    /// as this replica has watched it).
+    Unreachable {
+        error: String,
+        for_ms: i64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +66,9 @@ pub struct Params {
     /// How long an operation may sit in a transitional state before the
     /// reconciler assumes its owner died and finishes it.
     pub stuck_after_ms: i64,
+    /// How long a host may be unreachable before its running sandboxes are
+    /// marked failed. Until then an unreachable host changes nothing.
+    pub host_lost_ms: i64,
 }
 
 impl Default for Params {
@@ -59,6 +76,7 @@ impl Default for Params {
         Params {
             grace_ms: 60_000,
             stuck_after_ms: 300_000,
+            host_lost_ms: 300_000,
         }
     }
 }
@@ -101,10 +119,14 @@ pub enum Action {
 /// destroyed recently (so a VM that outlived its destroy is caught).
 pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Params) -> Vec<Action> {
     let observed = match view {
-        HostView::Unreachable { error } => {
-            return vec![Action::HostUnreachable {
+        HostView::Unreachable { error, for_ms } => {
+            let mut actions = vec![Action::HostUnreachable {
                 error: error.clone(),
             }];
+            if *for_ms >= p.host_lost_ms {
+                actions.extend(lost_host(host_id, db, *for_ms, now, p));
+            }
+            return actions;
         }
         HostView::Listed(list) => list,
     };
@@ -236,6 +258,25 @@ pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Para
     actions
 }
 
+/// A host gone for longer than `host_lost`: its running sandboxes, and
+/// operations stuck on it, are failed. Paused sandboxes and destroys are left
+/// for when it returns.
+fn lost_host(host_id: &str, db: &[Sandbox], for_ms: i64, now: i64, p: &Params) -> Vec<Action> {
+    let reason = format!("host {host_id} unreachable for {} s", for_ms / 1000);
+    db.iter()
+        .filter(|row| match row.state {
+            SandboxState::Running => true,
+            SandboxState::Destroying => false,
+            st => st.is_transitional() && now - row.state_changed_at >= p.stuck_after_ms,
+        })
+        .map(|row| Action::MarkFailed {
+            sandbox_id: row.id.clone(),
+            from: row.state,
+            reason: reason.clone(),
+        })
+        .collect()
+}
+
 fn verb(state: SandboxState) -> &'static str {
     match state {
         SandboxState::Creating => "the create",
@@ -276,6 +317,7 @@ mod tests {
     const P: Params = Params {
         grace_ms: 60_000,
         stuck_after_ms: 300_000,
+        host_lost_ms: 120_000,
     };
 
     fn row(id: &str, state: SandboxState, changed_ago: i64) -> Sandbox {
@@ -391,6 +433,7 @@ mod tests {
             &db,
             &HostView::Unreachable {
                 error: "refused".into(),
+                for_ms: P.host_lost_ms - 1,
             },
             NOW,
             &P,
@@ -401,6 +444,53 @@ mod tests {
                 error: "refused".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_host_lost_for_long_fails_its_running_sandboxes_only() {
+        let db = [
+            row("run", SandboxState::Running, 10),
+            row("paused", SandboxState::Paused, 1_000_000),
+            row("failed", SandboxState::Failed, 1_000_000),
+            row("fresh", SandboxState::Pausing, 1_000),
+            row("stuck", SandboxState::Creating, P.stuck_after_ms),
+            row("dying", SandboxState::Destroying, 1_000_000),
+        ];
+        let view = HostView::Unreachable {
+            error: "refused".into(),
+            for_ms: P.host_lost_ms + 5_000,
+        };
+        let a = sandbox_actions(decide("h1", &db, &view, NOW, &P));
+        let reason = "host h1 unreachable for 125 s".to_owned();
+        assert_eq!(
+            a,
+            vec![
+                Action::HostUnreachable {
+                    error: "refused".into()
+                },
+                Action::MarkFailed {
+                    sandbox_id: "run".into(),
+                    from: SandboxState::Running,
+                    reason: reason.clone()
+                },
+                Action::MarkFailed {
+                    sandbox_id: "stuck".into(),
+                    from: SandboxState::Creating,
+                    reason
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lost_host_that_returns_has_its_leftover_vms_destroyed_after_grace() {
+        // Failed while the host was away; the host comes back with the VM.
+        let db = [row("run", SandboxState::Failed, P.grace_ms)];
+        let view = listed(vec![obs("run", SandboxState::Running, 1_000_000)]);
+        assert!(matches!(
+            sandbox_actions(decide("h1", &db, &view, NOW, &P)).as_slice(),
+            [Action::DestroyOnHost { sandbox_id, mark_destroyed_from: None, .. }] if sandbox_id == "run"
+        ));
     }
 
     #[test]

@@ -79,19 +79,39 @@ impl AgentHome {
         self.dir.path().join("run")
     }
 
+    /// The agent options (`AgentOptions`) that keep this home apart from
+    /// every other: backend, run, memory and image directories, network
+    /// prefix and pool. `ember agent` and `ember server` both take them.
+    pub fn agent_options(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec!["--backend".into(), "qemu".into()];
+        v.extend(["--run-dir".into(), self.run_dir().into_os_string()]);
+        v.extend([
+            "--memory-dir".into(),
+            self.memory_dir.clone().into_os_string(),
+        ]);
+        v.extend([
+            "--image-dir".into(),
+            image_dir().expect("guest image").into_os_string(),
+        ]);
+        v.extend(["--net-prefix".into(), self.prefix.clone().into()]);
+        v.extend(["--net-pool".into(), self.pool.clone().into()]);
+        v
+    }
+
     pub fn start(&self) -> AgentProc {
+        self.start_with(&[])
+    }
+
+    /// Start `ember agent` with extra arguments (e.g. `--control-plane URL`,
+    /// `--capacity-memory-mib N`).
+    pub fn start_with(&self, extra: &[&str]) -> AgentProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
-        cmd.args(["agent", "--listen", "127.0.0.1:0", "--backend", "qemu"])
+        cmd.args(["agent", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.data())
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--memory-dir")
-            .arg(&self.memory_dir)
-            .arg("--image-dir")
-            .arg(image_dir().expect("guest image"))
-            .args(["--net-prefix", &self.prefix, "--net-pool", &self.pool])
+            .args(self.agent_options())
             .args(["--token", &self.token])
+            .args(extra)
             .env("EMBER_LOG", "info,ember_agent=debug")
             .env_remove("EMBER_CONTROL_PLANE")
             .stdin(Stdio::null())
@@ -158,6 +178,17 @@ impl AgentHome {
         processes_mentioning(self.dir.path())
     }
 
+    /// This home's processes (VMM, page server) of one sandbox.
+    pub fn processes_of(&self, sandbox_id: &str) -> Vec<u32> {
+        self.processes()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(sandbox_id))
+            })
+            .collect()
+    }
+
     pub fn memory_files(&self) -> Vec<String> {
         list_names(self.memory_dir.to_str().unwrap(), "")
     }
@@ -218,6 +249,7 @@ pub fn processes_mentioning(path: &Path) -> Vec<u32> {
                     let cmd = String::from_utf8_lossy(&cmd);
                     (cmd.contains(&needle)
                         && !cmd.contains("ember\0agent")
+                        && !cmd.contains("ember\0server")
                         && !cmd.starts_with("ember"))
                     .then_some(pid)
                 })

@@ -342,11 +342,18 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<wire::Health>
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let counts = state.store.count_by_state().await?;
     state.metrics.set_sandbox_counts(&counts);
-    let ids = state.hosts.host_ids();
-    let healthy = ids.iter().filter(|id| state.hosts.is_healthy(id)).count();
-    state
-        .metrics
-        .set_hosts(ids.len(), healthy, &state.hosts.infos());
+    let infos = state.hosts.infos();
+    let hosts: Vec<crate::metrics::HostReport> = state
+        .hosts
+        .host_ids()
+        .into_iter()
+        .map(|id| crate::metrics::HostReport {
+            healthy: state.hosts.is_healthy(&id),
+            info: infos.iter().find(|(h, _)| *h == id).map(|(_, i)| i.clone()),
+            id,
+        })
+        .collect();
+    state.metrics.set_hosts(&hosts);
     Ok((
         [(
             header::CONTENT_TYPE,

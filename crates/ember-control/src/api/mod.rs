@@ -184,6 +184,15 @@ impl From<Error> for ApiError {
             Error::NoCapacity(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
             }
+            // The host's own accounting says it is full (it may hold VMs the
+            // database no longer counts, e.g. leftovers awaiting cleanup).
+            Error::HostCall { source, .. } if source.code() == tonic::Code::ResourceExhausted => {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_capacity",
+                    format!("{msg}: {}", crate::hosts::status_reason(source)),
+                )
+            }
             Error::HostCall { source, .. } => {
                 tracing::warn!(error = %msg, status = %source, "host call failed");
                 ApiError::new(
