@@ -1,1 +1,4 @@
 pub mod agent;
+// Only the client tests start servers.
+#[allow(dead_code)]
+pub mod server;
