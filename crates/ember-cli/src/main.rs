@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "ember",
     version,
-    about = "Ember: sandboxes in microVMs that pause, resume and fork in milliseconds"
+    about = "Ember: sandboxes in microVMs that pause, resume and fork in milliseconds",
+    after_help = cmd::client::EXIT_CODES_HELP
 )]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `ember_vmm=debug`.
@@ -26,13 +27,22 @@ struct Cli {
 enum Command {
     /// The host agent of this machine (gRPC), optionally joining a control plane.
     Agent(Box<cmd::agent::AgentArgs>),
+    /// Host agents of the server (admin).
+    Host(cmd::client::host::HostArgs),
     /// Guest images: kernel, initramfs and root filesystem.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
-    /// Boot a throwaway sandbox, run one command in it, exit with its exit code.
+    /// API keys: create, list, revoke.
+    Key(cmd::client::key::KeyArgs),
+    /// Boot a throwaway sandbox, run one command in it, exit with its exit code
+    /// (through the server when one is configured, else on this machine).
     Run(cmd::run::RunArgs),
+    /// Sandboxes on the server: create, list, exec, files, pause, resume, kill.
+    Sandbox(cmd::client::sandbox::SandboxArgs),
     /// The control plane: REST API, store, scheduler, reconciler, timeouts.
     Server(cmd::server::ServerArgs),
+    /// Templates frozen from running sandboxes: create, list, get, delete.
+    Snapshot(cmd::client::snapshot::SnapshotArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
     Uffd(Box<cmd::uffd::UffdArgs>),
 }
@@ -47,9 +57,13 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent(a) => cmd::agent::run(*a).await,
+            Command::Host(a) => cmd::client::host::run(a).await,
             Command::Image(c) => cmd::image::run(c).await,
+            Command::Key(a) => cmd::client::key::run(a).await,
             Command::Run(a) => cmd::run::run(a).await,
+            Command::Sandbox(a) => cmd::client::sandbox::run(a).await,
             Command::Server(a) => cmd::server::run(a).await,
+            Command::Snapshot(a) => cmd::client::snapshot::run(a).await,
             Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });

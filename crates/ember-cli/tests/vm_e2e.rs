@@ -43,8 +43,11 @@ macro_rules! require_vm {
 
 fn ember() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+    // Local mode: `ember run` would use a server configured here.
     c.env("EMBER_DATA_DIR", data_dir())
-        .env("EMBER_LOG", "ember_cli=info");
+        .env("EMBER_LOG", "ember_cli=info")
+        .env_remove("EMBER_API_URL")
+        .env("XDG_CONFIG_HOME", "/nonexistent/ember-vm-e2e");
     c
 }
 

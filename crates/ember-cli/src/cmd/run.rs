@@ -4,7 +4,12 @@
 //! network slot, the disk layer, the RAM file, sockets — on success, on
 //! failure and on Ctrl-C.
 //!
-//! This drives the crates directly (image, network slot, QEMU, guest
+//! When a server is configured (`EMBER_API_URL`, `--api-url`, `api_url` in
+//! the client config file) or `--server` is given, the sandbox is made
+//! through the server's API instead ([`crate::cmd::client::run`]), with the
+//! same exit codes; `--local` forces this machine.
+//!
+//! Local mode drives the crates directly (image, network slot, QEMU, guest
 //! agent) without a host agent, so it works on a bare machine. Exit codes:
 //! the command's own; 128+N when a signal N killed it; 124 when `--timeout`
 //! killed it; 125 when Ember itself failed (no image, VM died, ...); 130 on
@@ -30,12 +35,23 @@ const EMBER_FAILED: u8 = 125;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// vCPUs of the sandbox.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Memory of the sandbox in MiB.
-    #[arg(long, default_value_t = 512)]
-    memory: u32,
+    /// Run through the Ember server (EMBER_API_URL, default http://127.0.0.1:3000).
+    #[arg(long, conflicts_with = "local")]
+    server: bool,
+    /// Run on this machine even when a server is configured.
+    #[arg(long)]
+    local: bool,
+    #[command(flatten)]
+    api: crate::cmd::client::ClientArgs,
+    /// Template to start from (server mode).
+    #[arg(long, default_value = "base")]
+    template: String,
+    /// vCPUs of the sandbox [default: 1, or the template's].
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory of the sandbox in MiB [default: 512, or the template's].
+    #[arg(long)]
+    memory: Option<u32>,
     /// Environment variable for the command, `KEY=VALUE` (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -67,6 +83,37 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let on_server = match (args.local, args.server) {
+        (true, _) => false,
+        (_, true) => true,
+        _ => match crate::cmd::client::config::server_configured(&args.api) {
+            Ok(configured) => configured,
+            Err(e) => {
+                eprintln!("ember run: {e}");
+                return Ok(ExitCode::from(EMBER_FAILED));
+            }
+        },
+    };
+    if on_server {
+        return Ok(
+            crate::cmd::client::run::run(crate::cmd::client::run::RemoteRun {
+                api: args.api,
+                template: args.template,
+                vcpus: args.vcpus,
+                memory_mib: args.memory,
+                env: args.env,
+                cwd: args.cwd,
+                user: args.user,
+                timeout_s: args.timeout,
+                command: args.command,
+            })
+            .await,
+        );
+    }
+    if args.template != "base" {
+        eprintln!("ember run: --template needs a server (--server or EMBER_API_URL)");
+        return Ok(ExitCode::from(EMBER_FAILED));
+    }
     let mut sandbox = None;
     let outcome = tokio::select! {
         r = run_in(&mut sandbox, &args) => r,
@@ -95,8 +142,13 @@ async fn run_in(sandbox: &mut Option<LocalSandbox>, args: &RunArgs) -> anyhow::R
     let started = Instant::now();
     let image = ensure_image(&args.data_dir).await?;
     let sb = sandbox.insert(LocalSandbox::new());
-    sb.boot(&image, args.vcpus, args.memory, &BTreeMap::new())
-        .await?;
+    sb.boot(
+        &image,
+        args.vcpus.unwrap_or(1),
+        args.memory.unwrap_or(512),
+        &BTreeMap::new(),
+    )
+    .await?;
     info!(ms = started.elapsed().as_millis() as u64, "sandbox ready");
 
     let (cmd, cmd_args) = args.command.split_first().expect("clap requires a command");

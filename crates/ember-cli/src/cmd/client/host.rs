@@ -1,0 +1,74 @@
+//! `ember host list`: the host agents the server schedules on (admin keys).
+
+use std::process::ExitCode;
+
+use ember_control::wire::HostList;
+use serde_json::Value;
+
+use super::api::{Api, typed};
+use super::output::{Table, print_json, short_time};
+use super::{ClientArgs, config};
+
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    #[command(flatten)]
+    api: ClientArgs,
+    #[command(subcommand)]
+    command: HostCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum HostCommand {
+    /// List the hosts with their health and what is reserved on them (admin key).
+    #[command(alias = "ls")]
+    List {
+        /// Print a JSON array of the server's host objects.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(args: HostArgs) -> anyhow::Result<ExitCode> {
+    Ok(super::report("host", dispatch(args).await))
+}
+
+async fn dispatch(args: HostArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&config::endpoint(&args.api)?)?;
+    match args.command {
+        HostCommand::List { json } => {
+            let v = api.get("/v1/hosts").await?;
+            let list: HostList = typed("the host list", &v)?;
+            if json {
+                print_json(v.get("hosts").unwrap_or(&Value::Null));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = Table::new(&[
+                "ID",
+                "BACKEND",
+                "HEALTHY",
+                "VCPUS",
+                "MEMORY",
+                "LAST SEEN",
+                "ADDRESS",
+                "ERROR",
+            ]);
+            for h in list.hosts {
+                t.row(vec![
+                    h.id,
+                    h.backend,
+                    if h.healthy { "yes" } else { "no" }.to_owned(),
+                    format!("{}/{}", h.vcpus_used, h.vcpus_total),
+                    format!("{}/{} MiB", h.memory_mib_used, h.memory_mib_total),
+                    h.last_seen_at
+                        .as_deref()
+                        .map(short_time)
+                        .unwrap_or_default(),
+                    h.address,
+                    h.last_error.unwrap_or_default(),
+                ]);
+            }
+            t.print();
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,126 @@
+"""The REST API's paths and request bodies, shared by the sync and asyncio
+clients so both speak exactly the same protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+
+def sandbox_path(sandbox_id: str) -> str:
+    return f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
+
+
+def snapshot_path(name: str) -> str:
+    return f"/v1/snapshots/{quote(name, safe='')}"
+
+
+def process_path(sandbox_id: str, pid: int) -> str:
+    return f"{sandbox_path(sandbox_id)}/processes/{int(pid)}"
+
+
+def create_body(
+    *,
+    template: str,
+    timeout: int,
+    metadata: Mapping[str, str] | None,
+    env: Mapping[str, str] | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    on_timeout: str,
+    allow_out: Sequence[str] | None,
+    deny_out: Sequence[str] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "template": template,
+        "timeout_s": int(timeout),
+        "on_timeout": on_timeout,
+        "metadata": dict(metadata or {}),
+        "env": dict(env or {}),
+        "network": {"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])},
+    }
+    if vcpus is not None:
+        body["vcpus"] = vcpus
+    if memory_mib is not None:
+        body["memory_mib"] = memory_mib
+    return body
+
+
+def argv(cmd: str | Sequence[str]) -> tuple[str, list[str]]:
+    """A string runs through ``/bin/sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, str):
+        return "/bin/sh", ["-c", cmd]
+    items = [str(c) for c in cmd]
+    if not items:
+        raise ValueError("an empty command")
+    return items[0], items[1:]
+
+
+def exec_body(
+    cmd: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bool,
+    background: bool,
+    tag: str | None,
+) -> dict[str, Any]:
+    program, args = argv(cmd)
+    body: dict[str, Any] = {
+        "cmd": program,
+        "args": args,
+        "env": dict(env or {}),
+        "stdin": stdin,
+        "background": background,
+    }
+    if cwd is not None:
+        body["cwd"] = cwd
+    if user is not None:
+        body["user"] = user
+    if timeout is not None:
+        body["timeout_ms"] = max(1, int(timeout * 1000))
+    if tag is not None:
+        body["tag"] = tag
+    return body
+
+
+def list_params(
+    *,
+    state: str | Sequence[str] | None,
+    template: str | None,
+    metadata: Mapping[str, str] | None,
+    page_size: int,
+    page_token: str | None,
+) -> list[tuple[str, str]]:
+    params: list[tuple[str, str]] = [("limit", str(page_size))]
+    if state is not None:
+        params.append(("state", state if isinstance(state, str) else ",".join(map(str, state))))
+    if template is not None:
+        params.append(("template", template))
+    for k, v in (metadata or {}).items():
+        params.append((f"metadata.{k}", v))
+    if page_token:
+        params.append(("page_token", page_token))
+    return params
+
+
+def file_params(path: str, **extra: Any) -> dict[str, str]:
+    params = {"path": path}
+    for k, v in extra.items():
+        if v is None:
+            continue
+        params[k] = ("true" if v else "false") if isinstance(v, bool) else str(v)
+    return params
+
+
+def stdin_body(data: bytes | str, close: bool) -> dict[str, Any]:
+    import base64
+
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    body: dict[str, Any] = {"close": close}
+    if raw:
+        body["data_b64"] = base64.b64encode(raw).decode()
+    return body

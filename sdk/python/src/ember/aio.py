@@ -1,0 +1,613 @@
+"""The asyncio client: :class:`AsyncSandbox`, :class:`AsyncCommands`,
+:class:`AsyncFiles` and :class:`AsyncClient`, the twins of :mod:`ember.sandbox`
+with the same names, arguments, results and errors. Output callbacks may be
+plain functions or coroutine functions.
+
+Example::
+
+    from ember import AsyncSandbox
+
+    async with await AsyncSandbox.create() as sb:
+        r = await sb.commands.run("echo hi")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import httpx
+
+from . import _api, errors
+from ._config import resolve
+from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
+from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AsyncTransport, backoff
+from .models import (
+    CommandResult,
+    DeletedSnapshot,
+    FileInfo,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    SnapshotInfo,
+)
+from .sandbox import _PAGE, STREAM_TIMEOUT, _class_or_instance
+
+AsyncOutputCallback = Callable[[str], Any]
+
+
+class AsyncClient:
+    """A connection to one Ember server with one API key (asyncio)."""
+
+    def __init__(
+        self,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        self._t = AsyncTransport(resolve(api_url, api_key), timeout=timeout, max_retries=max_retries)
+
+    @property
+    def api_url(self) -> str:
+        return self._t.settings.api_url
+
+    async def close(self) -> None:
+        await self._t.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def create_sandbox(
+        self,
+        template: str = "base",
+        *,
+        timeout: int = 300,
+        metadata: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        on_timeout: Literal["kill", "pause"] = "kill",
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
+    ) -> AsyncSandbox:
+        body = _api.create_body(
+            template=template,
+            timeout=timeout,
+            metadata=metadata,
+            env=env,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            on_timeout=on_timeout,
+            allow_out=allow_out,
+            deny_out=deny_out,
+        )
+        resp = await self._t.request("POST", "/v1/sandboxes", json=body)
+        return AsyncSandbox(SandboxInfo.from_json(resp.json()), self)
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        resp = await self._t.request("GET", _api.sandbox_path(sandbox_id), safe=True)
+        return SandboxInfo.from_json(resp.json())
+
+    async def connect(self, sandbox_id: str) -> AsyncSandbox:
+        return AsyncSandbox(await self.get_sandbox(sandbox_id), self)
+
+    async def list_sandboxes(
+        self,
+        *,
+        state: str | Sequence[str] | None = None,
+        template: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[SandboxInfo]:
+        out: builtins.list[SandboxInfo] = []
+        token: str | None = None
+        while True:
+            params = _api.list_params(
+                state=state, template=template, metadata=metadata, page_size=_PAGE, page_token=token
+            )
+            page = (await self._t.request("GET", "/v1/sandboxes", params=params, safe=True)).json()
+            out.extend(SandboxInfo.from_json(s) for s in page.get("sandboxes", []))
+            token = page.get("next_page_token")
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+            if not token:
+                return out
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        resp = await self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/pause")
+        return SandboxInfo.from_json(resp.json())
+
+    async def resume_sandbox(
+        self, sandbox_id: str, *, timeout: int | None = None, env: Mapping[str, str] | None = None
+    ) -> SandboxInfo:
+        body: dict[str, Any] = {"env": dict(env or {})}
+        if timeout is not None:
+            body["timeout_s"] = int(timeout)
+        resp = await self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/resume", json=body)
+        return SandboxInfo.from_json(resp.json())
+
+    async def set_sandbox_timeout(self, sandbox_id: str, timeout: int) -> SandboxInfo:
+        resp = await self._t.request(
+            "POST",
+            f"{_api.sandbox_path(sandbox_id)}/timeout",
+            json={"timeout_s": int(timeout)},
+            safe=True,
+        )
+        return SandboxInfo.from_json(resp.json())
+
+    async def kill_sandbox(self, sandbox_id: str) -> bool:
+        try:
+            await self._t.request("DELETE", _api.sandbox_path(sandbox_id), safe=True)
+            return True
+        except errors.NotFound:
+            return False
+        except errors.Conflict:
+            info = await self.get_sandbox(sandbox_id)
+            if info.state in (SandboxState.DESTROYED, SandboxState.DESTROYING):
+                return False
+            raise
+
+    async def snapshot_sandbox(self, sandbox_id: str, name: str) -> SnapshotInfo:
+        resp = await self._t.request(
+            "POST", f"{_api.sandbox_path(sandbox_id)}/snapshots", json={"name": name}
+        )
+        return SnapshotInfo.from_json(resp.json())
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        resp = await self._t.request("GET", "/v1/snapshots", safe=True)
+        return [SnapshotInfo.from_json(s) for s in resp.json().get("snapshots", [])]
+
+    async def get_snapshot(self, name: str) -> SnapshotInfo:
+        resp = await self._t.request("GET", _api.snapshot_path(name), safe=True)
+        return SnapshotInfo.from_json(resp.json())
+
+    async def delete_snapshot(self, name: str) -> DeletedSnapshot:
+        resp = await self._t.request("DELETE", _api.snapshot_path(name))
+        return DeletedSnapshot.from_json(resp.json())
+
+
+def _client(client: AsyncClient | None, api_url: str | None, api_key: str | None) -> tuple[AsyncClient, bool]:
+    if client is not None:
+        return client, False
+    return AsyncClient(api_url, api_key), True
+
+
+# `AsyncSandbox.resume(id)`: bound to the class by _class_or_instance.
+async def _resume_async_sandbox(
+    cls: type[AsyncSandbox],
+    sandbox_id: str,
+    *,
+    timeout: int | None = None,
+    env: Mapping[str, str] | None = None,
+    api_url: str | None = None,
+    api_key: str | None = None,
+    client: AsyncClient | None = None,
+) -> AsyncSandbox:
+    c, owned = _client(client, api_url, api_key)
+    try:
+        info = await c.resume_sandbox(sandbox_id, timeout=timeout, env=env)
+    except BaseException:
+        if owned:
+            await c.close()
+        raise
+    return cls(info, c, owns_client=owned)
+
+
+class AsyncSandbox:
+    """A sandbox (asyncio). ``async with`` kills it on exit."""
+
+    def __init__(self, info: SandboxInfo, client: AsyncClient, *, owns_client: bool = False) -> None:
+        self.info = info
+        self._client = client
+        self._owns_client = owns_client
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def client(self) -> AsyncClient:
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox(id={self.id!r}, state={self.info.state.value!r})"
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "base",
+        *,
+        timeout: int = 300,
+        metadata: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        on_timeout: Literal["kill", "pause"] = "kill",
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        client: AsyncClient | None = None,
+    ) -> AsyncSandbox:
+        c, owned = _client(client, api_url, api_key)
+        try:
+            sb = await c.create_sandbox(
+                template,
+                timeout=timeout,
+                metadata=metadata,
+                env=env,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                on_timeout=on_timeout,
+                allow_out=allow_out,
+                deny_out=deny_out,
+            )
+        except BaseException:
+            if owned:
+                await c.close()
+            raise
+        return cls(sb.info, c, owns_client=owned)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        client: AsyncClient | None = None,
+    ) -> AsyncSandbox:
+        c, owned = _client(client, api_url, api_key)
+        try:
+            info = await c.get_sandbox(sandbox_id)
+        except BaseException:
+            if owned:
+                await c.close()
+            raise
+        return cls(info, c, owns_client=owned)
+
+    async def _resume_instance(
+        self, *, timeout: int | None = None, env: Mapping[str, str] | None = None
+    ) -> AsyncSandbox:
+        self.info = await self._client.resume_sandbox(self.id, timeout=timeout, env=env)
+        return self
+
+    #: ``await AsyncSandbox.resume(sandbox_id)`` returns a new sandbox object;
+    #: ``await sandbox.resume()`` resumes this one and returns it.
+    resume = _class_or_instance(_resume_async_sandbox, _resume_instance)
+
+    async def refresh(self) -> SandboxInfo:
+        self.info = await self._client.get_sandbox(self.id)
+        return self.info
+
+    async def pause(self) -> SandboxInfo:
+        self.info = await self._client.pause_sandbox(self.id)
+        return self.info
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        return await self._client.snapshot_sandbox(self.id, name)
+
+    async def set_timeout(self, timeout: int) -> SandboxInfo:
+        self.info = await self._client.set_sandbox_timeout(self.id, timeout)
+        return self.info
+
+    async def kill(self) -> bool:
+        return await self._client.kill_sandbox(self.id)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.close()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            # Shielded: a cancelled task still destroys its sandbox.
+            await asyncio.shield(self.kill())
+        except errors.EmberError:
+            if exc is None:
+                raise
+        finally:
+            await self.close()
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        state: str | Sequence[str] | None = None,
+        template: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        client: AsyncClient | None = None,
+    ) -> builtins.list[SandboxInfo]:
+        c, owned = _client(client, api_url, api_key)
+        try:
+            return await c.list_sandboxes(state=state, template=template, metadata=metadata, limit=limit)
+        finally:
+            if owned:
+                await c.close()
+
+
+class AsyncCommandHandle:
+    """A command started with ``background=True`` (asyncio)."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int) -> None:
+        self._sandbox = sandbox
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"AsyncCommandHandle(sandbox={self._sandbox.id!r}, pid={self.pid})"
+
+    async def wait(
+        self,
+        *,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+    ) -> CommandResult:
+        t = self._sandbox.client._t
+        path = f"{_api.process_path(self._sandbox.id, self.pid)}/events"
+        log = EventLog()
+        log.pid = self.pid
+        return await _follow(
+            t,
+            lambda: t.stream("GET", path, params={"after": 0}, safe=True, timeout=STREAM_TIMEOUT),
+            log,
+            self._sandbox.id,
+            on_stdout,
+            on_stderr,
+        )
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        await self._sandbox.commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        await self._sandbox.commands.send_stdin(self.pid, b"", close=True)
+
+    async def kill(self, signal: str = "KILL") -> None:
+        await self._sandbox.commands.kill(self.pid, signal)
+
+
+class AsyncCommands:
+    """Processes in a sandbox: ``sandbox.commands`` (asyncio)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        tag: str | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        tag: str | None = None,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        tag: str | None = None,
+    ) -> CommandResult | AsyncCommandHandle:
+        """See :meth:`ember.Commands.run`."""
+        sb = self._sandbox
+        t = sb.client._t
+        body = _api.exec_body(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            stdin=stdin,
+            background=background,
+            tag=tag,
+        )
+        path = f"{_api.sandbox_path(sb.id)}/exec"
+        if background:
+            resp = await t.request("POST", path, json=body)
+            return AsyncCommandHandle(sb, int(resp.json()["pid"]))
+        return await _follow(
+            t,
+            lambda: t.stream("POST", path, json=body, timeout=STREAM_TIMEOUT),
+            EventLog(),
+            sb.id,
+            on_stdout,
+            on_stderr,
+        )
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        t = self._sandbox.client._t
+        resp = await t.request("GET", f"{_api.sandbox_path(self._sandbox.id)}/processes", safe=True)
+        return [ProcessInfo.from_json(p) for p in resp.json().get("processes", [])]
+
+    def connect(self, pid: int) -> AsyncCommandHandle:
+        return AsyncCommandHandle(self._sandbox, pid)
+
+    async def send_stdin(self, pid: int, data: bytes | str, *, close: bool = False) -> None:
+        t = self._sandbox.client._t
+        await t.request(
+            "POST",
+            f"{_api.process_path(self._sandbox.id, pid)}/stdin",
+            json=_api.stdin_body(data, close),
+        )
+
+    async def kill(self, pid: int, signal: str = "KILL") -> None:
+        t = self._sandbox.client._t
+        await t.request(
+            "POST",
+            f"{_api.process_path(self._sandbox.id, pid)}/signal",
+            json={"signal": signal},
+        )
+
+
+async def _call(cb: AsyncOutputCallback | None, text: str) -> None:
+    if cb is None:
+        return
+    r = cb(text)
+    if inspect.isawaitable(r):
+        await r
+
+
+async def _follow(
+    t: AsyncTransport,
+    open_first: Callable[[], AbstractAsyncContextManager[httpx.Response]],
+    log: EventLog,
+    sandbox_id: str,
+    on_stdout: AsyncOutputCallback | None,
+    on_stderr: AsyncOutputCallback | None,
+) -> CommandResult:
+    opener = open_first
+    reconnects = 0
+    while True:
+        try:
+            async with opener() as resp:
+                async for line in resp.aiter_lines():
+                    out = log.feed(line)
+                    if out is not None:
+                        await _call(on_stdout if out.stream == "stdout" else on_stderr, out.text)
+                    if log.done:
+                        return log.finish()
+            broke = "the stream ended before the command exited"
+        except StreamBroken as e:
+            broke = str(e)
+        except httpx.HTTPError as e:
+            broke = repr(e)
+        if log.pid is None or reconnects >= MAX_RECONNECTS:
+            raise errors.ServerError(f"lost the command's output stream: {broke}")
+        await asyncio.sleep(backoff(reconnects))
+        reconnects += 1
+        path = f"{_api.process_path(sandbox_id, log.pid)}/events"
+        opener = functools.partial(
+            t.stream, "GET", path, params={"after": log.last_seq}, safe=True, timeout=STREAM_TIMEOUT
+        )
+
+
+class AsyncFiles:
+    """Files in a sandbox: ``sandbox.files`` (asyncio)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def _t(self) -> AsyncTransport:
+        return self._sandbox.client._t
+
+    @property
+    def _base(self) -> str:
+        return f"{_api.sandbox_path(self._sandbox.id)}/files"
+
+    async def read(self, path: str, *, user: str | None = None) -> bytes:
+        resp = await self._t.request("GET", self._base, params=_api.file_params(path, user=user), safe=True)
+        return resp.content
+
+    async def read_text(self, path: str, *, encoding: str = "utf-8", user: str | None = None) -> str:
+        return (await self.read(path, user=user)).decode(encoding)
+
+    async def iter_bytes(self, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
+        async with self._t.stream(
+            "GET", self._base, params=_api.file_params(path, user=user), safe=True, timeout=STREAM_TIMEOUT
+        ) as resp:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+
+    async def write(
+        self, path: str, data: bytes | str, *, mode: int | None = None, user: str | None = None
+    ) -> FileInfo:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        resp = await self._t.request(
+            "PUT",
+            self._base,
+            params=_api.file_params(path, user=user, mode=None if mode is None else format(mode, "o")),
+            content=raw,
+            headers={"content-type": "application/octet-stream"},
+            safe=True,
+        )
+        return FileInfo.from_json(resp.json())
+
+    async def list(self, path: str = "/", *, user: str | None = None) -> builtins.list[FileInfo]:
+        resp = await self._t.request(
+            "GET", f"{self._base}/list", params=_api.file_params(path, user=user), safe=True
+        )
+        return [FileInfo.from_json(e) for e in resp.json().get("entries", [])]
+
+    async def stat(self, path: str, *, user: str | None = None) -> FileInfo:
+        resp = await self._t.request(
+            "GET", f"{self._base}/stat", params=_api.file_params(path, user=user), safe=True
+        )
+        return FileInfo.from_json(resp.json())
+
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
+        try:
+            await self.stat(path, user=user)
+            return True
+        except errors.NotFound:
+            return False
+
+    async def make_dir(
+        self, path: str, *, parents: bool = True, mode: int | None = None, user: str | None = None
+    ) -> FileInfo:
+        body: dict[str, Any] = {"path": path, "parents": parents}
+        if mode is not None:
+            body["mode"] = format(mode, "o")
+        if user is not None:
+            body["user"] = user
+        resp = await self._t.request("POST", f"{self._base}/mkdir", json=body)
+        return FileInfo.from_json(resp.json())
+
+    async def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        await self._t.request(
+            "DELETE",
+            self._base,
+            params=_api.file_params(path, user=user, recursive=recursive or None),
+        )

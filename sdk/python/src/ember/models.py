@@ -1,0 +1,221 @@
+"""Typed views of the API's JSON: sandboxes, snapshots, files, processes and
+command results. Parsing is lenient about additions (unknown fields are
+ignored, an unknown state is :attr:`SandboxState.UNKNOWN`) so an older SDK
+keeps working against a newer server.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def _time(v: Any) -> datetime | None:
+    if not isinstance(v, str) or not v:
+        return None
+    return datetime.fromisoformat(v)
+
+
+def _req_time(v: Any) -> datetime:
+    t = _time(v)
+    if t is None:
+        raise ValueError(f"expected a timestamp, got {v!r}")
+    return t
+
+
+class SandboxState(enum.StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    SNAPSHOTTING = "snapshotting"
+    DESTROYING = "destroying"
+    FAILED = "failed"
+    DESTROYED = "destroyed"
+    #: A state this SDK does not know (a newer server's).
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, value: Any) -> SandboxState:
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    id: str
+    state: SandboxState
+    template: str
+    vcpus: int
+    memory_mib: int
+    #: Seconds of inactivity before ``on_timeout`` applies.
+    timeout: int
+    on_timeout: str
+    created_at: datetime
+    state_changed_at: datetime
+    metadata: dict[str, str] = field(default_factory=dict)
+    allow_out: list[str] = field(default_factory=list)
+    deny_out: list[str] = field(default_factory=list)
+    host_id: str | None = None
+    expires_at: datetime | None = None
+    failure_reason: str | None = None
+    #: Only from :meth:`Sandbox.create`: a token for this sandbox's exec and files.
+    access_token: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
+        network = d.get("network") or {}
+        return cls(
+            id=d["id"],
+            state=SandboxState.parse(d.get("state")),
+            template=d.get("template", ""),
+            vcpus=int(d.get("vcpus", 0)),
+            memory_mib=int(d.get("memory_mib", 0)),
+            timeout=int(d.get("timeout_s", 0)),
+            on_timeout=d.get("on_timeout", "kill"),
+            created_at=_req_time(d.get("created_at")),
+            state_changed_at=_req_time(d.get("state_changed_at")),
+            metadata=dict(d.get("metadata") or {}),
+            allow_out=list(network.get("allow_out") or []),
+            deny_out=list(network.get("deny_out") or []),
+            host_id=d.get("host_id"),
+            expires_at=_time(d.get("expires_at")),
+            failure_reason=d.get("failure_reason"),
+            access_token=d.get("access_token"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """A named template frozen from a sandbox."""
+
+    name: str
+    build_id: str
+    vcpus: int
+    memory_mib: int
+    size_bytes: int
+    created_at: datetime
+    source_sandbox_id: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SnapshotInfo:
+        return cls(
+            name=d["name"],
+            build_id=d.get("build_id", ""),
+            vcpus=int(d.get("vcpus", 0)),
+            memory_mib=int(d.get("memory_mib", 0)),
+            size_bytes=int(d.get("size_bytes", 0)),
+            created_at=_req_time(d.get("created_at")),
+            source_sandbox_id=d.get("source_sandbox_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedSnapshot:
+    name: str
+    build_id: str
+    #: False while sandboxes or other builds still use its data.
+    data_freed: bool
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DeletedSnapshot:
+        return cls(d["name"], d.get("build_id", ""), bool(d.get("data_freed")))
+
+
+class FileType(enum.StrEnum):
+    FILE = "file"
+    DIRECTORY = "directory"
+    SYMLINK = "symlink"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    path: str
+    name: str
+    type: FileType
+    size: int
+    #: Permission bits, e.g. ``0o644``.
+    mode: int
+    modified_at: datetime | None
+    uid: int
+    gid: int
+    symlink_target: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type is FileType.DIRECTORY
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileInfo:
+        try:
+            kind = FileType(str(d.get("type")))
+        except ValueError:
+            kind = FileType.OTHER
+        return cls(
+            path=d["path"],
+            name=d.get("name", ""),
+            type=kind,
+            size=int(d.get("size", 0)),
+            mode=int(str(d.get("mode", "0")), 8),
+            modified_at=_time(d.get("modified_at")),
+            uid=int(d.get("uid", 0)),
+            gid=int(d.get("gid", 0)),
+            symlink_target=d.get("symlink_target"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """A process started through the API."""
+
+    pid: int
+    cmd: str
+    args: list[str]
+    running: bool
+    background: bool
+    started_at: datetime | None
+    tag: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProcessInfo:
+        ex = d.get("exit") or {}
+        return cls(
+            pid=int(d["pid"]),
+            cmd=d.get("cmd", ""),
+            args=list(d.get("args") or []),
+            running=bool(d.get("running")),
+            background=bool(d.get("background")),
+            started_at=_time(d.get("started_at")),
+            tag=d.get("tag"),
+            exit_code=ex.get("exit_code"),
+            signal=ex.get("signal"),
+            timed_out=bool(ex.get("timed_out", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a finished command printed and how it ended."""
+
+    pid: int
+    stdout: str
+    stderr: str
+    #: None when a signal killed it.
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0

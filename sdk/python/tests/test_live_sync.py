@@ -1,0 +1,176 @@
+"""The synchronous SDK against a live ``ember server`` booting real microVMs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from conftest import Live
+
+import ember
+from ember import Sandbox, SandboxState
+
+
+def test_sandbox_lifecycle(api: Live) -> None:
+    tag = uuid.uuid4().hex[:8]
+    sb = Sandbox.create(timeout=600, metadata={"suite": "sync", "tag": tag}, env={"GREETING": "hello"})
+    try:
+        assert sb.id.startswith("sb-")
+        assert sb.info.state is SandboxState.RUNNING
+        assert sb.info.metadata == {"suite": "sync", "tag": tag}
+        assert sb.info.access_token and sb.info.access_token.startswith("embersb_")
+
+        # Commands: a string goes through the shell, a list is the argv.
+        seen_out: list[str] = []
+        seen_err: list[str] = []
+        r = sb.commands.run(
+            "echo out $GREETING; echo err >&2; exit 7",
+            on_stdout=seen_out.append,
+            on_stderr=seen_err.append,
+        )
+        assert (r.stdout, r.stderr, r.exit_code, r.ok) == ("out hello\n", "err\n", 7, False)
+        assert "".join(seen_out) == "out hello\n" and "".join(seen_err) == "err\n"
+        r = sb.commands.run(
+            ["python3", "-c", "import os; print(os.getcwd(), os.environ['X'])"], cwd="/tmp", env={"X": "1"}
+        )
+        assert (r.stdout, r.exit_code) == ("/tmp 1\n", 0)
+        r = sb.commands.run("kill -9 $$")
+        assert (r.exit_code, r.signal) == (None, 9)
+        with pytest.raises(ember.TimeoutError) as e:
+            sb.commands.run("echo before; sleep 30", timeout=1)
+        assert e.value.result.stdout == "before\n" and e.value.result.timed_out
+        with pytest.raises(ember.NotFound):
+            sb.commands.run(["/no/such/program"])
+
+        # Background with stdin.
+        h = sb.commands.run("cat; echo done", background=True, stdin=True)
+        assert isinstance(h, ember.CommandHandle) and h.pid > 0
+        h.send_stdin("line one\n")
+        h.send_stdin(b"line two\n")
+        h.close_stdin()
+        r = h.wait()
+        assert (r.stdout, r.exit_code) == ("line one\nline two\ndone\n", 0)
+        procs = {p.pid: p for p in sb.commands.list()}
+        assert procs[h.pid].background and not procs[h.pid].running and procs[h.pid].exit_code == 0
+        h = sb.commands.run(["sleep", "300"], background=True)
+        h.kill()
+        assert h.wait().signal == 9
+
+        # Files.
+        blob = bytes(range(256)) * 1000
+        info = sb.files.write("/root/blob.bin", blob, mode=0o600)
+        assert (info.size, info.mode, info.type) == (len(blob), 0o600, ember.FileType.FILE)
+        assert sb.files.read("/root/blob.bin") == blob
+        assert b"".join(sb.files.iter_bytes("/root/blob.bin")) == blob
+        sb.files.write("/root/hello.txt", "héllo\n")
+        assert sb.files.read_text("/root/hello.txt") == "héllo\n"
+        sb.files.make_dir("/root/d/e")
+        names = {f.name: f for f in sb.files.list("/root")}
+        assert {"blob.bin", "hello.txt", "d"} <= set(names) and names["d"].is_dir
+        assert sb.files.exists("/root/hello.txt")
+        sb.files.remove("/root/hello.txt")
+        assert not sb.files.exists("/root/hello.txt")
+        with pytest.raises(ember.NotFound):
+            sb.files.read("/root/hello.txt")
+        with pytest.raises(ember.InvalidRequest):
+            sb.files.read("relative/path")
+        sb.files.remove("/root/d", recursive=True)
+
+        # Listing, filtered by metadata.
+        found = Sandbox.list(metadata={"tag": tag})
+        assert [s.id for s in found] == [sb.id]
+        assert Sandbox.list(metadata={"tag": "no-such-tag"}) == []
+
+        # Pause: nothing runs; resume (class form): the files are back.
+        assert sb.pause().state is SandboxState.PAUSED
+        with pytest.raises(ember.Conflict):
+            sb.commands.run("true")
+        with pytest.raises(ember.Conflict):
+            sb.pause()
+        resumed = Sandbox.resume(sb.id, timeout=900)
+        try:
+            assert resumed.id == sb.id and resumed.info.state is SandboxState.RUNNING
+            assert resumed.info.timeout == 900
+            assert resumed.files.read("/root/blob.bin") == blob
+            assert resumed.commands.run("echo $GREETING").stdout == "hello\n"
+        finally:
+            resumed.close()
+        # …and the instance form.
+        sb.pause()
+        assert sb.resume() is sb and sb.info.state is SandboxState.RUNNING
+        assert sb.set_timeout(1200).timeout == 1200
+
+        assert sb.kill() is True
+        assert sb.refresh().state is SandboxState.DESTROYED
+        assert sb.kill() is False, "killing twice is not an error"
+    finally:
+        sb.kill()
+        sb.close()
+
+
+def create_from(template: str) -> Sandbox:
+    """Create from a template made moments ago. The control plane learns that
+    the host holds the new build at its next poll of the host and answers
+    no_capacity until then (reported to the control plane's owner), so that
+    one answer is retried here for a few seconds."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return Sandbox.create(template=template, timeout=300)
+        except ember.CapacityError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_snapshots_and_templates(api: Live) -> None:
+    name = f"py-{uuid.uuid4().hex[:8]}"
+    with Sandbox.create(timeout=300) as sb:
+        sb.files.write("/root/state", "frozen\n")
+        snap = sb.snapshot(name)
+        assert (snap.name, snap.source_sandbox_id) == (name, sb.id)
+        assert sb.refresh().state is SandboxState.RUNNING, "the source keeps running"
+        with pytest.raises(ember.Conflict):
+            sb.snapshot(name)
+        with ember.Client() as c:
+            assert name in [s.name for s in c.list_snapshots()]
+            assert c.get_snapshot(name).build_id == snap.build_id
+            with create_from(name) as child:
+                assert child.info.template == name
+                assert child.files.read_text("/root/state") == "frozen\n"
+            deleted = c.delete_snapshot(name)
+            assert deleted.name == name
+            with pytest.raises(ember.NotFound):
+                c.get_snapshot(name)
+    with pytest.raises(ember.NotFound):
+        Sandbox.create(template=name)
+
+
+def test_context_manager_kills_on_exit_and_on_error(api: Live) -> None:
+    with Sandbox.create(timeout=300) as sb:
+        assert sb.commands.run("true").ok
+    with ember.Client() as c:
+        assert c.get_sandbox(sb.id).state is SandboxState.DESTROYED
+        with pytest.raises(RuntimeError, match="boom"):
+            with Sandbox.create(timeout=300, client=c) as sb2:
+                raise RuntimeError("boom")
+        assert c.get_sandbox(sb2.id).state is SandboxState.DESTROYED
+    if api.server is not None:
+        assert api.server.leftovers() == [], "destroyed sandboxes leave no VMM or namespace"
+
+
+def test_errors_map_to_exceptions(api: Live) -> None:
+    with pytest.raises(ember.NotFound):
+        Sandbox.connect("sb-00000000000000000000")
+    with pytest.raises(ember.AuthError):
+        Sandbox.list(api_key="ember_wrong_key")
+    with pytest.raises(ember.InvalidRequest) as e:
+        Sandbox.create(timeout=0)
+    assert e.value.field == "timeout_s"
+    with pytest.raises(ember.CapacityError):
+        Sandbox.create(vcpus=64)  # more than this host hands out
+    with pytest.raises(ember.NotFound):
+        Sandbox.create(template="no-such-template")
+    with pytest.raises(ember.ConnectError):
+        Sandbox.list(api_url="http://127.0.0.1:9")

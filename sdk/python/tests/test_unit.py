@@ -1,0 +1,224 @@
+"""The SDK's pure parts: settings, error mapping, event folding, models,
+request bodies and the retry decision. No server needed."""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+import ember
+from ember import _api, _config, errors
+from ember._exec import EventLog, StreamBroken
+from ember._transport import should_retry
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.delenv("EMBER_API_URL", raising=False)
+    monkeypatch.delenv("EMBER_API_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "ember").mkdir()
+    return tmp_path / "ember" / "config.toml"
+
+
+def test_arguments_beat_environment_beat_config_file(no_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_env.write_text('api_url = "http://file:1/"\napi_key = "file-key"\n')
+    s = _config.resolve()
+    assert (s.api_url, s.api_key) == ("http://file:1", "file-key")
+    monkeypatch.setenv("EMBER_API_URL", "http://env:2")
+    monkeypatch.setenv("EMBER_API_KEY", "env-key")
+    s = _config.resolve()
+    assert (s.api_url, s.api_key) == ("http://env:2", "env-key")
+    s = _config.resolve("http://arg:3", "arg-key")
+    assert (s.api_url, s.api_key) == ("http://arg:3", "arg-key")
+
+
+def test_defaults_and_a_missing_key_says_how_to_set_one(no_env: Path) -> None:
+    with pytest.raises(ember.AuthError) as e:
+        _config.resolve()
+    assert "EMBER_API_KEY" in str(e.value)
+    assert str(no_env) in str(e.value)
+    assert _config.resolve(api_key="k").api_url == "http://127.0.0.1:3000"
+
+
+def test_bad_config_files_are_config_errors(no_env: Path) -> None:
+    no_env.write_text('api_ur = "x"\n')
+    with pytest.raises(ember.ConfigError, match="api_ur"):
+        _config.resolve()
+    no_env.write_text("api_key = 3\n")
+    with pytest.raises(ember.ConfigError, match="string"):
+        _config.resolve()
+    no_env.write_text("not toml [")
+    with pytest.raises(ember.ConfigError):
+        _config.resolve()
+    with pytest.raises(ember.ConfigError, match="http"):
+        _config.resolve("ftp://x", "k")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "cls"),
+    [
+        (400, "invalid_request", ember.InvalidRequest),
+        (422, "template_locked", ember.InvalidRequest),
+        (401, "unauthorized", ember.AuthError),
+        (403, "forbidden", ember.AuthError),
+        (404, "not_found", ember.NotFound),
+        (409, "conflict", ember.Conflict),
+        (503, "no_capacity", ember.CapacityError),
+        (502, "host_error", ember.ServerError),
+        (500, "internal", ember.ServerError),
+        (418, "brand_new_code", ember.InvalidRequest),
+        (599, "brand_new_code", ember.ServerError),
+    ],
+)
+def test_api_error_codes_map_to_exceptions(status: int, code: str, cls: type) -> None:
+    body = json.dumps({"code": code, "message": "what to change", "field": "timeout_s"}).encode()
+    err = errors.error_from_body(status, body)
+    assert type(err) is cls
+    assert (err.status, err.code, err.message, err.field) == (status, code, "what to change", "timeout_s")
+    assert isinstance(err, ember.EmberError)
+    assert str(err) == f"what to change ({code})"
+
+
+def test_non_json_errors_still_map_by_status() -> None:
+    err = errors.error_from_body(404, b"<html>nope</html>")
+    assert isinstance(err, ember.NotFound)
+    assert "nope" in err.message
+    assert isinstance(errors.error_from_body(502, b""), ember.ServerError)
+
+
+def test_sdk_timeouts_and_connect_errors_are_also_builtin_ones() -> None:
+    assert issubclass(ember.TimeoutError, builtins.TimeoutError)
+    assert issubclass(ember.ConnectError, builtins.ConnectionError)
+
+
+def lines(*events: dict) -> list[str]:
+    return [json.dumps(e) for e in events]
+
+
+def test_events_fold_into_a_result_and_replays_are_dropped() -> None:
+    log = EventLog()
+    out = []
+    for line in lines(
+        {"type": "started", "seq": 1, "pid": 42},
+        {"type": "stdout", "seq": 2, "text": "hel"},
+        {"type": "stderr", "seq": 3, "data_b64": base64.b64encode(b"\xff!").decode()},
+        {"type": "stdout", "seq": 2, "text": "hel"},  # replayed after a reconnect
+        {"type": "stdout", "seq": 4, "text": "lo\n"},
+        {"type": "future_event", "seq": 5},
+        {"type": "exit", "seq": 6, "exit_code": 3, "timed_out": False},
+    ):
+        o = log.feed(line)
+        if o is not None:
+            out.append((o.stream, o.text))
+    assert log.done and log.pid == 42 and log.last_seq == 6
+    r = log.finish()
+    assert (r.pid, r.stdout, r.exit_code, r.signal, r.ok) == (42, "hello\n", 3, None, False)
+    assert r.stderr_bytes == b"\xff!"
+    assert out == [("stdout", "hel"), ("stderr", "\ufffd!"), ("stdout", "lo\n")]
+
+
+def test_a_character_split_across_chunks_reaches_callbacks_whole() -> None:
+    log = EventLog()
+    snow = "☃".encode()
+    texts = []
+    for i, part in enumerate([snow[:1], snow[1:]], start=1):
+        o = log.feed(json.dumps({"type": "stdout", "seq": i, "data_b64": base64.b64encode(part).decode()}))
+        if o is not None:
+            texts.append(o.text)
+    assert texts == ["☃"]
+
+
+def test_error_events_break_the_stream_and_timeouts_raise_with_the_output() -> None:
+    log = EventLog()
+    with pytest.raises(StreamBroken, match="host_error"):
+        log.feed(json.dumps({"type": "error", "code": "host_error", "message": "gone"}))
+    log = EventLog()
+    log.feed(json.dumps({"type": "stdout", "seq": 1, "text": "partial"}))
+    log.feed(json.dumps({"type": "exit", "seq": 2, "signal": 9, "timed_out": True}))
+    with pytest.raises(ember.TimeoutError) as e:
+        log.finish()
+    assert e.value.result.stdout == "partial"
+    assert e.value.result.signal == 9
+
+
+def test_models_tolerate_what_a_newer_server_adds() -> None:
+    info = ember.SandboxInfo.from_json(
+        {
+            "id": "sb-1",
+            "state": "hibernating",
+            "template": "base",
+            "vcpus": 1,
+            "memory_mib": 512,
+            "metadata": {"a": "b"},
+            "network": {"allow_out": ["10.0.0.0/8"], "deny_out": []},
+            "timeout_s": 300,
+            "on_timeout": "kill",
+            "created_at": "2024-05-01T12:00:03.123Z",
+            "state_changed_at": "2024-05-01T12:00:04Z",
+            "brand_new_field": True,
+        }
+    )
+    assert info.state is ember.SandboxState.UNKNOWN
+    assert info.allow_out == ["10.0.0.0/8"]
+    assert info.created_at.year == 2024 and info.created_at.tzinfo is not None
+    f = ember.FileInfo.from_json(
+        {
+            "path": "/a",
+            "name": "a",
+            "type": "directory",
+            "size": 0,
+            "mode": "755",
+            "modified_at": "",
+            "uid": 0,
+            "gid": 0,
+        }
+    )
+    assert f.is_dir and f.mode == 0o755 and f.modified_at is None
+
+
+def test_commands_and_bodies() -> None:
+    assert _api.argv("echo hi | wc") == ("/bin/sh", ["-c", "echo hi | wc"])
+    assert _api.argv(["python3", "-c", "print(1)"]) == ("python3", ["-c", "print(1)"])
+    with pytest.raises(ValueError):
+        _api.argv([])
+    body = _api.exec_body(
+        ["ls"], env=None, cwd="/tmp", user=None, timeout=1.5, stdin=False, background=True, tag=None
+    )
+    assert body == {
+        "cmd": "ls",
+        "args": [],
+        "env": {},
+        "stdin": False,
+        "background": True,
+        "cwd": "/tmp",
+        "timeout_ms": 1500,
+    }
+    assert _api.sandbox_path("a/b") == "/v1/sandboxes/a%2Fb"
+    params = _api.list_params(
+        state=["running", "paused"], template=None, metadata={"k": "v"}, page_size=5, page_token="t"
+    )
+    assert params == [("limit", "5"), ("state", "running,paused"), ("metadata.k", "v"), ("page_token", "t")]
+    assert _api.stdin_body("hi", True) == {"close": True, "data_b64": "aGk="}
+    assert _api.stdin_body(b"", True) == {"close": True}
+
+
+def test_only_safe_calls_are_retried_once_they_may_have_arrived() -> None:
+    req = httpx.Request("GET", "http://x")
+    connect = httpx.ConnectError("refused", request=req)
+    read = httpx.ReadTimeout("slow", request=req)
+    broken = httpx.RemoteProtocolError("cut", request=req)
+    for safe in (True, False):
+        assert should_retry(safe=safe, attempt=0, max_retries=3, exc=connect), "nothing was sent"
+    assert should_retry(safe=True, attempt=0, max_retries=3, exc=read)
+    assert not should_retry(safe=False, attempt=0, max_retries=3, exc=read)
+    assert not should_retry(safe=False, attempt=0, max_retries=3, exc=broken)
+    assert should_retry(safe=True, attempt=0, max_retries=3, status=503)
+    assert not should_retry(safe=False, attempt=0, max_retries=3, status=503)
+    assert not should_retry(safe=True, attempt=0, max_retries=3, status=409)
+    assert not should_retry(safe=True, attempt=3, max_retries=3, exc=connect), "bounded"
