@@ -4,7 +4,6 @@
 //! `_root_vm` tests, without one for the rest. Output is read the way
 //! scripts read it (`--json`, exit codes).
 
-#[allow(dead_code)]
 mod support;
 
 use std::io::{Read, Write};
