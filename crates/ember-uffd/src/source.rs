@@ -270,6 +270,22 @@ impl DataFile {
         };
     }
 
+    /// Start reading `[offset, offset+len)` of the file into the page cache
+    /// (`POSIX_FADV_WILLNEED`) without waiting for it: many such requests
+    /// keep the disk's queue deep, where faults read one window at a time.
+    /// Advice only; failures are ignored.
+    pub fn advise_willneed(&self, offset: u64, len: u64) {
+        // SAFETY: a valid descriptor; the advice reads nothing into our memory.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     /// Read exactly `buf.len()` bytes at `offset` with `pread`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -364,6 +380,29 @@ impl Image {
 
     pub fn file(&self, index: usize) -> Option<&DataFile> {
         self.files.get(index)
+    }
+
+    /// Ask the kernel to read image bytes `range` from the disk ahead of
+    /// need (zero extents cost nothing). See [`DataFile::advise_willneed`].
+    pub fn advise_willneed(&self, range: std::ops::Range<u64>) {
+        let mut at = range.start;
+        while at < range.end {
+            let Some(extent) = self.locate(at) else {
+                return;
+            };
+            let len = extent.len().min(range.end - at);
+            if len == 0 {
+                return;
+            }
+            if let Extent::File {
+                file, file_offset, ..
+            } = extent
+                && let Some(f) = self.files.get(file)
+            {
+                f.advise_willneed(file_offset, len);
+            }
+            at += len;
+        }
     }
 }
 
