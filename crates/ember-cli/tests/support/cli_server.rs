@@ -1,22 +1,22 @@
-//! A real `ember server` process for the CLI client tests (`client_cli.rs`): with its embedded host
-//! agent (real VMs) in an [`AgentHome`]'s directories, network prefix and
-//! address pool, or without any agent for tests that need no VM. The admin
-//! key it prints on its first start is captured.
+//! A real `ember server` process for the CLI client tests (`client_cli.rs`):
+//! the control-plane tests' [`ServerSpec`] on an SQLite store of its own,
+//! with its embedded host agent (real VMs) in an [`AgentHome`]'s
+//! directories, network prefix and address pool, or without any agent for
+//! tests that need no VM. Owns everything it started.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-use super::agent::{AgentHome, image_dir};
+use super::agent::AgentHome;
+use super::server::{ServerProc, ServerSpec, TestDb};
 
 pub struct CliServer {
-    child: Option<Child>,
+    // Field order is drop order: the server stops before its home (which
+    // kills leftover VMMs and removes namespaces, links, nftables tables and
+    // RAM files of its pool) and its database directory go.
+    proc: ServerProc,
     /// `http://127.0.0.1:PORT`
     pub url: String,
     pub admin_key: String,
-    /// Its directories; dropped after the server, removing what is left.
     pub home: AgentHome,
+    _db: TestDb,
 }
 
 impl CliServer {
@@ -31,93 +31,33 @@ impl CliServer {
     }
 
     fn start(agent: bool) -> CliServer {
+        let db = TestDb::sqlite();
         let home = AgentHome::new();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
-        cmd.args(["server", "--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(home.data());
-        if agent {
-            cmd.args(["--backend", "qemu"])
-                .arg("--run-dir")
-                .arg(home.run_dir())
-                .arg("--memory-dir")
-                .arg(&home.memory_dir)
-                .arg("--image-dir")
-                .arg(image_dir().expect("guest image"))
-                .args(["--net-prefix", &home.prefix, "--net-pool", &home.pool]);
-        } else {
-            cmd.arg("--no-agent");
-        }
-        cmd.env("EMBER_LOG", "info")
-            .env_remove("EMBER_JOIN_TOKEN")
-            .env_remove("EMBER_DATABASE_URL")
-            .env_remove("EMBER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn ember server");
-        let stderr = child.stderr.take().unwrap();
-        let log_path = home
-            .dir
-            .path()
-            .join(format!("agent-server-{}.log", child.id()));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut log = std::fs::File::create(&log_path).unwrap();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = writeln!(log, "{line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut admin_key = None;
-        let url = loop {
-            let Ok(line) = rx.recv_timeout(Duration::from_secs(180)) else {
-                let _ = child.kill();
-                panic!("ember server did not start; log:\n{}", home.logs());
-            };
-            if let Some(k) = line.trim().strip_prefix("EMBER_ADMIN_KEY=") {
-                admin_key = Some(k.to_owned());
-            }
-            if let Some(addr) = line.strip_prefix("ember server: listening on ") {
-                break addr.trim().to_owned();
-            }
-        };
+        let proc = ServerSpec::new(&db, agent.then_some(&home)).start();
         CliServer {
-            child: Some(child),
-            url,
-            admin_key: admin_key.expect("a first start prints EMBER_ADMIN_KEY"),
+            url: proc.base.clone(),
+            admin_key: proc
+                .admin_key
+                .clone()
+                .expect("a first start prints EMBER_ADMIN_KEY"),
+            proc,
             home,
+            _db: db,
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Everything the server logged.
     pub fn logs(&self) -> String {
-        self.home.logs()
+        self.proc.logs()
     }
 
     /// VMM and page-server processes of this server's sandboxes.
     pub fn vm_processes(&self) -> Vec<u32> {
-        let me = self.pid();
+        let me = self.proc.pid();
         self.home
             .processes()
             .into_iter()
             .filter(|p| *p != me)
             .collect()
-    }
-}
-
-impl Drop for CliServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // `home` drops next: it kills leftover VMMs and removes namespaces,
-        // links, nftables tables and RAM files of this server's pool.
     }
 }

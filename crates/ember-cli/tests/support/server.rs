@@ -255,6 +255,11 @@ impl ServerProc {
         format!("{}{path}", self.base)
     }
 
+    /// The server's process ID (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn api(&self, key: &str) -> Api {
         Api {
             base: self.base.clone(),
