@@ -97,7 +97,8 @@ fn main() {
         return;
     }
     let home = AgentHome::new();
-    let agent = home.start();
+    // Room for the ten forks and ten cold boots of part 4 on a small host.
+    let agent = home.start_with(&["--capacity-vcpus", "64"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
