@@ -19,7 +19,7 @@ use ember_guest_api::{GuestClient, InitRequest};
 use ember_image::Image;
 use ember_net::{EgressPolicy, SlotPool};
 use ember_snapshot::{Base, BuildInfo, BuildStore, ImageKind, VmInfo};
-use ember_types::{BackendKind, BuildId, SandboxId};
+use ember_types::{BackendKind, BuildId, DiskFormat, SandboxId};
 use ember_vmm::{
     DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
     SnapshotRequest, VmConfig,
@@ -515,16 +515,15 @@ impl Agent {
                 kernel: image.vmlinux.clone(),
                 initrd: Some(image.initrd.clone()),
                 kernel_args: kernel_args.to_owned(),
-                drives: vec![DriveSpec {
-                    id: "root".to_owned(),
-                    host_path: rt
-                        .disk
-                        .as_ref()
-                        .expect("disk prepared")
-                        .path()
-                        .to_path_buf(),
-                    read_only: false,
-                    root: true,
+                drives: vec![{
+                    let disk = rt.disk.as_ref().expect("disk prepared");
+                    DriveSpec {
+                        id: "root".to_owned(),
+                        host_path: disk.path().to_path_buf(),
+                        read_only: false,
+                        root: true,
+                        format: disk.format(),
+                    }
                 }],
                 net: Some(NetSpec {
                     tap: net.tap,
@@ -544,7 +543,7 @@ impl Agent {
                 self.disk_for(
                     &record.id,
                     self.inner.base_build,
-                    Some(image.rootfs.clone()),
+                    Some((image.rootfs.clone(), DiskFormat::Raw)),
                 )
                 .await?,
             );
@@ -746,12 +745,12 @@ impl Agent {
         &self,
         id: &SandboxId,
         build: BuildId,
-        known_flat: Option<PathBuf>,
+        known_flat: Option<(PathBuf, DiskFormat)>,
     ) -> Result<DiskLayer, AgentError> {
         let dir = self.inner.records.sandbox_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
-        let flat = match known_flat {
+        let (flat, flat_format) = match known_flat {
             Some(f) => f,
             None => self.flat_rootfs(build).await?,
         };
@@ -760,13 +759,20 @@ impl Agent {
             BackendKind::Qemu => {
                 let overlay = dir.join("disk.qcow2");
                 let _ = std::fs::remove_file(&overlay);
-                ember_image::cow::qcow2_overlay(&flat, &overlay).map_err(AgentError::Image)?;
+                ember_image::cow::qcow2_overlay(&flat, flat_format, &overlay)
+                    .map_err(AgentError::Image)?;
                 Ok(DiskLayer::Qcow2 {
                     overlay,
                     base: flat,
                 })
             }
             BackendKind::Firecracker => {
+                if flat_format != DiskFormat::Raw {
+                    return Err(AgentError::io(
+                        format!("copy {} for Firecracker", flat.display()),
+                        std::io::Error::other(format!("a {flat_format} base is not raw")),
+                    ));
+                }
                 let path = dir.join("disk.raw");
                 let _ = std::fs::remove_file(&path);
                 ember_image::cow::raw_copy(&flat, &path).map_err(AgentError::Image)?;
@@ -777,11 +783,11 @@ impl Agent {
     }
 
     /// A read-only file holding `build`'s root filesystem for disk layers
-    /// to sit on (see `disk`): cached, made once even when many sandboxes
-    /// fork from the build at once.
-    async fn flat_rootfs(&self, build: BuildId) -> Result<PathBuf, AgentError> {
+    /// to sit on (see `disk`), with the format to read it in: cached, made
+    /// once even when many sandboxes fork from the build at once.
+    async fn flat_rootfs(&self, build: BuildId) -> Result<(PathBuf, DiskFormat), AgentError> {
         if build == self.inner.base_build {
-            return Ok(self.inner.image.rootfs.clone());
+            return Ok((self.inner.image.rootfs.clone(), DiskFormat::Raw));
         }
         let data_dir = &self.inner.config.data_dir;
         let path = disk::flat_cache_path(data_dir, build);
@@ -801,7 +807,7 @@ impl Agent {
         let store = self.inner.store.clone();
         let dst = path.clone();
         blocking(move || disk::materialize_flat(&store, build, &dst)).await?;
-        Ok(path)
+        Ok((path, DiskFormat::Raw))
     }
 
     // ------------------------------------------------------------ snapshots

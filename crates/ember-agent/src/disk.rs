@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ember_image::cow::OverlayExtent;
+use ember_image::cow::{DiskFormat, OverlayExtent};
 use ember_snapshot::{Base, BlockSet, BuildStore, BuildWriter, Header, ImageKind, WriteReport};
 use ember_types::BuildId;
 
@@ -42,16 +42,17 @@ pub fn qcow2_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
     cache_dir(data_dir).join(format!("{build}.qcow2"))
 }
 
-/// A usable cached base for `build`, if there is one: its flat copy, or
+/// A usable cached base for `build`, if there is one, with its format: its
+/// flat copy (raw: its bytes are the guest's disk, never interpreted), or
 /// its kept overlay when the chain under it is intact and short enough.
-pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<PathBuf> {
+pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<(PathBuf, DiskFormat)> {
     let raw = flat_cache_path(data_dir, build);
     if raw.exists() {
-        return Some(raw);
+        return Some((raw, DiskFormat::Raw));
     }
     let q = qcow2_cache_path(data_dir, build);
     let chain = ember_image::cow::backing_chain(&q).ok()?;
-    (chain.len() <= MAX_CHAIN && chain.iter().all(|p| p.exists())).then_some(q)
+    (chain.len() <= MAX_CHAIN && chain.iter().all(|p| p.exists())).then_some((q, DiskFormat::Qcow2))
 }
 
 /// Keep the disk a paused sandbox ran on as the cache of the build it

@@ -211,10 +211,14 @@ async fn adopt(
 fn disk_layer_of(launch: &ember_vmm::Launch) -> Option<crate::runtime::DiskLayer> {
     let root = launch.config.drives.iter().find(|d| d.root)?;
     let path = root.host_path.clone();
-    Some(if path.extension().is_some_and(|e| e == "qcow2") {
+    Some(if root.format == ember_types::DiskFormat::Qcow2 {
         // The base is only needed to read partial blocks at pause; find it
         // from the overlay's backing file name.
-        let base = qcow2_backing(&path).unwrap_or_default();
+        let base = ember_image::cow::qcow2_backing(&path)
+            .ok()
+            .flatten()
+            .map(|b| b.path)
+            .unwrap_or_default();
         crate::runtime::DiskLayer::Qcow2 {
             overlay: path,
             base,
@@ -222,25 +226,6 @@ fn disk_layer_of(launch: &ember_vmm::Launch) -> Option<crate::runtime::DiskLayer
     } else {
         crate::runtime::DiskLayer::Raw { path }
     })
-}
-
-/// The backing file name recorded in a qcow2 header.
-fn qcow2_backing(path: &Path) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ok()?;
-    let mut hdr = [0u8; 20];
-    f.read_exact_at(&mut hdr, 0).ok()?;
-    if &hdr[..4] != b"QFI\xfb" {
-        return None;
-    }
-    let off = u64::from_be_bytes(hdr[8..16].try_into().ok()?);
-    let len = u32::from_be_bytes(hdr[16..20].try_into().ok()?) as usize;
-    if off == 0 || len == 0 || len > 4096 {
-        return None;
-    }
-    let mut name = vec![0u8; len];
-    f.read_exact_at(&mut name, off).ok()?;
-    Some(std::path::PathBuf::from(String::from_utf8(name).ok()?))
 }
 
 /// Kill what a recorded runtime may still have running.

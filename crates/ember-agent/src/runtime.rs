@@ -32,6 +32,14 @@ impl DiskLayer {
             DiskLayer::Raw { path } => path,
         }
     }
+
+    /// The format the VMM opens it in.
+    pub fn format(&self) -> ember_types::DiskFormat {
+        match self {
+            DiskLayer::Qcow2 { .. } => ember_types::DiskFormat::Qcow2,
+            DiskLayer::Raw { .. } => ember_types::DiskFormat::Raw,
+        }
+    }
 }
 
 /// A userfaultfd page server process (`ember uffd`) serving one VM.

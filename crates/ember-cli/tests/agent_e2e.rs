@@ -5,57 +5,19 @@
 //! nothing of its sandboxes is left: no VMM or page-server process, no
 //! namespace or host link of its pool, no RAM file, no disk layer.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
 
 use ember_proto::host as pb;
-use ember_testkit::{is_root, require};
 use support::agent::*;
-
-macro_rules! require_vm {
-    () => {
-        require!(
-            is_root(),
-            "needs root for network namespaces and TAP devices"
-        );
-        require!(
-            image_dir().is_some(),
-            "no guest image under {}: run `ember image build` first",
-            data_dir().display()
-        );
-    };
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Nothing of `home`'s sandboxes remains (the agent itself may still run).
-fn assert_clean(home: &AgentHome) {
-    assert_eq!(home.processes(), Vec::<u32>::new(), "processes left");
-    assert_eq!(home.namespaces(), Vec::<String>::new(), "namespaces left");
-    assert_eq!(home.links(), Vec::<String>::new(), "host links left");
-    assert_eq!(home.memory_files(), Vec::<String>::new(), "RAM files left");
-    let vms = home.run_dir().join("vms");
-    let left: Vec<_> = std::fs::read_dir(&vms)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "run directories left: {left:?}");
-    let sandboxes = home.data().join("sandboxes");
-    let disks: Vec<_> = std::fs::read_dir(&sandboxes)
-        .map(|d| {
-            d.flatten()
-                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
-                .map(|f| f.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "raw"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(disks.is_empty(), "disk layers left: {disks:?}");
 }
 
 /// The full lifecycle the issue asks for: create, exec, files and a

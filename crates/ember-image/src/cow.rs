@@ -22,92 +22,169 @@ use serde::Deserialize;
 
 use crate::host::QEMU_IMG;
 use crate::{Error, Result};
+pub use ember_types::DiskFormat;
 
 /// The granularity of [`written_blocks`].
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// Create `overlay`, a qcow2 disk backed by `base` (a raw image, or another
-/// qcow2 overlay, making a chain). `base` is recorded by absolute path and
-/// must not change while the overlay exists.
+/// Create `overlay`, a qcow2 disk backed by `base`, which is read as
+/// `base_format`: a raw image, or another qcow2 overlay of Ember's, making a
+/// chain. `base` is recorded by absolute path, with its format, and must not
+/// change while the overlay exists.
+///
+/// The format is the caller's to state, never read from `base`: a raw base
+/// holds a guest's disk, and a guest that wrote a qcow2 header at its start
+/// would otherwise name any host file as the overlay's backing file.
 ///
 /// The overlay uses 128 KiB clusters with extended L2 entries: 32
 /// sub-clusters of 4 KiB each, so a 4 KiB guest write allocates (and a diff
 /// copies) 4 KiB, not a whole cluster.
-pub fn qcow2_overlay(base: &Path, overlay: &Path) -> Result<()> {
+pub fn qcow2_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Result<()> {
     let base = base.canonicalize().map_err(Error::io("open", base))?;
     if overlay.exists() {
         return Err(Error::io("create", overlay)(
             io::ErrorKind::AlreadyExists.into(),
         ));
     }
-    let format = if is_qcow2(&base)? { "qcow2" } else { "raw" };
     let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
-        .arg(&base)
-        .args(["-o", "cluster_size=128k,extended_l2=on"])
-        .arg(overlay);
+    cmd.args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        base_format.as_str(),
+        "-b",
+    ])
+    .arg(&base)
+    .args(["-o", "cluster_size=128k,extended_l2=on"])
+    .arg(overlay);
     QEMU_IMG.output(&mut cmd)?;
     Ok(())
 }
 
-/// Does `path` start with the qcow2 magic?
-pub fn is_qcow2(path: &Path) -> Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let f = File::open(path).map_err(Error::io("open", path))?;
-    let mut magic = [0u8; 4];
-    match f.read_exact_at(&mut magic, 0) {
-        Ok(()) => Ok(&magic == b"QFI\xfb"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(Error::io("read", path)(e)),
-    }
+/// What a qcow2 image's header says it is backed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    pub path: PathBuf,
+    pub format: DiskFormat,
 }
 
-/// The backing file a qcow2 image names, read from its header; `None` for
-/// a raw image or a qcow2 without backing.
-pub fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>> {
+/// The qcow2 header extension naming the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// How much of a header [`qcow2_backing`] reads: the header, its
+/// extensions and the backing name all sit in the first cluster, and
+/// Ember's overlays use 128 KiB clusters.
+const HEADER_READ: usize = 128 << 10;
+
+/// The backing file `path` names, with the format recorded for it; `None`
+/// when it has none. `path` must be a qcow2 image Ember created (a sandbox's
+/// overlay): its metadata is QEMU's, not the guest's. Never call this on a
+/// raw image, whose bytes are the guest's.
+pub fn qcow2_backing(path: &Path) -> Result<Option<Backing>> {
     use std::os::unix::fs::FileExt;
-    let f = File::open(path).map_err(Error::io("open", path))?;
-    let mut hdr = [0u8; 20];
-    match f.read_exact_at(&mut hdr, 0) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(Error::io("read", path)(e)),
-    }
-    if &hdr[..4] != b"QFI\xfb" {
-        return Ok(None);
-    }
-    let offset = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
-    let len = u32::from_be_bytes(hdr[16..20].try_into().expect("4 bytes")) as usize;
-    if offset == 0 || len == 0 {
-        return Ok(None);
-    }
-    if len > 4096 {
-        return Err(Error::ToolOutput {
-            tool: "qcow2 header".into(),
-            reason: format!("{}: backing file name of {len} bytes", path.display()),
-        });
-    }
-    let mut name = vec![0u8; len];
-    f.read_exact_at(&mut name, offset)
-        .map_err(Error::io("read", path))?;
-    let name = String::from_utf8(name).map_err(|_| Error::ToolOutput {
+    let bad = |reason: String| Error::ToolOutput {
         tool: "qcow2 header".into(),
-        reason: format!("{}: backing file name is not UTF-8", path.display()),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let mut hdr = vec![0u8; HEADER_READ];
+    let mut got = 0;
+    while got < hdr.len() {
+        match f.read_at(&mut hdr[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path)(e)),
+        }
+    }
+    hdr.truncate(got);
+    let be32 = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(hdr.get(at..at + 4)?.try_into().ok()?))
+    };
+    let be64 = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(hdr.get(at..at + 8)?.try_into().ok()?))
+    };
+    if hdr.get(..4) != Some(b"QFI\xfb".as_slice()) {
+        return Err(bad("not a qcow2 image".into()));
+    }
+    let version = be32(4).ok_or_else(|| bad("header cut short".into()))?;
+    let name_offset = be64(8).ok_or_else(|| bad("header cut short".into()))?;
+    let name_len = be32(16).ok_or_else(|| bad("header cut short".into()))? as usize;
+    if name_offset == 0 || name_len == 0 {
+        return Ok(None);
+    }
+    let name = usize::try_from(name_offset)
+        .ok()
+        .and_then(|at| hdr.get(at..at.checked_add(name_len)?))
+        .ok_or_else(|| {
+            bad(format!(
+                "backing file name of {name_len} bytes out of bounds"
+            ))
+        })?;
+    let name =
+        std::str::from_utf8(name).map_err(|_| bad("backing file name is not UTF-8".into()))?;
+
+    // Header extensions follow the header (72 bytes in version 2; version 3
+    // states its length), each `type, length, data` padded to 8 bytes.
+    let mut at = match version {
+        2 => 72,
+        3 => be32(100).ok_or_else(|| bad("header cut short".into()))? as usize,
+        v => return Err(bad(format!("qcow2 version {v}"))),
+    };
+    let mut format = None;
+    loop {
+        let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) else {
+            return Err(bad("header extensions run past the first cluster".into()));
+        };
+        let len = len as usize;
+        if kind == 0 {
+            break;
+        }
+        let data = hdr
+            .get(at + 8..at + 8 + len)
+            .ok_or_else(|| bad("header extension out of bounds".into()))?;
+        if kind == EXT_BACKING_FORMAT {
+            format = Some(match data {
+                b"raw" => DiskFormat::Raw,
+                b"qcow2" => DiskFormat::Qcow2,
+                other => {
+                    return Err(bad(format!(
+                        "backing format {:?}",
+                        String::from_utf8_lossy(other)
+                    )));
+                }
+            });
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    let format = format.ok_or_else(|| {
+        bad("no backing format recorded (Ember states every format and never probes one)".into())
     })?;
-    Ok(Some(PathBuf::from(name)))
+    Ok(Some(Backing {
+        path: PathBuf::from(name),
+        format,
+    }))
 }
 
-/// `path` and the files it is backed by, top first.
+/// The qcow2 overlay `path` and the files under it, top first. The chain
+/// is followed only through backings recorded as qcow2 and ends at the
+/// first raw one, which is never read.
 pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
     let mut chain = vec![path.to_path_buf()];
-    while let Some(next) = qcow2_backing(chain.last().expect("non-empty"))? {
-        if chain.len() > 64 || chain.contains(&next) {
+    let mut top_is_qcow2 = true;
+    while top_is_qcow2 {
+        let Some(next) = qcow2_backing(chain.last().expect("non-empty"))? else {
+            break;
+        };
+        if chain.len() > 64 || chain.contains(&next.path) {
             return Err(Error::ToolOutput {
                 tool: "qcow2 header".into(),
                 reason: format!("{}: backing chain loops or is too long", path.display()),
             });
         }
-        chain.push(next);
+        top_is_qcow2 = next.format == DiskFormat::Qcow2;
+        chain.push(next.path);
     }
     Ok(chain)
 }
@@ -351,10 +428,20 @@ mod tests {
         f.set_len(4 << 20).unwrap();
         drop(f);
         let mid = dir.path().join("mid.qcow2");
-        qcow2_overlay(&base, &mid).unwrap();
+        qcow2_overlay(&base, DiskFormat::Raw, &mid).unwrap();
         let top = dir.path().join("top.qcow2");
-        qcow2_overlay(&mid, &top).unwrap();
-        assert!(is_qcow2(&top).unwrap() && !is_qcow2(&base).unwrap());
+        qcow2_overlay(&mid, DiskFormat::Qcow2, &top).unwrap();
+        assert_eq!(
+            qcow2_backing(&top).unwrap(),
+            Some(Backing {
+                path: mid.canonicalize().unwrap(),
+                format: DiskFormat::Qcow2
+            })
+        );
+        assert_eq!(
+            qcow2_backing(&mid).unwrap().map(|b| b.format),
+            Some(DiskFormat::Raw)
+        );
         let chain = backing_chain(&top).unwrap();
         assert_eq!(
             chain,
@@ -397,10 +484,10 @@ mod tests {
         f.write_all_at(b"base data", 1 << 20).unwrap();
         drop(f);
         let overlay = dir.path().join("disk.qcow2");
-        qcow2_overlay(&base, &overlay).unwrap();
+        qcow2_overlay(&base, DiskFormat::Raw, &overlay).unwrap();
         assert_eq!(written_blocks(&overlay).unwrap(), []);
         assert!(
-            qcow2_overlay(&base, &overlay).is_err(),
+            qcow2_overlay(&base, DiskFormat::Raw, &overlay).is_err(),
             "an existing overlay is never replaced"
         );
 
@@ -468,6 +555,96 @@ mod tests {
                 (8388608, 4096, true, Some(0)),
             ]
         );
+    }
+
+    /// The escape this module exists to prevent: a guest writes a qcow2
+    /// header naming a host file over the first bytes of its disk; the disk
+    /// is materialised as a raw file and a new overlay is stacked on it. The
+    /// overlay must read the guest's own bytes, never the host file's, and
+    /// the chain must end at the raw file without reading it.
+    #[test]
+    fn a_raw_base_holding_a_qcow2_header_is_read_as_its_bytes() {
+        ember_testkit::require!(
+            have_qemu_img(),
+            "qemu-img not found: apt-get install qemu-utils"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("host-secret");
+        fs::write(&secret, vec![b'S'; 1 << 20]).unwrap();
+        // The "guest disk": a qcow2 image backed by the secret, as bytes.
+        let base = dir.path().join("guest.raw");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&base)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let guest_bytes = fs::read(&base).unwrap();
+        File::options()
+            .write(true)
+            .open(&base)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+
+        let overlay = dir.path().join("disk.qcow2");
+        qcow2_overlay(&base, DiskFormat::Raw, &overlay).unwrap();
+        assert_eq!(
+            backing_chain(&overlay).unwrap(),
+            [overlay.clone(), base.canonicalize().unwrap()],
+            "the chain ends at the raw base"
+        );
+        let out = std::process::Command::new("qemu-img")
+            .args(["dd", "-f", "qcow2", "-O", "raw", "bs=4096", "count=1"])
+            .arg(format!("if={}", overlay.display()))
+            .arg(format!("of={}", dir.path().join("first.blk").display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let first = fs::read(dir.path().join("first.blk")).unwrap();
+        let n = guest_bytes.len().min(4096);
+        assert_eq!(first[..n], guest_bytes[..n], "the guest's own bytes");
+        assert!(
+            !first.windows(64).any(|w| w.iter().all(|&b| b == b'S')),
+            "the host file's bytes showed through the guest's disk"
+        );
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2", "--backing-chain"])
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            !info.contains("host-secret"),
+            "QEMU followed the guest's header: {info}"
+        );
+    }
+
+    #[test]
+    fn headers_without_a_recorded_backing_format_are_refused() {
+        ember_testkit::require!(
+            have_qemu_img(),
+            "qemu-img not found: apt-get install qemu-utils"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        File::create(&base).unwrap().set_len(1 << 20).unwrap();
+        // qemu-img 7.2 and 10 both refuse a backing without -F at create;
+        // write one, then strip the extension's type so it reads as unknown.
+        let img = dir.path().join("img.qcow2");
+        qcow2_overlay(&base, DiskFormat::Raw, &img).unwrap();
+        let mut bytes = fs::read(&img).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == EXT_BACKING_FORMAT.to_be_bytes())
+            .expect("backing format extension");
+        bytes[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        fs::write(&img, &bytes).unwrap();
+        let err = qcow2_backing(&img).unwrap_err().to_string();
+        assert!(err.contains("no backing format recorded"), "{err}");
+        assert!(qcow2_backing(&base).is_err(), "a raw file is never parsed");
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn image_boots_to_its_init_under_qemu_tcg_root_network() {
     };
 
     let overlay = scratch.path().join("root.qcow2");
-    cow::qcow2_overlay(&image.rootfs, &overlay).unwrap();
+    cow::qcow2_overlay(&image.rootfs, cow::DiskFormat::Raw, &overlay).unwrap();
     let serial = scratch.path().join("serial.log");
     // Unknown `key=value` words reach init's environment, bare words its argv.
     let append = format!(

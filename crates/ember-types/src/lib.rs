@@ -45,3 +45,32 @@ impl std::str::FromStr for BackendKind {
         }
     }
 }
+
+/// How a disk image's bytes are to be read. Ember always states it: a
+/// format is never guessed from a file's content, because a guest controls
+/// the content of its own disk (a guest that writes a qcow2 header at the
+/// start of a raw disk must never make the host follow it to a backing file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// The bytes are the disk, whatever they say.
+    Raw,
+    /// A qcow2 image that Ember (through `qemu-img`) created.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name QEMU and `qemu-img` use for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -32,7 +32,10 @@ use self::jailer::{Jail, JailerConfig};
 use self::models::*;
 use self::process::{LaunchCommand, VmmProcess};
 use crate::layout::{RunLayout, ViewPlan, entry};
-use crate::{BackendKind, Launch, MemoryBackend, RestoreSpec, Result, Vm, VmConfig, Vmm, VmmError};
+use crate::{
+    BackendKind, DiskFormat, Launch, MemoryBackend, RestoreSpec, Result, Vm, VmConfig, Vmm,
+    VmmError,
+};
 
 /// The environment variable naming the Firecracker binary when the config
 /// does not.
@@ -446,6 +449,12 @@ fn validate_config(config: &VmConfig) -> std::result::Result<(), String> {
                 d.id
             ));
         }
+        if d.format != DiskFormat::Raw {
+            return Err(format!(
+                "drive {:?} is {}: Firecracker reads raw disks only",
+                d.id, d.format
+            ));
+        }
     }
     if let Some(net) = &config.net {
         if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains('/') {
@@ -542,6 +551,7 @@ mod tests {
                 host_path: "/d".into(),
                 read_only: false,
                 root: true,
+                format: DiskFormat::Raw,
             }],
             net: Some(NetSpec {
                 tap: "tap0".into(),
@@ -597,6 +607,9 @@ mod tests {
         let mut c = config();
         c.net.as_mut().unwrap().tap = "a-very-long-tap-name".into();
         assert!(validate_config(&c).unwrap_err().contains("TAP"));
+        let mut c = config();
+        c.drives[0].format = DiskFormat::Qcow2;
+        assert!(validate_config(&c).unwrap_err().contains("raw disks only"));
     }
 
     #[test]

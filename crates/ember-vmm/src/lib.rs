@@ -20,7 +20,7 @@ pub mod qemu;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use ember_types::BackendKind;
+pub use ember_types::{BackendKind, DiskFormat};
 pub use spec::{
     DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
     SnapshotOutput, SnapshotRequest, VmConfig,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use ember_types::DiskFormat;
 use serde::{Deserialize, Serialize};
 
 /// vCPUs and memory.
@@ -18,12 +19,47 @@ pub struct MachineSpec {
 /// `layout`), because a snapshot records drive paths and a restore must find
 /// them again whatever the real disk's path is now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "DriveSpecRecord")]
 pub struct DriveSpec {
     /// `[a-z0-9_]+`, unique within the VM; `root` for the root disk.
     pub id: String,
     pub host_path: PathBuf,
     pub read_only: bool,
     pub root: bool,
+    /// How the VMM reads the file: always stated, never probed.
+    pub format: DiskFormat,
+}
+
+/// A [`DriveSpec`] as stored. Records written before `format` existed
+/// named their disks `*.qcow2` or `*.raw`: the extension is Ember's choice,
+/// not the guest's, so it is what an absent format is taken from.
+#[derive(Deserialize)]
+struct DriveSpecRecord {
+    id: String,
+    host_path: PathBuf,
+    read_only: bool,
+    root: bool,
+    #[serde(default)]
+    format: Option<DiskFormat>,
+}
+
+impl From<DriveSpecRecord> for DriveSpec {
+    fn from(r: DriveSpecRecord) -> Self {
+        let format = r.format.unwrap_or_else(|| {
+            if r.host_path.extension().is_some_and(|e| e == "qcow2") {
+                DiskFormat::Qcow2
+            } else {
+                DiskFormat::Raw
+            }
+        });
+        DriveSpec {
+            id: r.id,
+            host_path: r.host_path,
+            read_only: r.read_only,
+            root: r.root,
+            format,
+        }
+    }
 }
 
 /// The VM's network interface: a TAP device inside a network namespace.

@@ -26,7 +26,7 @@ use ember_guest_api::{GuestClient, InitRequest, ProcessEvent, StartProcess, User
 use ember_image::{Image, ImageSpec};
 use ember_net::{EgressPolicy, PoolConfig, Slot, SlotPool};
 use ember_vmm::qemu::{Qemu, QemuConfig};
-use ember_vmm::{DriveSpec, Launch, MachineSpec, NetSpec, Vm, VmConfig, Vmm};
+use ember_vmm::{DiskFormat, DriveSpec, Launch, MachineSpec, NetSpec, Vm, VmConfig, Vmm};
 use futures::StreamExt;
 use tracing::{info, warn};
 
@@ -301,9 +301,11 @@ impl LocalSandbox {
         let disk = run_dir.join("disk.qcow2");
         {
             let (base, disk) = (image.rootfs.clone(), disk.clone());
-            tokio::task::spawn_blocking(move || ember_image::cow::qcow2_overlay(&base, &disk))
-                .await?
-                .context("create the disk layer")?;
+            tokio::task::spawn_blocking(move || {
+                ember_image::cow::qcow2_overlay(&base, DiskFormat::Raw, &disk)
+            })
+            .await?
+            .context("create the disk layer")?;
         }
         let launch = Launch {
             vm_id: id.clone(),
@@ -318,6 +320,7 @@ impl LocalSandbox {
                     host_path: disk,
                     read_only: false,
                     root: true,
+                    format: DiskFormat::Qcow2,
                 }],
                 net: Some(NetSpec {
                     tap: net.tap,

@@ -358,3 +358,27 @@ pub async fn exec(
 pub fn state(sb: &pb::Sandbox) -> pb::SandboxState {
     pb::SandboxState::try_from(sb.state).unwrap()
 }
+
+/// Nothing of `home`'s sandboxes remains (the agent itself may still run).
+pub fn assert_clean(home: &AgentHome) {
+    assert_eq!(home.processes(), Vec::<u32>::new(), "processes left");
+    assert_eq!(home.namespaces(), Vec::<String>::new(), "namespaces left");
+    assert_eq!(home.links(), Vec::<String>::new(), "host links left");
+    assert_eq!(home.memory_files(), Vec::<String>::new(), "RAM files left");
+    let vms = home.run_dir().join("vms");
+    let left: Vec<_> = std::fs::read_dir(&vms)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run directories left: {left:?}");
+    let sandboxes = home.data().join("sandboxes");
+    let disks: Vec<_> = std::fs::read_dir(&sandboxes)
+        .map(|d| {
+            d.flatten()
+                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+                .map(|f| f.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "raw"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(disks.is_empty(), "disk layers left: {disks:?}");
+}

@@ -49,29 +49,7 @@ pub struct PlannedDrive {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    /// qcow2 images start with `QFI\xfb`; anything else is raw.
-    pub fn detect(first_bytes: &[u8]) -> DiskFormat {
-        if first_bytes.starts_with(b"QFI\xfb") {
-            DiskFormat::Qcow2
-        } else {
-            DiskFormat::Raw
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-}
+pub use ember_types::DiskFormat;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedNet {
@@ -491,11 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn disk_format_and_input_validation() {
-        assert_eq!(DiskFormat::detect(b"QFI\xfb\0\0\0\x03"), DiskFormat::Qcow2);
-        assert_eq!(DiskFormat::detect(b"\0\0\0\0"), DiskFormat::Raw);
-        assert_eq!(DiskFormat::detect(b"QF"), DiskFormat::Raw);
-
+    fn input_validation() {
         assert!(validate_vm_id("sbx_01.a-b").is_ok());
         for bad in ["", "a,b", "a b", "a=b", &"x".repeat(65)] {
             assert!(validate_vm_id(bad).is_err(), "{bad:?}");

@@ -118,6 +118,7 @@ mod tests {
             host_path: path.into(),
             read_only: false,
             root: id == "root",
+            format: crate::DiskFormat::Raw,
         }
     }
 

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use accel::{Accel, AccelChoice, AccelDecision};
 pub use vm::QemuVm;
 
-use self::cmdline::{DiskFormat, LaunchPlan, PlannedDrive, PlannedNet};
+use self::cmdline::{LaunchPlan, PlannedDrive, PlannedNet};
 use self::process::{Process, log_tail};
 use self::qmp::{Qmp, QmpError, RunState};
 use crate::{BackendKind, Launch, MemoryBackend, RestoreSpec, Result, Vm, Vmm, VmmError};
@@ -540,7 +540,8 @@ fn identify(argv: &[u8], vm_id: &str) -> Option<(PathBuf, bool)> {
     })
 }
 
-/// Link each drive at its stable path and detect its format.
+/// Link each drive at its stable path, in the format its spec states (never
+/// one read from the disk: its bytes are the guest's).
 fn plan_drives(run_dir: &Path, specs: &[crate::DriveSpec]) -> Result<Vec<PlannedDrive>> {
     let links = drives::link_drives(run_dir, specs)?;
     specs
@@ -550,7 +551,7 @@ fn plan_drives(run_dir: &Path, specs: &[crate::DriveSpec]) -> Result<Vec<Planned
             Ok(PlannedDrive {
                 id: drive.id.clone(),
                 path: link,
-                format: DiskFormat::detect(&first_bytes(&drive.host_path)?),
+                format: drive.format,
                 read_only: drive.read_only,
             })
         })
@@ -623,18 +624,6 @@ fn check_ram_file(path: &Path, memory_mib: u32) -> Result<()> {
     Ok(())
 }
 
-fn first_bytes(path: &Path) -> Result<[u8; 4]> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut file = File::open(path).map_err(|source| VmmError::Io {
-        context: format!("opening disk {}", path.display()),
-        source,
-    })?;
-    // A disk shorter than the magic is raw (and odd, but QEMU will say so).
-    let _ = file.read(&mut magic);
-    Ok(magic)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,6 +670,7 @@ mod tests {
                 host_path: disk.clone(),
                 read_only: false,
                 root: true,
+                format: crate::DiskFormat::Raw,
             }],
         )
         .unwrap();

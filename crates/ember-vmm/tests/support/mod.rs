@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ember_vmm::firecracker::{ApiTimeouts, FirecrackerConfig, FirecrackerVmm};
 use ember_vmm::layout::{RunLayout, entry};
-use ember_vmm::{DriveSpec, Launch, MachineSpec, VmConfig};
+use ember_vmm::{DiskFormat, DriveSpec, Launch, MachineSpec, VmConfig};
 
 /// What the suite drives: the fake (always) or a real Firecracker binary.
 #[derive(Debug, Clone)]
@@ -149,6 +149,7 @@ impl Env {
                     host_path: self.root_drive.clone(),
                     read_only: false,
                     root: true,
+                    format: DiskFormat::Raw,
                 }],
                 net: None,
             },
