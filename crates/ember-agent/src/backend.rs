@@ -47,6 +47,11 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
             ),
         },
     };
+    let binary = match kind {
+        BackendKind::Qemu => Some(config.qemu.binary.clone()),
+        BackendKind::Firecracker => config.firecracker_bin.clone(),
+    };
+    crate::preflight::check(kind, binary.as_deref())?;
     let vmm: Arc<dyn Vmm> = match kind {
         BackendKind::Firecracker => {
             let fc = FirecrackerConfig {

@@ -73,6 +73,11 @@ pub enum AgentError {
         #[source]
         source: ember_vmm::VmmError,
     },
+    #[error(
+        "this host lacks what Ember needs: {}; run scripts/setup-host as root to install it all",
+        missing.join(", ")
+    )]
+    HostTools { missing: Vec<String> },
     #[error("guest image")]
     Image(#[source] ember_image::Error),
     #[error("build store")]

@@ -9,6 +9,7 @@
 //! - [`recovery`]: what a starting agent does with what the last one left.
 //! - [`service`]: the gRPC service (`ember.host.v1.HostAgent`).
 //! - [`backend`], [`config`]: choosing the VMM; the agent's settings.
+//! - [`preflight`]: the host tools an agent needs, checked at start.
 //!
 //! Not here: VMMs (`ember-vmm`), network slots (`ember-net`), images
 //! (`ember-image`), builds (`ember-snapshot`), page servers (`ember-uffd`,
@@ -19,6 +20,7 @@ pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod preflight;
 pub mod records;
 mod recovery;
 pub mod runtime;

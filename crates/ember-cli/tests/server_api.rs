@@ -1365,3 +1365,43 @@ async fn config_file_settings_apply_and_typos_are_errors() {
         "the error names the unknown setting: {err}"
     );
 }
+
+/// A host that lacks what the agent needs is told so at start, in one
+/// error naming everything to install, by `ember agent` and by `ember
+/// server` (whose embedded agent checks the same), not at the first create.
+#[test]
+fn missing_host_tools_stop_the_agent_and_the_server_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-firecracker");
+    for cmd in ["agent", "server"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg(cmd)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join(format!("data-{cmd}")))
+            .arg("--run-dir")
+            .arg(dir.path().join(format!("run-{cmd}")))
+            .arg("--memory-dir")
+            .arg(dir.path().join(format!("mem-{cmd}")))
+            .args(["--backend", "firecracker", "--firecracker-bin"])
+            .arg(&missing)
+            .env_remove("EMBER_DATABASE_URL")
+            .env_remove("EMBER_JOIN_TOKEN")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ember {cmd} started: {stderr}");
+        assert!(
+            stderr.contains("this host lacks what Ember needs")
+                && stderr.contains(&format!(
+                    "{} (build Firecracker and pass --firecracker-bin)",
+                    missing.display()
+                ))
+                && stderr.contains("scripts/setup-host"),
+            "ember {cmd}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listening on"),
+            "ember {cmd} served before failing: {stderr}"
+        );
+    }
+}

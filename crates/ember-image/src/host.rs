@@ -12,7 +12,7 @@ use crate::{Error, Result};
 
 /// A host program and the Debian package that provides it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Tool {
+pub struct Tool {
     pub name: &'static str,
     pub package: &'static str,
 }
@@ -41,7 +41,7 @@ pub(crate) const MKFS_EXT4: Tool = Tool {
     name: "mkfs.ext4",
     package: "e2fsprogs",
 };
-pub(crate) const QEMU_IMG: Tool = Tool {
+pub const QEMU_IMG: Tool = Tool {
     name: "qemu-img",
     package: "qemu-utils",
 };
@@ -53,6 +53,19 @@ pub(crate) const CP: Tool = Tool {
     name: "cp",
     package: "coreutils",
 };
+
+/// An executable program: `program` itself when it is a path, else the
+/// first match in `PATH` and then root's usual directories.
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return is_executable(program).then(|| program.to_path_buf());
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .chain(EXTRA_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
 
 /// How many lines of a failed tool's output an error quotes.
 const TAIL_LINES: usize = 12;
@@ -68,16 +81,12 @@ const EXTRA_DIRS: &[&str] = &[
 ];
 
 impl Tool {
-    pub(crate) fn path(&self) -> Result<PathBuf> {
-        let path_var = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path_var)
-            .chain(EXTRA_DIRS.iter().map(PathBuf::from))
-            .map(|dir| dir.join(self.name))
-            .find(|candidate| is_executable(candidate))
-            .ok_or(Error::ToolMissing {
-                tool: self.name,
-                package: self.package,
-            })
+    /// Where the tool is: `PATH`, then root's usual directories.
+    pub fn path(&self) -> Result<PathBuf> {
+        find_program(Path::new(self.name)).ok_or(Error::ToolMissing {
+            tool: self.name,
+            package: self.package,
+        })
     }
 
     /// A command for this tool with a predictable locale (its messages are

@@ -29,7 +29,7 @@ pub mod cow;
 pub mod cpio;
 pub mod elf;
 mod error;
-mod host;
+pub mod host;
 mod image;
 mod initramfs;
 mod kernel;
