@@ -360,6 +360,15 @@ pub fn add_entropy(entropy: &[u8], credit: bool) -> io::Result<()> {
     if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    // Crediting entropy does not reseed the CRNG on 6.x kernels until its
+    // next scheduled reseed (up to a minute): forks of one snapshot would
+    // hand out the same getrandom() bytes until then. Force it now.
+    // RNDRESEEDCRNG = _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
