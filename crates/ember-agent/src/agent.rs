@@ -87,6 +87,8 @@ pub(crate) struct Entry {
     pub op: Mutex<()>,
     pub record: StdMutex<SandboxRecord>,
     pub runtime: Mutex<Option<Runtime>>,
+    /// Recent samples of what it uses while running.
+    pub usage: StdMutex<crate::usage::History>,
 }
 
 impl Entry {
@@ -118,6 +120,7 @@ pub(crate) struct Inner {
     pub store: BuildStore,
     pub records: Records,
     pub slots: SlotPool,
+    pub confiner: crate::confine::Confiner,
     pub image: Image,
     /// The image's root filesystem, imported as a disk-only build so every
     /// disk diff has a header to be a diff of.
@@ -161,10 +164,17 @@ impl Agent {
     /// Start an agent: choose the backend, ensure the guest image, import it
     /// as the base build, then recover whatever a previous agent left.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        // Guest RAM, disks, tokens and sockets: no other local user may read
+        // them or swap them for links.
         for dir in [&config.data_dir, &config.run_dir, &config.memory_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+            crate::confine::private_dir(dir)?;
         }
+        let confiner = crate::confine::Confiner::new(
+            config.confine.clone(),
+            &config.run_dir,
+            &config.net.prefix,
+            &config.data_dir,
+        )?;
         let backend = crate::backend::choose(&config).await?;
         info!(backend = %backend.kind, detail = %backend.detail, "backend chosen");
         let image = ensure_image(&config).await?;
@@ -182,6 +192,7 @@ impl Agent {
                 store,
                 records,
                 slots,
+                confiner,
                 image,
                 base_build,
                 sandboxes: StdMutex::new(HashMap::new()),
@@ -226,6 +237,7 @@ impl Agent {
             op: Mutex::new(()),
             record: StdMutex::new(record),
             runtime: Mutex::new(runtime),
+            usage: StdMutex::new(crate::usage::History::default()),
         });
         self.inner
             .sandboxes
@@ -492,6 +504,17 @@ impl Agent {
                 return Err(e);
             }
         }
+        match self
+            .inner
+            .confiner
+            .cgroup(record.id.as_str(), record.vcpus, record.memory_mib)
+        {
+            Ok(cgroup) => rt.cgroup = cgroup,
+            Err(e) => {
+                rt.teardown().await;
+                return Err(e);
+            }
+        }
         Ok(rt)
     }
 
@@ -523,6 +546,10 @@ impl Agent {
                         read_only: false,
                         root: true,
                         format: disk.format(),
+                        backing: match disk {
+                            DiskLayer::Qcow2 { below, .. } => below.clone(),
+                            DiskLayer::Raw { .. } => Vec::new(),
+                        },
                     }
                 }],
                 net: Some(NetSpec {
@@ -532,6 +559,11 @@ impl Agent {
                 }),
             },
             memory_file: rt.memory_file.clone(),
+            confinement: Some(
+                self.inner
+                    .confiner
+                    .confinement(slot.index(), rt.cgroup.as_ref()),
+            ),
         }
     }
 
@@ -543,7 +575,7 @@ impl Agent {
                 self.disk_for(
                     &record.id,
                     self.inner.base_build,
-                    Some((image.rootfs.clone(), DiskFormat::Raw)),
+                    Some(disk::LayerBase::raw(image.rootfs.clone())),
                 )
                 .await?,
             );
@@ -633,11 +665,17 @@ impl Agent {
                     MemoryBackend::File(path)
                 }
                 BackendKind::Firecracker => {
+                    let slot = rt.slot.as_ref().expect("prepared runtime has a slot");
+                    let confinement = self
+                        .inner
+                        .confiner
+                        .confinement(slot.index(), rt.cgroup.as_ref());
                     let ps = PageServer::spawn(
                         &self.inner.config.ember_bin,
-                        &self.inner.config.data_dir,
+                        &self.inner.store,
                         rt.run_dir.as_ref().expect("run dir"),
                         build,
+                        Some(&confinement),
                     )
                     .await?;
                     let socket = ps.socket.clone();
@@ -745,37 +783,42 @@ impl Agent {
         &self,
         id: &SandboxId,
         build: BuildId,
-        known_flat: Option<(PathBuf, DiskFormat)>,
+        known_flat: Option<disk::LayerBase>,
     ) -> Result<DiskLayer, AgentError> {
         let dir = self.inner.records.sandbox_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
-        let (flat, flat_format) = match known_flat {
+        let base = match known_flat {
             Some(f) => f,
             None => self.flat_rootfs(build).await?,
         };
         let kind = self.inner.backend.kind;
+        let store = self.inner.store.clone();
         blocking(move || match kind {
             BackendKind::Qemu => {
+                let size = store
+                    .open_header(build, ImageKind::Rootfs)
+                    .map_err(AgentError::Store)?
+                    .size();
                 let overlay = dir.join("disk.qcow2");
                 let _ = std::fs::remove_file(&overlay);
-                ember_image::cow::qcow2_overlay(&flat, flat_format, &overlay)
+                ember_image::cow::qcow2_overlay(&base.path, base.format, size, &overlay)
                     .map_err(AgentError::Image)?;
                 Ok(DiskLayer::Qcow2 {
                     overlay,
-                    base: flat,
+                    below: base.chain(),
                 })
             }
             BackendKind::Firecracker => {
-                if flat_format != DiskFormat::Raw {
+                if base.format != DiskFormat::Raw {
                     return Err(AgentError::io(
-                        format!("copy {} for Firecracker", flat.display()),
-                        std::io::Error::other(format!("a {flat_format} base is not raw")),
+                        format!("copy {} for Firecracker", base.path.display()),
+                        std::io::Error::other(format!("a {} base is not raw", base.format)),
                     ));
                 }
                 let path = dir.join("disk.raw");
                 let _ = std::fs::remove_file(&path);
-                ember_image::cow::raw_copy(&flat, &path).map_err(AgentError::Image)?;
+                ember_image::cow::raw_copy(&base.path, &path).map_err(AgentError::Image)?;
                 Ok(DiskLayer::Raw { path })
             }
         })
@@ -785,9 +828,9 @@ impl Agent {
     /// A read-only file holding `build`'s root filesystem for disk layers
     /// to sit on (see `disk`), with the format to read it in: cached, made
     /// once even when many sandboxes fork from the build at once.
-    async fn flat_rootfs(&self, build: BuildId) -> Result<(PathBuf, DiskFormat), AgentError> {
+    async fn flat_rootfs(&self, build: BuildId) -> Result<disk::LayerBase, AgentError> {
         if build == self.inner.base_build {
-            return Ok((self.inner.image.rootfs.clone(), DiskFormat::Raw));
+            return Ok(disk::LayerBase::raw(self.inner.image.rootfs.clone()));
         }
         let data_dir = &self.inner.config.data_dir;
         let path = disk::flat_cache_path(data_dir, build);
@@ -807,7 +850,7 @@ impl Agent {
         let store = self.inner.store.clone();
         let dst = path.clone();
         blocking(move || disk::materialize_flat(&store, build, &dst)).await?;
-        Ok((path, DiskFormat::Raw))
+        Ok(disk::LayerBase::raw(path))
     }
 
     // ------------------------------------------------------------ snapshots
@@ -890,6 +933,7 @@ impl Agent {
         let store = self.inner.store.clone();
         let base_build = self.inner.base_build;
         let disk = rt.disk.clone().expect("disk");
+        let confinement = rt.launch.as_ref().and_then(|l| l.confinement.clone());
         let started = Instant::now();
         let work2 = work.clone();
         let result = blocking(move || {
@@ -919,7 +963,8 @@ impl Agent {
             let disk_parent = store
                 .open_header(disk_parent_build, ImageKind::Rootfs)
                 .map_err(AgentError::Store)?;
-            let disk_report = disk::write_disk_diff(&store, &mut w, &disk, &disk_parent)?;
+            let disk_report =
+                disk::write_disk_diff(&store, &mut w, &disk, &disk_parent, confinement.as_ref())?;
             let vmstate = std::fs::File::open(&out.vmstate)
                 .map_err(|e| AgentError::io(format!("open {}", out.vmstate.display()), e))?;
             w.write_vmstate(vmstate).map_err(AgentError::Store)?;
@@ -1216,6 +1261,91 @@ impl Agent {
         }
     }
 
+    // ------------------------------------------------------------ usage
+
+    /// Sample every running sandbox's use (called every
+    /// [`crate::usage::INTERVAL`]); a sandbox busy with an operation is
+    /// skipped this round.
+    pub async fn sample_usage(&self) {
+        let entries: Vec<_> = self
+            .inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            if entry.state() != SandboxState::Running {
+                entry.usage.lock().expect("usage lock").clear();
+                continue;
+            }
+            let Ok(runtime) = entry.runtime.try_lock() else {
+                continue;
+            };
+            let Some(rt) = runtime.as_ref() else { continue };
+            let previous = entry.usage.lock().expect("usage lock").last().copied();
+            let sample = crate::usage::sample(
+                rt.cgroup.as_ref(),
+                rt.disk.as_ref().map(|d| d.path()),
+                rt.slot.as_ref().map(|s| s.plan().host_link.name.as_str()),
+                previous.as_ref(),
+            );
+            drop(runtime);
+            entry.usage.lock().expect("usage lock").push(sample);
+        }
+    }
+
+    /// A running sandbox's recent samples, oldest first (one is taken now
+    /// if none was yet).
+    pub async fn usage_of(&self, id: &SandboxId) -> Result<Vec<crate::usage::Sample>, AgentError> {
+        let entry = self.entry(id)?;
+        let state = entry.state();
+        if state != SandboxState::Running {
+            return Err(AgentError::IllegalTransition {
+                id: id.clone(),
+                operation: "read the metrics of",
+                state: state.to_string(),
+            });
+        }
+        if entry.usage.lock().expect("usage lock").last().is_none() {
+            let runtime = entry.runtime.lock().await;
+            if let Some(rt) = runtime.as_ref() {
+                let sample = crate::usage::sample(
+                    rt.cgroup.as_ref(),
+                    rt.disk.as_ref().map(|d| d.path()),
+                    rt.slot.as_ref().map(|s| s.plan().host_link.name.as_str()),
+                    None,
+                );
+                entry.usage.lock().expect("usage lock").push(sample);
+            }
+        }
+        Ok(entry.usage.lock().expect("usage lock").samples())
+    }
+
+    /// Sums over the running sandboxes' latest samples.
+    pub fn usage_totals(&self) -> crate::usage::Sample {
+        let entries: Vec<_> = self
+            .inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut total = crate::usage::Sample::default();
+        for e in entries {
+            if let Some(s) = e.usage.lock().expect("usage lock").last() {
+                total.cpu_percent += s.cpu_percent;
+                total.memory_bytes += s.memory_bytes;
+                total.disk_bytes += s.disk_bytes;
+                total.net_rx_bytes += s.net_rx_bytes;
+                total.net_tx_bytes += s.net_tx_bytes;
+            }
+        }
+        total
+    }
+
     // ------------------------------------------------------------ garbage
 
     /// Builds something still needs: templates, every sandbox's build and
@@ -1368,6 +1498,7 @@ pub(crate) fn runtime_record(rt: &Runtime) -> RuntimeRecord {
         page_server_pid: rt.page_server.as_ref().map(|p| p.pid),
         launch: rt.launch.clone().expect("a started runtime has a launch"),
         restored_from: None,
+        cgroup: rt.cgroup.clone(),
     }
 }
 

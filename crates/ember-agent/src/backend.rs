@@ -19,6 +19,37 @@ pub struct Backend {
     pub kind: BackendKind,
     pub detail: String,
     pub version: String,
+    /// What separates a guest from the host: hardware virtualisation, or
+    /// none worth the name.
+    pub isolation: Isolation,
+}
+
+/// What a guest escape has to break through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// KVM: the guest runs in hardware virtualisation.
+    Kvm,
+    /// QEMU's TCG: the guest is emulated in the VMM's own address space.
+    /// A bug in QEMU's emulation is a way out; the jail, uid and cgroup
+    /// around the VMM are all that remain. Not a security boundary.
+    Tcg,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Kvm => "kvm",
+            Isolation::Tcg => "tcg",
+        }
+    }
+
+    /// For people: says plainly when it is no boundary.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Isolation::Kvm => "kvm",
+            Isolation::Tcg => "tcg — not a security boundary",
+        }
+    }
 }
 
 /// Firecracker needs a binary and a KVM that can run a stock Linux guest;
@@ -52,21 +83,24 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
         BackendKind::Firecracker => config.firecracker_bin.clone(),
     };
     crate::preflight::check(kind, binary.as_deref())?;
-    let vmm: Arc<dyn Vmm> = match kind {
+    let (vmm, isolation): (Arc<dyn Vmm>, Isolation) = match kind {
         BackendKind::Firecracker => {
             let fc = FirecrackerConfig {
                 binary: fc_bin.or_else(|| config.firecracker_bin.clone()),
                 ..FirecrackerConfig::default()
             };
-            Arc::new(FirecrackerVmm::new(fc))
+            (Arc::new(FirecrackerVmm::new(fc)), Isolation::Kvm)
         }
         BackendKind::Qemu => {
-            Arc::new(
-                Qemu::new(config.qemu.clone()).map_err(|e| AgentError::Backend {
-                    backend: "qemu",
-                    source: e,
-                })?,
-            )
+            let qemu = Qemu::new(config.qemu.clone()).map_err(|e| AgentError::Backend {
+                backend: "qemu",
+                source: e,
+            })?;
+            let isolation = match qemu.accel().accel {
+                Accel::Kvm => Isolation::Kvm,
+                Accel::Tcg => Isolation::Tcg,
+            };
+            (Arc::new(qemu), isolation)
         }
     };
     let version = vmm.version().await.map_err(|e| AgentError::Backend {
@@ -79,5 +113,6 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
         kind,
         detail,
         version,
+        isolation,
     })
 }

@@ -61,6 +61,8 @@ pub struct AgentConfig {
     /// building or finding one under `data_dir` (several agents on one
     /// machine, or tests, share one image this way).
     pub image_dir: Option<PathBuf>,
+    /// How sandboxes' VMMs and helpers are confined (uids, limits).
+    pub confine: crate::confine::ConfineConfig,
 }
 
 impl AgentConfig {
@@ -88,6 +90,7 @@ impl AgentConfig {
             default_memory_mib: 512,
             guest_bin: None,
             image_dir: None,
+            confine: crate::confine::ConfineConfig::default(),
         }
     }
 

@@ -9,9 +9,12 @@
 //!   reflinked or sparse copy).
 //! - `<build>.qcow2`: the qcow2 overlay the sandbox that paused into this
 //!   build was running on, kept at pause instead of deleted: over its own
-//!   backing file it is exactly the build's content, so a resume needs no
+//!   backing files it is exactly the build's content, so a resume needs no
 //!   copy. Chains grow by one per pause/resume cycle and are cut (a `.raw`
 //!   materialised) past [`MAX_CHAIN`].
+//! - `<build>.chain.json`: the layers under `<build>.qcow2`, as Ember made
+//!   them. The overlay's own header names them too, but a VMM that served
+//!   a guest could write that header: it is never read.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use ember_image::cow::{DiskFormat, OverlayExtent};
 use ember_snapshot::{Base, BlockSet, BuildStore, BuildWriter, Header, ImageKind, WriteReport};
 use ember_types::BuildId;
+use ember_vmm::BackingFile;
 
 use crate::agent::DISK_BLOCK;
 use crate::error::AgentError;
@@ -42,21 +46,68 @@ pub fn qcow2_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
     cache_dir(data_dir).join(format!("{build}.qcow2"))
 }
 
-/// A usable cached base for `build`, if there is one, with its format: its
-/// flat copy (raw: its bytes are the guest's disk, never interpreted), or
-/// its kept overlay when the chain under it is intact and short enough.
-pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<(PathBuf, DiskFormat)> {
+/// Where the chain under `build`'s kept overlay is recorded.
+fn chain_path(data_dir: &Path, build: BuildId) -> PathBuf {
+    cache_dir(data_dir).join(format!("{build}.chain.json"))
+}
+
+/// A file a new disk layer can sit on: `path` read as `format`, over the
+/// files `below` it (top first; empty for a raw file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBase {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub below: Vec<BackingFile>,
+}
+
+impl LayerBase {
+    /// A raw file: its bytes are a disk, whatever they say.
+    pub fn raw(path: PathBuf) -> LayerBase {
+        LayerBase {
+            path,
+            format: DiskFormat::Raw,
+            below: Vec::new(),
+        }
+    }
+
+    /// The chain a layer stacked on this base has under it, top first.
+    pub fn chain(&self) -> Vec<BackingFile> {
+        std::iter::once(BackingFile {
+            path: self.path.clone(),
+            format: self.format,
+        })
+        .chain(self.below.iter().cloned())
+        .collect()
+    }
+}
+
+/// A usable cached base for `build`, if there is one: its flat copy, or
+/// its kept overlay when the recorded chain under it is intact and short
+/// enough.
+pub fn cached_base(data_dir: &Path, build: BuildId) -> Option<LayerBase> {
     let raw = flat_cache_path(data_dir, build);
     if raw.exists() {
-        return Some((raw, DiskFormat::Raw));
+        return Some(LayerBase::raw(raw));
     }
     let q = qcow2_cache_path(data_dir, build);
-    let chain = ember_image::cow::backing_chain(&q).ok()?;
-    (chain.len() <= MAX_CHAIN && chain.iter().all(|p| p.exists())).then_some((q, DiskFormat::Qcow2))
+    let below = read_chain(data_dir, build)?;
+    let usable = q.exists() && below.len() < MAX_CHAIN && below.iter().all(|b| b.path.exists());
+    usable.then_some(LayerBase {
+        path: q,
+        format: DiskFormat::Qcow2,
+        below,
+    })
+}
+
+fn read_chain(data_dir: &Path, build: BuildId) -> Option<Vec<BackingFile>> {
+    let text = std::fs::read(chain_path(data_dir, build)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// Keep the disk a paused sandbox ran on as the cache of the build it
-/// paused into (a rename: no copy). The VM must be stopped.
+/// paused into (a rename: no copy), with the chain under it recorded. The
+/// VM must be stopped. The file becomes root's and read-only: the next VM
+/// to use it (as a backing layer) only reads it.
 pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Result<(), AgentError> {
     let (from, to) = match disk {
         DiskLayer::Qcow2 { overlay, .. } => (overlay, qcow2_cache_path(data_dir, build)),
@@ -65,14 +116,37 @@ pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Resul
     let dir = cache_dir(data_dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    if let DiskLayer::Qcow2 { below, .. } = disk {
+        let json = serde_json::to_vec(below).expect("backing files serialise");
+        write_synced(&chain_path(data_dir, build), &json)?;
+    }
+    std::os::unix::fs::chown(from, Some(0), Some(0))
+        .map_err(|e| AgentError::io(format!("chown {}", from.display()), e))?;
+    shared_read_only(from)?;
     std::fs::rename(from, &to)
-        .map_err(|e| AgentError::io(format!("move {} to the rootfs cache", from.display()), e))?;
-    let mut perms = std::fs::metadata(&to)
-        .map_err(|e| AgentError::io(format!("stat {}", to.display()), e))?
-        .permissions();
-    perms.set_readonly(true);
-    std::fs::set_permissions(&to, perms)
-        .map_err(|e| AgentError::io(format!("chmod {}", to.display()), e))
+        .map_err(|e| AgentError::io(format!("move {} to the rootfs cache", from.display()), e))
+}
+
+/// Mode 0444: a file sandboxes' VMMs read (as their own uids, through
+/// their jails) and nobody writes. It is inside the data directory (0700),
+/// so no other local user reaches it.
+pub fn shared_read_only(path: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| AgentError::io(format!("chmod {}", path.display()), e))
+}
+
+/// Write `bytes` to `path` via a temporary file, fsync'd and renamed.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        File::create(&tmp).map_err(|e| AgentError::io(format!("create {}", tmp.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| AgentError::io(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| AgentError::io(format!("rename to {}", path.display()), e))
 }
 
 /// Remove the cache files of deleted builds, and every cached overlay whose
@@ -80,6 +154,7 @@ pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Resul
 pub fn remove_caches(data_dir: &Path, deleted: &[BuildId]) {
     let mut gone: Vec<PathBuf> = Vec::new();
     for b in deleted {
+        let _ = std::fs::remove_file(chain_path(data_dir, *b));
         for p in [
             flat_cache_path(data_dir, *b),
             qcow2_cache_path(data_dir, *b),
@@ -97,17 +172,23 @@ pub fn remove_caches(data_dir: &Path, deleted: &[BuildId]) {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "qcow2") {
-            let broken = match ember_image::cow::backing_chain(&p) {
-                Ok(chain) => chain
-                    .iter()
-                    .skip(1)
-                    .any(|c| gone.contains(c) || !c.exists()),
-                Err(_) => true,
-            };
-            if broken {
-                let _ = std::fs::remove_file(&p);
-            }
+        let Some(build) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".qcow2"))
+            .and_then(|n| n.parse::<BuildId>().ok())
+        else {
+            continue;
+        };
+        let broken = match read_chain(data_dir, build) {
+            Some(below) => below
+                .iter()
+                .any(|c| gone.contains(&c.path) || !c.path.exists()),
+            None => true,
+        };
+        if broken {
+            let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_file(chain_path(data_dir, build));
         }
     }
 }
@@ -127,12 +208,7 @@ pub fn materialize_flat(store: &BuildStore, build: BuildId, dst: &Path) -> Resul
         .materialize(&header, ImageKind::Rootfs, &tmp)
         .map_err(AgentError::Store)?;
     // Read-only: qcow2 overlays of many sandboxes read it; nothing writes it.
-    let mut perms = std::fs::metadata(&tmp)
-        .map_err(|e| AgentError::io(format!("stat {}", tmp.display()), e))?
-        .permissions();
-    perms.set_readonly(true);
-    std::fs::set_permissions(&tmp, perms)
-        .map_err(|e| AgentError::io(format!("chmod {}", tmp.display()), e))?;
+    shared_read_only(&tmp)?;
     std::fs::rename(&tmp, dst)
         .map_err(|e| AgentError::io(format!("rename to {}", dst.display()), e))
 }
@@ -144,13 +220,26 @@ pub fn write_disk_diff(
     w: &mut BuildWriter,
     disk: &DiskLayer,
     parent: &Header,
+    confinement: Option<&ember_jail::Confinement>,
 ) -> Result<WriteReport, AgentError> {
     match disk {
         DiskLayer::Raw { path } => w
             .write_image_from_full(ImageKind::Rootfs, Base::Parent(parent), path)
             .map_err(AgentError::Store),
         DiskLayer::Qcow2 { overlay, .. } => {
-            let extents = ember_image::cow::overlay_extents(overlay).map_err(AgentError::Image)?;
+            let size = parent.size();
+            // The overlay's metadata is the VMM's: what it claims past the
+            // disk's end is dropped, not trusted.
+            let extents: Vec<OverlayExtent> =
+                ember_image::cow::overlay_extents(overlay, confinement)
+                    .map_err(AgentError::Image)?
+                    .into_iter()
+                    .filter(|e| e.start < size)
+                    .map(|mut e| {
+                        e.length = e.length.min(size - e.start);
+                        e
+                    })
+                    .collect();
             let dirty = dirty_blocks(&extents);
             let overlay_file = File::open(overlay)
                 .map_err(|e| AgentError::io(format!("open {}", overlay.display()), e))?;
@@ -159,7 +248,6 @@ pub fn write_disk_diff(
             let below = store
                 .reader(parent.clone(), ImageKind::Rootfs)
                 .map_err(AgentError::Store)?;
-            let size = parent.size();
             w.write_image_from_blocks(
                 ImageKind::Rootfs,
                 Base::Parent(parent),

@@ -9,6 +9,8 @@
 //! - [`recovery`]: what a starting agent does with what the last one left.
 //! - [`service`]: the gRPC service (`ember.host.v1.HostAgent`).
 //! - [`backend`], [`config`]: choosing the VMM; the agent's settings.
+//! - [`confine`]: each sandbox's uid, cgroup and limits; private directories.
+//! - [`usage`]: sampling what each running sandbox uses.
 //! - [`preflight`]: the host tools an agent needs, checked at start.
 //!
 //! Not here: VMMs (`ember-vmm`), network slots (`ember-net`), images
@@ -18,6 +20,7 @@
 pub mod agent;
 pub mod backend;
 pub mod config;
+pub mod confine;
 pub mod disk;
 pub mod error;
 pub mod preflight;
@@ -26,6 +29,7 @@ mod recovery;
 pub mod runtime;
 pub mod service;
 pub mod state;
+pub mod usage;
 
 pub use agent::{Agent, CreateRequest};
 pub use config::{AgentConfig, BackendChoice};

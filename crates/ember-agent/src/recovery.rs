@@ -161,6 +161,7 @@ async fn adopt(
         run_dir: Some(rt_record.launch.run_dir.clone()),
         memory_file: rt_record.launch.memory_file.clone(),
         launch: Some(rt_record.launch.clone()),
+        cgroup: rt_record.cgroup.clone(),
         ..Runtime::default()
     };
     let pool = inner.slots.clone();
@@ -212,16 +213,9 @@ fn disk_layer_of(launch: &ember_vmm::Launch) -> Option<crate::runtime::DiskLayer
     let root = launch.config.drives.iter().find(|d| d.root)?;
     let path = root.host_path.clone();
     Some(if root.format == ember_types::DiskFormat::Qcow2 {
-        // The base is only needed to read partial blocks at pause; find it
-        // from the overlay's backing file name.
-        let base = ember_image::cow::qcow2_backing(&path)
-            .ok()
-            .flatten()
-            .map(|b| b.path)
-            .unwrap_or_default();
         crate::runtime::DiskLayer::Qcow2 {
             overlay: path,
-            base,
+            below: root.backing.clone(),
         }
     } else {
         crate::runtime::DiskLayer::Raw { path }
@@ -252,7 +246,9 @@ async fn reclaim(agent: &Agent, live_vms: &HashSet<String>) {
     let inner = agent.inner();
     let known: HashSet<String> = agent.list().iter().map(|r| r.id.to_string()).collect();
     // Processes first: a VMM of an unknown or dead sandbox still holds its
-    // namespace and files.
+    // namespace and files. Confined ones are found by their cgroups (their
+    // command lines name only paths inside their jails).
+    inner.confiner.reclaim(live_vms);
     let vms_dir = inner.config.run_dir.join("vms");
     if let Ok(entries) = std::fs::read_dir(&vms_dir) {
         for e in entries.flatten() {

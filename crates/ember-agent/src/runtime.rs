@@ -17,9 +17,14 @@ use crate::error::AgentError;
 /// How a sandbox's root disk is layered on its build's root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskLayer {
-    /// A qcow2 overlay over a read-only flat image (QEMU): writes land in
-    /// the overlay, so a pause reads exactly the written blocks from it.
-    Qcow2 { overlay: PathBuf, base: PathBuf },
+    /// A qcow2 overlay over read-only layers (QEMU): writes land in the
+    /// overlay, so a pause reads exactly the written blocks from it.
+    /// `below` is the chain under it, top first, each with its format, as
+    /// Ember made it: the VMM is given it explicitly, and no header is read.
+    Qcow2 {
+        overlay: PathBuf,
+        below: Vec<ember_vmm::BackingFile>,
+    },
     /// A private raw copy (Firecracker, which needs raw files): reflinked
     /// where the file system can, else a sparse copy.
     Raw { path: PathBuf },
@@ -50,42 +55,110 @@ pub struct PageServer {
     pub control_socket: PathBuf,
 }
 
+/// Where a jailed page server sees its VM's run directory and the store.
+const PS_RUN: &str = "/run/ember/ps";
+const PS_DATA: &str = "/data";
+/// The working set the page server reads (to prefetch) and records, in
+/// the VM's run directory: a jailed page server cannot write the build.
+pub const WORKING_SET: &str = "working-set";
+
 impl PageServer {
     /// Start `ember uffd` for `build` in its own session (it must outlive an
     /// agent restart, like the VM it serves) and wait for its `ready` line.
+    /// Confined, it runs as the sandbox's uid in a jail that holds the
+    /// `ember` binary, the builds `build`'s memory reads from (read-only)
+    /// and the VM's run directory, and joins the sandbox's cgroup.
     pub async fn spawn(
         ember_bin: &Path,
-        data_dir: &Path,
+        store: &ember_snapshot::BuildStore,
         run_dir: &Path,
         build: ember_types::BuildId,
+        confinement: Option<&ember_jail::Confinement>,
     ) -> Result<PageServer, AgentError> {
         use tokio::io::AsyncBufReadExt;
         let socket = run_dir.join("page-server.sock");
         let control_socket = run_dir.join("page-server.ctl");
         let log = std::fs::File::create(run_dir.join("page-server.log"))
             .map_err(|e| AgentError::io("create page-server.log", e))?;
-        let mut cmd = tokio::process::Command::new(ember_bin);
+        // The build's recorded working set, for the server to prefetch and
+        // to extend; the agent files it back into the build afterwards.
+        let ws = run_dir.join(WORKING_SET);
+        let _ = std::fs::copy(store.build_dir(build).join(WORKING_SET), &ws);
+        let (program, data_dir, run_inside, jail) = match confinement {
+            None => (
+                ember_bin.to_path_buf(),
+                store
+                    .root()
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .to_path_buf(),
+                run_dir.to_path_buf(),
+                None,
+            ),
+            Some(c) => {
+                let header = store
+                    .open_header(build, ember_snapshot::ImageKind::Memory)
+                    .map_err(AgentError::Store)?;
+                let mut plan = c.plan();
+                let program = plan.executable(ember_bin);
+                for b in header.referenced_builds().into_iter().chain([build]) {
+                    plan.push(ember_jail::jail::JailEntry::Bind {
+                        source: store.build_dir(b),
+                        path: Path::new(PS_DATA).join("builds").join(b.to_string()),
+                        writable: false,
+                    });
+                }
+                plan.push(ember_jail::jail::JailEntry::Bind {
+                    source: run_dir.to_path_buf(),
+                    path: PS_RUN.into(),
+                    writable: true,
+                });
+                for path in [run_dir, ws.as_path()] {
+                    if path.exists() {
+                        ember_jail::jail::give(path, c.identity).map_err(|e| {
+                            AgentError::io(format!("hand {} to the sandbox", path.display()), e)
+                        })?;
+                    }
+                }
+                let jail = plan
+                    .prepare()
+                    .map_err(|e| AgentError::io("prepare the page server's jail", e))?;
+                (program, PS_DATA.into(), PathBuf::from(PS_RUN), Some(jail))
+            }
+        };
+        let mut cmd = tokio::process::Command::new(&program);
         cmd.arg("uffd")
             .arg("--socket")
-            .arg(&socket)
+            .arg(run_inside.join("page-server.sock"))
             .arg("--build")
             .arg(build.to_string())
             .arg("--data-dir")
-            .arg(data_dir)
+            .arg(&data_dir)
             .arg("--record-working-set")
+            .arg("--working-set")
+            .arg(run_inside.join(WORKING_SET))
             .arg("--control-socket")
-            .arg(&control_socket)
+            .arg(run_inside.join("page-server.ctl"))
             .arg("--metrics-file")
-            .arg(run_dir.join("page-server.metrics.json"))
+            .arg(run_inside.join("page-server.metrics.json"))
+            .env_clear()
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe and touches only the child.
+        // SAFETY: setsid is async-signal-safe and touches only the child; the
+        // jail's `enter` makes system calls only, on data prepared above.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
+                match &jail {
+                    Some(j) => j.enter(),
+                    None => Ok(()),
+                }
             });
         }
         let mut child = cmd
@@ -185,6 +258,8 @@ pub struct Runtime {
     pub memory_file: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
     pub guest: Option<GuestClient>,
+    /// The sandbox's cgroup (its VMM and page server are in it).
+    pub cgroup: Option<ember_jail::cgroup::Cgroup>,
 }
 
 impl Runtime {
@@ -220,6 +295,11 @@ impl Runtime {
             && e.kind() != std::io::ErrorKind::NotFound
         {
             problems.push(format!("remove {}: {e}", dir.display()));
+        }
+        if let Some(cgroup) = self.cgroup.take()
+            && let Err(e) = crate::confine::remove_cgroup(&cgroup).await
+        {
+            problems.push(format!("remove cgroup: {e}"));
         }
         if problems.is_empty() {
             info!("sandbox resources released");

@@ -226,6 +226,7 @@ impl HostAgent for HostService {
         let records = a.list();
         let count = |s: SandboxState| records.iter().filter(|r| r.state == s).count() as u32;
         let m = a.metrics();
+        let totals = a.usage_totals();
         let builds = a.builds_on_disk().await;
         Ok(Response::new(pb::HostInfoReply {
             host_id: cfg.host_id.to_string(),
@@ -239,6 +240,7 @@ impl HostAgent for HostService {
             sandboxes_running: count(SandboxState::Running),
             sandboxes_paused: count(SandboxState::Paused),
             slots_free: 0,
+            isolation: a.backend().isolation.as_str().to_owned(),
             builds: builds.iter().map(|b| b.to_string()).collect(),
             metrics: Some(pb::HostMetrics {
                 page_faults_served: m.page_faults_served.load(Ordering::Relaxed),
@@ -246,6 +248,11 @@ impl HostAgent for HostService {
                 creates: m.creates.load(Ordering::Relaxed),
                 pauses: m.pauses.load(Ordering::Relaxed),
                 resumes: m.resumes.load(Ordering::Relaxed),
+                sandboxes_cpu_percent: totals.cpu_percent,
+                sandboxes_memory_bytes: totals.memory_bytes,
+                sandboxes_disk_bytes: totals.disk_bytes,
+                sandboxes_net_rx_bytes: totals.net_rx_bytes,
+                sandboxes_net_tx_bytes: totals.net_tx_bytes,
             }),
         }))
     }
@@ -474,6 +481,30 @@ impl HostAgent for HostService {
             .await
             .map_err(guest_err(&id))?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_sandbox_metrics(
+        &self,
+        req: Request<pb::SandboxRef>,
+    ) -> Result<Response<pb::SandboxMetrics>, Status> {
+        let id = sandbox_id(&req.into_inner().sandbox_id)?;
+        let samples = self.agent.usage_of(&id).await?;
+        Ok(Response::new(pb::SandboxMetrics {
+            samples: samples
+                .into_iter()
+                .map(|s| pb::UsageSample {
+                    at_unix_ms: s.at_unix_ms,
+                    cpu_percent: s.cpu_percent,
+                    cpu_seconds: s.cpu_seconds,
+                    memory_bytes: s.memory_bytes,
+                    memory_limit_bytes: s.memory_limit_bytes,
+                    disk_bytes: s.disk_bytes,
+                    net_rx_bytes: s.net_rx_bytes,
+                    net_tx_bytes: s.net_tx_bytes,
+                    pids: s.pids,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_processes(

@@ -163,6 +163,9 @@ pub struct RuntimeRecord {
     /// disk base read from it while the VM runs.
     #[serde(default)]
     pub restored_from: Option<BuildId>,
+    /// The sandbox's cgroup, removed with it (also after a restart).
+    #[serde(default)]
+    pub cgroup: Option<ember_jail::cgroup::Cgroup>,
 }
 
 #[cfg(test)]

@@ -50,6 +50,15 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
+    match cli.command {
+        // Files private to Ember (guest RAM, disks, tokens, the database);
+        // the OOM killer takes a VMM long before the agent or control plane.
+        Command::Agent(_) | Command::Server(_) => ember_agent::confine::harden_self(true),
+        // A local `ember run` hosts its VM too; as a client it only needs
+        // the private umask, not a place ahead of the VMs in the OOM order.
+        Command::Run(_) => ember_agent::confine::harden_self(false),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -288,6 +288,11 @@ impl HostRegistry {
     }
 
     /// The last `HostInfo` of every host that answered one.
+    /// The last `HostInfo` of host `id`.
+    pub fn info(&self, id: &str) -> Option<HostInfoReply> {
+        self.read().get(id).and_then(|e| e.info.clone())
+    }
+
     pub fn infos(&self) -> Vec<(String, HostInfoReply)> {
         self.read()
             .iter()

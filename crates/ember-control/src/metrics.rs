@@ -46,6 +46,14 @@ pub struct HostReport {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostUsageLabel {
+    pub host: String,
+    pub backend: String,
+    /// `cpu_percent`, `memory_bytes`, `disk_bytes`, `net_rx_bytes`, `net_tx_bytes`.
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabel {
     pub operation: String,
 }
@@ -60,6 +68,8 @@ pub struct Metrics {
     pages_prefetched: Family<HostLabel, Gauge<u64, AtomicU64>>,
     host_operations: Family<HostOperationLabel, Gauge<u64, AtomicU64>>,
     host_up: Family<HostLabel, Gauge>,
+    /// Sums over each host's running sandboxes (from their cgroups).
+    sandbox_usage: Family<HostUsageLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     hosts_healthy: Gauge,
     hosts_total: Gauge,
 }
@@ -120,6 +130,14 @@ impl Metrics {
             "1 if the host answers its probes, 0 if it is unreachable",
             host_up.clone(),
         );
+        let sandbox_usage =
+            Family::<HostUsageLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "host_sandbox_usage",
+            "What the host's running sandboxes use, summed over their latest samples \
+             (cpu_percent of one core, memory/disk bytes, network bytes since each started)",
+            sandbox_usage.clone(),
+        );
         let hosts_healthy = Gauge::default();
         registry.register(
             "hosts_healthy",
@@ -136,6 +154,7 @@ impl Metrics {
             pages_prefetched,
             host_operations,
             host_up,
+            sandbox_usage,
             hosts_healthy,
             hosts_total,
         }
@@ -199,6 +218,21 @@ impl Metrics {
             self.pages_prefetched
                 .get_or_create(&label)
                 .set(m.pages_prefetched);
+            for (resource, v) in [
+                ("cpu_percent", m.sandboxes_cpu_percent),
+                ("memory_bytes", m.sandboxes_memory_bytes as f64),
+                ("disk_bytes", m.sandboxes_disk_bytes as f64),
+                ("net_rx_bytes", m.sandboxes_net_rx_bytes as f64),
+                ("net_tx_bytes", m.sandboxes_net_tx_bytes as f64),
+            ] {
+                self.sandbox_usage
+                    .get_or_create(&HostUsageLabel {
+                        host: h.id.clone(),
+                        backend: backend.clone(),
+                        resource: resource.to_owned(),
+                    })
+                    .set(v);
+            }
             for (operation, n) in [
                 ("create", m.creates),
                 ("pause", m.pauses),

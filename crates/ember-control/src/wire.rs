@@ -437,6 +437,11 @@ pub struct Host {
     pub address: String,
     /// `firecracker` or `qemu`.
     pub backend: String,
+    /// What separates its guests from it: `kvm` (hardware virtualisation)
+    /// or `tcg` (QEMU's software emulation: not a security boundary).
+    /// Absent until the host has answered once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
     pub version: String,
     pub healthy: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -449,6 +454,35 @@ pub struct Host {
     pub registered_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_at: Option<String>,
+}
+
+/// One moment of a sandbox's use.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MetricSample {
+    /// RFC 3339.
+    pub timestamp: String,
+    /// Share of one host core over the last interval (100 = one core).
+    pub cpu_percent: f64,
+    /// CPU time used since the VM started.
+    pub cpu_seconds: f64,
+    /// Memory the VM's processes hold on the host (guest RAM it touched,
+    /// plus the VMM's own).
+    pub memory_bytes: u64,
+    /// Its cgroup's ceiling (guest memory plus VMM overhead).
+    pub memory_limit_bytes: u64,
+    /// Bytes its disk layer holds on the host (what it wrote).
+    pub disk_bytes: u64,
+    /// Bytes received and sent since it started.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    /// Processes and threads of its VMM.
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxMetrics {
+    /// Oldest first: every 5 seconds over the last 10 minutes, at most.
+    pub samples: Vec<MetricSample>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

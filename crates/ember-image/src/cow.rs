@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::unistd::Whence;
@@ -22,24 +22,33 @@ use serde::Deserialize;
 
 use crate::host::QEMU_IMG;
 use crate::{Error, Result};
+pub use ember_jail::Confinement;
 pub use ember_types::DiskFormat;
 
 /// The granularity of [`written_blocks`].
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// Create `overlay`, a qcow2 disk backed by `base`, which is read as
-/// `base_format`: a raw image, or another qcow2 overlay of Ember's, making a
-/// chain. `base` is recorded by absolute path, with its format, and must not
-/// change while the overlay exists.
+/// Create `overlay`, a qcow2 disk of `size` bytes backed by `base`, which
+/// is read as `base_format`: a raw image, or another qcow2 overlay of
+/// Ember's, making a chain. `base` is recorded by absolute path, with its
+/// format, and must not change while the overlay exists.
 ///
-/// The format is the caller's to state, never read from `base`: a raw base
-/// holds a guest's disk, and a guest that wrote a qcow2 header at its start
-/// would otherwise name any host file as the overlay's backing file.
+/// Neither the format nor anything else is read from `base`: its bytes are
+/// a guest's disk, or metadata a VMM that served a guest could write (a raw
+/// base's first bytes may be a qcow2 header naming any host file). So the
+/// caller states the format and the size, and `qemu-img` is told not to
+/// open the base at all (`-u`). Whoever uses the overlay states the chain
+/// under it too (a VMM is given every layer explicitly).
 ///
 /// The overlay uses 128 KiB clusters with extended L2 entries: 32
 /// sub-clusters of 4 KiB each, so a 4 KiB guest write allocates (and a diff
 /// copies) 4 KiB, not a whole cluster.
-pub fn qcow2_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Result<()> {
+pub fn qcow2_overlay(
+    base: &Path,
+    base_format: DiskFormat,
+    size: u64,
+    overlay: &Path,
+) -> Result<()> {
     let base = base.canonicalize().map_err(Error::io("open", base))?;
     if overlay.exists() {
         return Err(Error::io("create", overlay)(
@@ -50,6 +59,7 @@ pub fn qcow2_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Re
     cmd.args([
         "create",
         "-q",
+        "-u",
         "-f",
         "qcow2",
         "-F",
@@ -58,135 +68,10 @@ pub fn qcow2_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Re
     ])
     .arg(&base)
     .args(["-o", "cluster_size=128k,extended_l2=on"])
-    .arg(overlay);
+    .arg(overlay)
+    .arg(size.to_string());
     QEMU_IMG.output(&mut cmd)?;
     Ok(())
-}
-
-/// What a qcow2 image's header says it is backed by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backing {
-    pub path: PathBuf,
-    pub format: DiskFormat,
-}
-
-/// The qcow2 header extension naming the backing file's format.
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-/// How much of a header [`qcow2_backing`] reads: the header, its
-/// extensions and the backing name all sit in the first cluster, and
-/// Ember's overlays use 128 KiB clusters.
-const HEADER_READ: usize = 128 << 10;
-
-/// The backing file `path` names, with the format recorded for it; `None`
-/// when it has none. `path` must be a qcow2 image Ember created (a sandbox's
-/// overlay): its metadata is QEMU's, not the guest's. Never call this on a
-/// raw image, whose bytes are the guest's.
-pub fn qcow2_backing(path: &Path) -> Result<Option<Backing>> {
-    use std::os::unix::fs::FileExt;
-    let bad = |reason: String| Error::ToolOutput {
-        tool: "qcow2 header".into(),
-        reason: format!("{}: {reason}", path.display()),
-    };
-    let f = File::open(path).map_err(Error::io("open", path))?;
-    let mut hdr = vec![0u8; HEADER_READ];
-    let mut got = 0;
-    while got < hdr.len() {
-        match f.read_at(&mut hdr[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("read", path)(e)),
-        }
-    }
-    hdr.truncate(got);
-    let be32 = |at: usize| -> Option<u32> {
-        Some(u32::from_be_bytes(hdr.get(at..at + 4)?.try_into().ok()?))
-    };
-    let be64 = |at: usize| -> Option<u64> {
-        Some(u64::from_be_bytes(hdr.get(at..at + 8)?.try_into().ok()?))
-    };
-    if hdr.get(..4) != Some(b"QFI\xfb".as_slice()) {
-        return Err(bad("not a qcow2 image".into()));
-    }
-    let version = be32(4).ok_or_else(|| bad("header cut short".into()))?;
-    let name_offset = be64(8).ok_or_else(|| bad("header cut short".into()))?;
-    let name_len = be32(16).ok_or_else(|| bad("header cut short".into()))? as usize;
-    if name_offset == 0 || name_len == 0 {
-        return Ok(None);
-    }
-    let name = usize::try_from(name_offset)
-        .ok()
-        .and_then(|at| hdr.get(at..at.checked_add(name_len)?))
-        .ok_or_else(|| {
-            bad(format!(
-                "backing file name of {name_len} bytes out of bounds"
-            ))
-        })?;
-    let name =
-        std::str::from_utf8(name).map_err(|_| bad("backing file name is not UTF-8".into()))?;
-
-    // Header extensions follow the header (72 bytes in version 2; version 3
-    // states its length), each `type, length, data` padded to 8 bytes.
-    let mut at = match version {
-        2 => 72,
-        3 => be32(100).ok_or_else(|| bad("header cut short".into()))? as usize,
-        v => return Err(bad(format!("qcow2 version {v}"))),
-    };
-    let mut format = None;
-    loop {
-        let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) else {
-            return Err(bad("header extensions run past the first cluster".into()));
-        };
-        let len = len as usize;
-        if kind == 0 {
-            break;
-        }
-        let data = hdr
-            .get(at + 8..at + 8 + len)
-            .ok_or_else(|| bad("header extension out of bounds".into()))?;
-        if kind == EXT_BACKING_FORMAT {
-            format = Some(match data {
-                b"raw" => DiskFormat::Raw,
-                b"qcow2" => DiskFormat::Qcow2,
-                other => {
-                    return Err(bad(format!(
-                        "backing format {:?}",
-                        String::from_utf8_lossy(other)
-                    )));
-                }
-            });
-        }
-        at += 8 + len.next_multiple_of(8);
-    }
-    let format = format.ok_or_else(|| {
-        bad("no backing format recorded (Ember states every format and never probes one)".into())
-    })?;
-    Ok(Some(Backing {
-        path: PathBuf::from(name),
-        format,
-    }))
-}
-
-/// The qcow2 overlay `path` and the files under it, top first. The chain
-/// is followed only through backings recorded as qcow2 and ends at the
-/// first raw one, which is never read.
-pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
-    let mut chain = vec![path.to_path_buf()];
-    let mut top_is_qcow2 = true;
-    while top_is_qcow2 {
-        let Some(next) = qcow2_backing(chain.last().expect("non-empty"))? else {
-            break;
-        };
-        if chain.len() > 64 || chain.contains(&next.path) {
-            return Err(Error::ToolOutput {
-                tool: "qcow2 header".into(),
-                reason: format!("{}: backing chain loops or is too long", path.display()),
-            });
-        }
-        top_is_qcow2 = next.format == DiskFormat::Qcow2;
-        chain.push(next.path);
-    }
-    Ok(chain)
 }
 
 /// How [`raw_copy`] copied.
@@ -307,14 +192,25 @@ fn copy_range_by_reads(source: &File, target: &File, offset: i64, len: i64) -> i
 struct MapEntry {
     start: u64,
     length: u64,
-    /// 0: allocated in the overlay itself; 1+: in a backing file.
+    /// 0: the overlay itself (its backing is never opened, see
+    /// [`map_overlay`]).
     depth: u32,
+    /// Allocated in the overlay (written since it was created).
+    #[serde(default)]
+    present: bool,
     /// Reads as zeros.
     #[serde(default)]
     zero: bool,
-    /// Where the data is in the file of layer `depth` (absent for zeros).
+    /// Where the data is in the overlay file (absent for zeros).
     #[serde(default)]
     offset: Option<u64>,
+}
+
+impl MapEntry {
+    /// Written in the overlay's own layer.
+    fn written(&self) -> bool {
+        self.depth == 0 && self.present && self.length > 0
+    }
 }
 
 /// A range of guest-visible disk bytes that the overlay itself holds.
@@ -331,11 +227,16 @@ pub struct OverlayExtent {
 /// The extents `overlay`'s own layer holds (everything written since it was
 /// created), with where each one's bytes are in the overlay file, so a
 /// caller can read them without a qcow2 parser. Unaligned, as QEMU reports
-/// them. The VM using it must be paused or stopped.
-pub fn overlay_extents(overlay: &Path) -> Result<Vec<OverlayExtent>> {
-    Ok(map_overlay(overlay)?
+/// them. The VM using it must be paused or stopped. The overlay's metadata
+/// was written by a VMM that served a guest: `confinement` runs `qemu-img`
+/// in a jail that sees nothing but the overlay (read-only).
+pub fn overlay_extents(
+    overlay: &Path,
+    confinement: Option<&Confinement>,
+) -> Result<Vec<OverlayExtent>> {
+    Ok(map_overlay(overlay, confinement)?
         .into_iter()
-        .filter(|e| e.depth == 0 && e.length > 0)
+        .filter(MapEntry::written)
         .map(|e| OverlayExtent {
             start: e.start,
             length: e.length,
@@ -344,10 +245,48 @@ pub fn overlay_extents(overlay: &Path) -> Result<Vec<OverlayExtent>> {
         .collect())
 }
 
-fn map_overlay(overlay: &Path) -> Result<Vec<MapEntry>> {
-    let mut cmd = QEMU_IMG.command()?;
-    cmd.args(["map", "--output=json", "--force-share", "-f", "qcow2"])
-        .arg(overlay);
+/// `qemu-img map` of the overlay's own layer: its backing is given as none
+/// (the header's backing name is never followed), optionally in a jail.
+fn map_overlay(overlay: &Path, confinement: Option<&Confinement>) -> Result<Vec<MapEntry>> {
+    let spec = |file: &Path| {
+        serde_json::json!({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": file.to_string_lossy()},
+            "backing": null,
+        })
+        .to_string()
+    };
+    let mut cmd = match confinement {
+        None => {
+            let mut cmd = QEMU_IMG.command()?;
+            cmd.arg("map")
+                .arg("--output=json")
+                .arg("--force-share")
+                .arg(format!("json:{}", spec(overlay)));
+            cmd
+        }
+        Some(c) => {
+            let inside = Path::new("/disk.qcow2");
+            let mut plan = c.plan().bind(overlay, inside, false);
+            let program = plan.executable(&QEMU_IMG.path()?);
+            let jail = plan
+                .prepare()
+                .map_err(Error::io("prepare a jail for", overlay))?;
+            let mut cmd = crate::host::Tool::command_of(&program);
+            cmd.env_remove("DEBIAN_FRONTEND")
+                .arg("map")
+                .arg("--output=json")
+                .arg("--force-share")
+                .arg(format!("json:{}", spec(inside)));
+            // SAFETY: `enter` makes system calls only, on data prepared
+            // above, in the forked child before exec.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || jail.enter());
+            }
+            cmd
+        }
+    };
     let json = QEMU_IMG.output(&mut cmd)?;
     serde_json::from_str(&json).map_err(|e| Error::ToolOutput {
         tool: "qemu-img map".into(),
@@ -359,14 +298,17 @@ fn map_overlay(overlay: &Path) -> Result<Vec<MapEntry>> {
 /// top layer, including blocks written as zeroes), widened to whole 4 KiB
 /// blocks, sorted and merged. The VM using it must be paused or stopped:
 /// this reads the qcow2 metadata while another process may hold it.
-pub fn written_blocks(overlay: &Path) -> Result<Vec<Range<u64>>> {
-    Ok(top_layer_blocks(&map_overlay(overlay)?))
+pub fn written_blocks(
+    overlay: &Path,
+    confinement: Option<&Confinement>,
+) -> Result<Vec<Range<u64>>> {
+    Ok(top_layer_blocks(&map_overlay(overlay, confinement)?))
 }
 
 fn top_layer_blocks(entries: &[MapEntry]) -> Vec<Range<u64>> {
     let mut ranges: Vec<Range<u64>> = entries
         .iter()
-        .filter(|e| e.depth == 0 && e.length > 0)
+        .filter(|e| e.written())
         .map(|e| {
             let start = e.start / BLOCK_SIZE * BLOCK_SIZE;
             let end = (e.start + e.length).next_multiple_of(BLOCK_SIZE);
@@ -394,6 +336,7 @@ mod tests {
             start,
             length,
             depth,
+            present: true,
             zero: false,
             offset: None,
         }
@@ -428,29 +371,9 @@ mod tests {
         f.set_len(4 << 20).unwrap();
         drop(f);
         let mid = dir.path().join("mid.qcow2");
-        qcow2_overlay(&base, DiskFormat::Raw, &mid).unwrap();
+        qcow2_overlay(&base, DiskFormat::Raw, 4 << 20, &mid).unwrap();
         let top = dir.path().join("top.qcow2");
-        qcow2_overlay(&mid, DiskFormat::Qcow2, &top).unwrap();
-        assert_eq!(
-            qcow2_backing(&top).unwrap(),
-            Some(Backing {
-                path: mid.canonicalize().unwrap(),
-                format: DiskFormat::Qcow2
-            })
-        );
-        assert_eq!(
-            qcow2_backing(&mid).unwrap().map(|b| b.format),
-            Some(DiskFormat::Raw)
-        );
-        let chain = backing_chain(&top).unwrap();
-        assert_eq!(
-            chain,
-            [
-                top.clone(),
-                mid.canonicalize().unwrap(),
-                base.canonicalize().unwrap()
-            ]
-        );
+        qcow2_overlay(&mid, DiskFormat::Qcow2, 4 << 20, &top).unwrap();
         // A write to the middle layer shows through the top one.
         let io = |file: &Path, cmd: &str| {
             let out = std::process::Command::new("qemu-io")
@@ -468,7 +391,7 @@ mod tests {
         io(&mid, "write -P 0x5a 8192 4096");
         let out = io(&top, "read -P 0x5a 8192 4096");
         assert!(!out.contains("Pattern verification failed"), "{out}");
-        assert_eq!(written_blocks(&top).unwrap(), []);
+        assert_eq!(written_blocks(&top, None).unwrap(), []);
     }
 
     #[test]
@@ -484,10 +407,10 @@ mod tests {
         f.write_all_at(b"base data", 1 << 20).unwrap();
         drop(f);
         let overlay = dir.path().join("disk.qcow2");
-        qcow2_overlay(&base, DiskFormat::Raw, &overlay).unwrap();
-        assert_eq!(written_blocks(&overlay).unwrap(), []);
+        qcow2_overlay(&base, DiskFormat::Raw, 16 << 20, &overlay).unwrap();
+        assert_eq!(written_blocks(&overlay, None).unwrap(), []);
         assert!(
-            qcow2_overlay(&base, DiskFormat::Raw, &overlay).is_err(),
+            qcow2_overlay(&base, DiskFormat::Raw, 16 << 20, &overlay).is_err(),
             "an existing overlay is never replaced"
         );
 
@@ -518,7 +441,7 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
-            written_blocks(&overlay).unwrap(),
+            written_blocks(&overlay, None).unwrap(),
             [
                 4096..8192,
                 2097152..2097152 + 12288,
@@ -532,7 +455,7 @@ mod tests {
         );
 
         // Each extent's bytes are where `overlay_extents` says they are.
-        let extents = overlay_extents(&overlay).unwrap();
+        let extents = overlay_extents(&overlay, None).unwrap();
         let file = File::open(&overlay).unwrap();
         let mut seen = Vec::new();
         for e in &extents {
@@ -590,12 +513,7 @@ mod tests {
             .unwrap();
 
         let overlay = dir.path().join("disk.qcow2");
-        qcow2_overlay(&base, DiskFormat::Raw, &overlay).unwrap();
-        assert_eq!(
-            backing_chain(&overlay).unwrap(),
-            [overlay.clone(), base.canonicalize().unwrap()],
-            "the chain ends at the raw base"
-        );
+        qcow2_overlay(&base, DiskFormat::Raw, 4 << 20, &overlay).unwrap();
         let out = std::process::Command::new("qemu-img")
             .args(["dd", "-f", "qcow2", "-O", "raw", "bs=4096", "count=1"])
             .arg(format!("if={}", overlay.display()))
@@ -622,29 +540,43 @@ mod tests {
         );
     }
 
+    /// `qemu-img map` in a jail that sees only the overlay reports what it
+    /// reports unconfined, and runs as the jail's uid.
     #[test]
-    fn headers_without_a_recorded_backing_format_are_refused() {
+    fn a_confined_map_sees_only_the_overlay_and_agrees() {
         ember_testkit::require!(
-            have_qemu_img(),
-            "qemu-img not found: apt-get install qemu-utils"
+            have_qemu_img() && ember_testkit::is_root(),
+            "needs qemu-img (apt-get install qemu-utils) and root"
         );
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.raw");
-        File::create(&base).unwrap().set_len(1 << 20).unwrap();
-        // qemu-img 7.2 and 10 both refuse a backing without -F at create;
-        // write one, then strip the extension's type so it reads as unknown.
-        let img = dir.path().join("img.qcow2");
-        qcow2_overlay(&base, DiskFormat::Raw, &img).unwrap();
-        let mut bytes = fs::read(&img).unwrap();
-        let at = bytes
-            .windows(4)
-            .position(|w| w == EXT_BACKING_FORMAT.to_be_bytes())
-            .expect("backing format extension");
-        bytes[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-        fs::write(&img, &bytes).unwrap();
-        let err = qcow2_backing(&img).unwrap_err().to_string();
-        assert!(err.contains("no backing format recorded"), "{err}");
-        assert!(qcow2_backing(&base).is_err(), "a raw file is never parsed");
+        File::create(&base).unwrap().set_len(8 << 20).unwrap();
+        let overlay = dir.path().join("disk.qcow2");
+        qcow2_overlay(&base, DiskFormat::Raw, 8 << 20, &overlay).unwrap();
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 7 65536 8192"])
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // The overlay is the VM's: its uid may read it, nobody else.
+        let identity = ember_jail::Identity {
+            uid: 920_000_000,
+            gid: 920_000_000,
+        };
+        ember_jail::jail::give(&overlay, identity).unwrap();
+        let mountpoint = dir.path().join("jail");
+        fs::create_dir(&mountpoint).unwrap();
+        let confinement = Confinement {
+            identity,
+            jail_mountpoint: mountpoint,
+            cgroup_procs: Vec::new(),
+        };
+        assert_eq!(
+            written_blocks(&overlay, Some(&confinement)).unwrap(),
+            written_blocks(&overlay, None).unwrap()
+        );
+        assert_eq!(written_blocks(&overlay, None).unwrap(), vec![65536..73728]);
     }
 
     #[test]

@@ -94,7 +94,12 @@ impl Tool {
     /// tool is killed rather than left writing into a directory the next
     /// builder will clean up.
     pub(crate) fn command(&self) -> Result<Command> {
-        let mut cmd = Command::new(self.path()?);
+        Ok(Self::command_of(&self.path()?))
+    }
+
+    /// [`Tool::command`] for the tool at `program`: its path inside a jail.
+    pub(crate) fn command_of(program: &Path) -> Command {
+        let mut cmd = Command::new(program);
         cmd.env("LC_ALL", "C")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null());
@@ -108,7 +113,7 @@ impl Tool {
                 Ok(())
             });
         }
-        Ok(cmd)
+        cmd
     }
 
     /// Run to completion and return stdout; stderr goes into the error.

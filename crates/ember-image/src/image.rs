@@ -413,6 +413,14 @@ impl Image {
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("Manifest serialises");
         write_durable(&out.join(MANIFEST), &json)?;
+        // Confined VMMs read these through their jails as their own uids;
+        // the data directory around them (0700) keeps other users out.
+        for name in ["vmlinux", "initrd", "rootfs.ext4"] {
+            use std::os::unix::fs::PermissionsExt;
+            let path = out.join(name);
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+                .map_err(Error::io("chmod", &path))?;
+        }
         staging.publish("image", &image_dir)?;
         store.set_current(&inputs.key)?;
         tracing::info!(key = %inputs.key, dir = %image_dir.display(), "guest image built");

@@ -72,7 +72,8 @@ fn image_boots_to_its_init_under_qemu_tcg_root_network() {
     };
 
     let overlay = scratch.path().join("root.qcow2");
-    cow::qcow2_overlay(&image.rootfs, cow::DiskFormat::Raw, &overlay).unwrap();
+    let size = std::fs::metadata(&image.rootfs).unwrap().len();
+    cow::qcow2_overlay(&image.rootfs, cow::DiskFormat::Raw, size, &overlay).unwrap();
     let serial = scratch.path().join("serial.log");
     // Unknown `key=value` words reach init's environment, bare words its argv.
     let append = format!(
@@ -162,7 +163,7 @@ fn image_boots_to_its_init_under_qemu_tcg_root_network() {
     assert!(status.success(), "qemu exited with {status}");
 
     // The guest mounted its root read-write: the overlay, not the base, took the writes.
-    let written = cow::written_blocks(&overlay).unwrap();
+    let written = cow::written_blocks(&overlay, None).unwrap();
     assert!(
         !written.is_empty(),
         "booting wrote to the root disk's overlay"

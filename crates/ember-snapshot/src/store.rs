@@ -66,6 +66,17 @@ impl BuildStore {
         Ok(store)
     }
 
+    /// The store under `<data_dir>/builds` for reading only: nothing is
+    /// created or locked (a page server in a jail sees its builds read-only
+    /// and nothing else).
+    pub fn open_read_only(data_dir: impl AsRef<Path>) -> Result<BuildStore> {
+        let builds = data_dir.as_ref().join("builds");
+        if !builds.is_dir() {
+            return Err(io("open", &builds)(std::io::ErrorKind::NotFound.into()));
+        }
+        Ok(BuildStore { builds })
+    }
+
     /// `<data>/builds`.
     pub fn root(&self) -> &Path {
         &self.builds

@@ -31,6 +31,7 @@ pub use vm::FirecrackerVm;
 use self::jailer::{Jail, JailerConfig};
 use self::models::*;
 use self::process::{LaunchCommand, VmmProcess};
+use crate::jail::JailPlan;
 use crate::layout::{RunLayout, ViewPlan, entry};
 use crate::{
     BackendKind, DiskFormat, Launch, MemoryBackend, RestoreSpec, Result, Vm, VmConfig, Vmm,
@@ -304,12 +305,17 @@ impl FirecrackerVmm {
         match &self.config.jailer {
             None => {
                 fc_args.splice(0..0, ["--id".into(), launch.vm_id.clone().into()]);
+                let jail = match &launch.confinement {
+                    Some(c) => Some(self.ember_jail(launch, c, &view, &binary)?),
+                    None => None,
+                };
                 Ok((
                     LaunchCommand {
                         program: binary,
                         args: fc_args,
                         netns,
                         view,
+                        jail,
                         stdout,
                         stderr,
                     },
@@ -327,6 +333,7 @@ impl FirecrackerVmm {
                         args,
                         netns: None,
                         view,
+                        jail: None,
                         stdout,
                         stderr,
                     },
@@ -334,6 +341,42 @@ impl FirecrackerVmm {
                 ))
             }
         }
+    }
+
+    /// Ember's jail for a confined VM without the jailer: the stable view
+    /// inside it, `/dev/kvm` and `/dev/userfaultfd` for this VM only, its
+    /// TAP device made its own, and the run directory and writable drives
+    /// handed to its uid.
+    fn ember_jail(
+        &self,
+        launch: &Launch,
+        c: &crate::Confinement,
+        view: &ViewPlan,
+        binary: &Path,
+    ) -> Result<(JailPlan, PathBuf)> {
+        let mut jail = c
+            .plan()
+            .device(crate::jail::DEV_KVM)
+            .device(crate::jail::DEV_USERFAULTFD);
+        if let Some(net) = &launch.config.net {
+            jail = jail.device(crate::jail::DEV_TUN).tap(&net.tap);
+        }
+        let program = jail.executable(binary);
+        let jail = view.into_jail(jail);
+        let io = |context: String| move |source| VmmError::Io { context, source };
+        let owned = std::iter::once(launch.run_dir.clone()).chain(
+            launch
+                .config
+                .drives
+                .iter()
+                .filter(|d| !d.read_only)
+                .map(|d| d.host_path.clone()),
+        );
+        for path in owned {
+            crate::jail::give(&path, c.identity)
+                .map_err(io(format!("handing {} to the VM's uid", path.display())))?;
+        }
+        Ok((jail, program))
     }
 
     /// Start a Firecracker process for `launch` and wait for its API.
@@ -552,6 +595,7 @@ mod tests {
                 read_only: false,
                 root: true,
                 format: DiskFormat::Raw,
+                backing: Vec::new(),
             }],
             net: Some(NetSpec {
                 tap: "tap0".into(),
@@ -637,6 +681,7 @@ mod tests {
             run_dir: dir.path().join("run"),
             config: config(),
             memory_file: None,
+            confinement: None,
         };
         launch.config.net.as_mut().unwrap().netns = Some("/run/netns/sb-1".into());
         let (cmd, jail) = vmm.command(&launch, drive_view(&launch)).unwrap();

@@ -63,6 +63,10 @@ pub mod entry {
     pub const PAGE_SERVER_SOCKET: &str = "restore/page-server.sock";
     /// Where a jailed VMM writes a snapshot before it is moved out of the jail.
     pub const SNAPSHOT_DIR: &str = "snapshot";
+    /// QEMU: its QMP socket, its own log, and the guest RAM file.
+    pub const QMP_SOCKET: &str = "qmp.sock";
+    pub const QEMU_LOG: &str = "qemu.log";
+    pub const MEMORY: &str = "memory";
 
     /// A drive's entry: `drives/<id>`.
     pub fn drive(id: &str) -> String {
@@ -100,9 +104,11 @@ impl RunLayout {
     /// Entries the VMM creates or that are bound into the run directory: what
     /// must go when the VMM is gone. Logs and the serial console stay for
     /// post-mortems; the caller removes the run directory.
-    fn transient_entries() -> [&'static str; 6] {
+    fn transient_entries() -> [&'static str; 8] {
         [
             entry::API_SOCKET,
+            entry::QMP_SOCKET,
+            entry::MEMORY,
             entry::VSOCK_SOCKET,
             entry::DRIVES_DIR,
             entry::BOOT_DIR,
@@ -155,6 +161,8 @@ pub struct BoundFile {
     pub source: PathBuf,
     /// Its entry in the run directory, e.g. `drives/root`.
     pub entry: PathBuf,
+    /// Bound read-only inside a jail (kernels, backing files, snapshots).
+    pub read_only: bool,
 }
 
 /// The mount namespace a VMM process gets, as data.
@@ -210,8 +218,38 @@ impl ViewPlan {
         self.files.push(BoundFile {
             source: source.into(),
             entry: entry.into(),
+            read_only: false,
         });
         self
+    }
+
+    /// [`ViewPlan::bind`], read-only for a jailed VMM.
+    pub fn bind_read_only(mut self, source: impl Into<PathBuf>, entry: impl Into<PathBuf>) -> Self {
+        self.files.push(BoundFile {
+            source: source.into(),
+            entry: entry.into(),
+            read_only: true,
+        });
+        self
+    }
+
+    /// The same view inside a jail: the run directory at [`STABLE_DIR`] of
+    /// the jail's root, and each file on its placeholder there.
+    pub fn into_jail(&self, mut jail: crate::jail::JailPlan) -> crate::jail::JailPlan {
+        use crate::jail::JailEntry;
+        jail.push(JailEntry::Bind {
+            source: self.run_dir.clone(),
+            path: STABLE_DIR.into(),
+            writable: true,
+        });
+        for f in &self.files {
+            jail.push(JailEntry::Bind {
+                source: f.source.clone(),
+                path: Path::new(STABLE_DIR).join(&f.entry),
+                writable: !f.read_only,
+            });
+        }
+        jail
     }
 
     /// The mount steps, in the order the child applies them. Files are bound
@@ -277,7 +315,15 @@ impl ViewPlan {
                 Placeholder::Dir(dir) => std::fs::create_dir_all(&dir)?,
                 Placeholder::File(file) => {
                     if let Some(parent) = file.parent() {
-                        std::fs::create_dir_all(parent)?;
+                        // Traversable whatever the umask: a jailed VMM of
+                        // another uid opens the files bound here.
+                        use std::os::unix::fs::DirBuilderExt;
+                        std::fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o755)
+                            .create(parent)?;
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
                     }
                     // A stale socket or file from a previous VMM would do as
                     // a mount point too, but start from a plain empty file.
@@ -492,5 +538,24 @@ mod tests {
         drop(listener);
         layout.reclaim().unwrap();
         assert!(!sock.exists());
+    }
+}
+
+/// Where a child process is put before `exec`: into the stable view of its
+/// run directory only (unconfined: the drivers' own tests), or into a jail
+/// (which holds the same view).
+#[derive(Debug)]
+pub enum Placement {
+    View(PreparedView),
+    Jail(ember_jail::PreparedJail),
+}
+
+impl Placement {
+    /// Runs in the forked child: system calls only.
+    pub fn enter(&self) -> io::Result<()> {
+        match self {
+            Placement::View(v) => v.enter(),
+            Placement::Jail(j) => j.enter(),
+        }
     }
 }

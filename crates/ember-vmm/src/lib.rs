@@ -20,10 +20,11 @@ pub mod qemu;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use ember_jail::{cgroup, jail};
 pub use ember_types::{BackendKind, DiskFormat};
 pub use spec::{
-    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
-    SnapshotOutput, SnapshotRequest, VmConfig,
+    BackingFile, Confinement, DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec,
+    RestoreSpec, SnapshotKind, SnapshotOutput, SnapshotRequest, VmConfig,
 };
 
 /// Everything that can go wrong driving a VMM. Backend-specific detail (a

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use ember_types::DiskFormat;
+
+pub use ember_jail::Confinement;
 use serde::{Deserialize, Serialize};
 
 /// vCPUs and memory.
@@ -28,6 +30,17 @@ pub struct DriveSpec {
     pub root: bool,
     /// How the VMM reads the file: always stated, never probed.
     pub format: DiskFormat,
+    /// The files under a qcow2 drive, top first, each with its format: the
+    /// VMM is given the whole chain and never follows a path a header names
+    /// (a confined VMM could not see it anyway). Empty for a raw drive.
+    pub backing: Vec<BackingFile>,
+}
+
+/// A read-only file under a qcow2 drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingFile {
+    pub path: PathBuf,
+    pub format: DiskFormat,
 }
 
 /// A [`DriveSpec`] as stored. Records written before `format` existed
@@ -41,6 +54,8 @@ struct DriveSpecRecord {
     root: bool,
     #[serde(default)]
     format: Option<DiskFormat>,
+    #[serde(default)]
+    backing: Vec<BackingFile>,
 }
 
 impl From<DriveSpecRecord> for DriveSpec {
@@ -58,6 +73,7 @@ impl From<DriveSpecRecord> for DriveSpec {
             read_only: r.read_only,
             root: r.root,
             format,
+            backing: r.backing,
         }
     }
 }
@@ -98,6 +114,10 @@ pub struct Launch {
     /// Where guest RAM lives when the backend keeps it in a file (QEMU:
     /// `memory-backend-file`, `share=on`). Ignored by Firecracker.
     pub memory_file: Option<PathBuf>,
+    /// `None` runs the VMM as the caller, unconfined: only for tests of the
+    /// drivers themselves. The host agent always confines.
+    #[serde(default)]
+    pub confinement: Option<Confinement>,
 }
 
 /// Full: every page of guest memory. Diff: only pages written since the

@@ -146,20 +146,21 @@ async fn boots_and_counts_on_the_serial_console() {
         read_only: false,
         root: true,
         format: DiskFormat::Raw,
+        backing: Vec::new(),
     });
     let vm = qemu.boot_vm(&launch).await.unwrap();
     let console = wait_console(&vm.serial_log(), BOOT, |c| c.ticks.len() >= 5).await;
     assert_eq!(&console.ticks[..5], &[0, 1, 2, 3, 4]);
     assert!(console.pattern.is_some());
 
-    // QEMU opened the drive through the stable link, not the real path.
+    // QEMU opened the drive at its stable path, not the real one.
     let blocks = vm
         .qmp()
         .execute_raw("query-block", None, Duration::from_secs(5))
         .await
         .unwrap();
     let file = blocks[0]["inserted"]["file"].as_str().unwrap();
-    assert_eq!(Path::new(file), launch.run_dir.join("drives/root"));
+    assert_eq!(Path::new(file), Path::new("/run/ember/vm/drives/root"));
     assert_eq!(blocks[0]["inserted"]["drv"], "raw");
 
     // Its own session, so a Ctrl-C at Ember's terminal does not reach it.
@@ -219,6 +220,7 @@ async fn drives_open_in_their_stated_format_never_a_probed_one() {
         read_only: true,
         root: false,
         format: DiskFormat::Qcow2,
+        backing: Vec::new(),
     });
     launch.config.drives.push(DriveSpec {
         id: "hostile".into(),
@@ -226,6 +228,7 @@ async fn drives_open_in_their_stated_format_never_a_probed_one() {
         read_only: true,
         root: false,
         format: DiskFormat::Raw,
+        backing: Vec::new(),
     });
     let vm = qemu().boot_vm(&launch).await.unwrap();
     let blocks = vm
@@ -260,6 +263,7 @@ async fn a_vm_runs_on_after_a_snapshot_and_snapshots_again() {
         read_only: false,
         root: true,
         format: DiskFormat::Raw,
+        backing: Vec::new(),
     });
     let vm = qemu.boot_vm(&launch).await.unwrap();
     let log = vm.serial_log();
@@ -569,6 +573,7 @@ async fn a_missing_binary_is_reported_as_such() {
         vm_id: "nobinary".into(),
         run_dir: dir.path().into(),
         memory_file: Some(dir.path().join("ram")),
+        confinement: None,
         config: ember_vmm::VmConfig {
             machine: ember_vmm::MachineSpec {
                 vcpus: 1,
@@ -775,4 +780,141 @@ async fn root_boots_inside_a_network_namespace_on_its_tap() {
 
     vm.kill().await.unwrap();
     assert_gone(&vm, &launch.run_dir).await;
+}
+
+/// A confined QEMU: its own uid and gid, no capabilities, no_new_privs,
+/// QEMU's seccomp filter, a root holding only /usr, a minimal /dev and its
+/// own run directory, in its own cgroup with limits; it boots, snapshots
+/// and restores like an unconfined one.
+#[tokio::test]
+async fn a_confined_vm_runs_unprivileged_in_its_own_root_and_cgroup() {
+    let ws = guest_or_skip!();
+    ember_testkit::require!(
+        ember_testkit::is_root(),
+        "needs root to make mount namespaces, cgroups and uids"
+    );
+    let layout = ember_vmm::cgroup::Layout::detect();
+    ember_testkit::require!(layout.is_some(), "no cgroup controllers on this host");
+    let layout = layout.unwrap();
+    let qemu = qemu();
+    let identity = ember_vmm::jail::Identity {
+        uid: 910_000_000 + std::process::id() % 100_000,
+        gid: 910_000_000 + std::process::id() % 100_000,
+    };
+    let mountpoint = ws.path().join("jail");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let name = format!("qemu-test-{}", std::process::id());
+    let plan = ember_vmm::cgroup::CgroupPlan::new(
+        &layout,
+        Path::new("ember-test"),
+        &name,
+        &ember_vmm::cgroup::Limits {
+            cpu_percent: Some(100),
+            memory_bytes: Some(512 << 20),
+            pids: Some(128),
+            io: None,
+        },
+    );
+    let cgroup = ember_vmm::cgroup::Cgroup::create(&plan).unwrap();
+    let mut launch = ws.launch("confined", 128);
+    launch.confinement = Some(ember_vmm::Confinement {
+        identity,
+        jail_mountpoint: mountpoint.clone(),
+        cgroup_procs: cgroup.procs.clone(),
+    });
+    let vm = qemu.boot_vm(&launch).await.unwrap();
+    wait_console(&vm.serial_log(), BOOT, |c| c.ticks.len() >= 3).await;
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    let uid = identity.uid.to_string();
+    assert_eq!(field("Uid"), [uid.as_str(); 4], "{status}");
+    assert_eq!(field("Gid")[0], identity.gid.to_string());
+    assert_eq!(field("Groups"), [identity.gid.to_string()]);
+    assert_eq!(field("CapEff"), ["0000000000000000"]);
+    assert_eq!(field("CapPrm"), ["0000000000000000"]);
+    assert_eq!(field("NoNewPrivs"), ["1"]);
+    assert_eq!(field("Seccomp"), ["2"], "QEMU's -sandbox filter");
+    // Its root is the jail: nothing of the host but what was bound.
+    let root = PathBuf::from(format!("/proc/{}/root", vm.pid()));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    for host_only in ["home", "root", "var", "tmp", "proc", "sys"] {
+        assert!(
+            !top.contains(&host_only.to_owned()),
+            "{host_only} in {top:?}"
+        );
+    }
+    let mut devs: Vec<String> = std::fs::read_dir(root.join("dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    devs.sort();
+    assert_eq!(devs, ["null", "random", "urandom", "zero"]);
+    assert!(root.join("run/ember/vm/qmp.sock").exists());
+    // In its cgroup, under its limits.
+    assert!(cgroup.pids().contains(&vm.pid()), "{:?}", cgroup.pids());
+    let usage = cgroup.usage();
+    assert!(
+        usage.memory_bytes > 0 && usage.memory_limit_bytes == Some(512 << 20),
+        "{usage:?}"
+    );
+    assert!(usage.pids > 0 && usage.pids <= 128, "{usage:?}");
+    // The RAM file and run directory are the VM's, readable by no one else.
+    use std::os::unix::fs::MetadataExt;
+    let ram = std::fs::metadata(launch.memory_file.as_ref().unwrap()).unwrap();
+    assert_eq!((ram.uid(), ram.mode() & 0o777), (identity.uid, 0o600));
+    let run = std::fs::metadata(&launch.run_dir).unwrap();
+    assert_eq!((run.uid(), run.mode() & 0o777), (identity.uid, 0o700));
+
+    // Snapshot and restore, still confined.
+    vm.pause().await.unwrap();
+    let request = SnapshotRequest {
+        kind: SnapshotKind::Full,
+        vmstate: ws.path().join("confined.vmstate"),
+        memory: ws.path().join("confined.unused"),
+    };
+    let out = vm.snapshot(&request).await.unwrap();
+    vm.kill().await.unwrap();
+    assert_gone(&vm, &launch.run_dir).await;
+    let MemoryDump::Full(ram) = out.memory else {
+        panic!("QEMU dumps full memory")
+    };
+    let copy = ws.path().join("confined-restore.ram");
+    copy_sparse(&ram, &copy);
+    let restored = qemu
+        .restore_vm(
+            &launch,
+            &RestoreSpec {
+                vmstate: out.vmstate,
+                memory: MemoryBackend::File(copy),
+                track_dirty_pages: false,
+                resume: true,
+            },
+        )
+        .await
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", restored.pid())).unwrap();
+    assert!(status.contains(&format!("Uid:\t{uid}")), "{status}");
+    let before = Console::read(&restored.serial_log()).ticks.len();
+    wait_console(&restored.serial_log(), SETTLE, |c| {
+        c.ticks.len() > before + 2
+    })
+    .await;
+    restored.kill().await.unwrap();
+    assert_gone(&restored, &launch.run_dir).await;
+    cgroup.remove().unwrap();
+    for parent in plan.dirs.iter().filter(|d| d.ends_with("ember-test")) {
+        let _ = std::fs::remove_dir(parent);
+    }
 }

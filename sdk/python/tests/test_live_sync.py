@@ -57,6 +57,14 @@ def test_sandbox_lifecycle(api: Live) -> None:
         h.kill()
         assert h.wait().signal == 9
 
+        # Metrics: from the sandbox's cgroup and host link, at least one sample.
+        samples = sb.get_metrics()
+        assert samples, "a running sandbox has at least one sample"
+        last = samples[-1]
+        assert isinstance(last, ember.MetricSample)
+        assert last.memory_bytes > 0 and last.memory_limit_bytes >= 512 << 20, last
+        assert last.pids > 0 and last.disk_bytes > 0 and last.cpu_seconds > 0, last
+
         # Files.
         blob = bytes(range(256)) * 1000
         info = sb.files.write("/root/blob.bin", blob, mode=0o600)

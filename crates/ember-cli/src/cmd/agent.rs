@@ -48,6 +48,10 @@ pub struct AgentOptions {
     /// MiB of guest memory this host hands out [default: RAM − 1 GiB].
     #[arg(long, env = "EMBER_CAPACITY_MEMORY_MIB")]
     pub capacity_memory_mib: Option<u64>,
+    /// First uid of the sandboxes' own: the sandbox in network slot N runs
+    /// its VMM as uid and gid BASE+N [default: 900000000].
+    #[arg(long, env = "EMBER_VM_UID_BASE")]
+    pub vm_uid_base: Option<u32>,
 }
 
 impl AgentOptions {
@@ -78,6 +82,9 @@ impl AgentOptions {
         }
         if let Some(m) = self.capacity_memory_mib {
             c.capacity_memory_mib = m;
+        }
+        if let Some(base) = self.vm_uid_base {
+            c.confine.uid_base = base;
         }
         c
     }
@@ -110,6 +117,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let agent = Agent::start(config)
         .await
         .context("starting the host agent")?;
+    warn_if_not_isolated(&agent, "ember agent");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -156,8 +164,22 @@ pub async fn start_agent(
     let agent = Agent::start(config)
         .await
         .context("starting the host agent")?;
+    warn_if_not_isolated(&agent, "ember server");
     let task = tokio::spawn(serve(agent.clone(), listener, token, shutdown));
     Ok((agent, task))
+}
+
+/// Say plainly, at start, when guests run under software emulation: QEMU's
+/// TCG is no security boundary, whatever confines the VMM around it.
+fn warn_if_not_isolated(agent: &Agent, who: &str) {
+    if agent.backend().isolation == ember_agent::backend::Isolation::Tcg {
+        warn!("guests run under QEMU TCG (software emulation): not a security boundary");
+        eprintln!(
+            "{who}: WARNING: no usable KVM here; guests run under QEMU TCG, which is not a \
+             security boundary. Each VMM is confined (own uid, jail, seccomp, cgroup), but do \
+             not run code you would not run on this host."
+        );
+    }
 }
 
 async fn serve(
@@ -170,10 +192,12 @@ async fn serve(
         let agent = agent.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut sample = tokio::time::interval(ember_agent::usage::INTERVAL);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => agent.check_vms().await,
+                    _ = sample.tick() => agent.sample_usage().await,
                 }
             }
         })

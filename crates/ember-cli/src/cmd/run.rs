@@ -260,6 +260,7 @@ pub struct LocalSandbox {
     run_dir: Option<PathBuf>,
     memory_file: Option<PathBuf>,
     guest: Option<GuestClient>,
+    cgroup: Option<ember_vmm::cgroup::Cgroup>,
 }
 
 impl LocalSandbox {
@@ -281,14 +282,21 @@ impl LocalSandbox {
         reclaim_stale_runs();
         let id = format!("run-{}", random_hex(8));
         let run_dir = PathBuf::from(RUNS_DIR).join(&id);
+        for dir in [Path::new(RUNS_DIR), Path::new(MEMORY_DIR)] {
+            ember_agent::confine::private_dir(dir)?;
+        }
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("create {}", run_dir.display()))?;
         self.run_dir = Some(run_dir.clone());
         self.lock = Some(lock_exclusive(&run_dir.join("lock"))?);
         let mem_dir = PathBuf::from(MEMORY_DIR);
-        std::fs::create_dir_all(&mem_dir)
-            .with_context(|| format!("create {}", mem_dir.display()))?;
         self.memory_file = Some(mem_dir.join(format!("{id}.ram")));
+        let confiner = ember_agent::confine::Confiner::new(
+            ember_agent::confine::ConfineConfig::default(),
+            Path::new(RUNS_DIR),
+            "ember-run",
+            Path::new(RUNS_DIR),
+        )?;
 
         let pool = SlotPool::new(PoolConfig::default()).context("network slot pool")?;
         let slot = tokio::task::spawn_blocking(move || pool.acquire(EgressPolicy::default()))
@@ -296,13 +304,18 @@ impl LocalSandbox {
             .context("acquire a network slot")?;
         let net = slot.vmm_net();
         let agent_addr = slot.agent_addr();
+        let slot_index = slot.index();
         self.slot = Some(slot);
+        self.cgroup = confiner.cgroup(&id, vcpus, memory_mib)?;
+        let confinement = confiner.confinement(slot_index, self.cgroup.as_ref());
 
         let disk = run_dir.join("disk.qcow2");
         {
             let (base, disk) = (image.rootfs.clone(), disk.clone());
             tokio::task::spawn_blocking(move || {
-                ember_image::cow::qcow2_overlay(&base, DiskFormat::Raw, &disk)
+                let size = std::fs::metadata(&base)?.len();
+                ember_image::cow::qcow2_overlay(&base, DiskFormat::Raw, size, &disk)
+                    .map_err(anyhow::Error::from)
             })
             .await?
             .context("create the disk layer")?;
@@ -321,6 +334,10 @@ impl LocalSandbox {
                     read_only: false,
                     root: true,
                     format: DiskFormat::Qcow2,
+                    backing: vec![ember_vmm::BackingFile {
+                        path: image.rootfs.clone(),
+                        format: DiskFormat::Raw,
+                    }],
                 }],
                 net: Some(NetSpec {
                     tap: net.tap,
@@ -329,6 +346,7 @@ impl LocalSandbox {
                 }),
             },
             memory_file: self.memory_file.clone(),
+            confinement: Some(confinement),
         };
         let vm = qemu.boot(&launch).await.context("boot the VM")?;
         let vm = &*self.vm.insert(vm);
@@ -410,6 +428,11 @@ impl LocalSandbox {
             && let Err(e) = std::fs::remove_dir_all(&d)
         {
             problems.push(format!("remove {}: {e}", d.display()));
+        }
+        if let Some(cgroup) = self.cgroup.take()
+            && let Err(e) = ember_agent::confine::remove_cgroup(&cgroup).await
+        {
+            problems.push(format!("remove the cgroup: {e}"));
         }
         self.lock = None;
         problems

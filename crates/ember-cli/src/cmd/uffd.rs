@@ -184,7 +184,7 @@ pub async fn run(args: UffdArgs) -> anyhow::Result<ExitCode> {
 /// The image to serve and where its working set lives.
 fn open_image(args: &UffdArgs) -> anyhow::Result<(Image, Option<PathBuf>)> {
     if let (Some(build), Some(data_dir)) = (args.build, &args.data_dir) {
-        let store = ember_snapshot::BuildStore::open(data_dir)
+        let store = ember_snapshot::BuildStore::open_read_only(data_dir)
             .with_context(|| format!("opening the build store in {}", data_dir.display()))?;
         let image = ember_uffd::build::open(&store, build)?;
         let ws = args

@@ -44,6 +44,8 @@ pub struct AgentHome {
     pub token: String,
     pub memory_dir: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// Each agent's sandboxes get uids of their own (tests run in parallel).
+    pub uid_base: u32,
 }
 
 impl AgentHome {
@@ -68,6 +70,7 @@ impl AgentHome {
             pool,
             token: format!("tok-{}", rng.r#gen::<u64>()),
             extra_env: Vec::new(),
+            uid_base: 1_000_000_000 + rng.gen_range(0..100_000) * 1000,
         }
     }
 
@@ -95,6 +98,7 @@ impl AgentHome {
         ]);
         v.extend(["--net-prefix".into(), self.prefix.clone().into()]);
         v.extend(["--net-pool".into(), self.pool.clone().into()]);
+        v.extend(["--vm-uid-base".into(), self.uid_base.to_string().into()]);
         v
     }
 
@@ -172,10 +176,15 @@ impl AgentHome {
         list_names("/sys/class/net", &format!("{}h", self.prefix))
     }
 
-    /// Processes whose command line mentions this home's directory (VMMs,
-    /// page servers) — the agent itself excluded by the caller.
+    /// This home's sandbox processes (VMMs, page servers): those running
+    /// as one of its sandboxes' uids (confined ones name only paths inside
+    /// their jails), and any whose command line mentions its directory.
     pub fn processes(&self) -> Vec<u32> {
-        processes_mentioning(self.dir.path())
+        let mut pids = processes_mentioning(self.dir.path());
+        pids.extend(processes_with_uid_in(self.uid_base..self.uid_base + 1000));
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// This home's processes (VMM, page server) of one sandbox.
@@ -232,6 +241,34 @@ fn list_names(dir: &str, prefix: &str) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// Processes whose real uid is in `uids`.
+pub fn processes_with_uid_in(uids: std::ops::Range<u32>) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(p.path().join("status")).ok()?;
+            // A zombie holds nothing; reaping it is its new parent's job.
+            if status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains("Z"))
+            {
+                return None;
+            }
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            uids.contains(&uid).then_some(pid)
+        })
+        .collect()
 }
 
 pub fn processes_mentioning(path: &Path) -> Vec<u32> {

@@ -234,6 +234,11 @@ async fn hosts_to_wire(
             let used = usage.get(&h.id).copied().unwrap_or_default();
             wire::Host {
                 healthy: state.hosts.is_healthy(&h.id),
+                isolation: state
+                    .hosts
+                    .info(&h.id)
+                    .map(|i| i.isolation)
+                    .filter(|i| !i.is_empty()),
                 id: h.id,
                 address: h.address,
                 backend: h.backend,

@@ -67,6 +67,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::snapshot_sandbox))
         .routes(routes!(processes::exec))
         .routes(routes!(processes::list_processes))
+        .routes(routes!(processes::sandbox_metrics))
         .routes(routes!(processes::write_stdin))
         .routes(routes!(processes::signal_process))
         .routes(routes!(processes::process_events))

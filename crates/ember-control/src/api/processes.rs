@@ -429,3 +429,50 @@ mod tests {
         );
     }
 }
+
+/// What a running sandbox uses: recent samples (every 5 s, the last 10
+/// minutes) of CPU, memory, disk and network, from its cgroup and host.
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{id}/metrics", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    responses(
+        (status = 200, body = wire::SandboxMetrics),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn sandbox_metrics(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<wire::SandboxMetrics>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let reply = match client
+        .get_sandbox_metrics(pb::SandboxRef { sandbox_id: id })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Err(guest_error(&state, &sb, "GetSandboxMetrics", status).await),
+    };
+    let samples = reply
+        .samples
+        .into_iter()
+        .map(|s| wire::MetricSample {
+            timestamp: crate::model::rfc3339(s.at_unix_ms as i64),
+            cpu_percent: s.cpu_percent,
+            cpu_seconds: s.cpu_seconds,
+            memory_bytes: s.memory_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            disk_bytes: s.disk_bytes,
+            net_rx_bytes: s.net_rx_bytes,
+            net_tx_bytes: s.net_tx_bytes,
+            pids: s.pids,
+        })
+        .collect();
+    Ok(Json(wire::SandboxMetrics { samples }))
+}

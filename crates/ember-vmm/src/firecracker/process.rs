@@ -34,6 +34,9 @@ pub(crate) struct LaunchCommand {
     /// joins it itself).
     pub netns: Option<PathBuf>,
     pub view: ViewPlan,
+    /// Ember's own jail (the view inside it) and the program's path in
+    /// it, when the VM is confined and no jailer is configured.
+    pub jail: Option<(crate::jail::JailPlan, PathBuf)>,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
 }
@@ -79,14 +82,25 @@ impl VmmProcess {
                 ),
                 source,
             })?;
-        let view = launch.view.prepare().map_err(|source| VmmError::Io {
-            context: "preparing the VMM's mount namespace".into(),
-            source,
-        })?;
+        let placement = match &launch.jail {
+            None => crate::layout::Placement::View(launch.view.prepare().map_err(|source| {
+                VmmError::Io {
+                    context: "preparing the VMM's mount namespace".into(),
+                    source,
+                }
+            })?),
+            Some((jail, _)) => {
+                crate::layout::Placement::Jail(jail.prepare().map_err(|source| VmmError::Io {
+                    context: "preparing the VMM's jail".into(),
+                    source,
+                })?)
+            }
+        };
         let stdout = append(&launch.stdout)?;
         let stderr = append(&launch.stderr)?;
 
-        let mut command = tokio::process::Command::new(&launch.program);
+        let program = launch.jail.as_ref().map_or(&launch.program, |(_, p)| p);
+        let mut command = tokio::process::Command::new(program);
         command
             .args(&launch.args)
             .env_clear()
@@ -94,15 +108,16 @@ impl VmmProcess {
             .stdout(stdout)
             .stderr(stderr);
         // SAFETY: the closure runs in the forked child before exec. It only
-        // makes system calls (setsid, setns, unshare, mount) on data prepared
-        // above, and neither allocates nor takes locks.
+        // makes system calls (setsid, setns, then the placement's unshare,
+        // mounts, chroot and uid changes) on data prepared above, and
+        // neither allocates nor takes locks.
         unsafe {
             command.pre_exec(move || {
                 nix::unistd::setsid().map_err(errno)?;
                 if let Some(ns) = &netns {
                     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(errno)?;
                 }
-                view.enter()
+                placement.enter()
             });
         }
         let mut child = command.spawn().map_err(VmmError::Spawn)?;

@@ -43,11 +43,24 @@ pub struct LaunchPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedDrive {
     pub id: String,
-    /// The stable link the VM sees (see `drives`), not the real disk.
+    /// The stable path the VM sees (see `drives`), not the real disk.
     pub path: PathBuf,
     pub format: DiskFormat,
     pub read_only: bool,
+    /// The files under a qcow2 drive, top first.
+    pub backing: Vec<PlannedBacking>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedBacking {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// QEMU's own seccomp filter: no obsolete system calls, no set*id, no
+/// fork/exec, no scheduler or resource changes. Every Ember QEMU runs
+/// under it, confined or not.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 pub use ember_types::DiskFormat;
 
@@ -122,16 +135,8 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
 
     for drive in &plan.drives {
         let node = format!("drive_{}", drive.id);
-        args.push("-drive").push(option(&[
-            ("id", Some(node.as_ref())),
-            ("file", Some(drive.path.as_os_str())),
-            ("format", Some(drive.format.as_str().as_ref())),
-            ("if", Some("none".as_ref())),
-            (
-                "readonly",
-                Some(if drive.read_only { "on" } else { "off" }.as_ref()),
-            ),
-        ]));
+        args.push("-blockdev")
+            .push(blockdev(drive, &node).to_string());
         args.push("-device")
             .push(format!("virtio-blk-device,drive={node}"));
     }
@@ -143,10 +148,43 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
         args.push("-device")
             .push(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
     }
+    args.push("-sandbox").push(SANDBOX);
     if plan.incoming {
         args.push("-incoming").push("defer").push("-S");
     }
     args.0
+}
+
+/// A drive as a `-blockdev` node graph: the drive's own file in its stated
+/// format, and under a qcow2 drive each backing file explicitly, read-only,
+/// in its stated format; the last qcow2 layer says it has no backing, so
+/// QEMU never opens a file a header names.
+fn blockdev(drive: &PlannedDrive, node: &str) -> serde_json::Value {
+    use serde_json::json;
+    let file = |path: &Path| json!({"driver": "file", "filename": path.to_string_lossy()});
+    // Built bottom-up: each layer holds the one below.
+    let mut below = serde_json::Value::Null;
+    for layer in drive.backing.iter().rev() {
+        let mut node = json!({
+            "driver": layer.format.as_str(),
+            "read-only": true,
+            "file": file(&layer.path),
+        });
+        if layer.format == DiskFormat::Qcow2 {
+            node["backing"] = below;
+        }
+        below = node;
+    }
+    let mut top = json!({
+        "driver": drive.format.as_str(),
+        "node-name": node,
+        "read-only": drive.read_only,
+        "file": file(&drive.path),
+    });
+    if drive.format == DiskFormat::Qcow2 {
+        top["backing"] = below;
+    }
+    top
 }
 
 fn kernel_cmdline(plan: &LaunchPlan) -> String {
@@ -300,12 +338,23 @@ mod tests {
                     path: "/run/vm/drives/root".into(),
                     format: DiskFormat::Qcow2,
                     read_only: false,
+                    backing: vec![
+                        PlannedBacking {
+                            path: "/run/vm/drives/root.1".into(),
+                            format: DiskFormat::Qcow2,
+                        },
+                        PlannedBacking {
+                            path: "/run/vm/drives/root.2".into(),
+                            format: DiskFormat::Raw,
+                        },
+                    ],
                 },
                 PlannedDrive {
                     id: "data".into(),
                     path: "/run/vm/drives/data".into(),
                     format: DiskFormat::Raw,
                     read_only: true,
+                    backing: Vec::new(),
                 },
             ],
             net: Some(PlannedNet {
@@ -376,18 +425,24 @@ mod tests {
             "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off",
             "-mon",
             "chardev=qmp,mode=control",
-            "-drive",
-            "id=drive_root,file=/run/vm/drives/root,format=qcow2,if=none,readonly=off",
+            "-blockdev",
+            concat!(
+                r#"{"backing":{"backing":{"driver":"raw","file":{"driver":"file","filename":"/run/vm/drives/root.2"},"read-only":true},"#,
+                r#""driver":"qcow2","file":{"driver":"file","filename":"/run/vm/drives/root.1"},"read-only":true},"#,
+                r#""driver":"qcow2","file":{"driver":"file","filename":"/run/vm/drives/root"},"node-name":"drive_root","read-only":false}"#
+            ),
             "-device",
             "virtio-blk-device,drive=drive_root",
-            "-drive",
-            "id=drive_data,file=/run/vm/drives/data,format=raw,if=none,readonly=on",
+            "-blockdev",
+            r#"{"driver":"raw","file":{"driver":"file","filename":"/run/vm/drives/data"},"node-name":"drive_data","read-only":true}"#,
             "-device",
             "virtio-blk-device,drive=drive_data",
             "-netdev",
             "tap,id=net0,ifname=tap0,script=no,downscript=no",
             "-device",
             "virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02",
+            "-sandbox",
+            SANDBOX,
         ]
         .into_iter()
         .map(String::from)

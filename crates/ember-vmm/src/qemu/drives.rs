@@ -1,30 +1,31 @@
-//! Where a QEMU VM sees its drives: `<run_dir>/drives/<id>`, a symlink to
-//! wherever [`DriveSpec::host_path`](crate::DriveSpec) really is today.
+//! What a QEMU process sees of the host: its run directory at
+//! [`STABLE_DIR`](crate::layout::STABLE_DIR), and in it each drive, each file
+//! under a qcow2 drive, the kernel, the initrd and the RAM file, bound onto
+//! placeholders (the same [`ViewPlan`] as Firecracker's). QEMU is only ever
+//! told those paths, so nothing about a VM's command line depends on where
+//! its files really are, and a jailed QEMU sees nothing else.
 //!
-//! QEMU does not record drive paths in its migration stream (a restore's
-//! command line names them again), so a symlink suffices where Firecracker
-//! needs a private mount namespace. The rule is the same for both backends:
-//! the VMM is only told a per-VM name derived from the drive's `id` (the same
-//! `drives/<id>` entry as the Firecracker layout), so nothing about a VM,
-//! its command line or its snapshot depends on where the disk lives.
+//! A qcow2 drive's backing chain is bound file by file (`drives/<id>.1`,
+//! `drives/<id>.2`, …) and given to QEMU explicitly, each with the format
+//! the caller states: QEMU never opens a path a qcow2 header names.
 //!
-//! One consequence: a qcow2 overlay's *relative* backing-file name resolves
-//! against the link's directory, so overlays must name their backing file by
-//! absolute path.
-//!
-//! This module owns the links; it does not own the disks or the run
-//! directory itself (the caller creates it).
+//! This module owns the entries and their validation; it does not own the
+//! disks or the run directory (the caller creates it).
 
 use std::path::{Path, PathBuf};
 
-use crate::{DriveSpec, Result, VmmError};
+use super::cmdline::{PlannedBacking, PlannedDrive};
+use crate::layout::{RunLayout, ViewPlan, entry};
+use crate::{DiskFormat, DriveSpec, Result, VmConfig, VmmError};
 
-/// Directory under the run directory that holds one link per drive.
-const DRIVES_DIR: &str = "drives";
-
-/// Where a VM sees drive `id`.
-pub fn drive_link(run_dir: &Path, id: &str) -> PathBuf {
-    run_dir.join(DRIVES_DIR).join(id)
+/// The view a QEMU process gets, and what its command line names.
+#[derive(Debug, Clone)]
+pub struct QemuView {
+    pub plan: ViewPlan,
+    pub drives: Vec<PlannedDrive>,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub memory: PathBuf,
 }
 
 /// Drive IDs become file names and VMM option values: keep them to
@@ -44,18 +45,17 @@ pub fn validate_drive_id(id: &str) -> Result<()> {
     }
 }
 
-/// Point `<run_dir>/drives/<id>` at each drive's real path, replacing links
-/// left by an earlier VM in the same run directory. Returns the link paths in
-/// the order of `drives`.
-pub fn link_drives(run_dir: &Path, drives: &[DriveSpec]) -> Result<Vec<PathBuf>> {
-    let dir = run_dir.join(DRIVES_DIR);
-    std::fs::create_dir_all(&dir).map_err(|source| VmmError::Io {
-        context: format!("creating {}", dir.display()),
-        source,
-    })?;
-    let mut links = Vec::with_capacity(drives.len());
+/// The view of `config`'s files and `memory_file` from `run_dir`.
+pub fn view(run_dir: &Path, config: &VmConfig, memory_file: &Path) -> Result<QemuView> {
+    let mut plan = ViewPlan::new(run_dir)
+        .bind_read_only(&config.kernel, entry::KERNEL)
+        .bind(memory_file, entry::MEMORY);
+    if let Some(initrd) = &config.initrd {
+        plan = plan.bind_read_only(initrd, entry::INITRD);
+    }
+    let mut drives = Vec::with_capacity(config.drives.len());
     let mut seen = std::collections::HashSet::new();
-    for drive in drives {
+    for drive in &config.drives {
         validate_drive_id(&drive.id)?;
         if !seen.insert(drive.id.as_str()) {
             return Err(VmmError::Config(format!(
@@ -63,101 +63,144 @@ pub fn link_drives(run_dir: &Path, drives: &[DriveSpec]) -> Result<Vec<PathBuf>>
                 drive.id
             )));
         }
-        let target = std::path::absolute(&drive.host_path).map_err(|source| VmmError::Io {
-            context: format!("resolving drive path {}", drive.host_path.display()),
-            source,
-        })?;
-        if !target.is_file() {
+        check_file(drive, &drive.host_path)?;
+        let name = entry::drive(&drive.id);
+        plan = if drive.read_only {
+            plan.bind_read_only(&drive.host_path, &name)
+        } else {
+            plan.bind(&drive.host_path, &name)
+        };
+        let mut backing = Vec::with_capacity(drive.backing.len());
+        for (i, file) in drive.backing.iter().enumerate() {
+            check_file(drive, &file.path)?;
+            let below = format!("{name}.{}", i + 1);
+            plan = plan.bind_read_only(&file.path, &below);
+            backing.push(PlannedBacking {
+                path: RunLayout::vmm(&below),
+                format: file.format,
+            });
+        }
+        if drive.format == DiskFormat::Raw && !backing.is_empty() {
             return Err(VmmError::Config(format!(
-                "drive {:?}: {} is not a file",
-                drive.id,
-                target.display()
+                "drive {:?} is raw but names backing files",
+                drive.id
             )));
         }
-        let link = drive_link(run_dir, &drive.id);
-        remove_if_present(&link)?;
-        std::os::unix::fs::symlink(&target, &link).map_err(|source| VmmError::Io {
-            context: format!("linking {} to {}", link.display(), target.display()),
-            source,
-        })?;
-        links.push(link);
+        drives.push(PlannedDrive {
+            id: drive.id.clone(),
+            path: RunLayout::vmm(&name),
+            format: drive.format,
+            read_only: drive.read_only,
+            backing,
+        });
     }
-    Ok(links)
+    plan.validate().map_err(VmmError::Config)?;
+    Ok(QemuView {
+        plan,
+        drives,
+        kernel: RunLayout::vmm(entry::KERNEL),
+        initrd: config
+            .initrd
+            .as_ref()
+            .map(|_| RunLayout::vmm(entry::INITRD)),
+        memory: RunLayout::vmm(entry::MEMORY),
+    })
 }
 
-/// Remove the drive links of a VM (its disks are untouched).
-pub fn unlink_drives(run_dir: &Path) {
-    let dir = run_dir.join(DRIVES_DIR);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let _ = std::fs::remove_file(entry.path());
+fn check_file(drive: &DriveSpec, path: &Path) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
     }
-    let _ = std::fs::remove_dir(&dir);
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(VmmError::Io {
-            context: format!("removing stale {}", path.display()),
-            source,
-        }),
-    }
+    Err(VmmError::Config(format!(
+        "drive {:?}: {} is not a file",
+        drive.id,
+        path.display()
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{BackingFile, MachineSpec};
 
-    fn drive(id: &str, path: &Path) -> DriveSpec {
-        DriveSpec {
-            id: id.into(),
-            host_path: path.into(),
-            read_only: false,
-            root: id == "root",
-            format: crate::DiskFormat::Raw,
+    fn config(dir: &Path) -> VmConfig {
+        for f in ["k", "i", "top", "mid", "base"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        VmConfig {
+            machine: MachineSpec {
+                vcpus: 1,
+                memory_mib: 128,
+            },
+            kernel: dir.join("k"),
+            initrd: Some(dir.join("i")),
+            kernel_args: String::new(),
+            drives: vec![DriveSpec {
+                id: "root".into(),
+                host_path: dir.join("top"),
+                read_only: false,
+                root: true,
+                format: DiskFormat::Qcow2,
+                backing: vec![
+                    BackingFile {
+                        path: dir.join("mid"),
+                        format: DiskFormat::Qcow2,
+                    },
+                    BackingFile {
+                        path: dir.join("base"),
+                        format: DiskFormat::Raw,
+                    },
+                ],
+            }],
+            net: None,
         }
     }
 
     #[test]
-    fn links_point_at_real_disks_and_are_replaced() {
+    fn every_file_of_a_chain_is_bound_and_named_by_its_stable_path() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-        std::fs::write(&a, b"a").unwrap();
-        std::fs::write(&b, b"b").unwrap();
-        let run = dir.path().join("run");
-        std::fs::create_dir(&run).unwrap();
-
-        let links = link_drives(&run, &[drive("root", &a)]).unwrap();
-        assert_eq!(links, vec![run.join("drives/root")]);
-        assert_eq!(std::fs::read(&links[0]).unwrap(), b"a");
-
-        // A restore in the same run directory re-points the same name.
-        let links = link_drives(&run, &[drive("root", &b)]).unwrap();
-        assert_eq!(std::fs::read(&links[0]).unwrap(), b"b");
-
-        unlink_drives(&run);
-        assert!(!run.join("drives").exists());
-        assert!(a.exists() && b.exists());
+        let v = view(dir.path(), &config(dir.path()), &dir.path().join("k")).unwrap();
+        let d = &v.drives[0];
+        assert_eq!(d.path, Path::new("/run/ember/vm/drives/root"));
+        assert_eq!(
+            d.backing,
+            [
+                PlannedBacking {
+                    path: "/run/ember/vm/drives/root.1".into(),
+                    format: DiskFormat::Qcow2
+                },
+                PlannedBacking {
+                    path: "/run/ember/vm/drives/root.2".into(),
+                    format: DiskFormat::Raw
+                },
+            ]
+        );
+        let entries: Vec<_> = v
+            .plan
+            .files
+            .iter()
+            .map(|f| (f.entry.to_string_lossy().into_owned(), f.read_only))
+            .collect();
+        assert!(entries.contains(&("drives/root".into(), false)));
+        assert!(entries.contains(&("drives/root.2".into(), true)));
+        assert!(entries.contains(&("boot/kernel".into(), true)));
+        assert!(entries.contains(&("memory".into(), false)));
     }
 
     #[test]
-    fn bad_ids_and_missing_disks_are_config_errors() {
+    fn bad_drives_are_refused_naming_the_drive() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("d.img");
-        std::fs::write(&disk, b"d").unwrap();
-        for id in ["", "Root", "a/b", "../x", "a,b", &"x".repeat(33)] {
-            assert!(
-                matches!(validate_drive_id(id), Err(VmmError::Config(_))),
-                "{id:?}"
-            );
-        }
-        let missing = link_drives(dir.path(), &[drive("root", &dir.path().join("nope"))]);
-        assert!(matches!(missing, Err(VmmError::Config(m)) if m.contains("not a file")));
-        let twice = link_drives(dir.path(), &[drive("data", &disk), drive("data", &disk)]);
-        assert!(matches!(twice, Err(VmmError::Config(m)) if m.contains("twice")));
+        let mut c = config(dir.path());
+        c.drives[0].backing[1].path = dir.path().join("missing");
+        let err = view(dir.path(), &c, &dir.path().join("k")).unwrap_err();
+        assert!(err.to_string().contains("\"root\""), "{err}");
+        let mut c = config(dir.path());
+        c.drives[0].format = DiskFormat::Raw;
+        let err = view(dir.path(), &c, &dir.path().join("k")).unwrap_err();
+        assert!(err.to_string().contains("raw but names backing"), "{err}");
+        let mut c = config(dir.path());
+        c.drives.push(c.drives[0].clone());
+        assert!(view(dir.path(), &c, &dir.path().join("k")).is_err());
+        assert!(validate_drive_id("Root").is_err());
     }
 }

@@ -34,9 +34,11 @@ use serde::{Deserialize, Serialize};
 pub use accel::{Accel, AccelChoice, AccelDecision};
 pub use vm::QemuVm;
 
-use self::cmdline::{LaunchPlan, PlannedDrive, PlannedNet};
+use self::cmdline::{LaunchPlan, PlannedNet};
 use self::process::{Process, log_tail};
 use self::qmp::{Qmp, QmpError, RunState};
+use crate::jail::{self, JailPlan};
+use crate::layout::{Placement, RunLayout, entry};
 use crate::{BackendKind, Launch, MemoryBackend, RestoreSpec, Result, Vm, Vmm, VmmError};
 
 /// How to run QEMU on this host.
@@ -163,8 +165,12 @@ impl Qemu {
                 });
             }
         }
-        drives::unlink_drives(run_dir);
-        Ok(())
+        RunLayout::new(run_dir)
+            .remove_transient()
+            .map_err(|source| VmmError::Io {
+                context: format!("removing stale VM files in {}", run_dir.display()),
+                source,
+            })
     }
 
     /// Which accelerator VMs run on, and why.
@@ -226,28 +232,38 @@ impl Qemu {
         cmdline::validate_socket_path(&paths.qmp)?;
 
         // A live QEMU in this run directory is a caller bug; a dead one's
-        // socket and links are stale.
+        // socket and placeholders are stale.
         Qemu::reclaim(&launch.run_dir)?;
-        let planned = plan_drives(&launch.run_dir, &config.drives)
-            .inspect_err(|_| drives::unlink_drives(&launch.run_dir))?;
+        let view = drives::view(&launch.run_dir, config, memory_file)?;
+        let layout = RunLayout::new(&launch.run_dir);
+        let cleanup = || {
+            let _ = layout.remove_transient();
+        };
+        view.plan
+            .create_placeholders()
+            .map_err(|source| VmmError::Io {
+                context: format!("creating mount points in {}", launch.run_dir.display()),
+                source,
+            })
+            .inspect_err(|_| cleanup())?;
+        let (program, placement) = self
+            .placement(launch, &view, &binary, memory_file)
+            .inspect_err(|_| cleanup())?;
 
         let plan = LaunchPlan {
             vm_id: launch.vm_id.clone(),
             accel: self.accel.accel,
             tsc_khz: self.tsc_khz,
             machine: config.machine,
-            kernel: std::path::absolute(&config.kernel).unwrap_or_else(|_| config.kernel.clone()),
-            initrd: config
-                .initrd
-                .as_ref()
-                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            kernel: view.kernel.clone(),
+            initrd: view.initrd.clone(),
             kernel_args: config.kernel_args.clone(),
-            memory_file: std::path::absolute(memory_file).unwrap_or_else(|_| memory_file.into()),
+            memory_file: view.memory.clone(),
             memory_shared,
-            drives: planned,
+            drives: view.drives.clone(),
             net,
-            qmp_socket: paths.qmp.clone(),
-            serial_log: paths.serial.clone(),
+            qmp_socket: RunLayout::vmm(entry::QMP_SOCKET),
+            serial_log: RunLayout::vmm(entry::SERIAL_LOG),
             incoming,
         };
         let args = cmdline::qemu_args(&plan);
@@ -255,33 +271,78 @@ impl Qemu {
             vm_id = %launch.vm_id,
             accel = %self.accel.accel,
             incoming,
+            confined = launch.confinement.is_some(),
             netns = ?config.net.as_ref().and_then(|n| n.netns.as_ref()),
             "starting QEMU"
         );
         tracing::debug!(vm_id = %launch.vm_id, ?args, "QEMU command line");
         let netns = config.net.as_ref().and_then(|n| n.netns.as_deref());
-        let process = Process::spawn(&binary, &args, &paths.log, netns).inspect_err(|_| {
-            drives::unlink_drives(&launch.run_dir);
-        })?;
+        let process = Process::spawn(&program, &args, &paths.log, netns, Some(placement))
+            .inspect_err(|_| cleanup())?;
         let qmp = match self.connect(&process, &paths).await {
             Ok(qmp) => qmp,
             Err(e) => {
                 let _ = process.kill();
                 let _ = process.wait_timeout(Duration::from_secs(10)).await;
-                let _ = std::fs::remove_file(&paths.qmp);
-                drives::unlink_drives(&launch.run_dir);
+                cleanup();
                 return Err(e);
             }
         };
         Ok(QemuVm::new(
             launch.vm_id.clone(),
             paths,
-            plan.memory_file,
+            memory_file.to_path_buf(),
             memory_shared,
             process,
             qmp,
             self.timeouts(),
         ))
+    }
+
+    /// The program path and placement of `launch`'s QEMU: unconfined, the
+    /// stable view in a private mount namespace; confined, the same view
+    /// inside a jail, with the files QEMU writes handed to its identity.
+    fn placement(
+        &self,
+        launch: &Launch,
+        view: &drives::QemuView,
+        binary: &Path,
+        memory_file: &Path,
+    ) -> Result<(PathBuf, Placement)> {
+        let io = |context: String| move |source| VmmError::Io { context, source };
+        let Some(c) = &launch.confinement else {
+            let prepared = view
+                .plan
+                .prepare()
+                .map_err(io("preparing QEMU's mount namespace".into()))?;
+            return Ok((binary.to_path_buf(), Placement::View(prepared)));
+        };
+        let mut jail: JailPlan = c.plan();
+        if let Some(net) = &launch.config.net {
+            jail = jail.device(jail::DEV_TUN).tap(&net.tap);
+        }
+        if self.accel.accel == Accel::Kvm {
+            jail = jail.device(jail::DEV_KVM);
+        }
+        let program = jail.executable(binary);
+        let jail = view.plan.into_jail(jail);
+        let mut owned = vec![launch.run_dir.clone(), memory_file.to_path_buf()];
+        owned.extend(
+            launch
+                .config
+                .drives
+                .iter()
+                .filter(|d| !d.read_only)
+                .map(|d| d.host_path.clone()),
+        );
+        for path in owned {
+            jail::give(&path, c.identity)
+                .map_err(io(format!("handing {} to the VM's uid", path.display())))?;
+        }
+        let prepared = jail
+            .prepare()
+            .map_err(io(format!("preparing the jail of VM {}", launch.vm_id)))?;
+        Ok((program, Placement::Jail(prepared)))
     }
 
     fn timeouts(&self) -> vm::Timeouts {
@@ -468,8 +529,8 @@ impl Qemu {
     }
 
     /// Re-attach to the QEMU of `launch.vm_id` running as `pid`, e.g. after
-    /// a host-agent restart. The memory file is read back from QEMU's
-    /// command line. A process that is not this VM's QEMU is left alone.
+    /// a host-agent restart. A process that is not this VM's QEMU (by its
+    /// command line) is left alone.
     pub async fn adopt_vm(&self, launch: &Launch, pid: u32) -> Result<QemuVm> {
         cmdline::validate_vm_id(&launch.vm_id)?;
         let paths = RunPaths::new(&launch.run_dir);
@@ -483,12 +544,20 @@ impl Qemu {
                 context: format!("reading the command line of process {pid}"),
                 source,
             })?;
-        let (memory_file, memory_shared) = identify(&argv, &launch.vm_id).ok_or_else(|| {
+        let (named, memory_shared) = identify(&argv, &launch.vm_id).ok_or_else(|| {
             VmmError::Config(format!(
                 "process {pid} is not the QEMU of VM {}",
                 launch.vm_id
             ))
         })?;
+        // QEMU is told the stable path; the host's is the launch's.
+        let memory_file = if named.starts_with(crate::layout::STABLE_DIR) {
+            launch.memory_file.clone().ok_or_else(|| {
+                VmmError::Config("adopting a QEMU VM needs Launch::memory_file".into())
+            })?
+        } else {
+            named
+        };
         if process.exit_status().is_some() {
             return Err(VmmError::Exited {
                 status: format!("process {pid} exited while being adopted"),
@@ -538,24 +607,6 @@ fn identify(argv: &[u8], vm_id: &str) -> Option<(PathBuf, bool)> {
         let shared = cmdline::option_value(opts, "share").as_deref() == Some(Path::new("on"));
         Some((cmdline::option_value(opts, "mem-path")?, shared))
     })
-}
-
-/// Link each drive at its stable path, in the format its spec states (never
-/// one read from the disk: its bytes are the guest's).
-fn plan_drives(run_dir: &Path, specs: &[crate::DriveSpec]) -> Result<Vec<PlannedDrive>> {
-    let links = drives::link_drives(run_dir, specs)?;
-    specs
-        .iter()
-        .zip(links)
-        .map(|(drive, link)| {
-            Ok(PlannedDrive {
-                id: drive.id.clone(),
-                path: link,
-                format: drive.format,
-                read_only: drive.read_only,
-            })
-        })
-        .collect()
 }
 
 fn resolve_binary(binary: &Path) -> Result<PathBuf> {
@@ -663,17 +714,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk");
         std::fs::write(&disk, b"d").unwrap();
-        drives::link_drives(
-            dir.path(),
-            &[crate::DriveSpec {
-                id: "root".into(),
-                host_path: disk.clone(),
-                read_only: false,
-                root: true,
-                format: crate::DiskFormat::Raw,
-            }],
-        )
-        .unwrap();
+        std::fs::create_dir_all(dir.path().join("drives")).unwrap();
+        std::fs::write(dir.path().join("drives/root"), b"").unwrap();
         std::fs::write(dir.path().join("serial.log"), b"console").unwrap();
         let sock = dir.path().join("qmp.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();

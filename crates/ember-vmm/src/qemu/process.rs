@@ -33,12 +33,15 @@ pub struct Process {
 }
 
 impl Process {
-    /// Start `binary args…` with stdout and stderr appended to `log`.
+    /// Start `binary args…` with stdout and stderr appended to `log`, in
+    /// `netns`, placed (view or jail) as `placement` says. `binary` is the
+    /// path as the placed process sees it.
     pub fn spawn(
         binary: &Path,
         args: &[OsString],
         log: &Path,
         netns: Option<&Path>,
+        placement: Option<crate::layout::Placement>,
     ) -> Result<Process> {
         let log_file = File::create(log).map_err(|source| VmmError::Io {
             context: format!("creating {}", log.display()),
@@ -62,14 +65,16 @@ impl Process {
         let mut command = tokio::process::Command::new(binary);
         command
             .args(args)
+            .env_clear()
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
             .kill_on_drop(false);
-        // SAFETY: the closure runs in the forked child before exec and calls
-        // only setsid(2) and setns(2), both async-signal-safe; it touches no
-        // memory but the copied integer descriptor, which stays open in the
-        // child because `netns` outlives `spawn`.
+        // SAFETY: the closure runs in the forked child before exec and makes
+        // system calls only (setsid, setns, then the placement's mounts,
+        // chroot and uid changes) on data prepared above; it allocates
+        // nothing. The namespace descriptor stays open in the child because
+        // `netns` outlives `spawn`.
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -80,11 +85,16 @@ impl Process {
                 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(())
+                match &placement {
+                    Some(p) => p.enter(),
+                    None => Ok(()),
+                }
             });
         }
+        // The binary was found before; a failure now is the exec or the
+        // placement (a mount, the chroot, the uid change) in the child.
         let mut child = command.spawn().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => VmmError::BinaryMissing {
+            io::ErrorKind::NotFound if !binary.exists() => VmmError::BinaryMissing {
                 path: binary.to_path_buf(),
             },
             _ => VmmError::Spawn(e),
@@ -282,6 +292,7 @@ mod tests {
             ],
             &log,
             None,
+            None,
         )
         .unwrap();
         assert!(p.exit_status().is_none());
@@ -313,6 +324,7 @@ mod tests {
             &["-c".into(), "exit 3".into()],
             &dir.path().join("log"),
             None,
+            None,
         )
         .unwrap();
         assert_eq!(p.wait().await, "exited with code 3");
@@ -320,6 +332,7 @@ mod tests {
             Path::new("/nonexistent/qemu"),
             &[],
             &dir.path().join("log"),
+            None,
             None,
         )
         .unwrap_err();

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::RunPaths;
-use super::drives;
 use super::process::{Process, log_tail};
 use super::qmp::{
     CapabilityState, CloseFd, Command, Cont, Event, Migrate, MigrateIncoming,
@@ -247,7 +246,7 @@ impl QemuVm {
                 tracing::warn!(path = %self.paths.qmp.display(), error = %e, "cannot remove QMP socket")
             }
         }
-        drives::unlink_drives(&self.paths.run_dir);
+        let _ = crate::layout::RunLayout::new(&self.paths.run_dir).remove_transient();
     }
 
     async fn kill_and_wait(&self) -> Result<String> {

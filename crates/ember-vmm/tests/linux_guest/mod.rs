@@ -204,6 +204,7 @@ impl Workspace {
         Launch {
             vm_id: vm_id.into(),
             memory_file: Some(self.path().join(format!("{vm_id}.ram"))),
+            confinement: None,
             run_dir,
             config: VmConfig {
                 machine: MachineSpec {

@@ -150,10 +150,12 @@ impl Env {
                     read_only: false,
                     root: true,
                     format: DiskFormat::Raw,
+                    backing: Vec::new(),
                 }],
                 net: None,
             },
             memory_file: None,
+            confinement: None,
         }
     }
 }

@@ -24,6 +24,7 @@ from .errors import (
     TimeoutError,
 )
 from .models import (
+    MetricSample,
     CommandResult,
     DeletedSnapshot,
     FileInfo,
@@ -58,6 +59,7 @@ __all__ = [
     "FileType",
     "Files",
     "InvalidRequest",
+    "MetricSample",
     "NotFound",
     "ProcessInfo",
     "Sandbox",

@@ -29,6 +29,7 @@ from ._config import resolve
 from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
 from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AsyncTransport, backoff
 from .models import (
+    MetricSample,
     CommandResult,
     DeletedSnapshot,
     FileInfo,
@@ -303,6 +304,11 @@ class AsyncSandbox:
     async def set_timeout(self, timeout: int) -> SandboxInfo:
         self.info = await self._client.set_sandbox_timeout(self.id, timeout)
         return self.info
+
+    async def get_metrics(self) -> builtins.list[MetricSample]:
+        """Recent CPU, memory, disk and network use, oldest first."""
+        resp = await self._client._t.request("GET", f"{_api.sandbox_path(self.id)}/metrics", safe=True)
+        return [MetricSample.from_json(s) for s in resp.json().get("samples", [])]
 
     async def kill(self) -> bool:
         return await self._client.kill_sandbox(self.id)

@@ -171,6 +171,36 @@ class FileInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One moment of a running sandbox's use (sampled every 5 s)."""
+
+    timestamp: datetime | None
+    #: Share of one host core over the last interval (100 = one core).
+    cpu_percent: float
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int
+    disk_bytes: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    pids: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MetricSample:
+        return cls(
+            timestamp=_time(d.get("timestamp")),
+            cpu_percent=float(d.get("cpu_percent", 0.0)),
+            cpu_seconds=float(d.get("cpu_seconds", 0.0)),
+            memory_bytes=int(d.get("memory_bytes", 0)),
+            memory_limit_bytes=int(d.get("memory_limit_bytes", 0)),
+            disk_bytes=int(d.get("disk_bytes", 0)),
+            net_rx_bytes=int(d.get("net_rx_bytes", 0)),
+            net_tx_bytes=int(d.get("net_tx_bytes", 0)),
+            pids=int(d.get("pids", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """A process started through the API."""
 

@@ -28,6 +28,7 @@ from ._config import resolve
 from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
 from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Transport, backoff
 from .models import (
+    MetricSample,
     CommandResult,
     DeletedSnapshot,
     FileInfo,
@@ -347,6 +348,12 @@ class Sandbox:
     def set_timeout(self, timeout: int) -> SandboxInfo:
         self.info = self._client.set_sandbox_timeout(self.id, timeout)
         return self.info
+
+    def get_metrics(self) -> builtins.list[MetricSample]:
+        """Recent CPU, memory, disk and network use, oldest first (every 5 s,
+        the last 10 minutes). The sandbox must be running."""
+        resp = self._client._t.request("GET", f"{_api.sandbox_path(self.id)}/metrics", safe=True)
+        return [MetricSample.from_json(s) for s in resp.json().get("samples", [])]
 
     def kill(self) -> bool:
         """Destroy the sandbox. False if it was already gone."""

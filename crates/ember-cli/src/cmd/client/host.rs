@@ -45,6 +45,7 @@ async fn dispatch(args: HostArgs) -> anyhow::Result<ExitCode> {
             let mut t = Table::new(&[
                 "ID",
                 "BACKEND",
+                "ISOLATION",
                 "HEALTHY",
                 "VCPUS",
                 "MEMORY",
@@ -56,6 +57,11 @@ async fn dispatch(args: HostArgs) -> anyhow::Result<ExitCode> {
                 t.row(vec![
                     h.id,
                     h.backend,
+                    match h.isolation.as_deref() {
+                        Some("tcg") => "tcg — not a security boundary".to_owned(),
+                        Some(other) => other.to_owned(),
+                        None => "unknown".to_owned(),
+                    },
                     if h.healthy { "yes" } else { "no" }.to_owned(),
                     format!("{}/{}", h.vcpus_used, h.vcpus_total),
                     format!("{}/{} MiB", h.memory_mib_used, h.memory_mib_total),

@@ -83,6 +83,15 @@ enum SandboxCommand {
     /// Files in a sandbox.
     #[command(subcommand)]
     Files(FilesCommand),
+    /// What a running sandbox uses: CPU, memory, disk, network (recent samples).
+    Metrics {
+        id: String,
+        /// Every sample of the last 10 minutes, not only the latest.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -231,6 +240,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         SandboxCommand::Kill { .. } => "sandbox kill",
         SandboxCommand::Timeout { .. } => "sandbox timeout",
         SandboxCommand::Files(_) => "sandbox files",
+        SandboxCommand::Metrics { .. } => "sandbox metrics",
     };
     let is_exec = matches!(args.command, SandboxCommand::Exec(_));
     let result = dispatch(args).await;
@@ -298,6 +308,34 @@ async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Files(f) => files(&api, f).await,
+        SandboxCommand::Metrics { id, all, json } => {
+            let v = api.get(&format!("{}/metrics", sandbox_path(&id))).await?;
+            if json {
+                print_json(v.get("samples").unwrap_or(&serde_json::Value::Null));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let m: ember_control::wire::SandboxMetrics = typed("the metrics", &v)?;
+            let mut t = Table::new(&["TIME", "CPU", "MEMORY", "DISK", "NET IN", "NET OUT", "PIDS"]);
+            let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+            let shown = if all {
+                &m.samples[..]
+            } else {
+                &m.samples[m.samples.len().saturating_sub(1)..]
+            };
+            for s in shown {
+                t.row(vec![
+                    short_time(&s.timestamp),
+                    format!("{:.1}%", s.cpu_percent),
+                    format!("{} / {}", mib(s.memory_bytes), mib(s.memory_limit_bytes)),
+                    mib(s.disk_bytes),
+                    mib(s.net_rx_bytes),
+                    mib(s.net_tx_bytes),
+                    s.pids.to_string(),
+                ]);
+            }
+            t.print();
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
