@@ -684,6 +684,22 @@ impl PreparedJail {
         let Identity { uid, gid } = self.identity;
         // SAFETY: plain system calls on integers; setgroups reads one gid.
         unsafe {
+            // Empty the bounding and ambient sets while still root, so no
+            // exec can ever regain a capability.
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0
+                    && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ))?;
             check(libc::setgroups(1, &gid))?;
             check(libc::setresgid(gid, gid, gid))?;
             check(libc::setresuid(uid, uid, uid))?;

@@ -840,6 +840,7 @@ async fn a_confined_vm_runs_unprivileged_in_its_own_root_and_cgroup() {
     assert_eq!(field("Groups"), [identity.gid.to_string()]);
     assert_eq!(field("CapEff"), ["0000000000000000"]);
     assert_eq!(field("CapPrm"), ["0000000000000000"]);
+    assert_eq!(field("CapBnd"), ["0000000000000000"]);
     assert_eq!(field("NoNewPrivs"), ["1"]);
     assert_eq!(field("Seccomp"), ["2"], "QEMU's -sandbox filter");
     // Its root is the jail: nothing of the host but what was bound.
