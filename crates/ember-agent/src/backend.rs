@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ember_types::BackendKind;
 use ember_vmm::Vmm;
+use ember_vmm::firecracker::jailer::JailerConfig;
 use ember_vmm::firecracker::{FirecrackerConfig, FirecrackerVmm};
 use ember_vmm::qemu::accel::HostFacts;
 use ember_vmm::qemu::{Accel, AccelChoice, Qemu};
@@ -85,8 +86,34 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
     crate::preflight::check(kind, binary.as_deref())?;
     let (vmm, isolation): (Arc<dyn Vmm>, Isolation) = match kind {
         BackendKind::Firecracker => {
+            let jailer = match &config.jailer_bin {
+                Some(bin) => {
+                    if !bin.is_file() {
+                        return Err(AgentError::InvalidArgument(format!(
+                            "jailer {} does not exist: build Firecracker's jailer or drop \
+                             --jailer-bin",
+                            bin.display()
+                        )));
+                    }
+                    let base = config.run_dir.join("jailer");
+                    crate::confine::private_dir(&base)?;
+                    // The VM's uid must reach its jail under the base.
+                    std::fs::set_permissions(
+                        &base,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                    )
+                    .map_err(|e| AgentError::io(format!("chmod {}", base.display()), e))?;
+                    // Every confined launch overrides the uid with its sandbox's.
+                    let mut j =
+                        JailerConfig::new(bin, config.confine.uid_base, config.confine.uid_base);
+                    j.chroot_base = base;
+                    Some(j)
+                }
+                None => None,
+            };
             let fc = FirecrackerConfig {
                 binary: fc_bin.or_else(|| config.firecracker_bin.clone()),
+                jailer,
                 ..FirecrackerConfig::default()
             };
             (Arc::new(FirecrackerVmm::new(fc)), Isolation::Kvm)

@@ -46,6 +46,11 @@ pub struct AgentConfig {
     pub backend: BackendChoice,
     /// Firecracker binary; defaults to `EMBER_FIRECRACKER_BIN`.
     pub firecracker_bin: Option<PathBuf>,
+    /// Firecracker's `jailer` (same release as Firecracker); when set, each
+    /// Firecracker VM is started through it, as its sandbox's uid, chrooted
+    /// under `<run dir>/jailer`. Without it Ember's own jail does the same.
+    /// Defaults to `EMBER_JAILER_BIN`.
+    pub jailer_bin: Option<PathBuf>,
     pub qemu: ember_vmm::qemu::QemuConfig,
     /// The `ember` binary, started as `ember uffd` for page servers.
     pub ember_bin: PathBuf,
@@ -65,6 +70,9 @@ pub struct AgentConfig {
     pub confine: crate::confine::ConfineConfig,
 }
 
+/// The environment variable naming Firecracker's jailer binary.
+pub const JAILER_ENV: &str = "EMBER_JAILER_BIN";
+
 impl AgentConfig {
     /// Defaults for this machine under `data_dir`: run state under
     /// `/run/ember/agent`, RAM files under `/dev/shm/ember`, the whole
@@ -81,6 +89,7 @@ impl AgentConfig {
             backend: BackendChoice::Auto,
             firecracker_bin: std::env::var_os(ember_vmm::firecracker::BINARY_ENV)
                 .map(PathBuf::from),
+            jailer_bin: std::env::var_os(JAILER_ENV).map(PathBuf::from),
             qemu: ember_vmm::qemu::QemuConfig::default(),
             ember_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ember")),
             net: PoolConfig::default(),

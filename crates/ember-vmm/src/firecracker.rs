@@ -325,6 +325,7 @@ impl FirecrackerVmm {
             Some(jailer) => {
                 process::check_binary(&jailer.binary)?;
                 let jail = self.jail(&launch.vm_id)?.expect("jailer configured");
+                let jailer = jailer_for(jailer, launch);
                 let args = jailer.args(&binary, &launch.vm_id, netns.as_deref(), &fc_args);
                 let view = view.inside(&jail.root());
                 Ok((
@@ -397,9 +398,21 @@ impl FirecrackerVmm {
                 source,
             })?;
             let jailer = self.config.jailer.as_ref().expect("jailer configured");
-            prepare_jailed_run_dir(&layout, jailer)?;
+            prepare_jailed_run_dir(&layout, &jailer_for(jailer, launch), launch)?;
         }
         let process = VmmProcess::spawn(&command)?;
+        if let (Some(_), Some(c)) = (&jail, &launch.confinement) {
+            // The jailer execs Firecracker in place: the PID we started is
+            // the VMM's, moved into the sandbox's cgroup before it boots.
+            for procs in &c.cgroup_procs {
+                std::fs::write(procs, process.pid().to_string()).map_err(|source| {
+                    VmmError::Io {
+                        context: format!("moving Firecracker into {}", procs.display()),
+                        source,
+                    }
+                })?;
+            }
+        }
         let client = ApiClient::new(layout.host(entry::API_SOCKET), self.config.timeouts);
         // From here on, dropping `vm` kills the process and cleans up.
         let vm = FirecrackerVm::new(launch.vm_id.clone(), layout, client, process, jail);
@@ -426,9 +439,25 @@ fn drive_view(launch: &Launch) -> ViewPlan {
         })
 }
 
+/// The jailer settings of one VM: a confined launch runs as its sandbox's
+/// own uid and gid, not the configuration's shared one.
+fn jailer_for(jailer: &JailerConfig, launch: &Launch) -> JailerConfig {
+    let mut jailer = jailer.clone();
+    if let Some(c) = &launch.confinement {
+        jailer.uid = c.identity.uid;
+        jailer.gid = c.identity.gid;
+    }
+    jailer
+}
+
 /// Under the jailer, Firecracker runs as the jail's uid and must be able to
-/// create its sockets and log in the run directory.
-fn prepare_jailed_run_dir(layout: &RunLayout, jailer: &JailerConfig) -> Result<()> {
+/// create its sockets and log in the run directory, and write its
+/// writable drives (readable by nobody else).
+fn prepare_jailed_run_dir(
+    layout: &RunLayout,
+    jailer: &JailerConfig,
+    launch: &Launch,
+) -> Result<()> {
     let io = |context: String| move |source| VmmError::Io { context, source };
     let log = layout.host(entry::VMM_LOG);
     std::fs::OpenOptions::new()
@@ -439,6 +468,18 @@ fn prepare_jailed_run_dir(layout: &RunLayout, jailer: &JailerConfig) -> Result<(
     for path in [layout.run_dir().to_path_buf(), log] {
         std::os::unix::fs::chown(&path, Some(jailer.uid), Some(jailer.gid))
             .map_err(io(format!("handing {} to the jail's user", path.display())))?;
+    }
+    if launch.confinement.is_some() {
+        let identity = crate::jail::Identity {
+            uid: jailer.uid,
+            gid: jailer.gid,
+        };
+        for d in launch.config.drives.iter().filter(|d| !d.read_only) {
+            crate::jail::give(&d.host_path, identity).map_err(io(format!(
+                "handing {} to the jail's user",
+                d.host_path.display()
+            )))?;
+        }
     }
     Ok(())
 }
@@ -706,5 +747,61 @@ mod tests {
         assert_eq!(cmd.view.mount_point, Path::new("/run/ember/vm"));
         assert_eq!(cmd.view.files[0].entry, Path::new("drives/root"));
         assert_eq!(cmd.stdout, dir.path().join("run/serial.log"));
+    }
+
+    #[test]
+    fn a_confined_launch_runs_the_jailer_as_its_sandbox_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("firecracker");
+        let jailer_bin = dir.path().join("jailer");
+        for b in [&bin, &jailer_bin] {
+            std::fs::write(b, b"").unwrap();
+            std::fs::set_permissions(b, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let mut jailer = JailerConfig::new(&jailer_bin, 123, 123);
+        jailer.chroot_base = dir.path().join("jails");
+        std::fs::create_dir(&jailer.chroot_base).unwrap();
+        let vmm = FirecrackerVmm::new(FirecrackerConfig {
+            binary: Some(bin.clone()),
+            jailer: Some(jailer),
+            ..Default::default()
+        });
+        let mut launch = Launch {
+            vm_id: "sb-2".into(),
+            run_dir: dir.path().join("run"),
+            config: config(),
+            memory_file: None,
+            confinement: Some(crate::Confinement {
+                identity: crate::jail::Identity {
+                    uid: 900_000_007,
+                    gid: 900_000_007,
+                },
+                jail_mountpoint: dir.path().join("mnt"),
+                cgroup_procs: Vec::new(),
+            }),
+        };
+        let args = |launch: &Launch| -> Vec<String> {
+            let (cmd, jail) = vmm.command(launch, drive_view(launch)).unwrap();
+            assert!(jail.is_some());
+            assert_eq!(cmd.program, jailer_bin);
+            cmd.args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let confined = args(&launch);
+        let uid = confined.iter().position(|a| a == "--uid").unwrap();
+        let gid = confined.iter().position(|a| a == "--gid").unwrap();
+        assert_eq!(confined[uid + 1], "900000007");
+        assert_eq!(confined[gid + 1], "900000007");
+        launch.confinement = None;
+        let shared = args(&launch);
+        let uid = shared.iter().position(|a| a == "--uid").unwrap();
+        assert_eq!(
+            shared[uid + 1],
+            "123",
+            "unconfined launches keep the configured uid"
+        );
     }
 }

@@ -27,6 +27,10 @@ pub struct AgentOptions {
     /// Firecracker binary.
     #[arg(long, env = "EMBER_FIRECRACKER_BIN")]
     pub firecracker_bin: Option<PathBuf>,
+    /// Firecracker's jailer (same release): start each Firecracker VM
+    /// through it, as its sandbox's uid, instead of Ember's own jail.
+    #[arg(long, env = "EMBER_JAILER_BIN")]
+    pub jailer_bin: Option<PathBuf>,
     /// Run state (sockets, per-VM directories) [default: /run/ember/agent].
     #[arg(long, env = "EMBER_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
@@ -60,6 +64,9 @@ impl AgentOptions {
         c.backend = self.backend;
         if self.firecracker_bin.is_some() {
             c.firecracker_bin = self.firecracker_bin.clone();
+        }
+        if self.jailer_bin.is_some() {
+            c.jailer_bin = self.jailer_bin.clone();
         }
         if let Some(d) = &self.run_dir {
             c.run_dir = d.clone();
