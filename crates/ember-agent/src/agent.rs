@@ -279,11 +279,30 @@ impl Agent {
         (u.vcpus, u.memory_mib)
     }
 
+    /// MiB of guest memory this host can hold: the configured capacity,
+    /// and for QEMU, whose guest RAM is a file in the memory directory, no
+    /// more than that file system's size (a tmpfs such as /dev/shm is often
+    /// half the host's RAM; a guest past it would die of SIGBUS).
+    pub fn memory_capacity_mib(&self) -> u64 {
+        let cfg = &self.inner.config;
+        if self.inner.backend.kind != BackendKind::Qemu {
+            return cfg.capacity_memory_mib;
+        }
+        match nix::sys::statvfs::statvfs(&cfg.memory_dir) {
+            Ok(fs) => {
+                let size_mib = fs.blocks() as u64 * fs.fragment_size() as u64 >> 20;
+                cfg.capacity_memory_mib.min(size_mib)
+            }
+            Err(_) => cfg.capacity_memory_mib,
+        }
+    }
+
     fn reserve(&self, vcpus: u32, memory_mib: u32) -> Result<(), AgentError> {
+        let capacity_mib = self.memory_capacity_mib();
         let mut u = self.inner.usage.lock().expect("usage lock");
         let cfg = &self.inner.config;
         let free_vcpus = cfg.capacity_vcpus.saturating_sub(u.vcpus);
-        let free_mem = cfg.capacity_memory_mib.saturating_sub(u.memory_mib);
+        let free_mem = capacity_mib.saturating_sub(u.memory_mib);
         if vcpus > free_vcpus || u64::from(memory_mib) > free_mem {
             return Err(AgentError::NoCapacity {
                 vcpus,

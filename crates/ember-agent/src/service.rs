@@ -234,7 +234,7 @@ impl HostAgent for HostService {
             backend: a.backend().kind.to_string(),
             backend_detail: a.backend().detail.clone(),
             vcpus_total: cfg.capacity_vcpus,
-            memory_mib_total: cfg.capacity_memory_mib,
+            memory_mib_total: a.memory_capacity_mib(),
             vcpus_used,
             memory_mib_used: memory_used,
             sandboxes_running: count(SandboxState::Running),

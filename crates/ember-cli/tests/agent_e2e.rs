@@ -977,3 +977,60 @@ fn disk_full_during_pause_keeps_the_sandbox_running_root_vm() {
     });
     drop(agent);
 }
+
+/// QEMU guests' RAM lives in files on the memory directory's file system:
+/// the agent hands out no more guest memory than that file system holds,
+/// and a create past it is refused with the numbers, not left to die of
+/// SIGBUS when the guest touches its memory.
+#[test]
+fn guest_memory_is_bounded_by_the_ram_file_system_root_vm() {
+    require_vm!();
+    let mut home = AgentHome::new();
+    let shm = home.dir.path().join("small-shm");
+    std::fs::create_dir(&shm).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=300m,mode=0700", "tmpfs"])
+        .arg(&shm)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 300 MiB tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(shm.clone());
+    home.memory_dir = shm.join("mem");
+    let agent = home.start_with(&["--capacity-memory-mib", "8192"]);
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let info = c
+            .host_info(pb::HostInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.memory_mib_total, 300, "capacity follows the tmpfs");
+        let id = new_id();
+        let mut req = create_request(&id);
+        req.memory_mib = 512;
+        let err = c.create_sandbox(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("512"), "{}", err.message());
+        // One that fits runs.
+        let mut req = create_request(&id);
+        req.memory_mib = 256;
+        c.create_sandbox(req)
+            .await
+            .unwrap_or_else(|s| panic!("create: {s:?}\n{}", home.logs()));
+        let (out, _, code) = sh(&mut c, &id, "echo ok").await;
+        assert_eq!((out.trim(), code), ("ok", 0));
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+            .await
+            .unwrap();
+        assert_clean(&home);
+    });
+}
