@@ -290,7 +290,7 @@ impl Agent {
         }
         match nix::sys::statvfs::statvfs(&cfg.memory_dir) {
             Ok(fs) => {
-                let size_mib = fs.blocks() as u64 * fs.fragment_size() as u64 >> 20;
+                let size_mib = (fs.blocks() * fs.fragment_size()) >> 20;
                 cfg.capacity_memory_mib.min(size_mib)
             }
             Err(_) => cfg.capacity_memory_mib,
