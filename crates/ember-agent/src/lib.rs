@@ -23,6 +23,7 @@ pub mod config;
 pub mod confine;
 pub mod disk;
 pub mod error;
+pub mod failpoint;
 pub mod preflight;
 pub mod records;
 mod recovery;

@@ -311,7 +311,10 @@ impl HostAgent for HostService {
         req: Request<pb::SandboxRef>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
-        Ok(Response::new(to_proto(&self.agent.pause(&id).await?)))
+        crate::failpoint::hit("pause.before").await?;
+        let rec = self.agent.pause(&id).await?;
+        crate::failpoint::hit("pause.after").await?;
+        Ok(Response::new(to_proto(&rec)))
     }
 
     async fn resume_sandbox(
@@ -321,10 +324,12 @@ impl HostAgent for HostService {
         let r = req.into_inner();
         let id = sandbox_id(&r.sandbox_id)?;
         let token = (!r.guest_token.is_empty()).then_some(r.guest_token);
+        crate::failpoint::hit("resume.before").await?;
         let rec = self
             .agent
             .resume(&id, r.env.into_iter().collect(), token)
             .await?;
+        crate::failpoint::hit("resume.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
 

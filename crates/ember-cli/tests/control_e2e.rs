@@ -85,6 +85,7 @@ on_both_stores_with_vms!(
     two_hosts_spread_fail_and_recover,
     concurrent_creates_and_racing_transitions,
     reconciler_and_timeouts_with_real_vms,
+    failed_host_calls_never_cost_a_sandbox,
 );
 
 /// Every endpoint against a server with its embedded agent and real VMs,
@@ -1282,4 +1283,81 @@ async fn reconciler_and_timeouts_with_real_vms(db: support::server::TestDb) {
         "{text}"
     );
     drop(server);
+}
+
+/// A pause or resume whose call fails settles from what the host did: a
+/// reply lost after the host did the work counts as done, and a call the
+/// host refused leaves the sandbox as it was. Neither is ever failed or
+/// destroyed for it, and its files survive. The agent fails on purpose at
+/// its failure points (`EMBER_FAILPOINTS`, debug builds only).
+async fn failed_host_calls_never_cost_a_sandbox(db: support::server::TestDb) {
+    let spec = ServerSpec::new(&db, None).config("orphan_grace_s = 2");
+    let server = spec.start();
+    let admin = server.api(server.admin_key.as_deref().unwrap());
+    let (_, key) = admin.team_with_key("alpha").await;
+    let a = admin.with_key(&key);
+    let mut home = AgentHome::new();
+    home.token = spec.join_token.clone();
+    let join = |home: &AgentHome, failpoints: &str| {
+        let mut home_env = home.extra_env.clone();
+        home_env.retain(|(k, _)| k != "EMBER_FAILPOINTS");
+        home_env.push(("EMBER_FAILPOINTS".into(), failpoints.into()));
+        home_env
+    };
+    home.extra_env = join(&home, "pause.after=error,resume.before=error");
+    let mut agent = home.start_with(&["--control-plane", &server.base]);
+    admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+    let sb = a.create(base(json!({}))).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        a.sh(&id, "echo kept > /root/f && sync").await.exit_code,
+        Some(0)
+    );
+
+    // The host pauses, then the reply is lost: paused, by the host's word.
+    let (st, p) = a.post_empty(&format!("/v1/sandboxes/{id}/pause")).await;
+    assert_eq!(st, StatusCode::OK, "{p}\n{}", home.logs());
+    assert_eq!(p["state"], "paused", "{p}");
+    assert_eq!(home.processes_of(&id), Vec::<u32>::new(), "paused = no VM");
+    // The host refuses the resume: an error, and the sandbox stays paused.
+    let (st, r) = a.post_empty(&format!("/v1/sandboxes/{id}/resume")).await;
+    assert!(st.is_server_error(), "{st} {r}");
+    assert_eq!(a.sandbox(&id).await["state"], "paused");
+    // Well past the reconciler's grace period, still paused.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(a.sandbox(&id).await["state"], "paused");
+
+    // The other way round: the host resumes and the reply is lost; the
+    // host refuses a pause.
+    agent.kill();
+    home.extra_env = join(&home, "resume.after=error,pause.before=error");
+    let agent = home.start_with(&["--control-plane", &server.base]);
+    // Until the new agent registers, the control plane knows the old one's
+    // address.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+        if hosts[0]["address"].as_str().unwrap().contains(&agent.addr) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not re-register: {hosts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (st, r) = a.post_empty(&format!("/v1/sandboxes/{id}/resume")).await;
+    assert_eq!(st, StatusCode::OK, "{r}\n{}", home.logs());
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
+    let (st, p) = a.post_empty(&format!("/v1/sandboxes/{id}/pause")).await;
+    assert!(st.is_server_error(), "{st} {p}");
+    assert_eq!(a.sandbox(&id).await["state"], "running");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(a.sandbox(&id).await["state"], "running");
+    assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
+
+    let (st, body) = a.delete(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    wait_clean(&home, Duration::from_secs(30)).await;
 }

@@ -4,9 +4,12 @@
 //! Every operation has the same shape: compare-and-set the row into a
 //! transitional state (409 naming the current state if that is not allowed,
 //! so exactly one of N concurrent callers proceeds), call the host, then
-//! compare-and-set into the result state, or `failed` with the host's reason.
-//! If this process dies between the steps, the row sits in a transitional
-//! state and the reconciler finishes it from what the host reports.
+//! compare-and-set into the result state. When the host call fails, the
+//! host's own report decides (a refused or timed-out pause leaves a running
+//! VM running; a failed resume leaves the build paused): a transport error
+//! never fails a sandbox. If the host cannot be asked, or this process dies
+//! between the steps, the row sits in a transitional state and the
+//! reconciler finishes it from what the host reports.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -424,11 +427,125 @@ impl Operations {
                 self.load(None, id).await
             }
             Err(status) => {
-                let reason = format!("pause failed on host {host_id}: {}", status_reason(&status));
-                self.fail(id, SandboxState::Pausing, &reason).await;
+                // What the host did counts, not what the call returned.
+                let settled = self
+                    .settle_from_host(&sb, &host_id, SandboxState::Pausing, None)
+                    .await;
+                if settled == Some(SandboxState::Paused) {
+                    self.metrics
+                        .observe("pause", started.elapsed().as_secs_f64());
+                    return self.load(None, id).await;
+                }
                 Err(self.host_error(&host_id, "PauseSandbox", status).await)
             }
         }
+    }
+
+    /// A pause or resume call to the host failed — refused, timed out, or
+    /// its connection reset. The sandbox is whatever its host now says it
+    /// is: ask, and move the row (still in `from`) there. A host that still
+    /// holds the VM or the paused build never loses the sandbox to a
+    /// transport error; only the host's own word fails it. A host that does
+    /// not answer leaves the row transitional, for the reconciler to settle
+    /// from the host's report once it answers again. Returns the state the
+    /// row was settled into, if any.
+    async fn settle_from_host(
+        &self,
+        sb: &Sandbox,
+        host_id: &str,
+        from: SandboxState,
+        resume_timeout_s: Option<u64>,
+    ) -> Option<SandboxState> {
+        let id = sb.id.as_str();
+        let asked = match self.hosts.client(host_id) {
+            Ok(mut client) => {
+                client
+                    .get_sandbox(with_timeout(
+                        pb::SandboxRef {
+                            sandbox_id: id.to_owned(),
+                        },
+                        INFO_TIMEOUT,
+                    ))
+                    .await
+            }
+            Err(_) => return None,
+        };
+        let observed = match asked {
+            Ok(reply) => {
+                let o = reply.into_inner();
+                let state = pb::SandboxState::try_from(o.state)
+                    .ok()
+                    .and_then(proto_state);
+                (state, non_empty(&o.build_id), non_empty(&o.failure_reason))
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => (None, None, None),
+            Err(status) => {
+                tracing::warn!(
+                    sandbox = %id, host = %host_id, error = %status_reason(&status),
+                    "cannot ask the host what became of the sandbox; the reconciler will settle it"
+                );
+                return None;
+            }
+        };
+        let now = now_ms();
+        let to = match (from, observed) {
+            (_, (Some(SandboxState::Running), _, _)) => {
+                let changes = Changes {
+                    expires_at: resume_timeout_s.map(|t| Some(expiry(t, now))),
+                    ..Changes::default()
+                };
+                self.store
+                    .transition(
+                        None,
+                        id,
+                        &[from],
+                        SandboxState::Running,
+                        &changes,
+                        now,
+                        None,
+                    )
+                    .await
+                    .ok()?
+                    .then_some(SandboxState::Running)
+            }
+            (SandboxState::Pausing, (Some(SandboxState::Paused), Some(build), _)) => self
+                .record_pause(sb, host_id, &build, from)
+                .await
+                .ok()?
+                .then_some(SandboxState::Paused),
+            // The resume did not happen (or was undone): the build is intact.
+            (SandboxState::Resuming, (Some(SandboxState::Paused) | None, _, _)) => self
+                .store
+                .transition(
+                    None,
+                    id,
+                    &[from],
+                    SandboxState::Paused,
+                    &Changes::default(),
+                    now,
+                    None,
+                )
+                .await
+                .ok()?
+                .then_some(SandboxState::Paused),
+            (_, (Some(SandboxState::Failed), _, reason)) => {
+                let reason = reason.unwrap_or_else(|| format!("host {host_id} reports it failed"));
+                self.fail(id, from, &reason).await;
+                Some(SandboxState::Failed)
+            }
+            (_, (None, _, _)) => {
+                let reason = format!("{from} interrupted and host {host_id} has no sandbox left");
+                self.fail(id, from, &reason).await;
+                Some(SandboxState::Failed)
+            }
+            // Still busy on the host, or an answer that settles nothing:
+            // the reconciler finishes it from the host's later reports.
+            _ => None,
+        };
+        if let Some(to) = to {
+            tracing::info!(sandbox = %id, host = %host_id, %from, %to, "settled from the host's report after a failed call");
+        }
+        to
     }
 
     async fn record_pause(
@@ -578,11 +695,14 @@ impl Operations {
                 self.load(None, id).await
             }
             Err(status) => {
-                let reason = format!(
-                    "resume failed on host {host_id}: {}",
-                    status_reason(&status)
-                );
-                self.fail(id, SandboxState::Resuming, &reason).await;
+                let settled = self
+                    .settle_from_host(&sb, &host_id, SandboxState::Resuming, Some(timeout_s))
+                    .await;
+                if settled == Some(SandboxState::Running) {
+                    self.metrics
+                        .observe("resume", started.elapsed().as_secs_f64());
+                    return self.load(None, id).await;
+                }
                 Err(self.host_error(&host_id, "ResumeSandbox", status).await)
             }
         }
