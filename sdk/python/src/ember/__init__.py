@@ -24,11 +24,11 @@ from .errors import (
     TimeoutError,
 )
 from .models import (
-    MetricSample,
     CommandResult,
     DeletedSnapshot,
     FileInfo,
     FileType,
+    MetricSample,
     ProcessInfo,
     SandboxInfo,
     SandboxState,

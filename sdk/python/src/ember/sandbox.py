@@ -28,10 +28,10 @@ from ._config import resolve
 from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
 from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Transport, backoff
 from .models import (
-    MetricSample,
     CommandResult,
     DeletedSnapshot,
     FileInfo,
+    MetricSample,
     ProcessInfo,
     SandboxInfo,
     SandboxState,
