@@ -183,6 +183,16 @@ impl Agent {
             blocking(move || BuildStore::open(&data).map_err(AgentError::Store)).await?
         };
         let base_build = import_base_image(&store, &image).await?;
+        let dropped = {
+            let data = config.data_dir.clone();
+            blocking(move || disk::drop_cache_after_reboot(&data)).await?
+        };
+        if dropped > 0 {
+            info!(
+                files = dropped,
+                "rootfs cache dropped: written before this boot of the host"
+            );
+        }
         let records = Records::open(&config.data_dir)?;
         let slots = SlotPool::new(config.net.clone()).map_err(AgentError::Net)?;
         let agent = Agent {
@@ -436,6 +446,7 @@ impl Agent {
             state_changed_at: now,
             last_operation_ms: 0,
             runtime: None,
+            pending_build: None,
         };
         if let Err(e) = self.inner.records.save(&record) {
             self.release(vcpus, memory_mib);
@@ -877,8 +888,13 @@ impl Agent {
     /// Pause the VM, write its memory, disk and device state as a new build
     /// that is a diff of `record.build`, and leave the VM paused. On failure
     /// the VM is resumed and nothing of the build is left.
+    ///
+    /// The new build's ID is the record's `pending_build` from before the
+    /// build is begun until the caller records the outcome (and clears it):
+    /// gc keeps it meanwhile, and a restarted agent knows what to finish.
     async fn snapshot_build(
         &self,
+        entry: &Entry,
         record: &SandboxRecord,
         rt: &Runtime,
     ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
@@ -887,7 +903,12 @@ impl Agent {
         vm.pause()
             .await
             .map_err(|e| AgentError::operation(id, "pause vCPUs", e))?;
-        let result = self.write_build(record, rt).await;
+        let result = self.write_build(entry, record, rt).await;
+        if result.is_err()
+            && let Err(e) = self.update(entry, |r| r.pending_build = None)
+        {
+            warn!(sandbox = %id, error = %chain(&e), "could not clear a failed build's intent; gc keeps it until the next pause");
+        }
         if result.is_err()
             && let Err(e) = vm.resume().await
         {
@@ -898,6 +919,7 @@ impl Agent {
 
     async fn write_build(
         &self,
+        entry: &Entry,
         record: &SandboxRecord,
         rt: &Runtime,
     ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
@@ -921,6 +943,8 @@ impl Agent {
             .await
             .map_err(|e| AgentError::operation(id, "snapshot", e))?;
         let build_id = BuildId::new();
+        // Intent before commit: synced to disk before the build can exist.
+        self.update(entry, |r| r.pending_build = Some(build_id))?;
         let extra = BuildVm {
             image: record.image.clone(),
             kernel_args: rt
@@ -1015,8 +1039,23 @@ impl Agent {
         let mut runtime = entry.runtime.lock().await;
         let record = entry.record();
         let rt = runtime.as_ref().expect("running sandbox has a runtime");
-        match self.snapshot_build(&record, rt).await {
-            Ok((build, _meta)) => {
+        let outcome = match self.snapshot_build(&entry, &record, rt).await {
+            // A crash here leaves a committed build and a paused VM: the
+            // restarted agent finishes the pause from the record's intent.
+            Ok((build, _)) => match crate::failpoint::hit("pause.committed").await {
+                Ok(()) => Ok(build),
+                Err(e) => {
+                    let _ = self.update(&entry, |r| r.pending_build = None);
+                    if let Some(vm) = &rt.vm {
+                        let _ = vm.resume().await;
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(build) => {
                 let rt = runtime.take().expect("runtime");
                 drop(runtime);
                 // Stop the VM first so its disk is quiet, then keep the disk
@@ -1039,6 +1078,7 @@ impl Agent {
                 let rec = self.update(&entry, |r| {
                     r.state = SandboxState::Paused;
                     r.build = Some(build);
+                    r.pending_build = None;
                     r.runtime = None;
                     r.last_operation_ms = ms;
                 })?;
@@ -1125,16 +1165,24 @@ impl Agent {
         let record = entry.record();
         let runtime = entry.runtime.lock().await;
         let rt = runtime.as_ref().expect("running sandbox has a runtime");
-        let result = self.snapshot_build(&record, rt).await;
+        let result = self.snapshot_build(&entry, &record, rt).await;
         let outcome = match result {
             Ok((build, _)) => {
+                // A crash here leaves a committed build no template names:
+                // the restarted agent discards it (the caller saw an error).
                 let vm = rt.vm.as_ref().expect("VM");
-                match vm.resume().await {
-                    Ok(()) => Ok(build),
-                    Err(e) => Err((
-                        Some(build),
-                        AgentError::operation(id, "resume after snapshot", e),
-                    )),
+                if let Err(e) = crate::failpoint::hit("snapshot.committed").await {
+                    let _ = self.update(&entry, |r| r.pending_build = None);
+                    let _ = vm.resume().await;
+                    Err((None, e))
+                } else {
+                    match vm.resume().await {
+                        Ok(()) => Ok(build),
+                        Err(e) => Err((
+                            Some(build),
+                            AgentError::operation(id, "resume after snapshot", e),
+                        )),
+                    }
                 }
             }
             Err(e) => Err((None, e)),
@@ -1155,15 +1203,16 @@ impl Agent {
                 self.update(&entry, |r| {
                     r.state = SandboxState::Running;
                     r.build = Some(build);
+                    r.pending_build = None;
                 })?;
                 info!(sandbox = %id, build = %build, "template created");
                 Ok(template)
             }
             Err((build, e)) => {
                 if let Some(b) = build {
-                    // Keep the build as a template even though the VM failed
-                    // afterwards? No: nothing refers to it yet, gc removes it.
+                    // No template names the build: gc removes it.
                     warn!(sandbox = %id, build = %b, "snapshot written but the VM did not resume");
+                    let _ = self.update(&entry, |r| r.pending_build = None);
                 }
                 let alive = {
                     let runtime = entry.runtime.lock().await;
@@ -1234,6 +1283,7 @@ impl Agent {
             r.state = SandboxState::Failed;
             r.failure_reason = Some(reason);
             r.runtime = None;
+            r.pending_build = None;
         })?;
         if held {
             self.release(rec.vcpus, rec.memory_mib);
@@ -1374,6 +1424,7 @@ impl Agent {
         for r in self.list() {
             roots.extend(r.build);
             roots.extend(r.source_build);
+            roots.extend(r.pending_build);
             if let Some(rt) = &r.runtime {
                 roots.extend(rt.restored_from);
             }
@@ -1384,12 +1435,18 @@ impl Agent {
         roots
     }
 
+    /// Delete builds nothing needs. The roots are read under the store's
+    /// gc lock, so a build committed by a concurrent pause or snapshot is
+    /// either still being written (gc waits for another turn) or already
+    /// named by its sandbox's `pending_build`.
     pub async fn collect_garbage(&self) {
-        let roots = self.live_builds();
+        let agent = self.clone();
         let store = self.inner.store.clone();
         let data_dir = self.inner.config.data_dir.clone();
         let result = blocking(move || {
-            let report = store.gc(&roots).map_err(AgentError::Store)?;
+            let report = store
+                .gc_with(|| agent.live_builds())
+                .map_err(AgentError::Store)?;
             disk::remove_caches(&data_dir, &report.deleted);
             Ok(report)
         })

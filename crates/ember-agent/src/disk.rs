@@ -15,6 +15,14 @@
 //! - `<build>.chain.json`: the layers under `<build>.qcow2`, as Ember made
 //!   them. The overlay's own header names them too, but a VMM that served
 //!   a guest could write that header: it is never read.
+//!
+//! Cache files are renamed into place without an fsync (syncing a kept
+//! overlay would add its dirty pages to every pause): a crash of the agent
+//! or a VMM leaves them whole in the page cache, but a power loss may not.
+//! So the cache is trusted only within one boot of the host: it records the
+//! kernel's boot ID, and an agent starting under another boot ID drops the
+//! whole cache ([`drop_cache_after_reboot`]); every entry is rebuilt from
+//! its build (synced and immutable) on demand.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -49,6 +57,50 @@ pub fn qcow2_cache_path(data_dir: &Path, build: BuildId) -> PathBuf {
 /// Where the chain under `build`'s kept overlay is recorded.
 fn chain_path(data_dir: &Path, build: BuildId) -> PathBuf {
     cache_dir(data_dir).join(format!("{build}.chain.json"))
+}
+
+const BOOT_ID_FILE: &str = ".boot_id";
+
+/// This boot of the host kernel, or `None` where the kernel does not say.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Drop the rootfs cache unless it was written during this boot of the
+/// host (see the module docs), then stamp it with this boot. Returns how
+/// many files were dropped.
+pub fn drop_cache_after_reboot(data_dir: &Path) -> Result<usize, AgentError> {
+    drop_cache_unless_boot(data_dir, boot_id().as_deref())
+}
+
+fn drop_cache_unless_boot(data_dir: &Path, boot: Option<&str>) -> Result<usize, AgentError> {
+    let dir = cache_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    let stamp = dir.join(BOOT_ID_FILE);
+    let recorded = std::fs::read_to_string(&stamp).ok();
+    if boot.is_some() && recorded.as_deref().map(str::trim) == boot {
+        return Ok(0);
+    }
+    let mut dropped = 0;
+    for entry in std::fs::read_dir(&dir)
+        .map_err(|e| AgentError::io(format!("read {}", dir.display()), e))?
+        .flatten()
+    {
+        if entry.file_name() == BOOT_ID_FILE {
+            continue;
+        }
+        let path = entry.path();
+        std::fs::remove_file(&path)
+            .map_err(|e| AgentError::io(format!("remove {}", path.display()), e))?;
+        dropped += 1;
+    }
+    if let Some(boot) = boot {
+        write_synced(&stamp, boot.as_bytes())?;
+    }
+    Ok(dropped)
 }
 
 /// A file a new disk layer can sit on: `path` read as `format`, over the
@@ -136,7 +188,8 @@ pub fn shared_read_only(path: &Path) -> Result<(), AgentError> {
         .map_err(|e| AgentError::io(format!("chmod {}", path.display()), e))
 }
 
-/// Write `bytes` to `path` via a temporary file, fsync'd and renamed.
+/// Write `bytes` to `path` via a temporary file, fsync'd and renamed, the
+/// directory synced.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -146,7 +199,11 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
         .and_then(|()| f.sync_all())
         .map_err(|e| AgentError::io(format!("write {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path)
-        .map_err(|e| AgentError::io(format!("rename to {}", path.display()), e))
+        .map_err(|e| AgentError::io(format!("rename to {}", path.display()), e))?;
+    let dir = path.parent().expect("cache files live in a directory");
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| AgentError::io(format!("sync {}", dir.display()), e))
 }
 
 /// Remove the cache files of deleted builds, and every cached overlay whose
@@ -349,6 +406,42 @@ mod tests {
             length,
             file_offset,
         }
+    }
+
+    #[test]
+    fn the_cache_is_dropped_when_the_host_has_rebooted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path();
+        let b = BuildId::new();
+        let cached = [
+            flat_cache_path(data, b),
+            qcow2_cache_path(data, b),
+            chain_path(data, b),
+        ];
+        // First start: an unstamped cache (written before this rule, or
+        // by a crash before the stamp) is not trusted.
+        std::fs::create_dir_all(cache_dir(data)).unwrap();
+        for p in &cached {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(drop_cache_unless_boot(data, Some("boot-1")).unwrap(), 3);
+        assert!(cached.iter().all(|p| !p.exists()));
+        // Same boot: kept.
+        for p in &cached {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(drop_cache_unless_boot(data, Some("boot-1")).unwrap(), 0);
+        assert!(cached.iter().all(|p| p.exists()));
+        // Another boot: dropped, and the new boot stamped.
+        assert_eq!(drop_cache_unless_boot(data, Some("boot-2")).unwrap(), 3);
+        assert!(cached.iter().all(|p| !p.exists()));
+        assert_eq!(
+            std::fs::read_to_string(cache_dir(data).join(BOOT_ID_FILE)).unwrap(),
+            "boot-2"
+        );
+        // A kernel that does not say its boot: never trusted.
+        std::fs::write(&cached[0], b"x").unwrap();
+        assert_eq!(drop_cache_unless_boot(data, None).unwrap(), 1);
     }
 
     #[test]

@@ -10,8 +10,16 @@
 //! - `abort`: the agent process dies on the spot (a crash);
 //! - `sleep-MS`: the operation stalls for MS milliseconds (a slow host).
 //!
-//! Points: `pause.before`, `pause.after` (the build is committed and the
-//! VM gone, the reply not yet sent), `resume.before`, `resume.after`.
+//! Points, each at the start (`.before`) and the end (`.after`: the work
+//! is done and recorded, the reply not yet sent) of a host call:
+//! `create`, `pause`, `resume`, `snapshot`, `destroy`. Inside the work:
+//! - `pause.committed`: the pause's build is committed, the VM paused, the
+//!   sandbox not yet recorded as paused (a restart finishes the pause);
+//! - `snapshot.committed`: a template's build is committed, no template
+//!   names it yet (a restart discards it; the VM goes on running).
+//!
+//! Processes other than the agent (the VMM, the page server, the control
+//! plane) are killed by the tests themselves, from outside.
 
 use crate::error::AgentError;
 

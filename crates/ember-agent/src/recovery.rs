@@ -24,6 +24,8 @@ use crate::state::{RuntimeRecord, SandboxRecord, SandboxState};
 enum Outcome {
     Adopted,
     Kept,
+    /// A pause whose build was committed, finished: the sandbox is paused.
+    Finished,
     Failed(String),
     Reverted,
     Destroyed,
@@ -95,11 +97,38 @@ async fn recover_one(
             agent.insert_entry(r, None);
             Ok(Outcome::Reverted)
         }
+        SandboxState::Pausing
+            if record
+                .pending_build
+                .is_some_and(|b| agent.inner().store.exists(b)) =>
+        {
+            // The pause's build was committed before the crash: it holds the
+            // paused VM's whole state, so the pause is finished, not undone.
+            if let Some(rt) = &record.runtime {
+                kill_leftovers(rt);
+            }
+            let mut r = record;
+            r.state = SandboxState::Paused;
+            r.build = r.pending_build.take();
+            r.runtime = None;
+            agent.inner().records.save(&r)?;
+            agent.insert_entry(r, None);
+            Ok(Outcome::Finished)
+        }
         SandboxState::Creating
         | SandboxState::Running
         | SandboxState::Pausing
         | SandboxState::Resuming
         | SandboxState::Snapshotting => {
+            // A build the crash left uncommitted is gone (the store removes
+            // half-written builds); a committed snapshot that no template
+            // names yet is discarded: its caller saw the call fail. Either
+            // way the VM goes on running, and gc reclaims the build.
+            let mut record = record;
+            if let Some(b) = record.pending_build.take() {
+                info!(sandbox = %id, build = %b, "discarding a build the restart interrupted");
+                agent.inner().records.save(&record)?;
+            }
             let Some(rt_record) = record.runtime.clone() else {
                 let entry = agent.insert_entry(record, None);
                 agent

@@ -276,7 +276,9 @@ impl HostAgent for HostService {
             network: policy(r.network)?,
             guest_token: r.guest_token,
         };
+        crate::failpoint::hit("create.before").await?;
         let rec = self.agent.create(req).await?;
+        crate::failpoint::hit("create.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
 
@@ -302,7 +304,9 @@ impl HostAgent for HostService {
         req: Request<pb::SandboxRef>,
     ) -> Result<Response<pb::DestroySandboxReply>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
+        crate::failpoint::hit("destroy.before").await?;
         self.agent.destroy(&id).await?;
+        crate::failpoint::hit("destroy.after").await?;
         Ok(Response::new(pb::DestroySandboxReply {}))
     }
 
@@ -351,7 +355,9 @@ impl HostAgent for HostService {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
+        crate::failpoint::hit("snapshot.before").await?;
         let t = self.agent.create_snapshot(&id).await?;
+        crate::failpoint::hit("snapshot.after").await?;
         Ok(Response::new(self.agent.snapshot_info(&t).await))
     }
 

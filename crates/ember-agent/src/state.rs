@@ -147,6 +147,12 @@ pub struct SandboxRecord {
     pub last_operation_ms: u64,
     /// Present while the sandbox holds a VM.
     pub runtime: Option<RuntimeRecord>,
+    /// A build being written from this sandbox (pause or snapshot), recorded
+    /// (and synced) before the build is begun, cleared once the outcome is
+    /// recorded: gc keeps it, and a restarted agent finds what a crash
+    /// interrupted. Intent before commit.
+    #[serde(default)]
+    pub pending_build: Option<BuildId>,
 }
 
 /// Where a running sandbox's resources are, so a restarted agent can adopt

@@ -32,6 +32,9 @@ macro_rules! require_vm {
     };
 }
 
+#[path = "control_e2e/chaos.rs"]
+mod chaos;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

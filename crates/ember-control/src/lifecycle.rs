@@ -11,7 +11,7 @@
 //! between the steps, the row sits in a transitional state and the
 //! reconciler finishes it from what the host reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +59,55 @@ pub struct Operations {
     pub store: Store,
     pub hosts: Arc<HostRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Sandboxes with a lifecycle call in flight in this process.
+    pub in_flight: InFlight,
+}
+
+/// The sandboxes this process is creating, pausing, resuming, snapshotting
+/// or destroying right now. The reconciler leaves them to the call that owns
+/// them, however long it takes: a transitional row it sees is settled from
+/// the host only when no call here owns it (its owner died, or gave up on a
+/// host that did not answer).
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::Mutex<HashMap<String, usize>>);
+
+/// A claim on a sandbox in [`InFlight`], released on drop.
+#[must_use]
+#[derive(Debug)]
+pub struct InFlightClaim<'a> {
+    set: &'a InFlight,
+    id: String,
+}
+
+impl InFlight {
+    pub fn claim(&self, id: &str) -> InFlightClaim<'_> {
+        *self
+            .0
+            .lock()
+            .expect("in-flight lock")
+            .entry(id.to_owned())
+            .or_default() += 1;
+        InFlightClaim {
+            set: self,
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.lock().expect("in-flight lock").contains_key(id)
+    }
+}
+
+impl Drop for InFlightClaim<'_> {
+    fn drop(&mut self) {
+        let mut map = self.set.0.lock().expect("in-flight lock");
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
 }
 
 fn proto_state(state: pb::SandboxState) -> Option<SandboxState> {
@@ -190,6 +239,7 @@ impl Operations {
 
         let now = now_ms();
         let id = ember_types::SandboxId::new().to_string();
+        let _claim = self.in_flight.claim(&id);
         let access_token = auth::new_access_token(&id);
         let mut row = Sandbox {
             id: id.clone(),
@@ -313,6 +363,7 @@ impl Operations {
 
     /// Destroy a sandbox (running, paused or failed) and everything it holds on its host.
     pub async fn destroy(&self, team_id: Option<&str>, id: &str) -> Result<()> {
+        let _claim = self.in_flight.claim(id);
         let from = [
             SandboxState::Running,
             SandboxState::Paused,
@@ -332,7 +383,14 @@ impl Operations {
             )
             .await?
         {
-            return Err(self.conflict(team_id, id, "be destroyed").await);
+            // Destroy is idempotent: a retry after a lost reply succeeds.
+            return match self.conflict(team_id, id, "be destroyed").await {
+                Error::StateConflict {
+                    state: SandboxState::Destroyed,
+                    ..
+                } => Ok(()),
+                e => Err(e),
+            };
         }
         let sb = self.load(None, id).await?;
         self.destroy_on_host(&sb).await?;
@@ -382,6 +440,7 @@ impl Operations {
 
     /// Pause a running sandbox into a build on its host.
     pub async fn pause(&self, team_id: Option<&str>, id: &str) -> Result<Sandbox> {
+        let _claim = self.in_flight.claim(id);
         let started = Instant::now();
         let now = now_ms();
         if !self
@@ -601,6 +660,7 @@ impl Operations {
         timeout_s: Option<u64>,
         env: BTreeMap<String, String>,
     ) -> Result<Sandbox> {
+        let _claim = self.in_flight.claim(id);
         let started = Instant::now();
         let sb = self
             .store
@@ -710,6 +770,7 @@ impl Operations {
 
     /// Freeze a running sandbox into a named template; the sandbox keeps running.
     pub async fn snapshot(&self, team_id: &str, id: &str, name: &str) -> Result<Template> {
+        let _claim = self.in_flight.claim(id);
         if self.store.template(team_id, name).await?.is_some() {
             // Checked again atomically at insert; this only saves a wasted snapshot.
             return Err(Error::TemplateExists {
@@ -965,6 +1026,12 @@ impl Operations {
         };
         let now = now_ms();
         for action in reconciler::decide(host_id, &rows, &view, now, params) {
+            if action
+                .sandbox_id()
+                .is_some_and(|id| self.in_flight.contains(id))
+            {
+                continue; // its call here settles it
+            }
             if let Err(err) = self.apply(host_id, &rows, &action, &mut client).await {
                 tracing::warn!(host = %host_id, ?action, error = %err, "reconcile action failed");
             }

@@ -63,8 +63,12 @@ pub enum HostView {
 pub struct Params {
     /// How old an orphan (on the host, unknown to the DB) must be before it is destroyed.
     pub grace_ms: i64,
-    /// How long an operation may sit in a transitional state before the
-    /// reconciler assumes its owner died and finishes it.
+    /// How long an operation may sit in a transitional state, with no call
+    /// in this process owning it, before the reconciler settles it from
+    /// what the host reports. A host that still reports the operation in
+    /// progress is always left to finish it, so this need not cover the
+    /// longest operation, only the moment between a row's change and the
+    /// host's receipt of the call.
     pub stuck_after_ms: i64,
     /// How long a host may be unreachable before its running sandboxes are
     /// marked failed. Until then an unreachable host changes nothing.
@@ -75,7 +79,7 @@ impl Default for Params {
     fn default() -> Self {
         Params {
             grace_ms: 60_000,
-            stuck_after_ms: 300_000,
+            stuck_after_ms: 30_000,
             host_lost_ms: 300_000,
         }
     }
@@ -113,6 +117,20 @@ pub enum Action {
         error: String,
     },
     HostReachable,
+}
+
+impl Action {
+    /// The sandbox the action corrects, if it is about one.
+    pub fn sandbox_id(&self) -> Option<&str> {
+        match self {
+            Action::MarkFailed { sandbox_id, .. }
+            | Action::MarkRunning { sandbox_id, .. }
+            | Action::MarkPaused { sandbox_id, .. }
+            | Action::MarkDestroyed { sandbox_id, .. }
+            | Action::DestroyOnHost { sandbox_id, .. } => Some(sandbox_id),
+            Action::HostUnreachable { .. } | Action::HostReachable => None,
+        }
+    }
 }
 
 /// The policy. `db` holds the host's rows that are not destroyed, plus those
@@ -158,6 +176,13 @@ pub fn decide(host_id: &str, db: &[Sandbox], view: &HostView, now: i64, p: &Para
                     sandbox_id: id,
                     from: row.state,
                     reason: host_failed.unwrap_or_default(),
+                }),
+                // A pause the database missed (its call's owner settled the
+                // row from a stale answer): the host's word wins.
+                Some(o) if o.state == SandboxState::Paused => actions.push(Action::MarkPaused {
+                    sandbox_id: id,
+                    from: row.state,
+                    build_id: o.build_id.clone().or_else(|| row.build_id.clone()),
                 }),
                 Some(_) => {}
             },
@@ -412,6 +437,22 @@ mod tests {
                 sandbox_id: "a".into(),
                 from: SandboxState::Running,
                 reason: "VMM exited with signal 9".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn running_but_paused_on_host_takes_the_hosts_build() {
+        let db = [row("a", SandboxState::Running, 10)];
+        let mut o = obs("a", SandboxState::Paused, 10);
+        o.build_id = Some("b-host".into());
+        let a = sandbox_actions(decide("h1", &db, &listed(vec![o]), NOW, &P));
+        assert_eq!(
+            a,
+            vec![Action::MarkPaused {
+                sandbox_id: "a".into(),
+                from: SandboxState::Running,
+                build_id: Some("b-host".into())
             }]
         );
     }

@@ -94,6 +94,7 @@ impl ControlPlane {
             store: store.clone(),
             hosts: hosts.clone(),
             metrics: metrics.clone(),
+            in_flight: Default::default(),
         });
         let state = AppState {
             store,

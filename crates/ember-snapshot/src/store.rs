@@ -300,17 +300,28 @@ impl BuildStore {
     ///
     /// `live_roots` must name every build meant to survive, including any
     /// committed since the caller listed its roots: a build committed by
-    /// another task after the roots were collected is not protected. Fails
-    /// with `StoreBusy`, deleting nothing, while a `BuildWriter` is open, and
+    /// another task after the roots were collected is not protected. Where
+    /// other tasks commit builds, use [`BuildStore::gc_with`]. Fails with
+    /// `StoreBusy`, deleting nothing, while a `BuildWriter` is open, and
     /// with an error, deleting nothing, if a reachable build's meta.json or
     /// header cannot be read (its references would be unknown).
     pub fn gc(&self, live_roots: &[BuildId]) -> Result<GcReport> {
+        self.gc_with(|| live_roots.to_vec())
+    }
+
+    /// [`BuildStore::gc`] with the roots asked for only once the store is
+    /// locked against writers. Every build committed before that moment is
+    /// a complete directory, and none can be committed until gc returns, so
+    /// a caller that records a build's intent (in whatever `roots` reads)
+    /// before [`BuildStore::begin`] can never lose it to gc.
+    pub fn gc_with(&self, roots: impl FnOnce() -> Vec<BuildId>) -> Result<GcReport> {
         let Some(_lock) = self.lock_store(LockMode::Exclusive, false)? else {
             return Err(SnapshotError::StoreBusy);
         };
+        let live_roots = roots();
         let all: BTreeSet<BuildId> = self.list()?.into_iter().collect();
         let mut reachable = BTreeSet::new();
-        let mut queue: Vec<BuildId> = live_roots.to_vec();
+        let mut queue: Vec<BuildId> = live_roots;
         while let Some(build) = queue.pop() {
             if build.is_nil() || !reachable.insert(build) {
                 continue;

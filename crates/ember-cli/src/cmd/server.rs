@@ -38,7 +38,8 @@ pub struct ServerArgs {
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
-    /// reconcile_interval_s, ttl_interval_s, orphan_grace_s, host_lost_after_s.
+    /// reconcile_interval_s, ttl_interval_s, orphan_grace_s, stuck_after_s,
+    /// host_lost_after_s.
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
@@ -59,6 +60,7 @@ struct ConfigFile {
     reconcile_interval_s: Option<u64>,
     ttl_interval_s: Option<u64>,
     orphan_grace_s: Option<u64>,
+    stuck_after_s: Option<u64>,
     /// Seconds a host may be unreachable before its running sandboxes are failed.
     host_lost_after_s: Option<u64>,
 }
@@ -100,6 +102,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(s) = file.orphan_grace_s {
         config.reconciler.grace_ms = (s as i64).saturating_mul(1000);
+    }
+    if let Some(s) = file.stuck_after_s {
+        config.reconciler.stuck_after_ms = (s as i64).saturating_mul(1000);
     }
     if let Some(s) = file.host_lost_after_s {
         config.reconciler.host_lost_ms = (s as i64).saturating_mul(1000);
