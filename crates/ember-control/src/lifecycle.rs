@@ -389,6 +389,16 @@ impl Operations {
                     state: SandboxState::Destroyed,
                     ..
                 } => Ok(()),
+                // A destroy interrupted earlier (its host did not answer):
+                // this call drives it again; the host's destroy is idempotent.
+                Error::StateConflict {
+                    state: SandboxState::Destroying,
+                    ..
+                } => {
+                    let sb = self.load(None, id).await?;
+                    self.destroy_on_host(&sb).await?;
+                    self.finish_destroy(&sb, SandboxState::Destroying).await
+                }
                 e => Err(e),
             };
         }
