@@ -62,6 +62,21 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
+/// Run a lifecycle operation to its end even if the caller goes away: a
+/// gRPC handler is dropped when its client disconnects (a control plane
+/// that crashed or timed out), and an operation dropped half way would
+/// leave its sandbox in a transitional state for ever.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::spawn(op).await.map_err(|e| {
+        AgentError::io(
+            "lifecycle operation task",
+            std::io::Error::other(e.to_string()),
+        )
+    })?
+}
+
 #[derive(Debug, Clone)]
 pub struct HostService {
     agent: Agent,
@@ -277,7 +292,8 @@ impl HostAgent for HostService {
             guest_token: r.guest_token,
         };
         crate::failpoint::hit("create.before").await?;
-        let rec = self.agent.create(req).await?;
+        let agent = self.agent.clone();
+        let rec = detached(async move { agent.create(req).await }).await?;
         crate::failpoint::hit("create.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
@@ -305,7 +321,8 @@ impl HostAgent for HostService {
     ) -> Result<Response<pb::DestroySandboxReply>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
         crate::failpoint::hit("destroy.before").await?;
-        self.agent.destroy(&id).await?;
+        let (agent, id2) = (self.agent.clone(), id.clone());
+        detached(async move { agent.destroy(&id2).await }).await?;
         crate::failpoint::hit("destroy.after").await?;
         Ok(Response::new(pb::DestroySandboxReply {}))
     }
@@ -316,7 +333,8 @@ impl HostAgent for HostService {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
         crate::failpoint::hit("pause.before").await?;
-        let rec = self.agent.pause(&id).await?;
+        let (agent, id2) = (self.agent.clone(), id.clone());
+        let rec = detached(async move { agent.pause(&id2).await }).await?;
         crate::failpoint::hit("pause.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
@@ -329,10 +347,9 @@ impl HostAgent for HostService {
         let id = sandbox_id(&r.sandbox_id)?;
         let token = (!r.guest_token.is_empty()).then_some(r.guest_token);
         crate::failpoint::hit("resume.before").await?;
-        let rec = self
-            .agent
-            .resume(&id, r.env.into_iter().collect(), token)
-            .await?;
+        let (agent, id2) = (self.agent.clone(), id.clone());
+        let env = r.env.into_iter().collect();
+        let rec = detached(async move { agent.resume(&id2, env, token).await }).await?;
         crate::failpoint::hit("resume.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
@@ -356,7 +373,8 @@ impl HostAgent for HostService {
     ) -> Result<Response<pb::Snapshot>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
         crate::failpoint::hit("snapshot.before").await?;
-        let t = self.agent.create_snapshot(&id).await?;
+        let (agent, id2) = (self.agent.clone(), id.clone());
+        let t = detached(async move { agent.create_snapshot(&id2).await }).await?;
         crate::failpoint::hit("snapshot.after").await?;
         Ok(Response::new(self.agent.snapshot_info(&t).await))
     }

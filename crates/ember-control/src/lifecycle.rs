@@ -383,12 +383,9 @@ impl Operations {
             )
             .await?
         {
-            // Destroy is idempotent: a retry after a lost reply succeeds.
+            // Destroying an already destroyed sandbox is a 409 that says
+            // so (clients read it as "already gone").
             return match self.conflict(team_id, id, "be destroyed").await {
-                Error::StateConflict {
-                    state: SandboxState::Destroyed,
-                    ..
-                } => Ok(()),
                 // A destroy interrupted earlier (its host did not answer):
                 // this call drives it again; the host's destroy is idempotent.
                 Error::StateConflict {

@@ -308,10 +308,10 @@ pub async fn get_sandbox(
     delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox ID")),
     responses(
-        (status = 204, description = "Destroyed (also when it already was: a retry succeeds)"),
+        (status = 204, description = "Destroyed"),
         (status = 401, body = wire::ErrorBody),
         (status = 404, body = wire::ErrorBody),
-        (status = 409, description = "An operation is in progress", body = wire::ErrorBody),
+        (status = 409, description = "An operation is in progress, or it is already destroyed", body = wire::ErrorBody),
         (status = 502, description = "The host did not answer; the destroy is retried in the background", body = wire::ErrorBody),
     ),
     security(("api_key" = []))
