@@ -383,21 +383,10 @@ impl Operations {
             )
             .await?
         {
-            // Destroying an already destroyed sandbox is a 409 that says
-            // so (clients read it as "already gone").
-            return match self.conflict(team_id, id, "be destroyed").await {
-                // A destroy interrupted earlier (its host did not answer):
-                // this call drives it again; the host's destroy is idempotent.
-                Error::StateConflict {
-                    state: SandboxState::Destroying,
-                    ..
-                } => {
-                    let sb = self.load(None, id).await?;
-                    self.destroy_on_host(&sb).await?;
-                    self.finish_destroy(&sb, SandboxState::Destroying).await
-                }
-                e => Err(e),
-            };
+            // 409 for one already destroyed (clients read it as gone) or
+            // being destroyed (by another call, or by the reconciler after
+            // an interrupted destroy).
+            return Err(self.conflict(team_id, id, "be destroyed").await);
         }
         let sb = self.load(None, id).await?;
         self.destroy_on_host(&sb).await?;
@@ -1041,6 +1030,55 @@ impl Operations {
             }
             if let Err(err) = self.apply(host_id, &rows, &action, &mut client).await {
                 tracing::warn!(host = %host_id, ?action, error = %err, "reconcile action failed");
+            }
+        }
+        if matches!(view, HostView::Listed(_)) {
+            self.sweep_orphan_templates(host_id, &mut client, now, params)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Delete templates a host keeps that no template row names: a snapshot
+    /// whose reply the control plane never recorded (it crashed, or the
+    /// host's agent died after saving it), or a template deleted here while
+    /// the host did not answer. Only ones older than the grace period: a
+    /// young one may belong to a snapshot call whose row is being written.
+    async fn sweep_orphan_templates(
+        &self,
+        host_id: &str,
+        client: &mut HostClient,
+        now: i64,
+        params: &reconciler::Params,
+    ) -> Result<()> {
+        let Ok(reply) = client
+            .list_snapshots(with_timeout(pb::ListSnapshotsRequest {}, INFO_TIMEOUT))
+            .await
+        else {
+            return Ok(());
+        };
+        for snap in reply.into_inner().snapshots {
+            let old = parse_rfc3339(&snap.created_at).is_some_and(|c| now - c >= params.grace_ms);
+            if !old {
+                continue;
+            }
+            let named = self
+                .store
+                .build(&snap.build_id)
+                .await?
+                .is_some_and(|b| b.released_at.is_none());
+            if named {
+                continue;
+            }
+            tracing::info!(host = %host_id, build = %snap.build_id, "deleting a template no row names");
+            let req = pb::DeleteSnapshotRequest {
+                build_id: snap.build_id.clone(),
+            };
+            if let Err(s) = client
+                .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
+                .await
+            {
+                tracing::warn!(host = %host_id, build = %snap.build_id, error = %status_reason(&s), "deleting an orphan template failed");
             }
         }
         Ok(())

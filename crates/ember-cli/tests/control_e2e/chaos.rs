@@ -480,6 +480,12 @@ async fn chaos(db: TestDb) {
         assert_eq!(st, StatusCode::OK, "{b}");
     }
     wait_clean(&w.home, Duration::from_secs(60)).await;
+    // Templates the control plane never recorded (an agent that died after
+    // saving one) are swept by the reconciler after the grace period.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while build_count(&w.home) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_nothing_left(&w.home);
 
     eprintln!(
@@ -643,17 +649,26 @@ async fn replace(
 ) {
     let a = w.api();
     // 204, or 409 saying it is destroyed already if the faulted destroy
-    // went through; an interrupted one is driven again.
-    let (st, b) = a.delete(&format!("/v1/sandboxes/{}", live[i].id)).await;
-    assert!(
-        st == StatusCode::NO_CONTENT
-            || (st == StatusCode::CONFLICT
-                && b["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("is destroyed"))),
-        "{st} {b}\n{}",
-        w.server.logs()
-    );
+    // went through, or being destroyed while the reconciler finishes an
+    // interrupted one.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (st, b) = a.delete(&format!("/v1/sandboxes/{}", live[i].id)).await;
+        let msg = b["message"].as_str().unwrap_or_default();
+        if st == StatusCode::NO_CONTENT
+            || (st == StatusCode::CONFLICT && msg.contains("is destroyed"))
+        {
+            break;
+        }
+        assert!(
+            st == StatusCode::CONFLICT
+                && msg.contains("is destroying")
+                && Instant::now() < deadline,
+            "{st} {b}\n{}",
+            w.server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let (st, b) = a.get(&format!("/v1/sandboxes/{}", live[i].id)).await;
     assert!(
         st == StatusCode::NOT_FOUND || b["state"] == "destroyed",
@@ -774,6 +789,12 @@ async fn check_all(
         assert_eq!(st, StatusCode::OK, "template {} is gone: {body}", tpl.name);
         counts.checks += 1;
     }
+}
+
+fn build_count(home: &AgentHome) -> usize {
+    std::fs::read_dir(home.data().join("builds"))
+        .map(|d| d.flatten().filter(|e| e.file_name() != ".lock").count())
+        .unwrap_or(0)
 }
 
 /// Beyond `wait_clean`: no mount, run directory, disk layer, sandbox
