@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ember_guest_api::GuestClient;
 use ember_types::SandboxId;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, blocking};
 use crate::error::{AgentError, chain};
@@ -143,16 +143,7 @@ async fn recover_one(
                 Ok(rt) => {
                     adopted_slots.insert(rt_record.slot);
                     agent.reserve_unchecked(record.vcpus, record.memory_mib);
-                    let was = record.state;
                     let entry = agent.insert_entry(record, Some(rt));
-                    // An interrupted pause or snapshot may have left the vCPUs
-                    // stopped; the sandbox goes on running either way.
-                    if matches!(was, SandboxState::Pausing | SandboxState::Snapshotting) {
-                        let runtime = entry.runtime.lock().await;
-                        if let Some(vm) = runtime.as_ref().and_then(|r| r.vm.as_ref()) {
-                            let _ = vm.resume().await;
-                        }
-                    }
                     agent.update(&entry, |r| r.state = SandboxState::Running)?;
                     info!(sandbox = %id, pid = rt_record.vmm_pid, "VM re-adopted");
                     Ok(Outcome::Adopted)
@@ -216,12 +207,31 @@ async fn adopt(
     rt.disk = disk_layer_of(&rt_record.launch);
     let guest = GuestClient::new(guest_addr).with_token(record.guest_token.clone());
     // The guest must answer: a VM that runs but whose agent is gone is not
-    // a sandbox anyone can use.
-    match guest
-        .wait_ready(Instant::now() + Duration::from_secs(30))
-        .await
-    {
-        Ok(_) => rt.guest = Some(guest),
+    // a sandbox anyone can use. An interrupted pause or snapshot may have
+    // left the vCPUs stopped (or the VMM still writing its state, when it
+    // refuses to continue), so those are continued until the guest answers;
+    // the sandbox goes on running either way.
+    let interrupted = matches!(
+        record.state,
+        SandboxState::Pausing | SandboxState::Snapshotting
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        if interrupted
+            && let Some(vm) = &rt.vm
+            && let Err(e) = vm.resume().await
+        {
+            debug!(sandbox = %record.id, error = %e, "continuing the VM after an interrupted pause");
+        }
+        let attempt = (Instant::now() + Duration::from_secs(5)).min(deadline);
+        match guest.wait_ready(attempt).await {
+            Ok(_) => break Ok(()),
+            Err(e) if Instant::now() >= deadline => break Err(e),
+            Err(_) => continue,
+        }
+    };
+    match ready {
+        Ok(()) => rt.guest = Some(guest),
         Err(e) => {
             // Give back what we took without killing the VM twice.
             let vm = rt.vm.take();
