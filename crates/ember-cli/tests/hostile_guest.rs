@@ -489,6 +489,27 @@ async fn exec_latencies(c: &mut Client, id: &str, n: usize) -> Vec<std::time::Du
     v
 }
 
+/// Run one step of a long test within `limit`, printing how long it took;
+/// a step that hangs fails naming itself, with the agent's logs.
+async fn bounded<T>(
+    home: &AgentHome,
+    step: &str,
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => {
+            eprintln!("step {step:?} took {:?}", started.elapsed());
+            v
+        }
+        Err(_) => panic!(
+            "step {step:?} did not finish within {limit:?}\n{}",
+            home.logs()
+        ),
+    }
+}
+
 /// A guest that exhausts everything it has — memory past its RAM, its
 /// whole disk, every vCPU, and a fork bomb — pays for it alone: its
 /// neighbour keeps answering within a bound, the host keeps its disk, and
@@ -498,26 +519,39 @@ fn a_guest_that_exhausts_its_resources_harms_no_neighbour_root_vm() {
     require_vm!();
     let home = AgentHome::new();
     let agent = home.start();
+    let minutes = |m: u64| std::time::Duration::from_secs(60 * m);
     runtime().block_on(async {
         let mut c = agent.client().await;
         let (hostile, neighbour) = (new_id(), new_id());
         for id in [&hostile, &neighbour] {
-            c.create_sandbox(create_request(id))
-                .await
-                .unwrap_or_else(|s| panic!("create: {s:?}\n{}", home.logs()));
+            bounded(&home, "create", minutes(2), async {
+                c.create_sandbox(create_request(id))
+                    .await
+                    .unwrap_or_else(|s| panic!("create: {s:?}\n{}", home.logs()))
+            })
+            .await;
         }
-        let before = exec_latencies(&mut c, &neighbour, 10).await;
+        let before = bounded(&home, "quiet latencies", minutes(1), async {
+            exec_latencies(&mut c, &neighbour, 10).await
+        })
+        .await;
 
         // Memory past its RAM: the guest's own OOM killer takes the hog.
-        let (_, _, code) = sh(&mut c, &hostile, "head -c 4G /dev/zero | tail > /dev/null").await;
+        let (_, _, code) = bounded(&home, "memory hog", minutes(2), async {
+            sh(&mut c, &hostile, "head -c 4G /dev/zero | tail > /dev/null").await
+        })
+        .await;
         assert_ne!(code, 0, "a 4 GiB buffer cannot fit the guest's RAM");
         // Its whole disk: the guest gets ENOSPC, the host's disk is
         // charged at most the disk's size.
-        let (out, _, _) = sh(
-            &mut c,
-            &hostile,
-            "dd if=/dev/zero of=/fill bs=1M 2>&1 | grep -o 'No space left.*'; sync",
-        )
+        let (out, _, _) = bounded(&home, "disk fill", minutes(3), async {
+            sh(
+                &mut c,
+                &hostile,
+                "dd if=/dev/zero of=/fill bs=1M 2>&1 | grep -o 'No space left.*'; sync",
+            )
+            .await
+        })
         .await;
         assert!(out.contains("No space left"), "{out}");
         let overlay_bytes: u64 = walk(&home.data().join("sandboxes").join(&hostile), &[])
@@ -535,16 +569,22 @@ fn a_guest_that_exhausts_its_resources_harms_no_neighbour_root_vm() {
             "the hostile disk's layers hold {overlay_bytes} bytes on the host, more than its 2 GiB disk"
         );
         // Every vCPU and a fork bomb, left running.
-        let (_, err, code) = sh(
-            &mut c,
-            &hostile,
-            "for i in $(seq $(nproc)); do (while :; do :; done) & done; \
-             (b() { b | b & }; b) >/dev/null 2>&1 & true",
-        )
+        let (_, err, code) = bounded(&home, "cpu burn and fork bomb", minutes(1), async {
+            sh(
+                &mut c,
+                &hostile,
+                "for i in $(seq $(nproc)); do (while :; do :; done) & done; \
+                 (b() { b | b & }; b) >/dev/null 2>&1 & true",
+            )
+            .await
+        })
         .await;
         assert_eq!(code, 0, "{err}");
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        let during = exec_latencies(&mut c, &neighbour, 10).await;
+        let during = bounded(&home, "latencies beside the hostile guest", minutes(2), async {
+            exec_latencies(&mut c, &neighbour, 10).await
+        })
+        .await;
         eprintln!(
             "neighbour exec latency: before p50 {:?} max {:?}; beside the hostile guest p50 {:?} max {:?}",
             before[5], before[9], during[5], during[9]
@@ -563,18 +603,27 @@ fn a_guest_that_exhausts_its_resources_harms_no_neighbour_root_vm() {
             before[5]
         );
         // The agent answers, and the hostile sandbox goes away cleanly.
-        c.destroy_sandbox(pb::SandboxRef {
-            sandbox_id: hostile.clone(),
+        bounded(&home, "destroy the hostile sandbox", minutes(1), async {
+            c.destroy_sandbox(pb::SandboxRef {
+                sandbox_id: hostile.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("destroy: {s:?}\n{}", home.logs()))
         })
-        .await
-        .unwrap_or_else(|s| panic!("destroy: {s:?}\n{}", home.logs()));
-        let (out, _, code) = sh(&mut c, &neighbour, "echo alive").await;
+        .await;
+        let (out, _, code) = bounded(&home, "neighbour still answers", minutes(1), async {
+            sh(&mut c, &neighbour, "echo alive").await
+        })
+        .await;
         assert_eq!((out.trim(), code), ("alive", 0));
-        c.destroy_sandbox(pb::SandboxRef {
-            sandbox_id: neighbour.clone(),
+        bounded(&home, "destroy the neighbour", minutes(1), async {
+            c.destroy_sandbox(pb::SandboxRef {
+                sandbox_id: neighbour.clone(),
+            })
+            .await
+            .unwrap()
         })
-        .await
-        .unwrap();
+        .await;
         assert_clean(&home);
     });
 }
