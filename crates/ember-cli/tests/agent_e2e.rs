@@ -148,6 +148,57 @@ fn lifecycle_survives_five_pause_resume_cycles_root_vm() {
     agent.stop();
 }
 
+/// A resumed guest's wall clock is the host's, not the snapshot's: after a
+/// pause long enough that a stale clock would be 20 s behind, the guest's
+/// `date` lies within a second of the host's time around the call.
+#[test]
+fn resumed_clock_is_within_a_second_after_a_long_pause_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let id = new_id();
+        c.create_sandbox(create_request(&id)).await.unwrap();
+        let sandbox = || pb::SandboxRef {
+            sandbox_id: id.clone(),
+        };
+        c.pause_sandbox(sandbox())
+            .await
+            .unwrap_or_else(|s| panic!("pause: {s:?}\n{}", home.logs()));
+        let pause = Duration::from_secs(20);
+        tokio::time::sleep(pause).await;
+        c.resume_sandbox(pb::ResumeSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("resume: {s:?}\n{}", home.logs()));
+        let unix = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let before = unix();
+        let (out, err, code) = sh(&mut c, &id, "date +%s.%N").await;
+        let after = unix();
+        assert_eq!(code, 0, "{err}");
+        let guest: f64 = out.trim().parse().unwrap_or_else(|_| panic!("date: {out:?}"));
+        eprintln!(
+            "after a {pause:?} pause the guest clock is {:+.3} s from the host's (exec took {:.3} s)",
+            guest - (before + after) / 2.0,
+            after - before
+        );
+        assert!(
+            guest > before - 1.0 && guest < after + 1.0,
+            "guest clock {guest:.3} is more than 1 s outside the host's [{before:.3}, {after:.3}]"
+        );
+        c.destroy_sandbox(sandbox()).await.unwrap();
+        assert_clean(&home);
+    });
+}
+
 #[test]
 fn illegal_transitions_and_unknown_ids_are_clear_errors_root_vm() {
     require_vm!();
