@@ -91,6 +91,14 @@ on_both_stores_with_vms!(
     failed_host_calls_never_cost_a_sandbox,
 );
 
+#[test]
+fn slow_pause_and_resume_are_accepted_and_polled_sqlite_root_vm() {
+    require_vm!();
+    runtime().block_on(slow_pause_and_resume_are_accepted_and_polled(
+        support::server::TestDb::sqlite(),
+    ));
+}
+
 /// Every endpoint against a server with its embedded agent and real VMs,
 /// and every error code: two VMs (a sandbox and a fork of it) carry it all.
 async fn every_endpoint_with_real_vms(db: support::server::TestDb) {
@@ -1362,6 +1370,78 @@ async fn failed_host_calls_never_cost_a_sandbox(db: support::server::TestDb) {
     assert_eq!(a.sandbox(&id).await["state"], "running");
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(a.sandbox(&id).await["state"], "running");
+    assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
+
+    let (st, body) = a.delete(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    wait_clean(&home, Duration::from_secs(30)).await;
+}
+
+/// A pause or resume that outlasts the server's `answer_within` (a large
+/// sandbox; here the host stalls on purpose) is answered 202 with the
+/// sandbox still `pausing`/`resuming` and a Location to poll, and goes on
+/// to its end on its own. The CLI polls it to the end.
+async fn slow_pause_and_resume_are_accepted_and_polled(db: support::server::TestDb) {
+    let spec = ServerSpec::new(&db, None).config("answer_within_s = 1");
+    let server = spec.start();
+    let admin = server.api(server.admin_key.as_deref().unwrap());
+    let (_, key) = admin.team_with_key("alpha").await;
+    let a = admin.with_key(&key);
+    let mut home = AgentHome::new();
+    home.token = spec.join_token.clone();
+    home.extra_env.push((
+        "EMBER_FAILPOINTS".into(),
+        "pause.after=sleep-5000,resume.after=sleep-5000".into(),
+    ));
+    let _agent = home.start_with(&["--control-plane", &server.base]);
+    admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+    let sb = a.create(base(json!({}))).await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        a.sh(&id, "echo kept > /root/f && sync").await.exit_code,
+        Some(0)
+    );
+
+    let started = Instant::now();
+    let resp = a
+        .http
+        .post(a.url(&format!("/v1/sandboxes/{id}/pause")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let answered = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED, "{}", home.logs());
+    assert_eq!(
+        resp.headers()["location"].to_str().unwrap(),
+        format!("/v1/sandboxes/{id}")
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["state"], "pausing", "{body}");
+    assert!(
+        answered < Duration::from_secs(4),
+        "answered after {answered:?}, not within answer_within"
+    );
+    // The pause goes on without its caller; polling sees it settle.
+    let paused = a.wait_state(&id, "paused", Duration::from_secs(60)).await;
+    assert!(paused["failure_reason"].is_null(), "{paused}");
+    assert_eq!(home.processes_of(&id), Vec::<u32>::new(), "paused = no VM");
+
+    // The CLI waits through a 202 and reports the sandbox resumed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .env("EMBER_API_URL", &server.base)
+        .env("EMBER_API_KEY", &key)
+        .args(["sandbox", "resume", &id, "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resumed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(resumed["state"], "running", "{resumed}");
     assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
 
     let (st, body) = a.delete(&format!("/v1/sandboxes/{id}")).await;

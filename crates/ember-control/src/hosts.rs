@@ -55,6 +55,12 @@ pub type HostClient = HostAgentClient<InterceptedService<Channel, BearerToken>>;
 pub const INFO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Create, resume, pause and snapshot can boot or write a VM (seconds under TCG).
 pub const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Pause and resume move a sandbox's whole memory, which for a large one
+/// takes longer than any fixed bound a caller would wait: the API answers
+/// `202 Accepted` after `answer_within` and the call runs on. This only
+/// guards against a host that never answers (the row then settles from
+/// the host's own report).
+pub const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 struct Entry {
     address: String,

@@ -19,7 +19,8 @@ use ember_proto::host as pb;
 
 use crate::error::{Error, Result};
 use crate::hosts::{
-    HostClient, HostRegistry, INFO_TIMEOUT, LIFECYCLE_TIMEOUT, is_unreachable, status_reason,
+    HostClient, HostRegistry, INFO_TIMEOUT, LIFECYCLE_TIMEOUT, LONG_OPERATION_TIMEOUT,
+    is_unreachable, status_reason,
 };
 use crate::metrics::Metrics;
 use crate::model::{
@@ -461,7 +462,7 @@ impl Operations {
             sandbox_id: id.to_owned(),
         };
         match client
-            .pause_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .pause_sandbox(with_timeout(req, LONG_OPERATION_TIMEOUT))
             .await
         {
             Ok(reply) => {
@@ -726,7 +727,7 @@ impl Operations {
             guest_token: auth::new_guest_token(),
         };
         match client
-            .resume_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .resume_sandbox(with_timeout(req, LONG_OPERATION_TIMEOUT))
             .await
         {
             Ok(_) => {

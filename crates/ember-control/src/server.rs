@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub reconcile_interval: Duration,
     pub ttl_interval: Duration,
     pub reconciler: reconciler::Params,
+    /// How long a pause or resume request waits for its host before it is
+    /// answered `202 Accepted` with the sandbox still `pausing`/`resuming`;
+    /// the operation goes on to its end either way.
+    pub answer_within: Duration,
 }
 
 impl ServerConfig {
@@ -49,6 +53,7 @@ impl ServerConfig {
             reconcile_interval: Duration::from_secs(5),
             ttl_interval: Duration::from_secs(1),
             reconciler: reconciler::Params::default(),
+            answer_within: Duration::from_secs(60),
         }
     }
 }
@@ -102,6 +107,7 @@ impl ControlPlane {
             hosts,
             metrics,
             join_token: join_token.into(),
+            answer_within: config.answer_within,
         };
         Ok(ControlPlane {
             state,

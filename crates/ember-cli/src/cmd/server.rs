@@ -39,7 +39,7 @@ pub struct ServerArgs {
     join_token: Option<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
     /// reconcile_interval_s, ttl_interval_s, orphan_grace_s, stuck_after_s,
-    /// host_lost_after_s.
+    /// host_lost_after_s, answer_within_s.
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
@@ -63,6 +63,9 @@ struct ConfigFile {
     stuck_after_s: Option<u64>,
     /// Seconds a host may be unreachable before its running sandboxes are failed.
     host_lost_after_s: Option<u64>,
+    /// Seconds a pause or resume request waits before it is answered 202
+    /// (the operation goes on; clients poll the sandbox).
+    answer_within_s: Option<u64>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -108,6 +111,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(s) = file.host_lost_after_s {
         config.reconciler.host_lost_ms = (s as i64).saturating_mul(1000);
+    }
+    if let Some(s) = file.answer_within_s {
+        config.answer_within = Duration::from_secs(s.max(1));
     }
 
     let plane = ControlPlane::open(config)

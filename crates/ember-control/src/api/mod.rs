@@ -51,6 +51,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Host agents present it to register; see `POST /internal/v1/hosts`.
     pub join_token: Arc<str>,
+    /// See [`crate::server::ServerConfig::answer_within`].
+    pub answer_within: std::time::Duration,
 }
 
 /// The API's routes and their OpenAPI description, from one list.

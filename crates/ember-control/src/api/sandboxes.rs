@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -328,12 +329,16 @@ pub async fn delete_sandbox(
 }
 
 /// Pause a running sandbox: its memory and disk become a build; it holds no
-/// CPU or memory until resumed. Paused sandboxes do not time out.
+/// CPU or memory until resumed. Paused sandboxes do not time out. A pause
+/// that takes longer than the server's `answer_within` (a large sandbox) is
+/// answered 202 with the sandbox still `pausing`: it goes on to its end;
+/// poll `GET /v1/sandboxes/{id}` until the sandbox is `paused`.
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox ID")),
     responses(
         (status = 200, body = wire::Sandbox),
+        (status = 202, description = "Still pausing; poll the sandbox (see Location)", body = wire::Sandbox),
         (status = 401, body = wire::ErrorBody),
         (status = 404, body = wire::ErrorBody),
         (status = 409, description = "Not running", body = wire::ErrorBody),
@@ -345,19 +350,65 @@ pub async fn pause_sandbox(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<wire::Sandbox>, ApiError> {
-    let team = auth.team()?;
+) -> Result<Response, ApiError> {
+    let team = auth.team()?.to_owned();
     let id = sandbox_id(&id)?;
-    Ok(Json(to_wire(state.ops.pause(Some(team), &id).await?)))
+    let ops = state.ops.clone();
+    let op = {
+        let (team, id) = (team.clone(), id.clone());
+        async move { ops.pause(Some(&team), &id).await }
+    };
+    answer_or_accept(&state, &team, &id, op).await
 }
 
-/// Resume a paused sandbox on the host that holds its build.
+/// Run a pause or resume in a task of its own, so that it goes on to its
+/// end whatever becomes of this request (a client that hangs up, a proxy's
+/// timeout); answer with its result if it ends within `answer_within`, or
+/// else `202 Accepted` with the sandbox as it is now and a `Location` to
+/// poll.
+async fn answer_or_accept(
+    state: &AppState,
+    team: &str,
+    id: &str,
+    op: impl std::future::Future<Output = crate::error::Result<model::Sandbox>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let mut task = tokio::spawn(op);
+    match tokio::time::timeout(state.answer_within, &mut task).await {
+        Ok(Ok(result)) => Ok(Json(to_wire(result?)).into_response()),
+        Ok(Err(join)) => {
+            tracing::error!(sandbox = %id, error = %join, "a lifecycle task stopped unexpectedly");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server's log",
+            ))
+        }
+        Err(_) => {
+            tracing::info!(sandbox = %id, after_s = state.answer_within.as_secs_f64(), "still in progress; answering 202");
+            let sb = state
+                .store
+                .sandbox(Some(team), id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, format!("/v1/sandboxes/{id}"))],
+                Json(to_wire(sb)),
+            )
+                .into_response())
+        }
+    }
+}
+
+/// Resume a paused sandbox on the host that holds its build. Like a pause,
+/// one that takes longer than `answer_within` is answered 202 (`resuming`).
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox ID")),
     request_body(content = wire::ResumeRequest, description = "Optional: an empty body keeps the timeout and env"),
     responses(
         (status = 200, body = wire::Sandbox),
+        (status = 202, description = "Still resuming; poll the sandbox (see Location)", body = wire::Sandbox),
         (status = 400, body = wire::ErrorBody),
         (status = 401, body = wire::ErrorBody),
         (status = 404, body = wire::ErrorBody),
@@ -372,8 +423,8 @@ pub async fn resume_sandbox(
     auth: Auth,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<wire::Sandbox>, ApiError> {
-    let team = auth.team()?;
+) -> Result<Response, ApiError> {
+    let team = auth.team()?.to_owned();
     let id = sandbox_id(&id)?;
     let req: wire::ResumeRequest = if body.is_empty() {
         wire::ResumeRequest::default()
@@ -388,9 +439,12 @@ pub async fn resume_sandbox(
         validate_timeout(t)?;
     }
     validate_env("env", &req.env)?;
-    Ok(Json(to_wire(
-        state.ops.resume(team, &id, req.timeout_s, req.env).await?,
-    )))
+    let ops = state.ops.clone();
+    let op = {
+        let (team, id) = (team.clone(), id.clone());
+        async move { ops.resume(&team, &id, req.timeout_s, req.env).await }
+    };
+    answer_or_accept(&state, &team, &id, op).await
 }
 
 /// Set a running sandbox's timeout: it now expires `timeout_s` from now.

@@ -252,6 +252,36 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     Ok(super::report(name, result))
 }
 
+/// A pause or resume of a large sandbox is answered while it is still
+/// `pausing`/`resuming` (202): poll the sandbox until it settles in
+/// `wanted`, or say where it ended instead.
+async fn settle(api: &Api, mut v: Value, wanted: &str, verb: &str) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    loop {
+        match v["state"].as_str() {
+            Some(s) if s == wanted => return Ok(v),
+            Some(s) if s == verb && std::time::Instant::now() > deadline => anyhow::bail!(
+                "sandbox {} is still {verb} after an hour; `ember sandbox get` shows where it is",
+                v["id"].as_str().unwrap_or("?")
+            ),
+            Some(s) if s == verb => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                v = api.get(&sandbox_path(&id)).await?;
+            }
+            other => anyhow::bail!(
+                "sandbox {} is {} after {verb} in the background{}",
+                v["id"].as_str().unwrap_or("?"),
+                other.unwrap_or("in an unknown state"),
+                v["failure_reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
 async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(&config::endpoint(&args.api)?)?;
     match args.command {
@@ -264,9 +294,13 @@ async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         SandboxCommand::Exec(a) => exec_cmd(&api, a).await,
         SandboxCommand::Pause { id, json } => {
             let bar = output::spinner(format!("pausing {id}"));
-            let v = api
+            let v = match api
                 .call::<()>(Method::POST, &format!("{}/pause", sandbox_path(&id)), None)
-                .await;
+                .await
+            {
+                Ok(v) => settle(&api, v, "paused", "pausing").await,
+                Err(e) => Err(e.into()),
+            };
             bar.finish_and_clear();
             announce(&v?, json, "paused")
         }
@@ -281,9 +315,13 @@ async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
                 env: env.into_iter().collect(),
             };
             let bar = output::spinner(format!("resuming {id}"));
-            let v = api
+            let v = match api
                 .post(&format!("{}/resume", sandbox_path(&id)), &body)
-                .await;
+                .await
+            {
+                Ok(v) => settle(&api, v, "running", "resuming").await,
+                Err(e) => Err(e.into()),
+            };
             bar.finish_and_clear();
             announce(&v?, json, "resumed")
         }
