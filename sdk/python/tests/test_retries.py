@@ -156,6 +156,31 @@ def test_kill_is_idempotent(srv: Scripted) -> None:
         c.kill_sandbox(SANDBOX["id"])
 
 
+def test_a_pause_answered_202_is_polled_until_it_settles(
+    srv: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ember._api, "SETTLE_POLL_S", 0.01)
+    pausing, paused = dict(SANDBOX, state="pausing"), dict(SANDBOX, state="paused")
+    srv.script("POST", f"{SB}/pause", (202, pausing, 0))
+    srv.script("GET", SB, (200, pausing, 0), (200, pausing, 0), (200, paused, 0))
+    with client(srv) as c:
+        assert c.pause_sandbox(SANDBOX["id"]).state == ember.SandboxState.PAUSED
+    assert srv.count("GET", SB) == 3
+    # A resume that settles back where it started says so, with the reason.
+    srv.script("POST", f"{SB}/resume", (202, dict(SANDBOX, state="resuming"), 0))
+    srv.script("GET", SB, (200, dict(paused, failure_reason="no capacity on its host"), 0))
+    with client(srv) as c, pytest.raises(ember.ServerError, match="no capacity on its host"):
+        c.resume_sandbox(SANDBOX["id"])
+
+    async def go() -> ember.SandboxInfo:
+        srv.script("POST", f"{SB}/pause", (202, pausing, 0))
+        srv.script("GET", SB, (200, pausing, 0), (200, paused, 0))
+        async with ember.AsyncClient(srv.url, "key") as c:
+            return await c.pause_sandbox(SANDBOX["id"])
+
+    assert run_async(go).state == ember.SandboxState.PAUSED  # type: ignore[attr-defined]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

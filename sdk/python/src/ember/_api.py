@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from . import errors
+
 
 def sandbox_path(sandbox_id: str) -> str:
     return f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
@@ -124,3 +126,24 @@ def stdin_body(data: bytes | str, close: bool) -> dict[str, Any]:
     if raw:
         body["data_b64"] = base64.b64encode(raw).decode()
     return body
+
+
+#: A pause or resume the server answered 202 (still in progress) is polled
+#: this often, for at most this long, until the sandbox settles.
+SETTLE_POLL_S = 0.5
+SETTLE_LIMIT_S = 3600.0
+
+
+def settled(info: Any, wanted: str, verb: str) -> bool:
+    """Whether a sandbox polled after a 202 has settled: True once it is
+    ``wanted``; False while ``verb`` (pausing/resuming) is still going on.
+    Raises if it settled elsewhere (failed, or back where it started)."""
+    state = str(info.state)
+    if state == wanted:
+        return True
+    if state == verb:
+        return False
+    reason = f": {info.failure_reason}" if info.failure_reason else ""
+    raise errors.ServerError(
+        f"sandbox {info.id} is {state} after the {verb.removesuffix('ing')} went on in the background{reason}"
+    )

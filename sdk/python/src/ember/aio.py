@@ -17,6 +17,7 @@ import asyncio
 import builtins
 import functools
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -127,7 +128,7 @@ class AsyncClient:
 
     async def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         resp = await self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/pause")
-        return SandboxInfo.from_json(resp.json())
+        return await self._settle(resp, "paused", "pausing")
 
     async def resume_sandbox(
         self, sandbox_id: str, *, timeout: int | None = None, env: Mapping[str, str] | None = None
@@ -136,7 +137,23 @@ class AsyncClient:
         if timeout is not None:
             body["timeout_s"] = int(timeout)
         resp = await self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/resume", json=body)
-        return SandboxInfo.from_json(resp.json())
+        return await self._settle(resp, "running", "resuming")
+
+    async def _settle(self, resp: httpx.Response, wanted: str, verb: str) -> SandboxInfo:
+        """The sandbox a pause or resume answered; after a 202 (a large
+        sandbox, still in progress on its host) poll it until it settles."""
+        info = SandboxInfo.from_json(resp.json())
+        if resp.status_code != 202:
+            return info
+        deadline = time.monotonic() + _api.SETTLE_LIMIT_S
+        while not _api.settled(info, wanted, verb):
+            if time.monotonic() > deadline:
+                raise errors.TimeoutError(
+                    f"sandbox {info.id} is still {verb} after {_api.SETTLE_LIMIT_S:.0f} s"
+                )
+            await asyncio.sleep(_api.SETTLE_POLL_S)
+            info = await self.get_sandbox(info.id)
+        return info
 
     async def set_sandbox_timeout(self, sandbox_id: str, timeout: int) -> SandboxInfo:
         resp = await self._t.request(

@@ -156,7 +156,7 @@ class Client:
 
     def pause_sandbox(self, sandbox_id: str) -> SandboxInfo:
         resp = self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/pause")
-        return SandboxInfo.from_json(resp.json())
+        return self._settle(resp, "paused", "pausing")
 
     def resume_sandbox(
         self, sandbox_id: str, *, timeout: int | None = None, env: Mapping[str, str] | None = None
@@ -165,7 +165,23 @@ class Client:
         if timeout is not None:
             body["timeout_s"] = int(timeout)
         resp = self._t.request("POST", f"{_api.sandbox_path(sandbox_id)}/resume", json=body)
-        return SandboxInfo.from_json(resp.json())
+        return self._settle(resp, "running", "resuming")
+
+    def _settle(self, resp: httpx.Response, wanted: str, verb: str) -> SandboxInfo:
+        """The sandbox a pause or resume answered; after a 202 (a large
+        sandbox, still in progress on its host) poll it until it settles."""
+        info = SandboxInfo.from_json(resp.json())
+        if resp.status_code != 202:
+            return info
+        deadline = time.monotonic() + _api.SETTLE_LIMIT_S
+        while not _api.settled(info, wanted, verb):
+            if time.monotonic() > deadline:
+                raise errors.TimeoutError(
+                    f"sandbox {info.id} is still {verb} after {_api.SETTLE_LIMIT_S:.0f} s"
+                )
+            time.sleep(_api.SETTLE_POLL_S)
+            info = self.get_sandbox(info.id)
+        return info
 
     def set_sandbox_timeout(self, sandbox_id: str, timeout: int) -> SandboxInfo:
         """The sandbox now expires ``timeout`` seconds from now (safe to repeat)."""
