@@ -257,6 +257,18 @@ impl Agent {
         entry
     }
 
+    /// Every sandbox's entry, copied out so no lock is held while each is
+    /// worked on.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.inner
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn remove_entry(&self, id: &SandboxId) {
         self.inner
             .sandboxes
@@ -270,14 +282,7 @@ impl Agent {
     }
 
     pub fn list(&self) -> Vec<SandboxRecord> {
-        let entries: Vec<_> = self
-            .inner
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         let mut out: Vec<_> = entries.iter().map(|e| e.record()).collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         out
@@ -1294,14 +1299,7 @@ impl Agent {
     /// Notice VMs that died on their own: each becomes failed with the
     /// VMM's exit status and the end of its console, and its resources go.
     pub async fn check_vms(&self) {
-        let entries: Vec<_> = self
-            .inner
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         for entry in entries {
             // Only look at settled running sandboxes; an operation in
             // progress owns the runtime and reports its own failures.
@@ -1336,14 +1334,7 @@ impl Agent {
     /// [`crate::usage::INTERVAL`]); a sandbox busy with an operation is
     /// skipped this round.
     pub async fn sample_usage(&self) {
-        let entries: Vec<_> = self
-            .inner
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         for entry in entries {
             if entry.state() != SandboxState::Running {
                 entry.usage.lock().expect("usage lock").clear();
@@ -1394,14 +1385,7 @@ impl Agent {
 
     /// Sums over the running sandboxes' latest samples.
     pub fn usage_totals(&self) -> crate::usage::Sample {
-        let entries: Vec<_> = self
-            .inner
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         let mut total = crate::usage::Sample::default();
         for e in entries {
             if let Some(s) = e.usage.lock().expect("usage lock").last() {
@@ -1507,14 +1491,7 @@ impl Agent {
 
     /// Stop serving but leave every VM running for the next agent.
     pub async fn detach_all(&self) {
-        let entries: Vec<_> = self
-            .inner
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         for entry in entries {
             let _op = entry.op.lock().await;
             if let Some(rt) = entry.runtime.lock().await.take() {
