@@ -2,6 +2,7 @@
 //! Prints ratios against baselines measured in the same run:
 //!
 //! - resume → first exec vs cold boot → first exec (median of 5 each);
+//! - what the pause's fsync'd intent record adds to a pause;
 //! - pause time against memory size (idle guest, and after the guest filled
 //!   64 MiB of its memory), with the bytes each build stored;
 //! - the size of a diff build after a small change vs the first build;
@@ -118,6 +119,12 @@ fn main() {
             destroy(&mut c, &id).await;
         }
         let id = create(&mut c, 512, "").await;
+        // The record this sandbox's pause writes its intent into, read while
+        // it runs, for part 1b.
+        let running_record: ember_agent::SandboxRecord = serde_json::from_slice(
+            &std::fs::read(home.data().join("sandboxes").join(&id).join("state.json")).unwrap(),
+        )
+        .unwrap();
         let mut warm = Vec::new();
         let mut pauses = Vec::new();
         for _ in 0..5 {
@@ -137,6 +144,28 @@ fn main() {
         println!("  resume + exec             {:>8.0}    {:.3} (resume is {:.1}x faster)", ms(warm), ms(warm) / ms(cold), ms(cold) / ms(warm));
         let pause_med = median(pauses);
         println!("  pause (same sandbox)      {:>8.0}    {:.3}", ms(pause_med), ms(pause_med) / ms(cold));
+
+        // 1b. What durability adds to a pause: the build's intent is one more
+        // fsync'd record write (record + directory) before the build begins;
+        // clearing it rides on the write that marks the sandbox paused, and
+        // resume adds nothing on a clean start. Timed here on the same
+        // filesystem, against the pause measured above.
+        let scratch = home.data().parent().unwrap().join("intent-bench");
+        let records = ember_agent::records::Records::open(&scratch).unwrap();
+        let mut writes = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            records.save(&running_record).unwrap();
+            writes.push(t.elapsed());
+        }
+        let write_med = median(writes);
+        let without = pause_med.saturating_sub(write_med);
+        println!();
+        println!("durability cost of a pause         ms      ratio");
+        println!("  pause without the intent write {:>7.1}    1.000", ms(without));
+        println!("  pause with it (measured)       {:>7.1}    {:.3}", ms(pause_med), ms(pause_med) / ms(without));
+        println!("  the intent write (median of 21) {:>6.2}", ms(write_med));
+        let _ = std::fs::remove_dir_all(&scratch);
 
         // 2. Pause time against memory size.
         println!();
