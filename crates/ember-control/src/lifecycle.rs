@@ -814,7 +814,7 @@ impl Operations {
             sandbox_id: id.to_owned(),
         };
         let snap = match client
-            .create_snapshot(with_timeout(req, LIFECYCLE_TIMEOUT))
+            .create_snapshot(with_timeout(req, LONG_OPERATION_TIMEOUT))
             .await
         {
             Ok(reply) => reply.into_inner(),

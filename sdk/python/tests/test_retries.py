@@ -181,6 +181,41 @@ def test_a_pause_answered_202_is_polled_until_it_settles(
     assert run_async(go).state == ember.SandboxState.PAUSED  # type: ignore[attr-defined]
 
 
+def test_a_snapshot_answered_202_is_polled_then_fetched(
+    srv: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ember._api, "SETTLE_POLL_S", 0.01)
+    snapshotting = dict(SANDBOX, state="snapshotting")
+    snap = {
+        "name": "tpl",
+        "build_id": "b1",
+        "vcpus": 1,
+        "memory_mib": 512,
+        "size_bytes": 1,
+        "created_at": "2026-12-06T00:00:00Z",
+    }
+    srv.script("POST", f"{SB}/snapshots", (202, snapshotting, 0))
+    srv.script("GET", SB, (200, snapshotting, 0), (200, SANDBOX, 0))
+    srv.script("GET", "/v1/snapshots/tpl", (200, snap, 0))
+    with client(srv) as c:
+        assert c.snapshot_sandbox(SANDBOX["id"], "tpl").build_id == "b1"
+    assert srv.count("GET", SB) == 2
+    # The sandbox runs again but no snapshot appeared: it failed, and says so.
+    srv.script("POST", f"{SB}/snapshots", (202, snapshotting, 0))
+    srv.script("GET", SB, (200, SANDBOX, 0))
+    with client(srv) as c, pytest.raises(ember.EmberError, match="did not complete"):
+        c.snapshot_sandbox(SANDBOX["id"], "gone")
+
+    async def go() -> ember.SnapshotInfo:
+        srv.script("POST", f"{SB}/snapshots", (202, snapshotting, 0))
+        srv.script("GET", SB, (200, SANDBOX, 0))
+        srv.script("GET", "/v1/snapshots/tpl", (200, snap, 0))
+        async with ember.AsyncClient(srv.url, "key") as c:
+            return await c.snapshot_sandbox(SANDBOX["id"], "tpl")
+
+    assert run_async(go).name == "tpl"  # type: ignore[attr-defined]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

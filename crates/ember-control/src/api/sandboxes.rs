@@ -358,23 +358,27 @@ pub async fn pause_sandbox(
         let (team, id) = (team.clone(), id.clone());
         async move { ops.pause(Some(&team), &id).await }
     };
-    answer_or_accept(&state, &team, &id, op).await
+    answer_or_accept(&state, &team, &id, op, |sb| {
+        Json(to_wire(sb)).into_response()
+    })
+    .await
 }
 
-/// Run a pause or resume in a task of its own, so that it goes on to its
+/// Run a pause, resume or snapshot in a task of its own, so that it goes on to its
 /// end whatever becomes of this request (a client that hangs up, a proxy's
 /// timeout); answer with its result if it ends within `answer_within`, or
 /// else `202 Accepted` with the sandbox as it is now and a `Location` to
 /// poll.
-async fn answer_or_accept(
+async fn answer_or_accept<T: Send + 'static>(
     state: &AppState,
     team: &str,
     id: &str,
-    op: impl std::future::Future<Output = crate::error::Result<model::Sandbox>> + Send + 'static,
+    op: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+    answer: impl FnOnce(T) -> Response,
 ) -> Result<Response, ApiError> {
     let mut task = tokio::spawn(op);
     match tokio::time::timeout(state.answer_within, &mut task).await {
-        Ok(Ok(result)) => Ok(Json(to_wire(result?)).into_response()),
+        Ok(Ok(result)) => Ok(answer(result?)),
         Ok(Err(join)) => {
             tracing::error!(sandbox = %id, error = %join, "a lifecycle task stopped unexpectedly");
             Err(ApiError::new(
@@ -444,7 +448,10 @@ pub async fn resume_sandbox(
         let (team, id) = (team.clone(), id.clone());
         async move { ops.resume(&team, &id, req.timeout_s, req.env).await }
     };
-    answer_or_accept(&state, &team, &id, op).await
+    answer_or_accept(&state, &team, &id, op, |sb| {
+        Json(to_wire(sb)).into_response()
+    })
+    .await
 }
 
 /// Set a running sandbox's timeout: it now expires `timeout_s` from now.
@@ -496,13 +503,19 @@ pub async fn set_sandbox_timeout(
     Ok(Json(to_wire(sb)))
 }
 
-/// Freeze a running sandbox into a named template (it keeps running).
+/// Freeze a running sandbox into a named template (it keeps running). A
+/// snapshot that takes longer than the server's `answer_within` (a large
+/// sandbox) is answered 202 with the sandbox still `snapshotting`: poll
+/// `GET /v1/sandboxes/{id}` until it is `running` again, then
+/// `GET /v1/snapshots/{name}`; a 404 there means the snapshot failed (the
+/// server's log says why) and the sandbox runs on unchanged.
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/snapshots", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox ID")),
     request_body = wire::CreateSnapshotRequest,
     responses(
         (status = 201, body = wire::Snapshot),
+        (status = 202, description = "Still snapshotting; poll the sandbox (see Location), then the snapshot", body = wire::Sandbox),
         (status = 400, body = wire::ErrorBody),
         (status = 401, body = wire::ErrorBody),
         (status = 404, body = wire::ErrorBody),
@@ -516,8 +529,8 @@ pub async fn snapshot_sandbox(
     auth: Auth,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<wire::CreateSnapshotRequest>,
-) -> Result<(StatusCode, Json<wire::Snapshot>), ApiError> {
-    let team = auth.team()?;
+) -> Result<Response, ApiError> {
+    let team = auth.team()?.to_owned();
     let id = sandbox_id(&id)?;
     validate_name("name", &req.name)?;
     if req.name == BASE_TEMPLATE {
@@ -526,8 +539,15 @@ pub async fn snapshot_sandbox(
             "\"base\" is reserved for the base image",
         ));
     }
-    let t = state.ops.snapshot(team, &id, &req.name).await?;
-    Ok((StatusCode::CREATED, Json(super::snapshots::to_wire(t))))
+    let ops = state.ops.clone();
+    let op = {
+        let (team, id) = (team.clone(), id.clone());
+        async move { ops.snapshot(&team, &id, &req.name).await }
+    };
+    answer_or_accept(&state, &team, &id, op, |t| {
+        (StatusCode::CREATED, Json(super::snapshots::to_wire(t))).into_response()
+    })
+    .await
 }
 
 #[cfg(test)]

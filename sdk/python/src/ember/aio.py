@@ -177,10 +177,31 @@ class AsyncClient:
             raise
 
     async def snapshot_sandbox(self, sandbox_id: str, name: str) -> SnapshotInfo:
+        """Freeze a running sandbox into the template ``name``. A snapshot the
+        server answers 202 (a large sandbox, still snapshotting) is polled
+        until the sandbox runs again; then the template is there, or the
+        snapshot failed and :class:`errors.EmberError` says so."""
         resp = await self._t.request(
             "POST", f"{_api.sandbox_path(sandbox_id)}/snapshots", json={"name": name}
         )
-        return SnapshotInfo.from_json(resp.json())
+        if resp.status_code != 202:
+            return SnapshotInfo.from_json(resp.json())
+        info = SandboxInfo.from_json(resp.json())
+        deadline = time.monotonic() + _api.SETTLE_LIMIT_S
+        while info.state == SandboxState.SNAPSHOTTING:
+            if time.monotonic() > deadline:
+                raise errors.TimeoutError(
+                    f"sandbox {info.id} is still snapshotting after {_api.SETTLE_LIMIT_S:.0f} s"
+                )
+            await asyncio.sleep(_api.SETTLE_POLL_S)
+            info = await self.get_sandbox(info.id)
+        try:
+            return await self.get_snapshot(name)
+        except errors.NotFound:
+            raise errors.EmberError(
+                f"the snapshot of sandbox {info.id} as {name!r} did not complete "
+                f"(the server's log says why); the sandbox is {info.state.value}"
+            ) from None
 
     async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
         resp = await self._t.request("GET", "/v1/snapshots", safe=True)

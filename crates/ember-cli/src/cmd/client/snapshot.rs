@@ -69,9 +69,13 @@ async fn dispatch(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
             let v = api
                 .post(
                     &format!("{}/snapshots", sandbox_path(&sandbox)),
-                    &CreateSnapshotRequest { name },
+                    &CreateSnapshotRequest { name: name.clone() },
                 )
                 .await;
+            let v = match v {
+                Ok(v) => settle_snapshot(&api, v, &name).await,
+                Err(e) => Err(e.into()),
+            };
             bar.finish_and_clear();
             let v = v?;
             if json {
@@ -141,4 +145,33 @@ async fn dispatch(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A snapshot of a large sandbox is answered while the sandbox is still
+/// `snapshotting` (202, with the sandbox): poll it until it runs again,
+/// then fetch the snapshot, which is absent only if the snapshot failed.
+async fn settle_snapshot(api: &Api, mut v: Value, name: &str) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    while v["state"].as_str() == Some("snapshotting") {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "sandbox {} is still snapshotting after an hour; `ember sandbox get` shows where it is",
+                v["id"].as_str().unwrap_or("?")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let id = v["id"].as_str().unwrap_or_default().to_owned();
+        v = api.get(&sandbox_path(&id)).await?;
+    }
+    if v.get("build_id").is_some() && v.get("name").is_some() {
+        return Ok(v);
+    }
+    match api.get(&format!("/v1/snapshots/{}", encode(name))).await {
+        Ok(s) => Ok(s),
+        Err(e) => Err(anyhow::Error::from(e).context(format!(
+            "the snapshot of sandbox {} as {name} did not complete (the server's log says why); the sandbox is {}",
+            v["id"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("in an unknown state"),
+        ))),
+    }
 }
