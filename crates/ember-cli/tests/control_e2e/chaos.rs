@@ -31,10 +31,29 @@ const LIVE: usize = 3;
 const DEFAULT_STEPS: usize = 14;
 const SETTLE: Duration = Duration::from_secs(120);
 
+/// One run per suite: the seed picks the store (odd seeds use PostgreSQL
+/// when `EMBER_TEST_POSTGRES_URL` is set), so runs cover both
+/// without doubling the suite's time; the printed line says which.
 #[test]
-fn chaos_sqlite_root_vm() {
+fn chaos_root_vm() {
     require_vm!();
-    runtime().block_on(chaos(TestDb::sqlite()));
+    runtime().block_on(async {
+        let seed = chaos_seed();
+        let pg = std::env::var(crate::support::server::PG_ENV).is_ok();
+        let db = if seed % 2 == 1 && pg {
+            TestDb::postgres().await
+        } else {
+            TestDb::sqlite()
+        };
+        chaos(db, seed).await
+    });
+}
+
+fn chaos_seed() -> u64 {
+    std::env::var("EMBER_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
 }
 
 /// One sandbox as the harness knows it.
@@ -272,16 +291,17 @@ struct Counts {
     failed_by_vm_kill: usize,
 }
 
-async fn chaos(db: TestDb) {
-    let seed: u64 = std::env::var("EMBER_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+async fn chaos(db: TestDb, seed: u64) {
     let steps: usize = std::env::var("EMBER_CHAOS_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_STEPS);
-    eprintln!("chaos: seed {seed} (EMBER_CHAOS_SEED replays it), {steps} steps");
+    let store = if db.url.starts_with("sqlite") {
+        "SQLite"
+    } else {
+        "PostgreSQL"
+    };
+    eprintln!("chaos: seed {seed} (EMBER_CHAOS_SEED replays it), {steps} steps, {store}");
     let mut rng = StdRng::seed_from_u64(seed);
 
     let spec = ServerSpec::new(&db, None)
