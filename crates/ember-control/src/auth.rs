@@ -62,8 +62,36 @@ pub fn new_api_key() -> NewKey {
     }
 }
 
-/// The prefix of something shaped like an API key, or `None`.
+/// Mint an API key in the shape E2B's SDKs expect, `e2b_<40 hex>`: the
+/// first 8 hex digits are its public prefix (one namespace with Ember-shaped
+/// keys' prefixes), the other 32 its secret (128 bits).
+pub fn new_e2b_api_key() -> NewKey {
+    const HEX: &[u8] = b"0123456789abcdef";
+    let prefix = random_chars(HEX, KEY_PREFIX_LEN);
+    let secret = random_chars(HEX, E2B_KEY_HEX_LEN - KEY_PREFIX_LEN);
+    let key = format!("{E2B_KEY_PREFIX}{prefix}{secret}");
+    NewKey {
+        secret_sha256: sha256_hex(&key),
+        prefix,
+        key,
+    }
+}
+
+/// How E2B-shaped API keys start.
+pub const E2B_KEY_PREFIX: &str = "e2b_";
+/// Hex digits after [`E2B_KEY_PREFIX`].
+pub const E2B_KEY_HEX_LEN: usize = 40;
+
+/// The prefix of something shaped like an API key (Ember's
+/// `ember_<prefix>_<secret>` or E2B's `e2b_<40 hex>`), or `None`.
 pub fn api_key_prefix(key: &str) -> Option<&str> {
+    if let Some(hex) = key.strip_prefix(E2B_KEY_PREFIX) {
+        let ok = hex.len() == E2B_KEY_HEX_LEN
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        return ok.then(|| &hex[..KEY_PREFIX_LEN]);
+    }
     let rest = key.strip_prefix("ember_")?;
     let (prefix, secret) = rest.split_once('_')?;
     let prefix_ok = prefix.len() == KEY_PREFIX_LEN
@@ -74,13 +102,39 @@ pub fn api_key_prefix(key: &str) -> Option<&str> {
     (prefix_ok && secret_ok).then_some(prefix)
 }
 
-/// Mint a per-sandbox access token `embersb_<sandbox id>_<secret>`. It names
-/// its sandbox, so a request carrying it finds the one row to check.
-pub fn new_access_token(sandbox_id: &str) -> String {
-    format!(
-        "{ACCESS_TOKEN_PREFIX}{sandbox_id}_{}",
-        random_chars(BASE62, KEY_SECRET_LEN)
-    )
+/// A sandbox's access token `embersb_<sandbox id>_<secret>`, where the
+/// secret is an HMAC-SHA256 of the sandbox ID under the server's token key
+/// (40 base62 characters of it). It names its sandbox, so a request
+/// carrying it finds the one row to check; and the server can show it again
+/// to the sandbox's team (E2B's `connect` hands it out on every call)
+/// without storing it.
+pub fn access_token(token_key: &[u8], sandbox_id: &str) -> String {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(token_key).expect("HMAC takes any key length");
+    mac.update(sandbox_id.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    // 40 base62 digits from the 256-bit MAC (~238 bits of it).
+    let mut n: Vec<u8> = digest.to_vec();
+    let mut secret = String::with_capacity(KEY_SECRET_LEN);
+    for _ in 0..KEY_SECRET_LEN {
+        let mut rem = 0u32;
+        for b in n.iter_mut() {
+            let acc = (rem << 8) | u32::from(*b);
+            *b = (acc / 62) as u8;
+            rem = acc % 62;
+        }
+        secret.push(BASE62[rem as usize] as char);
+    }
+    format!("{ACCESS_TOKEN_PREFIX}{sandbox_id}_{secret}")
+}
+
+/// A fresh random token key for [`access_token`] (hex, 256 bits).
+pub fn new_token_key() -> String {
+    let mut rng = rand::rngs::OsRng;
+    (0..32)
+        .map(|_| format!("{:02x}", rng.r#gen::<u8>()))
+        .collect()
 }
 
 /// The sandbox ID inside something shaped like an access token, or `None`.
@@ -188,9 +242,35 @@ mod tests {
     }
 
     #[test]
+    fn e2b_shaped_keys_parse_to_their_prefix() {
+        let k = new_e2b_api_key();
+        assert!(k.key.starts_with("e2b_") && k.key.len() == 44, "{}", k.key);
+        assert_eq!(api_key_prefix(&k.key), Some(k.prefix.as_str()));
+        assert!(digest_matches(&k.key, &k.secret_sha256));
+        assert_eq!(api_key_prefix("e2b_0123"), None);
+        assert_eq!(api_key_prefix(&format!("e2b_{}", "G".repeat(40))), None);
+        assert_eq!(api_key_prefix(&format!("e2b_{}", "A".repeat(40))), None);
+    }
+
+    #[test]
+    fn access_tokens_are_derived_from_the_key_and_the_sandbox() {
+        let id = ember_types::SandboxId::new().to_string();
+        let other = ember_types::SandboxId::new().to_string();
+        let t = access_token(b"key one", &id);
+        assert_eq!(t, access_token(b"key one", &id), "the same token again");
+        assert_ne!(t, access_token(b"key two", &id));
+        assert_ne!(
+            t.rsplit_once('_').unwrap().1,
+            access_token(b"key one", &other).rsplit_once('_').unwrap().1
+        );
+        assert_eq!(t.rsplit_once('_').unwrap().1.len(), KEY_SECRET_LEN);
+        assert!(new_token_key().len() == 64 && new_token_key() != new_token_key());
+    }
+
+    #[test]
     fn access_and_join_tokens_are_distinct_kinds() {
         let id = ember_types::SandboxId::new().to_string();
-        let t = new_access_token(&id);
+        let t = access_token(b"test key", &id);
         assert!(t.starts_with(ACCESS_TOKEN_PREFIX));
         assert_eq!(access_token_sandbox(&t), Some(id.as_str()));
         assert_eq!(api_key_prefix(&t), None);

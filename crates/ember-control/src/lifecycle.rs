@@ -54,6 +54,16 @@ pub struct CreateSpec {
     pub network: NetworkPolicy,
 }
 
+/// The key access tokens are derived from; its `Debug` shows no secret.
+#[derive(Clone)]
+pub struct TokenKey(pub Arc<str>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
 /// The lifecycle, over the store and the hosts.
 #[derive(Debug)]
 pub struct Operations {
@@ -62,6 +72,8 @@ pub struct Operations {
     pub metrics: Arc<Metrics>,
     /// Sandboxes with a lifecycle call in flight in this process.
     pub in_flight: InFlight,
+    /// Signs sandboxes' access tokens (the `access_token_key` setting).
+    pub token_key: TokenKey,
 }
 
 /// The sandboxes this process is creating, pausing, resuming, snapshotting
@@ -148,6 +160,11 @@ fn with_timeout<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
 }
 
 impl Operations {
+    /// The access token of sandbox `id` (see [`auth::access_token`]).
+    pub fn access_token(&self, id: &str) -> String {
+        auth::access_token(self.token_key.0.as_bytes(), id)
+    }
+
     /// Turn a failed host call into an error, marking the host unhealthy if
     /// it could not be reached at all.
     async fn host_error(&self, host_id: &str, call: &'static str, status: tonic::Status) -> Error {
@@ -241,7 +258,7 @@ impl Operations {
         let now = now_ms();
         let id = ember_types::SandboxId::new().to_string();
         let _claim = self.in_flight.claim(&id);
-        let access_token = auth::new_access_token(&id);
+        let access_token = self.access_token(&id);
         let mut row = Sandbox {
             id: id.clone(),
             team_id: spec.team_id.clone(),

@@ -26,6 +26,8 @@ use crate::{auth, reconciler, ttl};
 /// Name of the team created on first start; its keys are admin keys.
 pub const DEFAULT_TEAM: &str = "default";
 const JOIN_TOKEN_SETTING: &str = "join_token";
+/// The key sandboxes' access tokens are derived from (shared by replicas).
+const TOKEN_KEY_SETTING: &str = "access_token_key";
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]
@@ -92,6 +94,9 @@ impl ControlPlane {
                 (stored, is_new.then_some(fresh))
             }
         };
+        let token_key = store
+            .setting_or_insert(TOKEN_KEY_SETTING, &auth::new_token_key())
+            .await?;
         let hosts = HostRegistry::new(store.clone(), &join_token)?;
         hosts.load().await?;
         let metrics = Arc::new(Metrics::new());
@@ -100,6 +105,7 @@ impl ControlPlane {
             hosts: hosts.clone(),
             metrics: metrics.clone(),
             in_flight: Default::default(),
+            token_key: crate::lifecycle::TokenKey(token_key.into()),
         });
         let state = AppState {
             store,

@@ -372,6 +372,10 @@ pub struct CreateKeyRequest {
     /// The team the key belongs to; only admin keys may name another team.
     #[serde(default)]
     pub team_id: Option<String>,
+    /// Mint the key in E2B's shape, `e2b_` and 40 hex digits, for E2B SDKs
+    /// that check a key's shape before sending it. It works like any other key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub e2b: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -40,8 +40,22 @@ pub async fn mint_key(
     team_id: &str,
     name: &str,
 ) -> crate::error::Result<(String, model::ApiKey)> {
+    mint_key_shaped(store, team_id, name, false).await
+}
+
+/// [`mint_key`], in E2B's key shape (`e2b_<40 hex>`) when `e2b` is set.
+pub async fn mint_key_shaped(
+    store: &crate::store::Store,
+    team_id: &str,
+    name: &str,
+    e2b: bool,
+) -> crate::error::Result<(String, model::ApiKey)> {
     loop {
-        let new = auth::new_api_key();
+        let new = if e2b {
+            auth::new_e2b_api_key()
+        } else {
+            auth::new_api_key()
+        };
         let row = model::ApiKey {
             prefix: new.prefix,
             team_id: team_id.to_owned(),
@@ -92,7 +106,7 @@ pub async fn create_key(
         }
         _ => own,
     };
-    let (key, row) = mint_key(&state.store, &team, &req.name).await?;
+    let (key, row) = mint_key_shaped(&state.store, &team, &req.name, req.e2b).await?;
     Ok((
         StatusCode::CREATED,
         Json(wire::CreatedKey {

@@ -26,6 +26,9 @@ enum KeyCommand {
         /// The team it belongs to (admin keys only; default: yours).
         #[arg(long)]
         team: Option<String>,
+        /// Mint it in E2B's shape (`e2b_` + 40 hex), for E2B's SDKs.
+        #[arg(long)]
+        e2b: bool,
         #[arg(long)]
         json: bool,
     },
@@ -50,13 +53,19 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
 async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(&config::endpoint(&args.api)?)?;
     match args.command {
-        KeyCommand::Create { name, team, json } => {
+        KeyCommand::Create {
+            name,
+            team,
+            e2b,
+            json,
+        } => {
             let v = api
                 .post(
                     "/v1/keys",
                     &CreateKeyRequest {
                         name,
                         team_id: team,
+                        e2b,
                     },
                 )
                 .await?;
