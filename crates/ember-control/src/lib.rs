@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod e2b;
 pub mod error;
 pub mod hosts;
 pub mod lifecycle;

@@ -11,9 +11,9 @@
 
 mod admin;
 pub use admin::mint_key;
-mod files;
-mod processes;
-mod sandboxes;
+pub(crate) mod files;
+pub(crate) mod processes;
+pub(crate) mod sandboxes;
 mod snapshots;
 
 use std::sync::Arc;
@@ -95,7 +95,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// The router, ready to serve.
 pub fn router(state: AppState) -> axum::Router {
     let (router, _doc) = routes().split_for_parts();
+    let envd = crate::e2b::envd::router(state.clone());
     router
+        .merge(crate::e2b::api::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -108,6 +110,9 @@ pub fn router(state: AppState) -> axum::Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::e2b::dispatch(envd.clone(), req, next)
+        }))
 }
 
 // ------------------------------------------------------------------ errors

@@ -24,7 +24,7 @@ use crate::wire;
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// A guest-side failure the caller can act on, or a host failure (502).
-pub(super) async fn guest_error(
+pub(crate) async fn guest_error(
     state: &AppState,
     sb: &Sandbox,
     call: &'static str,

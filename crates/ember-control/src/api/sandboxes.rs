@@ -49,7 +49,7 @@ pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
     }
 }
 
-fn validate_timeout(timeout_s: u64) -> Result<(), ApiError> {
+pub(crate) fn validate_timeout(timeout_s: u64) -> Result<(), ApiError> {
     if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
         return Err(ApiError::invalid(
             "timeout_s",
@@ -59,7 +59,7 @@ fn validate_timeout(timeout_s: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(crate) fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if env.len() > MAX_ENV {
         return Err(ApiError::invalid(
             field,
@@ -87,7 +87,7 @@ fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiEr
     Ok(())
 }
 
-fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(crate) fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if metadata.len() > MAX_METADATA {
         return Err(ApiError::invalid(
             "metadata",
@@ -181,11 +181,11 @@ pub async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
-fn page_token(after: &PageAfter) -> String {
+pub(crate) fn page_token(after: &PageAfter) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}:{}", after.created_at, after.id))
 }
 
-fn parse_page_token(token: &str) -> Option<PageAfter> {
+pub(crate) fn parse_page_token(token: &str) -> Option<PageAfter> {
     let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (ts, id) = raw.split_once(':')?;
