@@ -11,7 +11,7 @@ import uuid
 from importlib.metadata import version
 
 import pytest
-from e2b import CommandExitException, NotFoundException, Sandbox, SandboxQuery
+from e2b import CommandExitException, NotFoundException, PtySize, Sandbox, SandboxQuery
 
 E2B_VERSION = tuple(int(x) for x in version("e2b").split(".")[:2])
 RUN = uuid.uuid4().hex[:8]
@@ -90,6 +90,17 @@ def test_stdin(sbx: Sandbox) -> None:
         with pytest.raises(CommandExitException) as e:
             h.wait()
         assert e.value.stdout == "hello\n"
+
+
+def test_pty(sbx: Sandbox) -> None:
+    out = bytearray()
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(h.pid, b"stty size; tty; exit\n")
+    r = h.wait(on_pty=lambda d: out.extend(d))
+    assert r.exit_code == 0
+    assert b"30 100" in out, bytes(out)
+    assert b"/dev/pts/" in out, bytes(out)
 
 
 def test_files(sbx: Sandbox) -> None:
