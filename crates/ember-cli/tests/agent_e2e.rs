@@ -668,6 +668,31 @@ fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
             !reaches(&mut c, &b, &world.addr.to_string(), 8080).await,
             "private range"
         );
+        // Rules change on a running sandbox, both ways.
+        let world_cidr = format!("{}.{}.{}.0/24", net[0], net[1], net[2]);
+        c.set_network_policy(pb::SetNetworkPolicyRequest {
+            sandbox_id: b.clone(),
+            network: Some(pb::NetworkPolicy {
+                allow_out: vec![world_cidr.clone()],
+                deny_out: vec![],
+            }),
+        })
+        .await
+        .unwrap();
+        assert!(
+            reaches(&mut c, &b, &world.addr.to_string(), 8080).await,
+            "allowed after SetNetworkPolicy"
+        );
+        c.set_network_policy(pb::SetNetworkPolicyRequest {
+            sandbox_id: b.clone(),
+            network: Some(pb::NetworkPolicy::default()),
+        })
+        .await
+        .unwrap();
+        assert!(
+            !reaches(&mut c, &b, &world.addr.to_string(), 8080).await,
+            "refused again after SetNetworkPolicy"
+        );
 
         // Every address of the host, at the test's port and at the port of
         // the host agent's gRPC API.

@@ -7,11 +7,11 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::agent::image_dir;
 use support::cli_server::CliServer as ServerProc;
 
@@ -435,8 +435,67 @@ fn sandbox_lifecycle_exec_and_files_through_the_cli_root_vm() {
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    expect(&s, &["sandbox", "files", "rm", &id, "/tmp/from-stdin"], 0);
+    // mv: refuses to replace without -f, then moves.
+    expect(
+        &s,
+        &[
+            "sandbox",
+            "files",
+            "mv",
+            &id,
+            "/tmp/from-stdin",
+            "/tmp/moved",
+        ],
+        0,
+    );
     expect(&s, &["sandbox", "files", "get", &id, "/tmp/from-stdin"], 3);
+    expect(
+        &s,
+        &["sandbox", "exec", &id, "--", "touch", "/tmp/other"],
+        0,
+    );
+    expect(
+        &s,
+        &["sandbox", "files", "mv", &id, "/tmp/moved", "/tmp/other"],
+        5,
+    );
+    expect(
+        &s,
+        &[
+            "sandbox",
+            "files",
+            "mv",
+            "-f",
+            &id,
+            "/tmp/moved",
+            "/tmp/other",
+        ],
+        0,
+    );
+    expect(&s, &["sandbox", "files", "rm", &id, "/tmp/other"], 0);
+    expect(&s, &["sandbox", "files", "get", &id, "/tmp/other"], 3);
+
+    // Network rules: replaced whole, shown back; a bad CIDR is a usage error.
+    let out = expect(
+        &s,
+        &[
+            "sandbox",
+            "network",
+            &id,
+            "--deny-out",
+            "203.0.113.0/24",
+            "--json",
+        ],
+        0,
+    )
+    .json();
+    assert_eq!(
+        out["network"]["deny_out"],
+        json!(["203.0.113.0/24"]),
+        "{out}"
+    );
+    let out = expect(&s, &["sandbox", "network", &id, "--allow-out", "nope"], 2);
+    assert!(out.stderr.contains("allow_out"), "{out:?}");
 
     // Pause and resume: what was written survives; a paused sandbox runs nothing.
     let paused = expect(&s, &["sandbox", "pause", &id, "--json"], 0).json();
@@ -669,10 +728,26 @@ fn exec_it_is_an_interactive_terminal_root_vm() {
     );
 
     let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
-    master
-        .write_all(b"echo hi; stty size; tty; exit 3\r")
-        .unwrap();
-    wait_for("exit", &mut screen);
+    master.write_all(b"echo hi; stty size; tty\r").unwrap();
+    wait_for("/dev/pts/", &mut screen);
+    // Our window grows: the guest's terminal follows (SIGWINCH → resize).
+    let bigger = nix::pty::Winsize {
+        ws_row: 41,
+        ws_col: 121,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one Winsize from a valid pointer.
+    let rc = unsafe { nix::libc::ioctl(pty.master.as_raw_fd(), nix::libc::TIOCSWINSZ, &bigger) };
+    assert_eq!(rc, 0, "TIOCSWINSZ");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    master.write_all(b"stty size; exit 3\r").unwrap();
+    wait_for("41 121", &mut screen);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {

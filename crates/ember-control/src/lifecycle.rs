@@ -943,6 +943,43 @@ impl Operations {
         Ok((sb, client))
     }
 
+    /// Replace a running or paused sandbox's egress rules: on its host
+    /// first (a running VM's filter changes at once; a paused one keeps them
+    /// for its resume), then in its row.
+    pub async fn set_network(
+        &self,
+        team_id: &str,
+        id: &str,
+        network: NetworkPolicy,
+    ) -> Result<Sandbox> {
+        let sb = self
+            .store
+            .sandbox(Some(team_id), id)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound { id: id.to_owned() })?;
+        if !matches!(sb.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(Error::StateConflict {
+                id: id.to_owned(),
+                state: sb.state,
+                action: "change its network rules",
+            });
+        }
+        let host_id = Self::host_of(&sb)?.to_owned();
+        let mut client = self.hosts.client(&host_id)?;
+        let req = pb::SetNetworkPolicyRequest {
+            sandbox_id: id.to_owned(),
+            network: Some(proto_network(&network)),
+        };
+        if let Err(status) = client
+            .set_network_policy(with_timeout(req, INFO_TIMEOUT))
+            .await
+        {
+            return Err(self.host_error(&host_id, "SetNetworkPolicy", status).await);
+        }
+        self.store.set_network(team_id, id, &network).await?;
+        self.load(Some(team_id), id).await
+    }
+
     /// Activity on a sandbox pushes its expiry out to now + its timeout.
     pub async fn touch(&self, sb: &Sandbox) {
         let now = now_ms();

@@ -334,6 +334,21 @@ pub struct MakeDirRequest {
     pub user: Option<String>,
 }
 
+/// Move or rename a file or directory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    /// Absolute path of what to move.
+    pub from: String,
+    /// Absolute path it moves to.
+    pub to: String,
+    /// Replace what is at `to` (default: refuse with 409).
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileType {

@@ -182,3 +182,27 @@ def test_errors_map_to_exceptions(api: Live) -> None:
         Sandbox.create(template="no-such-template")
     with pytest.raises(ember.ConnectError):
         Sandbox.list(api_url="http://127.0.0.1:9")
+
+
+def test_rename_terminal_resize_and_network_rules(api: Live) -> None:
+    with Sandbox.create(timeout=300) as sb:
+        sb.files.write("/root/a.txt", b"moved")
+        sb.files.write("/root/b.txt", b"in the way")
+        with pytest.raises(ember.Conflict):
+            sb.files.rename("/root/a.txt", "/root/b.txt")
+        info = sb.files.rename("/root/a.txt", "/root/b.txt", overwrite=True)
+        assert info.path == "/root/b.txt"
+        assert sb.files.read("/root/b.txt") == b"moved"
+        assert not sb.files.exists("/root/a.txt")
+
+        h = sb.commands.run("read line; stty size", background=True, pty=(24, 80), stdin=True)
+        sb.commands.resize(h.pid, rows=33, cols=101)
+        h.send_stdin("go\n")
+        assert "33 101" in h.wait().stdout
+
+        info = sb.set_network(allow_out=["198.51.100.7"], deny_out=["203.0.113.0/24"])
+        assert (info.allow_out, info.deny_out) == (["198.51.100.7"], ["203.0.113.0/24"])
+        got = sb.client.get_sandbox(sb.id)
+        assert (got.allow_out, got.deny_out) == (["198.51.100.7"], ["203.0.113.0/24"])
+        with pytest.raises(ember.InvalidRequest):
+            sb.set_network(allow_out=["not-a-cidr"])

@@ -325,6 +325,45 @@ pub async fn make_dir(
     }
 }
 
+/// Move or rename a file or directory (within the sandbox).
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/files/rename", tag = "files",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = wire::RenameRequest,
+    responses(
+        (status = 200, description = "What is now at `to`", body = wire::FileStat),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running, or `to` exists and `overwrite` is false", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn rename(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::RenameRequest>,
+) -> Result<Json<wire::FileStat>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    validate_path("from", &req.from)?;
+    validate_path("to", &req.to)?;
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let preq = pb::RenameFileRequest {
+        sandbox_id: id,
+        from: req.from,
+        to: req.to,
+        user: req.user.unwrap_or_default(),
+        overwrite: req.overwrite,
+    };
+    match client.rename_file(preq).await {
+        Ok(s) => Ok(Json(stat_to_wire(s.into_inner()))),
+        Err(status) => Err(guest_error(&state, &sb, "RenameFile", status).await),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::pause_sandbox))
         .routes(routes!(sandboxes::resume_sandbox))
         .routes(routes!(sandboxes::set_sandbox_timeout))
+        .routes(routes!(sandboxes::set_sandbox_network))
         .routes(routes!(sandboxes::snapshot_sandbox))
         .routes(routes!(processes::exec))
         .routes(routes!(processes::list_processes))
@@ -73,6 +74,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(processes::write_stdin))
         .routes(routes!(processes::signal_process))
         .routes(routes!(processes::process_events))
+        .routes(routes!(processes::resize_pty))
         .routes(routes!(
             files::read_file,
             files::write_file,
@@ -81,6 +83,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(files::stat_file))
         .routes(routes!(files::list_dir))
         .routes(routes!(files::make_dir))
+        .routes(routes!(files::rename))
         .routes(routes!(snapshots::list_snapshots))
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
         .routes(routes!(admin::create_key, admin::list_keys))

@@ -345,6 +345,48 @@ pub async fn signal_process(
     }
 }
 
+/// Resize a process's terminal (it must have been started with `pty`).
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/processes/{pid}/resize", tag = "processes",
+    params(("id" = String, Path, description = "Sandbox ID"), ("pid" = u32, Path, description = "Process ID")),
+    request_body = wire::PtySize,
+    responses(
+        (status = 204, description = "Resized"),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running, or the process has no terminal", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn resize_pty(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, pid)): Path<(String, String)>,
+    ApiJson(size): ApiJson<wire::PtySize>,
+) -> Result<StatusCode, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    let pid = pid_of(&pid)?;
+    if !(1..=1000).contains(&size.rows) || !(1..=1000).contains(&size.cols) {
+        return Err(ApiError::invalid("rows", "rows and cols must be 1 to 1000"));
+    }
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    let preq = pb::ResizePtyRequest {
+        sandbox_id: id,
+        pid,
+        size: Some(pb::PtySize {
+            rows: size.rows,
+            cols: size.cols,
+        }),
+    };
+    match client.resize_pty(preq).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(status) => Err(guest_error(&state, &sb, "ResizePty", status).await),
+    }
+}
+
 /// Reconnect to a process: replay buffered events after `after`, then follow.
 #[utoipa::path(
     get, path = "/v1/sandboxes/{id}/processes/{pid}/events", tag = "processes",

@@ -155,12 +155,7 @@ pub async fn create_sandbox(
     validate_timeout(req.timeout_s)?;
     validate_metadata(&req.metadata)?;
     validate_env("env", &req.env)?;
-    for (i, c) in req.network.allow_out.iter().enumerate() {
-        validate_cidr(&format!("network.allow_out[{i}]"), c)?;
-    }
-    for (i, c) in req.network.deny_out.iter().enumerate() {
-        validate_cidr(&format!("network.deny_out[{i}]"), c)?;
-    }
+    validate_network(&req.network)?;
     let spec = CreateSpec {
         team_id: team,
         template: req.template,
@@ -501,6 +496,55 @@ pub async fn set_sandbox_timeout(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
     Ok(Json(to_wire(sb)))
+}
+
+/// Replace a running or paused sandbox's egress rules. A running sandbox's
+/// filter changes at once; a paused one resumes with the new rules.
+#[utoipa::path(
+    put, path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox ID")),
+    request_body = wire::NetworkPolicy,
+    responses(
+        (status = 200, body = wire::Sandbox),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Neither running nor paused", body = wire::ErrorBody),
+        (status = 502, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn set_sandbox_network(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::NetworkPolicy>,
+) -> Result<Json<wire::Sandbox>, ApiError> {
+    let team = auth.team()?;
+    let id = sandbox_id(&id)?;
+    validate_network(&req)?;
+    let sb = state
+        .ops
+        .set_network(
+            team,
+            &id,
+            model::NetworkPolicy {
+                allow_out: req.allow_out,
+                deny_out: req.deny_out,
+            },
+        )
+        .await?;
+    Ok(Json(to_wire(sb)))
+}
+
+pub(crate) fn validate_network(n: &wire::NetworkPolicy) -> Result<(), ApiError> {
+    for (i, c) in n.allow_out.iter().enumerate() {
+        validate_cidr(&format!("network.allow_out[{i}]"), c)?;
+    }
+    for (i, c) in n.deny_out.iter().enumerate() {
+        validate_cidr(&format!("network.deny_out[{i}]"), c)?;
+    }
+    Ok(())
 }
 
 /// Freeze a running sandbox into a named template (it keeps running). A

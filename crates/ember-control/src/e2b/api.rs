@@ -42,6 +42,10 @@ pub fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
 }
 
 /// An E2B error: the status, and `{"code": <status>, "message": …}`.
@@ -557,6 +561,43 @@ async fn refresh(
     state
         .store
         .set_expiry(Some(&team), &sb.id, expires, true)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replace the egress rules (omitted lists are cleared, as E2B does).
+async fn update_network(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<StatusCode> {
+    let team = team(&state, &headers).await?;
+    let v = body_json(&body)?;
+    refuse_unsupported(&json!({ "network": v }))?;
+    let mut allow_out = strings(v.get("allowOut"), "allowOut")?;
+    let mut deny_out = strings(v.get("denyOut"), "denyOut")?;
+    if v.get("allow_internet_access").and_then(Value::as_bool) == Some(false) {
+        allow_out.clear();
+        deny_out = vec![ALL_V4.into(), ALL_V6.into()];
+    }
+    for (i, c) in allow_out.iter().enumerate() {
+        crate::api::validate_cidr(&format!("allowOut[{i}]"), c)?;
+    }
+    for (i, c) in deny_out.iter().enumerate() {
+        crate::api::validate_cidr(&format!("denyOut[{i}]"), c)?;
+    }
+    let sb = load(&state, &team, &id).await?;
+    state
+        .ops
+        .set_network(
+            &team,
+            &sb.id,
+            model::NetworkPolicy {
+                allow_out,
+                deny_out,
+            },
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

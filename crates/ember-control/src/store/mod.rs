@@ -907,6 +907,23 @@ impl Store {
         Ok(q.execute(&self.pool).await?.rows_affected() == 1)
     }
 
+    /// Record a sandbox's new egress rules.
+    pub async fn set_network(
+        &self,
+        team_id: &str,
+        id: &str,
+        network: &NetworkPolicy,
+    ) -> Result<bool> {
+        let json = serde_json::to_string(network).map_err(|e| corrupt("network", e))?;
+        let res = sqlx::query("UPDATE sandboxes SET network = $1 WHERE id = $2 AND team_id = $3")
+            .bind(json)
+            .bind(id)
+            .bind(team_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     /// Change the timeout a sandbox is resumed with and extended by.
     pub async fn set_timeout(&self, team_id: &str, id: &str, timeout_s: u64) -> Result<bool> {
         let res = sqlx::query("UPDATE sandboxes SET timeout_s = $1 WHERE id = $2 AND team_id = $3")

@@ -69,6 +69,7 @@ def exec_body(
     stdin: bool,
     background: bool,
     tag: str | None,
+    pty: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     program, args = argv(cmd)
     body: dict[str, Any] = {
@@ -86,6 +87,9 @@ def exec_body(
         body["timeout_ms"] = max(1, int(timeout * 1000))
     if tag is not None:
         body["tag"] = tag
+    if pty is not None:
+        rows, cols = pty
+        body["pty"] = {"rows": int(rows), "cols": int(cols)}
     return body
 
 

@@ -155,6 +155,23 @@ class AsyncClient:
             info = await self.get_sandbox(info.id)
         return info
 
+    async def set_sandbox_network(
+        self,
+        sandbox_id: str,
+        *,
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
+    ) -> SandboxInfo:
+        """Replace a running or paused sandbox's egress rules (CIDRs); the
+        lists given replace the old ones whole (safe to repeat)."""
+        resp = await self._t.request(
+            "PUT",
+            f"{_api.sandbox_path(sandbox_id)}/network",
+            json={"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])},
+            safe=True,
+        )
+        return SandboxInfo.from_json(resp.json())
+
     async def set_sandbox_timeout(self, sandbox_id: str, timeout: int) -> SandboxInfo:
         resp = await self._t.request(
             "POST",
@@ -343,6 +360,14 @@ class AsyncSandbox:
         self.info = await self._client.set_sandbox_timeout(self.id, timeout)
         return self.info
 
+    async def set_network(
+        self, *, allow_out: Sequence[str] | None = None, deny_out: Sequence[str] | None = None
+    ) -> SandboxInfo:
+        """Replace the egress rules: a running sandbox's at once, a paused
+        one's for its resume."""
+        self.info = await self._client.set_sandbox_network(self.id, allow_out=allow_out, deny_out=deny_out)
+        return self.info
+
     async def get_metrics(self) -> builtins.list[MetricSample]:
         """Recent CPU, memory, disk and network use, oldest first."""
         resp = await self._client._t.request("GET", f"{_api.sandbox_path(self.id)}/metrics", safe=True)
@@ -452,6 +477,7 @@ class AsyncCommands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> CommandResult: ...
 
     @overload
@@ -468,6 +494,7 @@ class AsyncCommands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> AsyncCommandHandle: ...
 
     async def run(
@@ -483,6 +510,7 @@ class AsyncCommands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> CommandResult | AsyncCommandHandle:
         """See :meth:`ember.Commands.run`."""
         sb = self._sandbox
@@ -496,6 +524,7 @@ class AsyncCommands:
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         path = f"{_api.sandbox_path(sb.id)}/exec"
         if background:
@@ -532,6 +561,16 @@ class AsyncCommands:
             "POST",
             f"{_api.process_path(self._sandbox.id, pid)}/signal",
             json={"signal": signal},
+        )
+
+    async def resize(self, pid: int, *, rows: int, cols: int) -> None:
+        """Resize the terminal of a process started with ``pty``."""
+        t = self._sandbox.client._t
+        await t.request(
+            "POST",
+            f"{_api.process_path(self._sandbox.id, pid)}/resize",
+            json={"rows": int(rows), "cols": int(cols)},
+            safe=True,
         )
 
 
@@ -647,6 +686,17 @@ class AsyncFiles:
         if user is not None:
             body["user"] = user
         resp = await self._t.request("POST", f"{self._base}/mkdir", json=body)
+        return FileInfo.from_json(resp.json())
+
+    async def rename(
+        self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None
+    ) -> FileInfo:
+        """Move ``src`` to ``dst``; with ``overwrite`` an existing ``dst`` is
+        replaced, else it is a :class:`errors.Conflict`."""
+        body: dict[str, Any] = {"from": src, "to": dst, "overwrite": overwrite}
+        if user is not None:
+            body["user"] = user
+        resp = await self._t.request("POST", f"{self._base}/rename", json=body)
         return FileInfo.from_json(resp.json())
 
     async def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:

@@ -183,6 +183,23 @@ class Client:
             info = self.get_sandbox(info.id)
         return info
 
+    def set_sandbox_network(
+        self,
+        sandbox_id: str,
+        *,
+        allow_out: Sequence[str] | None = None,
+        deny_out: Sequence[str] | None = None,
+    ) -> SandboxInfo:
+        """Replace a running or paused sandbox's egress rules (CIDRs); the
+        lists given replace the old ones whole (safe to repeat)."""
+        resp = self._t.request(
+            "PUT",
+            f"{_api.sandbox_path(sandbox_id)}/network",
+            json={"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])},
+            safe=True,
+        )
+        return SandboxInfo.from_json(resp.json())
+
     def set_sandbox_timeout(self, sandbox_id: str, timeout: int) -> SandboxInfo:
         """The sandbox now expires ``timeout`` seconds from now (safe to repeat)."""
         resp = self._t.request(
@@ -386,6 +403,14 @@ class Sandbox:
         self.info = self._client.set_sandbox_timeout(self.id, timeout)
         return self.info
 
+    def set_network(
+        self, *, allow_out: Sequence[str] | None = None, deny_out: Sequence[str] | None = None
+    ) -> SandboxInfo:
+        """Replace the egress rules: a running sandbox's at once, a paused
+        one's for its resume."""
+        self.info = self._client.set_sandbox_network(self.id, allow_out=allow_out, deny_out=deny_out)
+        return self.info
+
     def get_metrics(self) -> builtins.list[MetricSample]:
         """Recent CPU, memory, disk and network use, oldest first (every 5 s,
         the last 10 minutes). The sandbox must be running."""
@@ -497,6 +522,7 @@ class Commands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> CommandResult: ...
 
     @overload
@@ -513,6 +539,7 @@ class Commands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> CommandHandle: ...
 
     def run(
@@ -528,6 +555,7 @@ class Commands:
         user: str | None = None,
         stdin: bool = False,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> CommandResult | CommandHandle:
         """Run ``cmd`` (a string goes through ``/bin/sh -c``; a list is the argv).
 
@@ -535,7 +563,9 @@ class Commands:
         ``on_stdout``/``on_stderr`` with output as it arrives; raises
         :class:`ember.TimeoutError` (with ``.result``) if ``timeout`` seconds
         pass first. With ``background=True`` returns a :class:`CommandHandle`
-        at once. A non-zero exit code is not an exception.
+        at once. A non-zero exit code is not an exception. ``pty=(rows,
+        cols)`` gives it a terminal (its output arrives as stdout; resize it
+        with :meth:`resize`).
         """
         sb = self._sandbox
         t = sb.client._t
@@ -548,6 +578,7 @@ class Commands:
             stdin=stdin,
             background=background,
             tag=tag,
+            pty=pty,
         )
         path = f"{_api.sandbox_path(sb.id)}/exec"
         if background:
@@ -586,6 +617,16 @@ class Commands:
             "POST",
             f"{_api.process_path(self._sandbox.id, pid)}/signal",
             json={"signal": signal},
+        )
+
+    def resize(self, pid: int, *, rows: int, cols: int) -> None:
+        """Resize the terminal of a process started with ``pty``."""
+        t = self._sandbox.client._t
+        t.request(
+            "POST",
+            f"{_api.process_path(self._sandbox.id, pid)}/resize",
+            json={"rows": int(rows), "cols": int(cols)},
+            safe=True,
         )
 
 
@@ -698,6 +739,15 @@ class Files:
         if user is not None:
             body["user"] = user
         resp = self._t.request("POST", f"{self._base}/mkdir", json=body)
+        return FileInfo.from_json(resp.json())
+
+    def rename(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> FileInfo:
+        """Move ``src`` to ``dst``; with ``overwrite`` an existing ``dst`` is
+        replaced, else it is a :class:`errors.Conflict`."""
+        body: dict[str, Any] = {"from": src, "to": dst, "overwrite": overwrite}
+        if user is not None:
+            body["user"] = user
+        resp = self._t.request("POST", f"{self._base}/rename", json=body)
         return FileInfo.from_json(resp.json())
 
     def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:

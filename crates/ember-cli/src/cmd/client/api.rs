@@ -203,6 +203,14 @@ impl Api {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    pub async fn put<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Value, ClientError> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.call::<()>(Method::DELETE, path, None).await
     }

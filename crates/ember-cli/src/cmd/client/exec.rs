@@ -7,8 +7,8 @@
 //! A stream that breaks mid-command is resumed from the last event seen
 //! (`GET …/processes/{pid}/events?after=SEQ`), so a hiccup between here and
 //! the server loses no output. With a terminal (`-it`) the command gets a
-//! PTY in the guest sized like ours and our terminal is raw while it runs;
-//! the REST API has no resize call yet, so the size is fixed at the start.
+//! PTY in the guest sized like ours, resized when ours is (SIGWINCH →
+//! `POST …/processes/{pid}/resize`), and our terminal is raw while it runs.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -97,6 +97,7 @@ pub async fn run(api: &Api, id: &str, command: &Command) -> anyhow::Result<u8> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut winch = signal(SignalKind::window_change())?;
 
     let path = format!("/v1/sandboxes/{}/exec", encode(id));
     let resp = api
@@ -142,6 +143,10 @@ pub async fn run(api: &Api, id: &str, command: &Command) -> anyhow::Result<u8> {
             _ = hangup.recv() => {
                 relay.signal("HUP").await;
                 break 128 + libc::SIGHUP as u8;
+            }
+            _ = winch.recv(), if command.input == Input::Terminal => {
+                relay.resize().await;
+                continue;
             }
         };
         let failure = match next {
@@ -246,6 +251,22 @@ impl Relay<'_> {
     }
 
     /// Send `sig` to the command, best effort and briefly: we are leaving.
+    /// Give the command's terminal our window's size (best effort: a
+    /// resize that fails only leaves the old size).
+    async fn resize(&self) {
+        let (Some(pid), Some((rows, cols))) = (self.pid, terminal::window_size()) else {
+            return;
+        };
+        let path = format!("/v1/sandboxes/{}/processes/{pid}/resize", encode(self.id));
+        if let Err(e) = self
+            .api
+            .call(Method::POST, &path, Some(&PtySize { rows, cols }))
+            .await
+        {
+            debug!(error = %e, "terminal resize not passed on");
+        }
+    }
+
     async fn signal(&self, sig: &str) {
         let Some(pid) = self.pid else { return };
         let path = format!("/v1/sandboxes/{}/processes/{pid}/signal", encode(self.id));

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use ember_control::wire::{
-    CreateSandboxRequest, DirListing, FileStat, FileType, NetworkPolicy, OnTimeout, ResumeRequest,
-    Sandbox, SandboxList, TimeoutRequest,
+    CreateSandboxRequest, DirListing, FileStat, FileType, NetworkPolicy, OnTimeout, RenameRequest,
+    ResumeRequest, Sandbox, SandboxList, TimeoutRequest,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -77,6 +77,19 @@ enum SandboxCommand {
         /// Seconds, or 5m, 1h.
         #[arg(value_parser = parse_seconds)]
         timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a running or paused sandbox's egress rules (both lists; an
+    /// omitted list is cleared).
+    Network {
+        id: String,
+        /// CIDR or address the sandbox may reach despite the default rules (repeatable).
+        #[arg(long = "allow-out", value_name = "CIDR")]
+        allow_out: Vec<String>,
+        /// CIDR or address the sandbox may never reach (repeatable).
+        #[arg(long = "deny-out", value_name = "CIDR")]
+        deny_out: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -220,6 +233,17 @@ enum FilesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move or rename a file or directory.
+    Mv {
+        id: String,
+        /// Absolute path of what to move.
+        from: String,
+        /// Absolute path it moves to.
+        to: String,
+        /// Replace what is at TO.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
     /// Remove a file, or a directory with -r.
     Rm {
         id: String,
@@ -239,6 +263,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         SandboxCommand::Resume { .. } => "sandbox resume",
         SandboxCommand::Kill { .. } => "sandbox kill",
         SandboxCommand::Timeout { .. } => "sandbox timeout",
+        SandboxCommand::Network { .. } => "sandbox network",
         SandboxCommand::Files(_) => "sandbox files",
         SandboxCommand::Metrics { .. } => "sandbox metrics",
     };
@@ -326,6 +351,34 @@ async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             announce(&v?, json, "resumed")
         }
         SandboxCommand::Kill { ids } => kill(&api, &ids).await,
+        SandboxCommand::Network {
+            id,
+            allow_out,
+            deny_out,
+            json,
+        } => {
+            let v = api
+                .put(
+                    &format!("{}/network", sandbox_path(&id)),
+                    &NetworkPolicy {
+                        allow_out,
+                        deny_out,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&v);
+            } else {
+                let sb: Sandbox = typed("the sandbox", &v)?;
+                println!(
+                    "{}: allow out [{}], deny out [{}]",
+                    sb.id,
+                    sb.network.allow_out.join(", "),
+                    sb.network.deny_out.join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         SandboxCommand::Timeout { id, timeout, json } => {
             let v = api
                 .post(
@@ -696,6 +749,24 @@ async fn files(api: &Api, cmd: FilesCommand) -> anyhow::Result<ExitCode> {
                 t.row(file_row(e));
             }
             t.print();
+            Ok(ExitCode::SUCCESS)
+        }
+        FilesCommand::Mv {
+            id,
+            from,
+            to,
+            force,
+        } => {
+            api.post(
+                &format!("{}/files/rename", sandbox_path(&id)),
+                &RenameRequest {
+                    from,
+                    to,
+                    overwrite: force,
+                    user: None,
+                },
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         FilesCommand::Rm {
