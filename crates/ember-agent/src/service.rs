@@ -26,6 +26,7 @@ use crate::state::{SandboxRecord, SandboxState};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExecEvent, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 /// Requires `authorization: Bearer <token>` on every call when a token is
 /// configured (it always is outside tests of a loopback-only agent).
@@ -560,6 +561,59 @@ impl HostAgent for HostService {
             })
             .collect();
         Ok(Response::new(pb::ListProcessesReply { processes }))
+    }
+
+    type WatchDirStream = WatchStream;
+
+    async fn watch_dir(
+        &self,
+        req: Request<pb::WatchDirRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        use ember_guest_api::WatchEventKind as K;
+        let r = req.into_inner();
+        let id = sandbox_id(&r.sandbox_id)?;
+        let guest = self.agent.guest(&id).await?;
+        let health = guest.health().await.map_err(guest_err(&id))?;
+        if !health.supports(ember_guest_api::capability::FILES_WATCH) {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {id}'s guest agent (protocol {}) predates directory watching; \
+                 a sandbox made from a current image can watch",
+                health.protocol
+            )));
+        }
+        let events = guest
+            .watch(&r.path, r.recursive, user(&r.user).as_ref())
+            .await
+            .map_err(guest_err(&id))?;
+        let kind = |k: K| match k {
+            K::Started => pb::WatchEventKind::Started,
+            K::Create => pb::WatchEventKind::Create,
+            K::Write => pb::WatchEventKind::Write,
+            K::Remove => pb::WatchEventKind::Remove,
+            K::Rename => pb::WatchEventKind::Rename,
+            K::Chmod => pb::WatchEventKind::Chmod,
+            K::Overflow => pb::WatchEventKind::Overflow,
+            K::Unknown => pb::WatchEventKind::Unspecified,
+        };
+        let started = futures::stream::once(async {
+            Ok(pb::WatchEvent {
+                kind: pb::WatchEventKind::Started as i32,
+                name: String::new(),
+                is_dir: false,
+            })
+        });
+        let rest = events.map(move |ev| match ev {
+            Ok(ev) => Ok(pb::WatchEvent {
+                kind: kind(ev.kind) as i32,
+                name: ev.name,
+                is_dir: ev.is_dir,
+            }),
+            Err(e) => Err(Status::from(AgentError::Guest {
+                id: id.clone(),
+                source: e,
+            })),
+        });
+        Ok(Response::new(Box::pin(started.chain(rest))))
     }
 
     type ReadFileStream = ChunkStream;

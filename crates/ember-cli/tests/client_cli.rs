@@ -475,6 +475,45 @@ fn sandbox_lifecycle_exec_and_files_through_the_cli_root_vm() {
     expect(&s, &["sandbox", "files", "rm", &id, "/tmp/other"], 0);
     expect(&s, &["sandbox", "files", "get", &id, "/tmp/other"], 3);
 
+    // Watch: the CLI prints a line per change until stopped.
+    let mut w = ember(&s, &s.admin_key);
+    w.args(["sandbox", "files", "watch", &id, "/tmp", "-r"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut watcher = w.spawn().unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watch is in place once the CLI says so on stderr; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.starts_with("create") && l.ends_with("watched-file"))
+    {
+        expect(
+            &s,
+            &["sandbox", "exec", &id, "--", "touch", "/tmp/watched-file"],
+            0,
+        );
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
+            lines.push(l);
+        }
+        assert!(Instant::now() < deadline, "no create line: {lines:?}");
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
     // Network rules: replaced whole, shown back; a bad CIDR is a usage error.
     let out = expect(
         &s,

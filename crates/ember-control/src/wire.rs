@@ -334,6 +334,45 @@ pub struct MakeDirRequest {
     pub user: Option<String>,
 }
 
+/// Query of `GET /v1/sandboxes/{id}/files/watch`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// Absolute path of the directory to watch.
+    pub path: String,
+    /// Also every directory below it, including ones made later.
+    #[serde(default)]
+    pub recursive: bool,
+    /// Watch as this guest user (what they may read).
+    pub user: Option<String>,
+}
+
+/// What happened in a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchEventType {
+    /// First line: the watch is in place; changes from here on are reported.
+    Started,
+    Create,
+    Write,
+    Remove,
+    /// Moved away (a new name inside the watch comes as `create`).
+    Rename,
+    Chmod,
+    /// Changes were lost (the guest's queue overflowed): list again.
+    Overflow,
+}
+
+/// One line of a watch's NDJSON stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent {
+    #[serde(rename = "type")]
+    pub event_type: WatchEventType,
+    /// Path relative to the watched directory (empty for `started`, `overflow`).
+    pub name: String,
+    pub is_dir: bool,
+}
+
 /// Move or rename a file or directory.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -389,6 +389,49 @@ impl GuestClient {
         Ok(listing.entries)
     }
 
+    /// `GET /files/watch`: changes under `path` as they happen, from when
+    /// this returns (the agent's `started` line has arrived) until the
+    /// stream is dropped. Needs [`crate::capability::FILES_WATCH`].
+    pub async fn watch(
+        &self,
+        path: &str,
+        recursive: bool,
+        user: Option<&UserSpec>,
+    ) -> Result<WatchEvents, GuestError> {
+        let op = "watch";
+        let q = WatchQuery {
+            path: path.to_owned(),
+            recursive,
+            user: user.map(UserSpec::to_query_value),
+        };
+        let pq = format!("/files/watch?{}", query(&q));
+        let call = async {
+            let resp = self.send(op, Method::GET, pq, empty(), None).await?;
+            let mut events = WatchEvents {
+                addr: self.addr(),
+                body: resp.into_body(),
+                decoder: NdjsonDecoder::new(),
+                finished: false,
+            };
+            match events.next().await {
+                Some(Ok(WatchEvent {
+                    kind: WatchEventKind::Started,
+                    ..
+                })) => Ok(events),
+                Some(Ok(other)) => Err(GuestError::Malformed {
+                    operation: op,
+                    detail: format!("first watch event is not started: {other:?}"),
+                }),
+                Some(Err(e)) => Err(e),
+                None => Err(GuestError::Malformed {
+                    operation: op,
+                    detail: "the watch stream ended before it started".into(),
+                }),
+            }
+        };
+        self.deadline(op, call).await
+    }
+
     /// `POST /files/mkdir`.
     pub async fn mkdir(&self, req: &MkdirRequest) -> Result<FileInfo, GuestError> {
         self.call_json("mkdir", Method::POST, "/files/mkdir".into(), json_body(req))
@@ -776,6 +819,60 @@ impl Stream for ProcessEvents {
                         },
                     };
                     return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+}
+
+/// A directory watch's events ([`GuestClient::watch`]); dropping it ends
+/// the watch in the guest.
+#[derive(Debug)]
+pub struct WatchEvents {
+    addr: SocketAddr,
+    body: Incoming,
+    decoder: NdjsonDecoder,
+    finished: bool,
+}
+
+impl Stream for WatchEvents {
+    type Item = Result<WatchEvent, GuestError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.decoder.next_line::<WatchEvent>() {
+                Ok(Some(ev)) if ev.kind == WatchEventKind::Unknown => continue,
+                Ok(Some(ev)) => return Poll::Ready(Some(Ok(ev))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.decoder.push(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(GuestError::Disconnected {
+                        addr: this.addr,
+                        operation: "watch",
+                        source: Box::new(e),
+                    })));
+                }
+                None => {
+                    this.finished = true;
+                    return match this.decoder.finish() {
+                        Err(e) => Poll::Ready(Some(Err(e))),
+                        Ok(()) => Poll::Ready(None),
+                    };
                 }
             }
         }

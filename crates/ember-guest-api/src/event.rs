@@ -85,6 +85,11 @@ impl NdjsonDecoder {
     /// The next complete record, `None` when more bytes are needed. Empty
     /// lines are skipped.
     pub fn next_record(&mut self) -> Result<Option<EventRecord>, GuestError> {
+        self.next_line()
+    }
+
+    /// The next complete line as a `T` (any NDJSON stream's records).
+    pub fn next_line<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, GuestError> {
         loop {
             let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
                 if self.buf.len() > self.max_line {

@@ -175,14 +175,14 @@ mod error;
 mod event;
 mod wire;
 
-pub use client::{FileContent, GuestClient, ProcessEvents, ProcessOutput};
+pub use client::{FileContent, GuestClient, ProcessEvents, ProcessOutput, WatchEvents};
 pub use error::{ErrorBody, ErrorCode, GuestError};
 pub use event::{EventRecord, NdjsonDecoder, ProcessEvent, encode_event_line};
 pub use wire::*;
 
 /// The protocol version this crate speaks. Raised by one whenever an
 /// endpoint, event type or behaviour is added; never lowered.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Capability names an agent lists in [`Health::capabilities`].
 pub mod capability {
@@ -199,6 +199,9 @@ pub mod capability {
     /// `POST /shutdown`.
     pub const SHUTDOWN: &str = "shutdown";
 
+    /// `GET /files/watch` (protocol 2).
+    pub const FILES_WATCH: &str = "files.watch";
+
     /// Everything protocol 1 offers.
     pub const ALL_V1: &[&str] = &[
         PROCESS,
@@ -207,5 +210,16 @@ pub mod capability {
         FILES,
         FILES_USER,
         SHUTDOWN,
+    ];
+
+    /// Everything protocol 2 offers: protocol 1's and directory watches.
+    pub const ALL_V2: &[&str] = &[
+        PROCESS,
+        PROCESS_PTY,
+        PROCESS_EVENTS,
+        FILES,
+        FILES_USER,
+        SHUTDOWN,
+        FILES_WATCH,
     ];
 }

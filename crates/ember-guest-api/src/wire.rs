@@ -373,6 +373,50 @@ pub struct PathQuery {
     pub user: Option<String>,
 }
 
+/// Query of `GET /files/watch` (capability [`crate::capability::FILES_WATCH`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchQuery {
+    /// The directory to watch.
+    pub path: String,
+    /// Also every directory below it, including ones made later.
+    #[serde(default)]
+    pub recursive: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// What happened to an entry of a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchEventKind {
+    /// First line of every watch stream: the watch is in place; changes
+    /// from here on are reported.
+    Started,
+    Create,
+    Write,
+    Remove,
+    /// Moved away (its new name, if inside the watch, comes as `create`).
+    Rename,
+    Chmod,
+    /// Changes were lost (the kernel's queue overflowed); list again.
+    Overflow,
+    /// A kind this reader does not know (sent by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+/// One line of `GET /files/watch`'s NDJSON stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    pub kind: WatchEventKind,
+    /// The entry's path relative to the watched directory (empty for
+    /// `started` and `overflow`).
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub is_dir: bool,
+}
+
 /// Query of `PUT /files`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteQuery {

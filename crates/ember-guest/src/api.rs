@@ -76,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/files/list", get(list_dir))
         .route("/files/mkdir", post(mkdir))
         .route("/files/rename", post(rename))
+        .route("/files/watch", get(watch_dir))
         .fallback(|req: Request| async move {
             AgentError::NoSuchEndpoint(format!("{} {}", req.method(), req.uri().path()))
         })
@@ -156,7 +157,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
         version: env!("CARGO_PKG_VERSION").into(),
         protocol: PROTOCOL_VERSION,
-        capabilities: capability::ALL_V1.iter().map(|c| c.to_string()).collect(),
+        capabilities: capability::ALL_V2.iter().map(|c| c.to_string()).collect(),
         uptime_ms: state.started.elapsed().as_millis() as u64,
         initialized: state.token.initialized(),
     })
@@ -398,6 +399,16 @@ async fn list_dir(
     let path = files::absolute_path(&q.path)?;
     let id = identity(&state, q.user.as_deref())?;
     Ok(Json(files::list(&id, path).await?))
+}
+
+async fn watch_dir(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<ember_guest_api::WatchQuery>,
+) -> Result<Response, AgentError> {
+    let path = files::absolute_path(&q.path)?;
+    let id = identity(&state, q.user.as_deref())?;
+    let events = crate::watch::watch(&id, path, q.recursive).await?;
+    Ok(ndjson(events))
 }
 
 async fn mkdir(

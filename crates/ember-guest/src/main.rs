@@ -16,6 +16,7 @@ mod fsid;
 mod process;
 mod system;
 mod users;
+mod watch;
 
 use std::io::Write;
 use std::net::SocketAddr;

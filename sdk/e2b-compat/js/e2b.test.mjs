@@ -57,6 +57,13 @@ test('the lifecycle, commands and files through the JS SDK', async () => {
     assert.equal(await sbx.files.exists('js'), false)
     await assert.rejects(sbx.files.read('no/such'), (e) => e instanceof NotFoundError)
 
+    await sbx.files.makeDir('watched')
+    const changes = []
+    const handle = await sbx.files.watchDir('watched', (e) => changes.push(`${e.type}:${e.name}`))
+    await sbx.files.write('watched/n.txt', 'x')
+    await waitFor(() => changes.includes('create:n.txt'), 'the watch event')
+    await handle.stop()
+
     const listed = await Sandbox.list({ query: { metadata: { suite: run } } }).nextItems()
     assert.deepEqual(listed.map((s) => s.sandboxId), [sbx.sandboxId])
 

@@ -141,6 +141,24 @@ def test_files(sbx: Sandbox) -> None:
         sbx.files.read("no/such/file")
 
 
+def test_watch_dir(sbx: Sandbox) -> None:
+    sbx.files.make_dir("watched")
+    w = sbx.files.watch_dir("watched", recursive=True)
+    try:
+        sbx.files.write("watched/a.txt", "x")
+        sbx.files.make_dir("watched/sub")
+        sbx.files.remove("watched/a.txt")
+        seen: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 30
+        while ("a.txt", "remove") not in seen:
+            assert time.monotonic() < deadline, f"no removal seen: {seen}"
+            seen += [(e.name, e.type.name.lower()) for e in w.get_new_events()]
+            time.sleep(0.2)
+        assert ("a.txt", "create") in seen and ("sub", "create") in seen, seen
+    finally:
+        w.stop()
+
+
 def test_info_timeout_and_list(sbx: Sandbox) -> None:
     info = sbx.get_info()
     assert info.sandbox_id == sbx.sandbox_id

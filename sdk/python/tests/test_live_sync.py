@@ -206,3 +206,19 @@ def test_rename_terminal_resize_and_network_rules(api: Live) -> None:
         assert (got.allow_out, got.deny_out) == (["198.51.100.7"], ["203.0.113.0/24"])
         with pytest.raises(ember.InvalidRequest):
             sb.set_network(allow_out=["not-a-cidr"])
+
+
+def test_a_directory_watch_reports_changes(api: Live) -> None:
+    with Sandbox.create(timeout=300) as sb:
+        sb.files.make_dir("/root/w")
+        with sb.files.watch("/root/w", recursive=True) as w:
+            sb.commands.run("mkdir /root/w/sub && echo x > /root/w/sub/f && rm /root/w/sub/f")
+            seen: list[tuple[str, str]] = []
+            for ev in w:
+                seen.append((ev.type, ev.name))
+                if ev.type == "remove":
+                    break
+        assert seen[0] == ("create", "sub"), seen
+        assert ("create", "sub/f") in seen and seen[-1] == ("remove", "sub/f"), seen
+        with pytest.raises(ember.Conflict):
+            sb.files.watch("/etc/hostname")

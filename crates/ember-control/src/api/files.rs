@@ -325,6 +325,107 @@ pub async fn make_dir(
     }
 }
 
+/// Watch a directory: an NDJSON stream of changes (`started` first, once
+/// the watch is in place) until the client hangs up. With `recursive`,
+/// directories made later are watched too (what was put in one before its
+/// watch was in place is reported as created).
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{id}/files/watch", tag = "files",
+    params(("id" = String, Path, description = "Sandbox ID"), wire::WatchQuery),
+    responses(
+        (status = 200, description = "NDJSON stream of WatchEvent lines", content((wire::WatchEvent = "application/x-ndjson"))),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not running, not a directory, or the sandbox's guest agent is too old to watch", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []), ("access_token" = []))
+)]
+pub async fn watch(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<wire::WatchQuery>,
+) -> Result<Response, ApiError> {
+    let id = sandbox_id(&id)?;
+    let team = auth.guest_access(&id)?;
+    validate_path("path", &q.path)?;
+    let events = watch_events(&state, team, &id, q.path, q.recursive, q.user).await?;
+    let lines = events.map(|ev| {
+        let line = match ev {
+            Ok(ev) => serde_json::to_vec(&ev),
+            Err(e) => serde_json::to_vec(&serde_json::json!({
+                "type": "error", "code": e.body.code, "message": e.body.message,
+            })),
+        };
+        let mut line = line.unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, super::processes::NDJSON),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// A running sandbox's watch of `path`, from its host: the events as wire
+/// values, the first of them `started`. Shared with the E2B layer.
+pub(crate) async fn watch_events(
+    state: &AppState,
+    team: &str,
+    id: &str,
+    path: String,
+    recursive: bool,
+    user: Option<String>,
+) -> Result<
+    impl futures::Stream<Item = Result<wire::WatchEvent, ApiError>> + Send + 'static,
+    ApiError,
+> {
+    let (sb, mut client) = state.ops.running(team, id).await?;
+    let preq = pb::WatchDirRequest {
+        sandbox_id: id.to_owned(),
+        path,
+        user: user.unwrap_or_default(),
+        recursive,
+    };
+    let stream = match client.watch_dir(preq).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return Err(guest_error(state, &sb, "WatchDir", status).await),
+    };
+    state.ops.touch(&sb).await;
+    Ok(stream.filter_map(|item| async move {
+        match item {
+            Ok(ev) => {
+                let event_type = match ev.kind() {
+                    pb::WatchEventKind::Started => wire::WatchEventType::Started,
+                    pb::WatchEventKind::Create => wire::WatchEventType::Create,
+                    pb::WatchEventKind::Write => wire::WatchEventType::Write,
+                    pb::WatchEventKind::Remove => wire::WatchEventType::Remove,
+                    pb::WatchEventKind::Rename => wire::WatchEventType::Rename,
+                    pb::WatchEventKind::Chmod => wire::WatchEventType::Chmod,
+                    pb::WatchEventKind::Overflow => wire::WatchEventType::Overflow,
+                    pb::WatchEventKind::Unspecified => return None,
+                };
+                Some(Ok(wire::WatchEvent {
+                    event_type,
+                    name: ev.name,
+                    is_dir: ev.is_dir,
+                }))
+            }
+            Err(status) => Some(Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "host_error",
+                crate::hosts::status_reason(&status),
+            ))),
+        }
+    }))
+}
+
 /// Move or rename a file or directory (within the sandbox).
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/files/rename", tag = "files",

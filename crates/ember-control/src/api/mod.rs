@@ -84,6 +84,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(files::list_dir))
         .routes(routes!(files::make_dir))
         .routes(routes!(files::rename))
+        .routes(routes!(files::watch))
         .routes(routes!(snapshots::list_snapshots))
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
         .routes(routes!(admin::create_key, admin::list_keys))

@@ -12,6 +12,8 @@
 //! `Authorization: Basic <user:>`, by default `user`; relative paths are
 //! relative to that user's home.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -57,19 +59,13 @@ pub fn router(state: AppState) -> Router {
         .route("/filesystem.Filesystem/Move", post(move_entry))
         .route("/filesystem.Filesystem/ListDir", post(list_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
-        .route("/filesystem.Filesystem/WatchDir", post(watch_unsupported))
-        .route(
-            "/filesystem.Filesystem/CreateWatcher",
-            post(watch_unsupported),
-        )
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
         .route(
             "/filesystem.Filesystem/GetWatcherEvents",
-            post(watch_unsupported),
+            post(get_watcher_events),
         )
-        .route(
-            "/filesystem.Filesystem/RemoveWatcher",
-            post(watch_unsupported),
-        )
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
         .fallback(|req: Request| async move {
             RpcError::unimplemented(format!(
                 "{} is not an envd call Ember answers",
@@ -841,10 +837,252 @@ async fn remove(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     Ok(connect::unary(json!({})))
 }
 
-async fn watch_unsupported() -> RpcError {
-    RpcError::unimplemented(
-        "directory watching is not available in Ember yet (files.watch_dir); poll with files.list",
+/// envd's `FilesystemEvent` for a watch event (`None`: nothing to report).
+fn fs_event(ev: &crate::wire::WatchEvent) -> Option<Value> {
+    use crate::wire::WatchEventType as T;
+    let t = match ev.event_type {
+        T::Create => "EVENT_TYPE_CREATE",
+        T::Write => "EVENT_TYPE_WRITE",
+        T::Remove => "EVENT_TYPE_REMOVE",
+        T::Rename => "EVENT_TYPE_RENAME",
+        T::Chmod => "EVENT_TYPE_CHMOD",
+        T::Started | T::Overflow => return None,
+    };
+    Some(json!({"name": ev.name, "type": t}))
+}
+
+fn watch_args(t: &Target, msg: &Value) -> Result<(String, bool), RpcError> {
+    let path = t.path(&path_arg(msg, "path", "path")?)?;
+    let recursive = field(msg, "recursive", "recursive")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok((path, recursive))
+}
+
+type WatchStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<crate::wire::WatchEvent, crate::api::ApiError>>
+            + Send
+            + 'static,
+    >,
+>;
+
+async fn open_watch(
+    state: &AppState,
+    t: &Target,
+    path: String,
+    recursive: bool,
+) -> Result<WatchStream, RpcError> {
+    let events = crate::api::files::watch_events(
+        state,
+        &t.sb.team_id,
+        &t.sb.id,
+        path,
+        recursive,
+        Some(t.user.clone()),
     )
+    .await
+    .map_err(|e| {
+        let code = match e.status {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::BAD_REQUEST => "invalid_argument",
+            StatusCode::FORBIDDEN => "permission_denied",
+            StatusCode::CONFLICT => "failed_precondition",
+            _ => "unavailable",
+        };
+        RpcError::new(code, e.body.message)
+    })?;
+    Ok(Box::pin(events))
+}
+
+/// The streaming watch (E2B's async SDKs): `start`, then `filesystem`
+/// events and keep-alives, until the client hangs up.
+async fn watch_dir(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> RpcResult {
+    let msg = connect::request_message(&headers, &body)?;
+    let t = target(&state, &headers, None).await?;
+    let (path, recursive) = watch_args(&t, &msg)?;
+    let mut events = open_watch(&state, &t, path, recursive).await?;
+    let keepalive = keepalive(&headers);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        if tx
+            .send(connect::message(&json!({"start": {}})))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let period = keepalive.unwrap_or(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            let frame = tokio::select! {
+                _ = tx.closed() => return,
+                _ = tick.tick(), if keepalive.is_some() => connect::message(&json!({"keepalive": {}})),
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => match fs_event(&ev) {
+                        Some(e) => connect::message(&json!({"filesystem": e})),
+                        None => continue,
+                    },
+                    Some(Err(e)) => {
+                        let _ = tx.send(RpcError::new("unavailable", e.body.message).end_frame()).await;
+                        return;
+                    }
+                    None => {
+                        let _ = tx.send(connect::end_ok()).await;
+                        return;
+                    }
+                },
+            };
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(connect::stream_response(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
+/// A watcher of E2B's polling API (its sync SDKs): the watch runs here and
+/// buffers events between polls. One server's memory: a replica other than
+/// the one that made it answers `not_found`.
+#[derive(Debug)]
+struct Watcher {
+    sandbox_id: String,
+    events: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::AbortHandle,
+    last_poll: std::time::Instant,
+}
+
+/// Most watchers per sandbox, and events one keeps between polls.
+const MAX_WATCHERS_PER_SANDBOX: usize = 64;
+const MAX_BUFFERED_EVENTS: usize = 10_000;
+/// A watcher nobody polls for this long is removed.
+const WATCHER_IDLE: Duration = Duration::from_secs(600);
+
+type Watchers = HashMap<String, Watcher>;
+
+fn watchers() -> MutexGuard<'static, Watchers> {
+    static W: OnceLock<Mutex<Watchers>> = OnceLock::new();
+    W.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn expire_idle_watchers() {
+    watchers().retain(|_, w| {
+        let keep = w.last_poll.elapsed() < WATCHER_IDLE && !w.task.is_finished();
+        if !keep {
+            w.task.abort();
+        }
+        keep
+    });
+}
+
+async fn create_watcher(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> RpcResult {
+    let msg = connect::request_message(&headers, &body)?;
+    let t = target(&state, &headers, None).await?;
+    expire_idle_watchers();
+    let open = watchers()
+        .values()
+        .filter(|w| w.sandbox_id == t.sb.id)
+        .count();
+    if open >= MAX_WATCHERS_PER_SANDBOX {
+        return Err(RpcError::new(
+            "resource_exhausted",
+            format!("sandbox {} has {open} watchers; remove some first", t.sb.id),
+        ));
+    }
+    let (path, recursive) = watch_args(&t, &msg)?;
+    let mut events = open_watch(&state, &t, path, recursive).await?;
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let sink = buffer.clone();
+    let task = tokio::spawn(async move {
+        while let Some(Ok(ev)) = events.next().await {
+            if let Some(e) = fs_event(&ev) {
+                let mut b = sink.lock().unwrap_or_else(|p| p.into_inner());
+                if b.len() >= MAX_BUFFERED_EVENTS {
+                    b.remove(0);
+                }
+                b.push(e);
+            }
+        }
+    });
+    let id = format!(
+        "w-{}",
+        ember_types::SandboxId::new()
+            .as_str()
+            .trim_start_matches("sb-")
+    );
+    watchers().insert(
+        id.clone(),
+        Watcher {
+            sandbox_id: t.sb.id.clone(),
+            events: buffer,
+            task: task.abort_handle(),
+            last_poll: std::time::Instant::now(),
+        },
+    );
+    Ok(connect::unary(json!({ "watcherId": id })))
+}
+
+fn watcher_id(msg: &Value) -> Result<String, RpcError> {
+    field(msg, "watcherId", "watcher_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| RpcError::invalid("watcherId is required"))
+}
+
+fn no_watcher(id: &str, sandbox: &str) -> RpcError {
+    RpcError::new("not_found", format!("no watcher {id} on sandbox {sandbox}"))
+}
+
+async fn get_watcher_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> RpcResult {
+    let msg = connect::request_message(&headers, &body)?;
+    let t = target(&state, &headers, None).await?;
+    let id = watcher_id(&msg)?;
+    let mut all = watchers();
+    let w = all
+        .get_mut(&id)
+        .filter(|w| w.sandbox_id == t.sb.id)
+        .ok_or_else(|| no_watcher(&id, &t.sb.id))?;
+    w.last_poll = std::time::Instant::now();
+    let events = std::mem::take(&mut *w.events.lock().unwrap_or_else(|p| p.into_inner()));
+    if events.is_empty() && w.task.is_finished() {
+        all.remove(&id);
+        return Err(RpcError::new(
+            "unavailable",
+            format!("watcher {id} ended: its sandbox stopped or was paused"),
+        ));
+    }
+    Ok(connect::unary(json!({ "events": events })))
+}
+
+async fn remove_watcher(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> RpcResult {
+    let msg = connect::request_message(&headers, &body)?;
+    let t = target(&state, &headers, None).await?;
+    let id = watcher_id(&msg)?;
+    let mut all = watchers();
+    match all.get(&id) {
+        Some(w) if w.sandbox_id == t.sb.id => {
+            w.task.abort();
+            all.remove(&id);
+            Ok(connect::unary(json!({})))
+        }
+        _ => Err(no_watcher(&id, &t.sb.id)),
+    }
 }
 
 // ------------------------------------------------------------------ HTTP

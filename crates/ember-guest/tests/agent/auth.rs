@@ -16,7 +16,7 @@ async fn fresh_agent_answers_health_and_nothing_else_until_init() {
         .unwrap();
     assert!(!health.initialized);
     assert_eq!(health.protocol, PROTOCOL_VERSION);
-    for cap in capability::ALL_V1 {
+    for cap in capability::ALL_V2 {
         assert!(health.supports(cap), "{cap} missing");
     }
     assert_code(client.list_processes().await, ErrorCode::Unauthorized);

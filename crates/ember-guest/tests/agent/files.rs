@@ -418,6 +418,10 @@ async fn file_operations_run_with_the_users_identity() {
         ErrorCode::PermissionDenied,
     );
     assert_code(
+        client.watch(&s(d), false, Some(&nobody)).await,
+        ErrorCode::PermissionDenied,
+    );
+    assert_code(
         client
             .write_file(
                 &s(&d.join("new")),
@@ -584,4 +588,51 @@ async fn pseudo_files_without_a_size_stream_to_the_end() {
     let chunks: Vec<bytes::Bytes> = content.try_collect().await.unwrap();
     let text = String::from_utf8(chunks.concat()).unwrap();
     assert!(text.starts_with("Name:\tember-guest\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_watch_reports_changes_until_it_is_dropped() {
+    use ember_guest_api::WatchEventKind;
+    use futures::StreamExt;
+
+    let agent = Agent::start();
+    let client = agent.init().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut w = client.watch(&s(d), true, None).await.unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub/new"), b"x").unwrap();
+    // "new" may be made before the agent watches "sub": it is reported as
+    // created either way (its write may then be folded into that).
+    let mut seen = Vec::new();
+    while !seen.contains(&(WatchEventKind::Create, "sub/new".to_owned())) {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), w.next())
+            .await
+            .expect("an event")
+            .expect("the stream goes on")
+            .unwrap();
+        seen.push((ev.kind, ev.name));
+    }
+    assert_eq!(
+        seen[0],
+        (WatchEventKind::Create, "sub".to_owned()),
+        "{seen:?}"
+    );
+    std::fs::remove_file(d.join("sub/new")).unwrap();
+    loop {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), w.next())
+            .await
+            .expect("the removal")
+            .expect("the stream goes on")
+            .unwrap();
+        if ev.kind == WatchEventKind::Remove {
+            assert_eq!(ev.name, "sub/new");
+            break;
+        }
+    }
+    std::fs::write(d.join("plain"), b"").unwrap();
+    assert_code(
+        client.watch(&s(&d.join("plain")), false, None).await,
+        ErrorCode::NotADirectory,
+    );
 }

@@ -33,6 +33,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
+    WatchEvent,
 )
 from .sandbox import Client, CommandHandle, Commands, Files, Sandbox
 
@@ -56,6 +57,7 @@ __all__ = [
     "DeletedSnapshot",
     "EmberError",
     "FileInfo",
+    "WatchEvent",
     "FileType",
     "Files",
     "InvalidRequest",

@@ -3,11 +3,13 @@ clients so both speak exactly the same protocol."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from . import errors
+from .models import WatchEvent
 
 
 def sandbox_path(sandbox_id: str) -> str:
@@ -151,3 +153,18 @@ def settled(info: Any, wanted: str, verb: str) -> bool:
     raise errors.ServerError(
         f"sandbox {info.id} is {state} after the {verb.removesuffix('ing')} went on in the background{reason}"
     )
+
+
+def watch_params(path: str, recursive: bool, user: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"path": path, "recursive": "true" if recursive else "false"}
+    if user is not None:
+        params["user"] = user
+    return params
+
+
+def watch_event(line: str) -> WatchEvent:
+    """One line of a watch stream; an ``error`` line raises."""
+    d = json.loads(line)
+    if d.get("type") == "error":
+        raise errors.ServerError(f"the watch broke: {d.get('message')}")
+    return WatchEvent.from_json(d)

@@ -38,6 +38,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
+    WatchEvent,
 )
 from .sandbox import _PAGE, STREAM_TIMEOUT, _class_or_instance
 
@@ -616,6 +617,50 @@ async def _follow(
         )
 
 
+class AsyncDirWatch:
+    """A directory watch (:meth:`AsyncFiles.watch`), in place once made:
+    ``async for`` its :class:`WatchEvent` s; ``aclose()`` (or leaving an
+    ``async with`` block) ends it."""
+
+    def __init__(self, cm: AbstractAsyncContextManager[httpx.Response]) -> None:
+        self._cm = cm
+        self._lines: AsyncIterator[str] | None = None
+
+    async def _open(self) -> AsyncDirWatch:
+        resp = await self._cm.__aenter__()
+        self._lines = resp.aiter_lines()
+        first = await self._next_event()
+        if first is None or first.type != "started":
+            await self.aclose()
+            raise errors.ServerError(f"the watch did not start: {first!r}")
+        return self
+
+    async def _next_event(self) -> WatchEvent | None:
+        assert self._lines is not None
+        async for line in self._lines:
+            if line.strip():
+                return _api.watch_event(line)
+        return None
+
+    def __aiter__(self) -> AsyncDirWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        ev = await self._next_event()
+        if ev is None:
+            raise StopAsyncIteration
+        return ev
+
+    async def aclose(self) -> None:
+        await self._cm.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> AsyncDirWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class AsyncFiles:
     """Files in a sandbox: ``sandbox.files`` (asyncio)."""
 
@@ -687,6 +732,18 @@ class AsyncFiles:
             body["user"] = user
         resp = await self._t.request("POST", f"{self._base}/mkdir", json=body)
         return FileInfo.from_json(resp.json())
+
+    async def watch(self, path: str, *, recursive: bool = False, user: str | None = None) -> AsyncDirWatch:
+        """Watch directory ``path`` (with ``recursive``, every directory below
+        it too); changes from when this returns are reported."""
+        cm = self._t.stream(
+            "GET",
+            f"{self._base}/watch",
+            params=_api.watch_params(path, recursive, user),
+            safe=True,
+            timeout=STREAM_TIMEOUT,
+        )
+        return await AsyncDirWatch(cm)._open()
 
     async def rename(
         self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None

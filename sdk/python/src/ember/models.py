@@ -135,6 +135,21 @@ class FileType(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A change in a watched directory: ``type`` is ``create``, ``write``,
+    ``remove``, ``rename`` (moved away), ``chmod`` or ``overflow`` (changes
+    were lost: list again); ``name`` is relative to the watched directory."""
+
+    type: str
+    name: str
+    is_dir: bool = False
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WatchEvent:
+        return cls(type=str(d.get("type", "")), name=str(d.get("name", "")), is_dir=bool(d.get("is_dir")))
+
+
+@dataclass(frozen=True, slots=True)
 class FileInfo:
     path: str
     name: str

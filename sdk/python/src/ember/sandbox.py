@@ -36,6 +36,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
+    WatchEvent,
 )
 
 OutputCallback = Callable[[str], Any]
@@ -668,6 +669,45 @@ def _follow(
         )
 
 
+class DirWatch:
+    """A directory watch (:meth:`Files.watch`), in place once made: iterate
+    it for :class:`WatchEvent` s as they happen; ``close()`` (or leaving a
+    ``with`` block) ends it."""
+
+    def __init__(self, t: Transport, path: str, params: dict[str, Any]) -> None:
+        self._cm = t.stream("GET", path, params=params, safe=True, timeout=STREAM_TIMEOUT)
+        resp = self._cm.__enter__()
+        self._lines = resp.iter_lines()
+        first = self._next_event()
+        if first is None or first.type != "started":
+            self.close()
+            raise errors.ServerError(f"the watch did not start: {first!r}")
+
+    def _next_event(self) -> WatchEvent | None:
+        for line in self._lines:
+            if line.strip():
+                return _api.watch_event(line)
+        return None
+
+    def __iter__(self) -> DirWatch:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        ev = self._next_event()
+        if ev is None:
+            raise StopIteration
+        return ev
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+    def __enter__(self) -> DirWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Files:
     """Files in a sandbox: ``sandbox.files``. Paths are absolute."""
 
@@ -740,6 +780,11 @@ class Files:
             body["user"] = user
         resp = self._t.request("POST", f"{self._base}/mkdir", json=body)
         return FileInfo.from_json(resp.json())
+
+    def watch(self, path: str, *, recursive: bool = False, user: str | None = None) -> DirWatch:
+        """Watch directory ``path`` (with ``recursive``, every directory below
+        it too); changes from when this returns are reported."""
+        return DirWatch(self._t, f"{self._base}/watch", _api.watch_params(path, recursive, user))
 
     def rename(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> FileInfo:
         """Move ``src`` to ``dst``; with ``overwrite`` an existing ``dst`` is

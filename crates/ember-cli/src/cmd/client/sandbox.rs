@@ -233,6 +233,18 @@ enum FilesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Watch a directory: one line per change ("create sub/f"), until Ctrl-C.
+    Watch {
+        id: String,
+        /// Absolute path of the directory.
+        path: String,
+        /// Also every directory below it.
+        #[arg(long, short = 'r')]
+        recursive: bool,
+        /// Print the server's JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move or rename a file or directory.
     Mv {
         id: String,
@@ -750,6 +762,52 @@ async fn files(api: &Api, cmd: FilesCommand) -> anyhow::Result<ExitCode> {
             }
             t.print();
             Ok(ExitCode::SUCCESS)
+        }
+        FilesCommand::Watch {
+            id,
+            path,
+            recursive,
+            json,
+        } => {
+            let extra = [("recursive", recursive.to_string())];
+            let p = format!(
+                "{}/files/watch?{}",
+                sandbox_path(&id),
+                file_query(&path, &extra)
+            );
+            let resp = api.send(api.request(Method::GET, &p)).await?;
+            let mut body = resp.bytes_stream();
+            let mut buf = Vec::new();
+            let mut out = std::io::stdout();
+            while let Some(chunk) = body.next().await {
+                buf.extend_from_slice(&chunk.map_err(|e| anyhow::anyhow!("the watch broke: {e}"))?);
+                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    let v: Value = serde_json::from_slice(&line)?;
+                    if v["type"] == "error" {
+                        anyhow::bail!("the watch broke: {}", v["message"].as_str().unwrap_or("?"));
+                    }
+                    if json {
+                        out.write_all(&line)?;
+                    } else if v["type"] == "started" {
+                        eprintln!(
+                            "watching {path}{}",
+                            if recursive { " and below" } else { "" }
+                        );
+                        continue;
+                    } else {
+                        let slash = if v["is_dir"] == true { "/" } else { "" };
+                        writeln!(
+                            out,
+                            "{:<7} {}{slash}",
+                            v["type"].as_str().unwrap_or("?"),
+                            v["name"].as_str().unwrap_or("")
+                        )?;
+                    }
+                    out.flush()?;
+                }
+            }
+            anyhow::bail!("the watch ended: the sandbox stopped or was paused")
         }
         FilesCommand::Mv {
             id,
