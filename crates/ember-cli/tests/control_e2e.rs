@@ -1372,42 +1372,8 @@ async fn failed_host_calls_never_cost_a_sandbox(db: support::server::TestDb) {
     assert_eq!(a.sandbox(&id).await["state"], "running");
     assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
 
-    // A slow snapshot is answered 202 with the sandbox still snapshotting;
-    // the CLI polls it and prints the template once the sandbox runs again.
-    let (st, body) = a
-        .post(
-            &format!("/v1/sandboxes/{id}/snapshots"),
-            json!({"name": "slow-api"}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(body["state"], "snapshotting", "{body}");
-    a.wait_state(&id, "running", Duration::from_secs(60)).await;
-    let (st, snap) = a.get("/v1/snapshots/slow-api").await;
-    assert_eq!(st, StatusCode::OK, "{snap}");
-    assert_eq!(snap["source_sandbox_id"], id.as_str(), "{snap}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-        .env("EMBER_API_URL", &server.base)
-        .env("EMBER_API_KEY", &key)
-        .args(["snapshot", "create", &id, "slow-cli", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let snap: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(snap["name"], "slow-cli", "{snap}");
-    assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
-
     let (st, body) = a.delete(&format!("/v1/sandboxes/{id}")).await;
     assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
-    for name in ["slow-api", "slow-cli"] {
-        let (st, body) = a.delete(&format!("/v1/snapshots/{name}")).await;
-        assert_eq!(st, StatusCode::OK, "{body}");
-    }
     wait_clean(&home, Duration::from_secs(30)).await;
 }
 
@@ -1478,7 +1444,41 @@ async fn slow_pause_and_resume_are_accepted_and_polled(db: support::server::Test
     assert_eq!(resumed["state"], "running", "{resumed}");
     assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
 
+    // A slow snapshot is answered 202 with the sandbox still snapshotting;
+    // the CLI polls it and prints the template once the sandbox runs again.
+    let (st, body) = a
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshots"),
+            json!({"name": "slow-api"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["state"], "snapshotting", "{body}");
+    a.wait_state(&id, "running", Duration::from_secs(60)).await;
+    let (st, snap) = a.get("/v1/snapshots/slow-api").await;
+    assert_eq!(st, StatusCode::OK, "{snap}");
+    assert_eq!(snap["source_sandbox_id"], id.as_str(), "{snap}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .env("EMBER_API_URL", &server.base)
+        .env("EMBER_API_KEY", &key)
+        .args(["snapshot", "create", &id, "slow-cli", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(snap["name"], "slow-cli", "{snap}");
+    assert_eq!(a.sh(&id, "cat /root/f").await.stdout, "kept\n");
+
     let (st, body) = a.delete(&format!("/v1/sandboxes/{id}")).await;
     assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    for name in ["slow-api", "slow-cli"] {
+        let (st, body) = a.delete(&format!("/v1/snapshots/{name}")).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
     wait_clean(&home, Duration::from_secs(30)).await;
 }
