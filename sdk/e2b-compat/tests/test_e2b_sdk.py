@@ -185,6 +185,43 @@ def test_info_timeout_and_list(sbx: Sandbox) -> None:
         Sandbox.get_info(other.sandbox_id)
 
 
+def test_snapshots_are_templates(sbx: Sandbox) -> None:
+    if not hasattr(sbx, "create_snapshot"):
+        pytest.skip(f"e2b {version('e2b')} has no snapshot API")
+    sbx.files.write("from-snapshot.txt", "frozen")
+    snap = sbx.create_snapshot()
+    assert snap.snapshot_id in snap.names
+    ids = [
+        s.snapshot_id
+        for s in Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()
+    ]
+    assert snap.snapshot_id in ids
+    fork = Sandbox.create(snap.snapshot_id)
+    try:
+        assert fork.files.read("from-snapshot.txt") == "frozen"
+    finally:
+        fork.kill()
+    Sandbox.delete_snapshot(snap.snapshot_id)
+    ids = [
+        s.snapshot_id
+        for s in Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()
+    ]
+    assert snap.snapshot_id not in ids
+
+
+def test_unsupported_options_fail_clearly() -> None:
+    import inspect
+
+    from e2b import SandboxException
+
+    if "volume_mounts" not in inspect.signature(Sandbox.create).parameters:
+        pytest.skip(f"e2b {version('e2b')} has no volume mounts")
+    with pytest.raises(
+        SandboxException, match="volume mounts are not supported by Ember"
+    ):
+        Sandbox.create(volume_mounts={"/data": "vol"})
+
+
 def test_pause_and_connect_keep_files_and_processes(sbx: Sandbox) -> None:
     sbx.files.write("kept.txt", "across a pause")
     h = sbx.commands.run("sleep 1000", background=True)

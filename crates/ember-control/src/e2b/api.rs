@@ -42,6 +42,9 @@ pub fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route("/templates/{id}", axum::routing::delete(delete_template))
         .route(
             "/sandboxes/{id}/network",
             axum::routing::put(update_network),
@@ -600,6 +603,112 @@ async fn update_network(
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// E2B's snapshot of a running sandbox: an Ember template, whose name is
+/// the snapshot's ID (E2B's `Sandbox.create(snapshot_id)` starts from it).
+async fn create_snapshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<(StatusCode, axum::Json<Value>)> {
+    let team = team(&state, &headers).await?;
+    let v = body_json(&body)?;
+    if v.get("memory").and_then(Value::as_bool) == Some(false) {
+        return Err(E2bError::bad(
+            "filesystem-only snapshots are not supported by Ember: its snapshots keep memory",
+        ));
+    }
+    let name = match v.get("name") {
+        None | Some(Value::Null) => format!(
+            "snap-{}",
+            ember_types::SandboxId::new()
+                .as_str()
+                .trim_start_matches("sb-")
+        ),
+        Some(Value::String(n)) => n.clone(),
+        Some(_) => return Err(E2bError::bad("name must be a string")),
+    };
+    crate::api::validate_name("name", &name)?;
+    if name == BASE_TEMPLATE {
+        return Err(E2bError::bad("\"base\" is reserved for the base image"));
+    }
+    let sb = load(&state, &team, &id).await?;
+    let ops = state.ops.clone();
+    let t = run_to_end(async move { ops.snapshot(&team, &sb.id, &name).await }).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"snapshotID": t.name, "names": [t.name]})),
+    ))
+}
+
+/// The team's snapshots (Ember templates), optionally those of one sandbox
+/// or one name; pages by `nextToken` (an offset).
+async fn list_snapshots(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> E2bResult<Response> {
+    let team = team(&state, &headers).await?;
+    let (mut sandbox, mut name, mut limit, mut offset) = (None, None, DEFAULT_PAGE as usize, 0);
+    for (k, v) in params {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "name" => name = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_PAGE as usize).contains(l))
+                    .ok_or_else(|| E2bError::bad(format!("limit must be 1 to {MAX_PAGE}")))?;
+            }
+            "nextToken" => {
+                offset = v
+                    .parse()
+                    .map_err(|_| E2bError::bad("nextToken is not a token from a previous page"))?;
+            }
+            other => return Err(E2bError::bad(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let all: Vec<_> = state
+        .store
+        .list_templates(&team)
+        .await?
+        .into_iter()
+        .filter(|t| sandbox.is_none() || t.source_sandbox_id == sandbox)
+        .filter(|t| name.as_ref().is_none_or(|n| &t.name == n))
+        .collect();
+    let page: Vec<Value> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|t| json!({"snapshotID": t.name, "names": [t.name]}))
+        .collect();
+    let mut resp = axum::Json(Value::Array(page)).into_response();
+    if offset + limit < all.len()
+        && let Ok(v) = HeaderValue::from_str(&(offset + limit).to_string())
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    Ok(resp)
+}
+
+/// Delete a snapshot (an Ember template) by its ID (its name).
+async fn delete_template(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> E2bResult<StatusCode> {
+    let team = team(&state, &headers).await?;
+    match state.ops.delete_template(&team, &id).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(crate::error::Error::TemplateNotFound { .. }) => Err(E2bError::new(
+            StatusCode::NOT_FOUND,
+            format!("snapshot {id} not found"),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Run a lifecycle call to its end in a task of its own: a client that
