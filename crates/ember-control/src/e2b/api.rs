@@ -230,6 +230,38 @@ fn strings(v: Option<&Value>, name: &str) -> E2bResult<Vec<String>> {
     }
 }
 
+/// E2B's egress options as Ember's rules: `allowOut`/`denyOut` of `net`
+/// (field names in errors prefixed by `prefix`), and `allow_internet_access:
+/// false` as denying everything.
+fn egress(
+    net: Option<&Value>,
+    allow_internet_access: Option<&Value>,
+    prefix: &str,
+) -> E2bResult<model::NetworkPolicy> {
+    let mut allow_out = strings(
+        net.and_then(|n| n.get("allowOut")),
+        &format!("{prefix}allowOut"),
+    )?;
+    let mut deny_out = strings(
+        net.and_then(|n| n.get("denyOut")),
+        &format!("{prefix}denyOut"),
+    )?;
+    if allow_internet_access.and_then(Value::as_bool) == Some(false) {
+        allow_out.clear();
+        deny_out = vec![ALL_V4.into(), ALL_V6.into()];
+    }
+    for (i, c) in allow_out.iter().enumerate() {
+        crate::api::validate_cidr(&format!("{prefix}allowOut[{i}]"), c)?;
+    }
+    for (i, c) in deny_out.iter().enumerate() {
+        crate::api::validate_cidr(&format!("{prefix}denyOut[{i}]"), c)?;
+    }
+    Ok(model::NetworkPolicy {
+        allow_out,
+        deny_out,
+    })
+}
+
 fn timeout_arg(v: &Value) -> E2bResult<Option<u64>> {
     match v.get("timeout") {
         None | Some(Value::Null) => Ok(None),
@@ -319,19 +351,11 @@ async fn create(
     } else {
         OnTimeout::Kill
     };
-    let net = v.get("network").filter(|n| !n.is_null());
-    let mut allow_out = strings(net.and_then(|n| n.get("allowOut")), "network.allowOut")?;
-    let mut deny_out = strings(net.and_then(|n| n.get("denyOut")), "network.denyOut")?;
-    if v.get("allow_internet_access").and_then(Value::as_bool) == Some(false) {
-        allow_out.clear();
-        deny_out = vec![ALL_V4.into(), ALL_V6.into()];
-    }
-    for (i, c) in allow_out.iter().enumerate() {
-        crate::api::validate_cidr(&format!("network.allowOut[{i}]"), c)?;
-    }
-    for (i, c) in deny_out.iter().enumerate() {
-        crate::api::validate_cidr(&format!("network.denyOut[{i}]"), c)?;
-    }
+    let network = egress(
+        v.get("network").filter(|n| !n.is_null()),
+        v.get("allow_internet_access"),
+        "network.",
+    )?;
     let spec = CreateSpec {
         team_id: team,
         template,
@@ -341,10 +365,7 @@ async fn create(
         on_timeout,
         metadata,
         env,
-        network: model::NetworkPolicy {
-            allow_out,
-            deny_out,
-        },
+        network,
     };
     let (sb, _token) = state.ops.create(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_json(&state, &sb))))
@@ -578,30 +599,9 @@ async fn update_network(
     let team = team(&state, &headers).await?;
     let v = body_json(&body)?;
     refuse_unsupported(&json!({ "network": v }))?;
-    let mut allow_out = strings(v.get("allowOut"), "allowOut")?;
-    let mut deny_out = strings(v.get("denyOut"), "denyOut")?;
-    if v.get("allow_internet_access").and_then(Value::as_bool) == Some(false) {
-        allow_out.clear();
-        deny_out = vec![ALL_V4.into(), ALL_V6.into()];
-    }
-    for (i, c) in allow_out.iter().enumerate() {
-        crate::api::validate_cidr(&format!("allowOut[{i}]"), c)?;
-    }
-    for (i, c) in deny_out.iter().enumerate() {
-        crate::api::validate_cidr(&format!("denyOut[{i}]"), c)?;
-    }
+    let network = egress(Some(&v), v.get("allow_internet_access"), "")?;
     let sb = load(&state, &team, &id).await?;
-    state
-        .ops
-        .set_network(
-            &team,
-            &sb.id,
-            model::NetworkPolicy {
-                allow_out,
-                deny_out,
-            },
-        )
-        .await?;
+    state.ops.set_network(&team, &sb.id, network).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -890,6 +890,21 @@ mod tests {
             refuse_unsupported(&json!({"autoResume": {"enabled": false}, "volumeMounts": []}))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn egress_options_become_rules() {
+        let n = json!({"allowOut": ["1.1.1.1"], "denyOut": ["10.0.0.0/8"]});
+        let p = egress(Some(&n), None, "network.").unwrap();
+        assert_eq!(
+            (p.allow_out, p.deny_out),
+            (vec!["1.1.1.1".to_owned()], vec!["10.0.0.0/8".to_owned()])
+        );
+        let p = egress(Some(&n), Some(&json!(false)), "").unwrap();
+        assert!(p.allow_out.is_empty() && p.deny_out == vec![ALL_V4, ALL_V6]);
+        let bad = json!({"allowOut": ["example.com"]});
+        let e = egress(Some(&bad), None, "network.").unwrap_err();
+        assert!(e.message.contains("network.allowOut[0]"), "{}", e.message);
     }
 
     #[test]
