@@ -35,6 +35,7 @@ use crate::error::{AgentError, chain};
 use crate::records::{Records, TemplateRecord};
 use crate::runtime::{DiskLayer, PageServer, Runtime};
 use crate::state::{Operation, RuntimeRecord, SandboxRecord, SandboxState};
+use crate::timing::Phases;
 
 /// Guest memory is tracked and stored in pages of this size.
 pub const PAGE_SIZE: u64 = 4096;
@@ -450,6 +451,7 @@ impl Agent {
             created_at: now.clone(),
             state_changed_at: now,
             last_operation_ms: 0,
+            last_operation_phases: Vec::new(),
             runtime: None,
             pending_build: None,
         };
@@ -460,10 +462,11 @@ impl Agent {
         let entry = self.insert_entry(record.clone(), None);
         let _op = entry.op.lock().await;
         let started = Instant::now();
+        let phases = Phases::new();
         let result = match req.build {
-            None => self.boot_cold(&record).await,
+            None => self.boot_cold(&record, &phases).await,
             Some(build) => {
-                self.start_from_build(&record, build, &req.guest_token, &req.env)
+                self.start_from_build(&record, build, &req.guest_token, &req.env, &phases)
                     .await
             }
         };
@@ -474,10 +477,12 @@ impl Agent {
                 self.inner.metrics.creates.fetch_add(1, Ordering::Relaxed);
                 let ms = started.elapsed().as_millis() as u64;
                 info!(sandbox = %record.id, ms, "created");
+                let timing = phases.finish(started.elapsed());
                 self.update(&entry, |r| {
                     r.state = SandboxState::Running;
                     r.runtime = Some(rt_record);
                     r.last_operation_ms = ms;
+                    r.last_operation_phases = timing;
                 })
             }
             Err(e) => {
@@ -523,7 +528,11 @@ impl Agent {
     }
 
     /// Slot and run directory: the first things every VM start needs.
-    async fn prepare(&self, record: &SandboxRecord) -> Result<Runtime, AgentError> {
+    async fn prepare(
+        &self,
+        record: &SandboxRecord,
+        phases: &Phases,
+    ) -> Result<Runtime, AgentError> {
         let mut rt = Runtime::default();
         let run_dir = self.run_dir(&record.id);
         let _ = std::fs::remove_dir_all(&run_dir);
@@ -532,18 +541,26 @@ impl Agent {
         rt.run_dir = Some(run_dir);
         let pool = self.inner.slots.clone();
         let policy = record.network.clone();
-        match blocking(move || pool.acquire(policy).map_err(AgentError::Net)).await {
+        let acquired = phases
+            .time(
+                "slot",
+                blocking(move || pool.acquire(policy).map_err(AgentError::Net)),
+            )
+            .await;
+        match acquired {
             Ok(slot) => rt.slot = Some(slot),
             Err(e) => {
                 rt.teardown().await;
                 return Err(e);
             }
         }
-        match self
-            .inner
-            .confiner
-            .cgroup(record.id.as_str(), record.vcpus, record.memory_mib)
-        {
+        let cgroup_started = Instant::now();
+        let cgroup =
+            self.inner
+                .confiner
+                .cgroup(record.id.as_str(), record.vcpus, record.memory_mib);
+        phases.record("cgroup", cgroup_started.elapsed());
+        match cgroup {
             Ok(cgroup) => rt.cgroup = cgroup,
             Err(e) => {
                 rt.teardown().await;
@@ -602,17 +619,25 @@ impl Agent {
         }
     }
 
-    async fn boot_cold(&self, record: &SandboxRecord) -> Result<Runtime, AgentError> {
-        let mut rt = self.prepare(record).await?;
+    async fn boot_cold(
+        &self,
+        record: &SandboxRecord,
+        phases: &Phases,
+    ) -> Result<Runtime, AgentError> {
+        let mut rt = self.prepare(record, phases).await?;
         let result = async {
             let image = self.inner.image.clone();
             rt.disk = Some(
-                self.disk_for(
-                    &record.id,
-                    self.inner.base_build,
-                    Some(disk::LayerBase::raw(image.rootfs.clone())),
-                )
-                .await?,
+                phases
+                    .time(
+                        "disk",
+                        self.disk_for(
+                            &record.id,
+                            self.inner.base_build,
+                            Some(disk::LayerBase::raw(image.rootfs.clone())),
+                        ),
+                    )
+                    .await?,
             );
             if self.inner.backend.kind == BackendKind::Qemu {
                 rt.memory_file = Some(self.memory_file(&record.id));
@@ -625,10 +650,13 @@ impl Agent {
                 .boot(&launch)
                 .await
                 .map_err(|e| AgentError::operation(&record.id, "boot", e))?;
+            for (name, took) in vm.start_phases() {
+                phases.record(name, took);
+            }
             rt.vm = Some(vm);
             rt.launch = Some(launch);
             let guest = self.guest_client(&rt, None);
-            self.init_guest(record, &guest, &record.guest_token, &record.env)
+            self.init_guest(record, &guest, &record.guest_token, &record.env, phases)
                 .await?;
             rt.guest = Some(guest);
             Ok(())
@@ -645,80 +673,79 @@ impl Agent {
     }
 
     /// Restore a VM from `build` for `record`: a fork of a template, or the
-    /// resume of a paused sandbox.
+    /// resume of a paused sandbox. The slot, the disk layer and (on QEMU)
+    /// the memory file are independent and prepared concurrently.
     async fn start_from_build(
         &self,
         record: &SandboxRecord,
         build: BuildId,
         new_token: &str,
         env: &BTreeMap<String, String>,
+        phases: &Phases,
     ) -> Result<Runtime, AgentError> {
-        let meta = self.build_meta(build).await?;
-        let vm_extra: BuildVm = meta
-            .info
-            .extra
-            .get("ember")
-            .cloned()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .ok_or_else(|| {
-                AgentError::InvalidArgument(format!("build {build} holds no VM to restore"))
-            })?;
-        let image = if vm_extra.image == self.inner.image.manifest.key {
-            self.inner.image.clone()
-        } else {
-            // An older image this build was made with: images are immutable
-            // and sit side by side under images/.
-            let dir = self
-                .inner
-                .image
-                .dir
-                .parent()
-                .map(|p| p.join(&vm_extra.image))
-                .unwrap_or_default();
-            blocking(move || Image::open(&dir).map_err(AgentError::Image)).await?
-        };
-        let mut rt = self.prepare(record).await?;
-        let result = async {
-            rt.disk = Some(self.disk_for(&record.id, build, None).await?);
-            let memory = match self.inner.backend.kind {
-                BackendKind::Qemu => {
-                    let path = self.memory_file(&record.id);
-                    let store = self.inner.store.clone();
-                    let dst = path.clone();
-                    rt.memory_file = Some(path.clone());
-                    blocking(move || {
-                        let header = store
-                            .open_header(build, ImageKind::Memory)
-                            .map_err(AgentError::Store)?;
-                        let _ = std::fs::remove_file(&dst);
-                        store
-                            .materialize(&header, ImageKind::Memory, &dst)
-                            .map_err(AgentError::Store)?;
-                        Ok(())
-                    })
-                    .await?;
-                    MemoryBackend::File(path)
+        let (meta, image) = phases.time("build.lookup", self.build_image(build)).await?;
+        let qemu = self.inner.backend.kind == BackendKind::Qemu;
+        let (prepared, disk, memory_file) = tokio::join!(
+            self.prepare(record, phases),
+            phases.time("disk", self.disk_for(&record.id, build, None)),
+            async {
+                if qemu {
+                    Some(
+                        phases
+                            .time("memory", self.materialize_memory(&record.id, build))
+                            .await,
+                    )
+                } else {
+                    None
                 }
-                BackendKind::Firecracker => {
+            },
+        );
+        // Whatever was made is owned by the runtime, so one teardown
+        // releases it all when another part failed.
+        let (mut rt, mut failed) = match prepared {
+            Ok(rt) => (rt, None),
+            Err(e) => (Runtime::default(), Some(e)),
+        };
+        match disk {
+            Ok(d) => rt.disk = Some(d),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+        match memory_file {
+            Some(Ok(path)) => rt.memory_file = Some(path),
+            Some(Err(e)) => failed = failed.or(Some(e)),
+            None => {}
+        }
+        if let Some(e) = failed {
+            rt.teardown().await;
+            return Err(e);
+        }
+        let result = async {
+            let memory = match &rt.memory_file {
+                Some(path) => MemoryBackend::File(path.clone()),
+                None => {
                     let slot = rt.slot.as_ref().expect("prepared runtime has a slot");
                     let confinement = self
                         .inner
                         .confiner
                         .confinement(slot.index(), rt.cgroup.as_ref());
-                    let ps = PageServer::spawn(
-                        &self.inner.config.ember_bin,
-                        &self.inner.store,
-                        rt.run_dir.as_ref().expect("run dir"),
-                        build,
-                        Some(&confinement),
-                    )
-                    .await?;
+                    let ps = phases
+                        .time(
+                            "page_server",
+                            PageServer::spawn(
+                                &self.inner.config.ember_bin,
+                                &self.inner.store,
+                                rt.run_dir.as_ref().expect("run dir"),
+                                build,
+                                Some(&confinement),
+                            ),
+                        )
+                        .await?;
                     let socket = ps.socket.clone();
                     rt.page_server = Some(ps);
                     MemoryBackend::Uffd(socket)
                 }
             };
-            let launch = self.launch(record, &rt, &image, &vm_extra.kernel_args);
+            let launch = self.launch(record, &rt, &image, &meta.kernel_args);
             let spec = RestoreSpec {
                 vmstate: self
                     .inner
@@ -735,10 +762,14 @@ impl Agent {
                 .restore(&launch, &spec)
                 .await
                 .map_err(|e| AgentError::operation(&record.id, "restore", e))?;
+            for (name, took) in vm.start_phases() {
+                phases.record(name, took);
+            }
             rt.vm = Some(vm);
             rt.launch = Some(launch);
-            let guest = self.guest_client(&rt, Some(&vm_extra.guest_token));
-            self.init_guest(record, &guest, new_token, env).await?;
+            let guest = self.guest_client(&rt, Some(&meta.guest_token));
+            self.init_guest(record, &guest, new_token, env, phases)
+                .await?;
             rt.guest = Some(guest);
             Ok(())
         }
@@ -751,6 +782,61 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// What restoring `build` needs to know: the VM it holds and the image
+    /// (kernel, initrd) it was made with.
+    async fn build_image(&self, build: BuildId) -> Result<(BuildVm, Image), AgentError> {
+        let meta = self.build_meta(build).await?;
+        let vm_extra: BuildVm = meta
+            .info
+            .extra
+            .get("ember")
+            .cloned()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| {
+                AgentError::InvalidArgument(format!("build {build} holds no VM to restore"))
+            })?;
+        if vm_extra.image == self.inner.image.manifest.key {
+            return Ok((vm_extra, self.inner.image.clone()));
+        }
+        // An older image this build was made with: images are immutable and
+        // sit side by side under images/.
+        let dir = self
+            .inner
+            .image
+            .dir
+            .parent()
+            .map(|p| p.join(&vm_extra.image))
+            .unwrap_or_default();
+        let image = blocking(move || Image::open(&dir).map_err(AgentError::Image)).await?;
+        Ok((vm_extra, image))
+    }
+
+    /// QEMU's RAM file for `id`, holding `build`'s memory: a private,
+    /// writable copy (QEMU writes guest memory into it).
+    async fn materialize_memory(
+        &self,
+        id: &SandboxId,
+        build: BuildId,
+    ) -> Result<PathBuf, AgentError> {
+        let path = self.memory_file(id);
+        let store = self.inner.store.clone();
+        let dst = path.clone();
+        blocking(move || {
+            let header = store
+                .open_header(build, ImageKind::Memory)
+                .map_err(AgentError::Store)?;
+            let _ = std::fs::remove_file(&dst);
+            let made = store.materialize(&header, ImageKind::Memory, &dst);
+            if made.is_err() {
+                let _ = std::fs::remove_file(&dst);
+            }
+            made.map_err(AgentError::Store)?;
+            Ok(())
+        })
+        .await?;
+        Ok(path)
     }
 
     /// Add the end of the guest's serial console to a failed start: the
@@ -784,13 +870,17 @@ impl Agent {
         guest: &GuestClient,
         token: &str,
         env: &BTreeMap<String, String>,
+        phases: &Phases,
     ) -> Result<(), AgentError> {
         let guest_err = |source| AgentError::Guest {
             id: record.id.clone(),
             source,
         };
-        guest
-            .wait_ready(Instant::now() + GUEST_READY)
+        phases
+            .time(
+                "guest.ready",
+                guest.wait_ready(Instant::now() + GUEST_READY),
+            )
             .await
             .map_err(guest_err)?;
         let entropy: [u8; 64] = {
@@ -799,15 +889,16 @@ impl Agent {
             rand::thread_rng().fill(&mut b[..]);
             b
         };
-        guest
-            .init(&InitRequest {
-                token: token.to_owned(),
-                time_unix_ns: Some(unix_ns()),
-                env: Some(env.clone()),
-                entropy_b64: Some(bytes::Bytes::copy_from_slice(&entropy)),
-                dns: None,
-                hostname: None,
-            })
+        let request = InitRequest {
+            token: token.to_owned(),
+            time_unix_ns: Some(unix_ns()),
+            env: Some(env.clone()),
+            entropy_b64: Some(bytes::Bytes::copy_from_slice(&entropy)),
+            dns: None,
+            hostname: None,
+        };
+        phases
+            .time("guest.init", guest.init(&request))
             .await
             .map_err(guest_err)?;
         Ok(())
@@ -860,6 +951,50 @@ impl Agent {
         .await
     }
 
+    /// Make the template `build`'s disk base ready for its forks while its
+    /// source VM is paused: a copy of the VM's qcow2 overlay (small), or on
+    /// raw disks a flat copy made in the background, which forks arriving
+    /// first wait for (they take the same per-build lock). Failing here
+    /// costs only speed: the first fork then makes the base itself.
+    async fn prepare_template_disk(&self, rt: &Runtime, build: BuildId, phases: &Phases) {
+        let Some(disk) = rt.disk.clone() else { return };
+        let data_dir = self.inner.config.data_dir.clone();
+        let copy = blocking(move || disk::copy_as_cache(&data_dir, &disk, build));
+        match phases.time("disk.cache", copy).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(build = %build, error = %chain(&e), "template disk not cached; its first fork will make it");
+                return;
+            }
+        }
+        let lock = self.flat_lock(build);
+        let guard = lock.lock_owned().await;
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match agent.flat_rootfs_locked(build).await {
+                Ok(_) => {
+                    info!(build = %build, ms = started.elapsed().as_millis() as u64, "template disk ready for forks")
+                }
+                Err(e) => {
+                    warn!(build = %build, error = %chain(&e), "template disk not cached; its first fork will make it")
+                }
+            }
+            drop(guard);
+        });
+    }
+
+    fn flat_lock(&self, build: BuildId) -> Arc<Mutex<()>> {
+        self.inner
+            .flat_locks
+            .lock()
+            .expect("flat locks")
+            .entry(build)
+            .or_default()
+            .clone()
+    }
+
     /// A read-only file holding `build`'s root filesystem for disk layers
     /// to sit on (see `disk`), with the format to read it in: cached, made
     /// once even when many sandboxes fork from the build at once.
@@ -867,17 +1002,15 @@ impl Agent {
         if build == self.inner.base_build {
             return Ok(disk::LayerBase::raw(self.inner.image.rootfs.clone()));
         }
+        let lock = self.flat_lock(build);
+        let _guard = lock.lock().await;
+        self.flat_rootfs_locked(build).await
+    }
+
+    /// [`Agent::flat_rootfs`] with `build`'s lock held.
+    async fn flat_rootfs_locked(&self, build: BuildId) -> Result<disk::LayerBase, AgentError> {
         let data_dir = &self.inner.config.data_dir;
         let path = disk::flat_cache_path(data_dir, build);
-        let lock = self
-            .inner
-            .flat_locks
-            .lock()
-            .expect("flat locks")
-            .entry(build)
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
         if let Some(cached) = disk::cached_base(data_dir, build) {
             // Firecracker needs raw files: it copies the cache either way.
             return Ok(cached);
@@ -902,13 +1035,15 @@ impl Agent {
         entry: &Entry,
         record: &SandboxRecord,
         rt: &Runtime,
+        phases: &Phases,
     ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
         let vm = rt.vm.as_ref().expect("running sandbox has a VM");
         let id = &record.id;
-        vm.pause()
+        phases
+            .time("vmm.pause", vm.pause())
             .await
             .map_err(|e| AgentError::operation(id, "pause vCPUs", e))?;
-        let result = self.write_build(entry, record, rt).await;
+        let result = self.write_build(entry, record, rt, phases).await;
         if result.is_err()
             && let Err(e) = self.update(entry, |r| r.pending_build = None)
         {
@@ -927,6 +1062,7 @@ impl Agent {
         entry: &Entry,
         record: &SandboxRecord,
         rt: &Runtime,
+        phases: &Phases,
     ) -> Result<(BuildId, ember_snapshot::BuildMeta), AgentError> {
         let id = &record.id;
         let vm = rt.vm.as_ref().expect("VM");
@@ -939,17 +1075,20 @@ impl Agent {
             (BackendKind::Firecracker, Some(_)) => SnapshotKind::Diff,
             _ => SnapshotKind::Full,
         };
-        let out = vm
-            .snapshot(&SnapshotRequest {
-                kind,
-                vmstate: work.join("vmstate"),
-                memory: work.join("memory"),
-            })
+        let request = SnapshotRequest {
+            kind,
+            vmstate: work.join("vmstate"),
+            memory: work.join("memory"),
+        };
+        let out = phases
+            .time("vmm.snapshot", vm.snapshot(&request))
             .await
             .map_err(|e| AgentError::operation(id, "snapshot", e))?;
         let build_id = BuildId::new();
         // Intent before commit: synced to disk before the build can exist.
+        let intent_started = Instant::now();
         self.update(entry, |r| r.pending_build = Some(build_id))?;
+        phases.record("intent", intent_started.elapsed());
         let extra = BuildVm {
             image: record.image.clone(),
             kernel_args: rt
@@ -984,50 +1123,62 @@ impl Agent {
         let confinement = rt.launch.as_ref().and_then(|l| l.confinement.clone());
         let started = Instant::now();
         let work2 = work.clone();
-        let result = blocking(move || {
-            let mut w = store.begin(build_id, info).map_err(AgentError::Store)?;
-            let mem_parent = match parent {
-                Some(p) if store.header_path(p, ImageKind::Memory).exists() => Some(
-                    store
-                        .open_header(p, ImageKind::Memory)
-                        .map_err(AgentError::Store)?,
-                ),
-                _ => None,
-            };
-            let mem_base = match &mem_parent {
-                Some(h) => Base::Parent(h),
-                None => Base::Fresh {
-                    block_size: PAGE_SIZE,
-                },
-            };
-            let mem = match &out.memory {
-                MemoryDump::Full(p) => w.write_image_from_full(ImageKind::Memory, mem_base, p),
-                MemoryDump::DirtyOnly(p) => {
-                    w.write_image_from_sparse(ImageKind::Memory, mem_base, p)
-                }
-            }
-            .map_err(AgentError::Store)?;
-            let disk_parent_build = parent.unwrap_or(base_build);
-            let disk_parent = store
-                .open_header(disk_parent_build, ImageKind::Rootfs)
-                .map_err(AgentError::Store)?;
-            let disk_report =
-                disk::write_disk_diff(&store, &mut w, &disk, &disk_parent, confinement.as_ref())?;
-            let vmstate = std::fs::File::open(&out.vmstate)
-                .map_err(|e| AgentError::io(format!("open {}", out.vmstate.display()), e))?;
-            w.write_vmstate(vmstate).map_err(AgentError::Store)?;
-            let meta = w.commit().map_err(AgentError::Store)?;
-            info!(
-                build = %build_id,
-                memory_written = mem.bytes_written,
-                memory_size = mem.image_size,
-                disk_written = disk_report.bytes_written,
-                disk_size = disk_report.image_size,
-                "build written"
-            );
-            Ok(meta)
-        })
-        .await;
+        let result = phases
+            .time(
+                "build.write",
+                blocking(move || {
+                    let mut w = store.begin(build_id, info).map_err(AgentError::Store)?;
+                    let mem_parent = match parent {
+                        Some(p) if store.header_path(p, ImageKind::Memory).exists() => Some(
+                            store
+                                .open_header(p, ImageKind::Memory)
+                                .map_err(AgentError::Store)?,
+                        ),
+                        _ => None,
+                    };
+                    let mem_base = match &mem_parent {
+                        Some(h) => Base::Parent(h),
+                        None => Base::Fresh {
+                            block_size: PAGE_SIZE,
+                        },
+                    };
+                    let mem = match &out.memory {
+                        MemoryDump::Full(p) => {
+                            w.write_image_from_full(ImageKind::Memory, mem_base, p)
+                        }
+                        MemoryDump::DirtyOnly(p) => {
+                            w.write_image_from_sparse(ImageKind::Memory, mem_base, p)
+                        }
+                    }
+                    .map_err(AgentError::Store)?;
+                    let disk_parent_build = parent.unwrap_or(base_build);
+                    let disk_parent = store
+                        .open_header(disk_parent_build, ImageKind::Rootfs)
+                        .map_err(AgentError::Store)?;
+                    let disk_report = disk::write_disk_diff(
+                        &store,
+                        &mut w,
+                        &disk,
+                        &disk_parent,
+                        confinement.as_ref(),
+                    )?;
+                    let vmstate = std::fs::File::open(&out.vmstate).map_err(|e| {
+                        AgentError::io(format!("open {}", out.vmstate.display()), e)
+                    })?;
+                    w.write_vmstate(vmstate).map_err(AgentError::Store)?;
+                    let meta = w.commit().map_err(AgentError::Store)?;
+                    info!(
+                        build = %build_id,
+                        memory_written = mem.bytes_written,
+                        memory_size = mem.image_size,
+                        disk_written = disk_report.bytes_written,
+                        disk_size = disk_report.image_size,
+                        "build written"
+                    );
+                    Ok(meta)
+                }),
+            )
+            .await;
         let _ = std::fs::remove_dir_all(&work2);
         let meta = result?;
         info!(sandbox = %id, build = %build_id, ms = started.elapsed().as_millis() as u64, "snapshot stored");
@@ -1044,7 +1195,8 @@ impl Agent {
         let mut runtime = entry.runtime.lock().await;
         let record = entry.record();
         let rt = runtime.as_ref().expect("running sandbox has a runtime");
-        let outcome = match self.snapshot_build(&entry, &record, rt).await {
+        let phases = Phases::new();
+        let outcome = match self.snapshot_build(&entry, &record, rt, &phases).await {
             // A crash here leaves a committed build and a paused VM: the
             // restarted agent finishes the pause from the record's intent.
             Ok((build, _)) => match crate::failpoint::hit("pause.committed").await {
@@ -1066,29 +1218,34 @@ impl Agent {
                 // Stop the VM first so its disk is quiet, then keep the disk
                 // as the new build's rootfs cache: the resume needs no copy.
                 if let Some(vm) = &rt.vm {
-                    let _ = vm.kill().await;
+                    let _ = phases.time("vmm.kill", vm.kill()).await;
                 }
                 if let Some(d) = &rt.disk
                     && let Err(e) = disk::keep_as_cache(&self.inner.config.data_dir, d, build)
                 {
                     warn!(sandbox = %id, error = %chain(&e), "disk not kept as cache; a resume will copy it");
                 }
-                let problems = rt.teardown().await;
+                let problems = phases.time("teardown", rt.teardown()).await;
                 if !problems.is_empty() {
                     warn!(sandbox = %id, ?problems, "pause released resources with problems");
                 }
                 self.release(record.vcpus, record.memory_mib);
                 self.inner.metrics.pauses.fetch_add(1, Ordering::Relaxed);
                 let ms = started.elapsed().as_millis() as u64;
+                let timing = phases.finish(started.elapsed());
                 let rec = self.update(&entry, |r| {
                     r.state = SandboxState::Paused;
                     r.build = Some(build);
                     r.pending_build = None;
                     r.runtime = None;
                     r.last_operation_ms = ms;
+                    r.last_operation_phases = timing;
                 })?;
                 info!(sandbox = %id, build = %build, ms, "paused");
-                self.collect_garbage().await;
+                // Off the pause's critical path: the answer does not wait
+                // for the parent builds this one made unreferenced.
+                let agent = self.clone();
+                tokio::spawn(async move { agent.collect_garbage().await });
                 Ok(rec)
             }
             Err(e) => {
@@ -1126,8 +1283,9 @@ impl Agent {
         let mut merged_env = record.env.clone();
         merged_env.extend(env);
         let started = Instant::now();
+        let phases = Phases::new();
         match self
-            .start_from_build(&record, build, &token, &merged_env)
+            .start_from_build(&record, build, &token, &merged_env, &phases)
             .await
         {
             Ok(rt) => {
@@ -1136,12 +1294,14 @@ impl Agent {
                 self.inner.metrics.resumes.fetch_add(1, Ordering::Relaxed);
                 let ms = started.elapsed().as_millis() as u64;
                 info!(sandbox = %id, ms, "resumed");
+                let timing = phases.finish(started.elapsed());
                 self.update(&entry, |r| {
                     r.state = SandboxState::Running;
                     r.runtime = Some(rt_record);
                     r.guest_token = token;
                     r.env = merged_env;
                     r.last_operation_ms = ms;
+                    r.last_operation_phases = timing;
                     r.failure_reason = None;
                 })
             }
@@ -1170,9 +1330,13 @@ impl Agent {
         let record = entry.record();
         let runtime = entry.runtime.lock().await;
         let rt = runtime.as_ref().expect("running sandbox has a runtime");
-        let result = self.snapshot_build(&entry, &record, rt).await;
+        let phases = Phases::new();
+        let result = self.snapshot_build(&entry, &record, rt, &phases).await;
         let outcome = match result {
             Ok((build, _)) => {
+                // Ready to fork now, not at the first fork: the disk the
+                // VM is paused on is the template's root filesystem.
+                self.prepare_template_disk(rt, build, &phases).await;
                 // A crash here leaves a committed build no template names:
                 // the restarted agent discards it (the caller saw an error).
                 let vm = rt.vm.as_ref().expect("VM");

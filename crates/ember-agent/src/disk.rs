@@ -10,8 +10,10 @@
 //! - `<build>.qcow2`: the qcow2 overlay the sandbox that paused into this
 //!   build was running on, kept at pause instead of deleted: over its own
 //!   backing files it is exactly the build's content, so a resume needs no
-//!   copy. Chains grow by one per pause/resume cycle and are cut (a `.raw`
-//!   materialised) past [`MAX_CHAIN`].
+//!   copy. A template gets a copy of its source's overlay, made while the
+//!   source is paused for the snapshot, so its first fork needs no copy
+//!   either. Chains grow by one per pause/resume cycle and are cut (a
+//!   `.raw` materialised) past [`MAX_CHAIN`].
 //! - `<build>.chain.json`: the layers under `<build>.qcow2`, as Ember made
 //!   them. The overlay's own header names them too, but a VMM that served
 //!   a guest could write that header: it is never read.
@@ -177,6 +179,44 @@ pub fn keep_as_cache(data_dir: &Path, disk: &DiskLayer, build: BuildId) -> Resul
     shared_read_only(from)?;
     std::fs::rename(from, &to)
         .map_err(|e| AgentError::io(format!("move {} to the rootfs cache", from.display()), e))
+}
+
+/// Copy the qcow2 overlay a *paused* VM runs on into the cache of the
+/// build just written from it (a template: the VM goes on running on its
+/// overlay), with the chain under it recorded, so the template's first fork
+/// finds a base instead of materialising the whole image. The overlay holds
+/// only what the sandbox wrote, so this is small next to a flat copy.
+/// Returns whether a copy was made: raw disks (Firecracker) are not copied
+/// here (see `Agent::prepare_template_disk`).
+pub fn copy_as_cache(
+    data_dir: &Path,
+    disk: &DiskLayer,
+    build: BuildId,
+) -> Result<bool, AgentError> {
+    let DiskLayer::Qcow2 { overlay, below } = disk else {
+        return Ok(false);
+    };
+    let dir = cache_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".{build}.qcow2.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let copied = std::fs::copy(overlay, &tmp)
+        .map_err(|e| AgentError::io(format!("copy {} to the rootfs cache", overlay.display()), e))
+        .and_then(|_| shared_read_only(&tmp))
+        .and_then(|()| {
+            let json = serde_json::to_vec(below).expect("backing files serialise");
+            write_synced(&chain_path(data_dir, build), &json)
+        })
+        .and_then(|()| {
+            let to = qcow2_cache_path(data_dir, build);
+            std::fs::rename(&tmp, &to)
+                .map_err(|e| AgentError::io(format!("rename to {}", to.display()), e))
+        });
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied.map(|()| true)
 }
 
 /// Mode 0444: a file sandboxes' VMMs read (as their own uids, through

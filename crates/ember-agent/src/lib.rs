@@ -11,6 +11,7 @@
 //! - [`backend`], [`config`]: choosing the VMM; the agent's settings.
 //! - [`confine`]: each sandbox's uid, cgroup and limits; private directories.
 //! - [`usage`]: sampling what each running sandbox uses.
+//! - [`timing`]: the phases of a lifecycle operation and how long each took.
 //! - [`preflight`]: the host tools an agent needs, checked at start.
 //!
 //! Not here: VMMs (`ember-vmm`), network slots (`ember-net`), images
@@ -30,6 +31,7 @@ mod recovery;
 pub mod runtime;
 pub mod service;
 pub mod state;
+pub mod timing;
 pub mod usage;
 
 pub use agent::{Agent, CreateRequest};

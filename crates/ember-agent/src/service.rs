@@ -154,6 +154,14 @@ pub fn to_proto(r: &SandboxRecord) -> pb::Sandbox {
         created_at: r.created_at.clone(),
         state_changed_at: r.state_changed_at.clone(),
         last_operation_ms: r.last_operation_ms,
+        phases: r
+            .last_operation_phases
+            .iter()
+            .map(|p| pb::Phase {
+                name: p.name.clone(),
+                micros: p.micros,
+            })
+            .collect(),
         network: Some(pb::NetworkPolicy {
             allow_out: r.network.allow_out.iter().map(|c| c.to_string()).collect(),
             deny_out: r.network.deny_out.iter().map(|c| c.to_string()).collect(),

@@ -145,6 +145,9 @@ pub struct SandboxRecord {
     pub created_at: String,
     pub state_changed_at: String,
     pub last_operation_ms: u64,
+    /// Where the last lifecycle operation's time went (`total` last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_operation_phases: Vec<crate::timing::Phase>,
     /// Present while the sandbox holds a VM.
     pub runtime: Option<RuntimeRecord>,
     /// A build being written from this sandbox (pause or snapshot), recorded

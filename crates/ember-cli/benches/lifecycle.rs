@@ -56,12 +56,65 @@ fn build_bytes(home: &AgentHome, build: &str) -> u64 {
 }
 
 async fn create(c: &mut Client, memory_mib: u32, build: &str) -> String {
+    create_timed(c, memory_mib, build).await.sandbox_id
+}
+
+/// Create, returning the agent's answer (with its phases).
+async fn create_timed(c: &mut Client, memory_mib: u32, build: &str) -> pb::Sandbox {
     let id = new_id();
     let mut req = create_request(&id);
     req.memory_mib = if build.is_empty() { memory_mib } else { 0 };
     req.build_id = build.to_owned();
-    c.create_sandbox(req).await.expect("create");
-    id
+    c.create_sandbox(req).await.expect("create").into_inner()
+}
+
+/// Phase timings of many runs of each operation, printed as one table of
+/// medians (ms): a row per phase, a column per operation.
+#[derive(Default)]
+struct PhaseTable {
+    columns: Vec<(&'static str, Vec<pb::Sandbox>)>,
+}
+
+impl PhaseTable {
+    fn add(&mut self, op: &'static str, answer: pb::Sandbox) {
+        match self.columns.iter_mut().find(|(name, _)| *name == op) {
+            Some((_, runs)) => runs.push(answer),
+            None => self.columns.push((op, vec![answer])),
+        }
+    }
+
+    fn print(&self) {
+        let mut phases: Vec<String> = Vec::new();
+        for (_, runs) in &self.columns {
+            for p in runs.iter().flat_map(|r| &r.phases) {
+                if p.name != "total" && !phases.contains(&p.name) {
+                    phases.push(p.name.clone());
+                }
+            }
+        }
+        phases.push("total".to_owned());
+        print!("  {:<16}", "phase (ms)");
+        for (op, runs) in &self.columns {
+            print!(" {:>12}", format!("{op} ({})", runs.len()));
+        }
+        println!();
+        for phase in &phases {
+            print!("  {phase:<16}");
+            for (_, runs) in &self.columns {
+                let times: Vec<Duration> = runs
+                    .iter()
+                    .filter_map(|r| r.phases.iter().find(|p| &p.name == phase))
+                    .map(|p| Duration::from_micros(p.micros))
+                    .collect();
+                if times.is_empty() {
+                    print!(" {:>12}", "-");
+                } else {
+                    print!(" {:>12.1}", ms(median(times)));
+                }
+            }
+            println!();
+        }
+    }
 }
 
 async fn destroy(c: &mut Client, id: &str) {
@@ -81,13 +134,14 @@ async fn pause(c: &mut Client, id: &str) -> pb::Sandbox {
     .into_inner()
 }
 
-async fn resume(c: &mut Client, id: &str) {
+async fn resume(c: &mut Client, id: &str) -> pb::Sandbox {
     c.resume_sandbox(pb::ResumeSandboxRequest {
         sandbox_id: id.to_owned(),
         ..Default::default()
     })
     .await
-    .expect("resume");
+    .expect("resume")
+    .into_inner()
 }
 
 fn main() {
@@ -109,14 +163,17 @@ fn main() {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!("lifecycle bench (QEMU backend; load average {})", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
 
-        // 1. Cold boot vs resume, each to the first exec's exit.
+        // 1. Cold boot vs resume vs fork, each to the first exec's exit,
+        // with the agent's phases of each operation.
+        let mut table = PhaseTable::default();
         let mut cold = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            let id = create(&mut c, 512, "").await;
-            sh(&mut c, &id, "true").await;
+            let sb = create_timed(&mut c, 512, "").await;
+            sh(&mut c, &sb.sandbox_id, "true").await;
             cold.push(t.elapsed());
-            destroy(&mut c, &id).await;
+            destroy(&mut c, &sb.sandbox_id).await;
+            table.add("cold", sb);
         }
         let id = create(&mut c, 512, "").await;
         // The record this sandbox's pause writes its intent into, read while
@@ -129,21 +186,58 @@ fn main() {
         let mut pauses = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            pause(&mut c, &id).await;
+            table.add("pause", pause(&mut c, &id).await);
             pauses.push(t.elapsed());
             let t = Instant::now();
-            resume(&mut c, &id).await;
+            let sb = resume(&mut c, &id).await;
             sh(&mut c, &id, "true").await;
             warm.push(t.elapsed());
+            table.add("resume", sb);
         }
+        // Forks of a template made from this sandbox: the first fork and
+        // the later ones separately (the first must not pay for preparing
+        // the template).
+        let snap = c
+            .create_snapshot(pb::CreateSnapshotRequest { sandbox_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
         destroy(&mut c, &id).await;
-        let (cold, warm) = (median(cold), median(warm));
+        let mut first_fork = Duration::ZERO;
+        let mut forks = Vec::new();
+        for i in 0..6 {
+            let t = Instant::now();
+            let sb = create_timed(&mut c, 0, &snap.build_id).await;
+            sh(&mut c, &sb.sandbox_id, "true").await;
+            let took = t.elapsed();
+            destroy(&mut c, &sb.sandbox_id).await;
+            if i == 0 {
+                first_fork = took;
+                table.add("first fork", sb);
+            } else {
+                forks.push(took);
+                table.add("fork", sb);
+            }
+        }
+        c.delete_snapshot(pb::DeleteSnapshotRequest { build_id: snap.build_id })
+            .await
+            .unwrap();
+        let (cold, warm, fork) = (median(cold), median(warm), median(forks));
         println!();
         println!("to first exec (median of 5)    ms      ratio");
         println!("  cold boot + exec          {:>8.0}    1.00", ms(cold));
         println!("  resume + exec             {:>8.0}    {:.3} (resume is {:.1}x faster)", ms(warm), ms(warm) / ms(cold), ms(cold) / ms(warm));
+        println!("  first fork + exec         {:>8.0}    {:.3} (first fork is {:.1}x faster)", ms(first_fork), ms(first_fork) / ms(cold), ms(cold) / ms(first_fork));
+        println!("  later fork + exec         {:>8.0}    {:.3} (fork is {:.1}x faster)", ms(fork), ms(fork) / ms(cold), ms(cold) / ms(fork));
         let pause_med = median(pauses);
         println!("  pause (same sandbox)      {:>8.0}    {:.3}", ms(pause_med), ms(pause_med) / ms(cold));
+        println!();
+        println!("where the host agent's time goes (median per phase; concurrent phases overlap)");
+        table.print();
+        if std::env::var_os("EMBER_BENCH_QUICK").is_some() {
+            println!("(EMBER_BENCH_QUICK set: the other parts skipped)");
+            return;
+        }
 
         // 1b. What durability adds to a pause: the build's intent is one more
         // fsync'd record write (record + directory) before the build begins;

@@ -419,6 +419,18 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
             .into_inner();
         assert_eq!((snap.vcpus, snap.memory_mib), (1, 384));
         assert!(snap.stored_bytes > 0 && snap.memory_bytes == 384 << 20);
+        // Ready to fork when the snapshot returns: the disk base forks sit
+        // on is cached already (a copy of the paused source's overlay), so
+        // the first fork does not materialise the image.
+        let cached = home
+            .data()
+            .join("cache/rootfs")
+            .join(format!("{}.qcow2", snap.build_id));
+        assert!(
+            cached.is_file(),
+            "no template disk cache at {}",
+            cached.display()
+        );
         // The source keeps running and keeps its own state.
         let (out, _, _) = sh(&mut c, &src, "cat /srv/data; echo after > /srv/data").await;
         assert_eq!(out, "from-template\n");
@@ -449,6 +461,25 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
             assert_eq!(state(&sb), pb::SandboxState::Running);
             assert_eq!((sb.vcpus, sb.memory_mib), (1, 384));
             assert_eq!(sb.source_build_id, snap.build_id);
+            // Where the fork's time went, phase by phase, "total" last.
+            let names: Vec<&str> = sb.phases.iter().map(|p| p.name.as_str()).collect();
+            for phase in [
+                "slot",
+                "disk",
+                "memory",
+                "vmm.spawn",
+                "vmm.load_state",
+                "guest.init",
+            ] {
+                assert!(names.contains(&phase), "no {phase} phase in {names:?}");
+            }
+            let total = sb.phases.last().expect("phases");
+            assert_eq!(total.name, "total");
+            assert!(
+                sb.phases.iter().all(|p| p.micros <= total.micros),
+                "{:?}",
+                sb.phases
+            );
         }
         for (i, id) in forks.iter().enumerate() {
             let (out, _, _) = sh(

@@ -120,7 +120,8 @@ impl FirecrackerVmm {
             view = view.bind(initrd, entry::INITRD);
         }
         let started = Instant::now();
-        let vm = self.start(launch, view).await?;
+        let mut vm = self.start(launch, view).await?;
+        vm.start_phases.push(("vmm.spawn", started.elapsed()));
         let api = vm.client();
 
         api.put_machine_config(&MachineConfig {
@@ -207,7 +208,9 @@ impl FirecrackerVmm {
             }
         };
         let started = Instant::now();
-        let vm = self.start(launch, view).await?;
+        let mut vm = self.start(launch, view).await?;
+        vm.start_phases.push(("vmm.spawn", started.elapsed()));
+        let loading = Instant::now();
         vm.client()
             .load_snapshot(&SnapshotLoadParams {
                 snapshot_path: RunLayout::vmm(entry::RESTORE_VMSTATE),
@@ -219,6 +222,7 @@ impl FirecrackerVmm {
                 clock_realtime: None,
             })
             .await?;
+        vm.start_phases.push(("vmm.load_state", loading.elapsed()));
         vm.set_state(if restore.resume {
             InstanceState::Running
         } else {

@@ -129,4 +129,10 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
 
     /// Stop owning the process: dropping the handle leaves it running.
     fn detach(&mut self);
+
+    /// How long the steps of this VM's start took (`vmm.spawn`,
+    /// `vmm.load_state`, `vmm.resume`), in order; empty for an adopted VM.
+    fn start_phases(&self) -> Vec<(&'static str, Duration)> {
+        Vec::new()
+    }
 }

@@ -27,6 +27,8 @@ pub struct FirecrackerVm {
     jail: Option<Jail>,
     state: Mutex<InstanceState>,
     detached: bool,
+    /// Filled by the VMM's boot or restore (see `Vm::start_phases`).
+    pub(crate) start_phases: Vec<(&'static str, Duration)>,
 }
 
 impl FirecrackerVm {
@@ -45,6 +47,7 @@ impl FirecrackerVm {
             jail,
             state: Mutex::new(InstanceState::NotStarted),
             detached: false,
+            start_phases: Vec::new(),
         }
     }
 
@@ -313,6 +316,10 @@ impl Vm for FirecrackerVm {
 
     fn detach(&mut self) {
         self.detached = true;
+    }
+
+    fn start_phases(&self) -> Vec<(&'static str, Duration)> {
+        self.start_phases.clone()
     }
 }
 

@@ -457,7 +457,8 @@ impl Qemu {
         Qemu::reclaim(&launch.run_dir)?;
         create_ram_file(memory_file, launch.config.machine.memory_mib)?;
         let started = std::time::Instant::now();
-        let vm = self.start(launch, memory_file, true, false).await?;
+        let mut vm = self.start(launch, memory_file, true, false).await?;
+        vm.start_phases.push(("vmm.spawn", started.elapsed()));
         let state = vm.run_state().await?;
         if state != RunState::Running {
             return Err(VmmError::InvalidState {
@@ -505,15 +506,21 @@ impl Qemu {
         })?;
         let started = std::time::Instant::now();
         let shared = memory == RestoreMemory::SharedCopy;
-        let vm = self.start(launch, memory_file, shared, true).await?;
+        let mut vm = self.start(launch, memory_file, shared, true).await?;
+        vm.start_phases.push(("vmm.spawn", started.elapsed()));
         let loaded = async {
+            let t = std::time::Instant::now();
             vm.load_incoming(&vmstate).await?;
+            let mut phases = vec![("vmm.load_state", t.elapsed())];
             if restore.resume {
+                let t = std::time::Instant::now();
                 vm.resume().await?;
+                phases.push(("vmm.resume", t.elapsed()));
             }
-            Ok::<_, VmmError>(())
+            Ok::<_, VmmError>(phases)
         }
         .await;
+        let loaded = loaded.map(|phases| vm.start_phases.extend(phases));
         if let Err(e) = loaded {
             let _ = vm.kill().await;
             return Err(e);

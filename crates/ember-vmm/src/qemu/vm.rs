@@ -59,6 +59,8 @@ pub struct QemuVm {
     qmp: Qmp,
     timeouts: Timeouts,
     detached: bool,
+    /// Filled by the VMM's boot or restore (see `Vm::start_phases`).
+    pub(crate) start_phases: Vec<(&'static str, Duration)>,
     fd_names: AtomicU64,
 }
 
@@ -81,6 +83,7 @@ impl QemuVm {
             qmp,
             timeouts,
             detached: false,
+            start_phases: Vec::new(),
             fd_names: AtomicU64::new(0),
         }
     }
@@ -420,6 +423,10 @@ impl Vm for QemuVm {
 
     fn detach(&mut self) {
         self.detached = true;
+    }
+
+    fn start_phases(&self) -> Vec<(&'static str, Duration)> {
+        self.start_phases.clone()
     }
 }
 
