@@ -332,6 +332,7 @@ fn list_sandboxes_requests_per_second() {
                 created_at: base + i as i64,
                 state_changed_at: base,
                 destroyed_at: None,
+                last_operation: None,
             };
             assert!(store.insert_sandbox(&sb, None).await.unwrap());
         }

@@ -641,6 +641,39 @@ async fn every_endpoint_with_real_vms(db: support::server::TestDb) {
     assert_eq!(st, StatusCode::OK, "{resumed}");
     assert_eq!(resumed["state"], "running");
     assert_eq!(resumed["timeout_s"], 1200);
+    // Where the resume's time went: the control plane's phases, the host
+    // call, and the host agent's phases inside it.
+    let timing = &resumed["last_operation"];
+    assert_eq!(timing["operation"], "resume", "{resumed}");
+    let phases: Vec<&str> = timing["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases: {resumed}"))
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    for phase in [
+        "control.schedule",
+        "control.intent",
+        "host",
+        "host.vmm.load_state",
+        "host.guest.init",
+    ] {
+        assert!(phases.contains(&phase), "no {phase} in {phases:?}");
+    }
+    let host_ms = timing["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "host")
+        .and_then(|p| p["ms"].as_f64())
+        .unwrap();
+    let total_ms = timing["total_ms"].as_f64().unwrap();
+    assert!(host_ms > 0.0 && host_ms <= total_ms, "{timing}");
+    assert_eq!(
+        a.sandbox(&id).await["last_operation"],
+        *timing,
+        "kept with the row"
+    );
     let exp = ms(&resumed, "expires_at");
     assert!(
         (exp - t0 - 1_200_000).abs() < 120_000,
@@ -709,6 +742,18 @@ async fn every_endpoint_with_real_vms(db: support::server::TestDb) {
         )
         .unwrap_or_else(|| panic!("no {op} histogram:\n{text}"));
         assert!(n >= 1.0, "{op}: {n}\n{text}");
+    }
+    for (op, phase) in [
+        ("create", "host.guest.ready"),
+        ("fork", "host.disk"),
+        ("resume", "host"),
+        ("pause", "host.build.write"),
+    ] {
+        let series = format!(
+            "ember_sandbox_operation_phase_seconds_count{{operation=\"{op}\",phase=\"{phase}\"}}"
+        );
+        let n = metric(&text, &series).unwrap_or_else(|| panic!("no {series}:\n{text}"));
+        assert!(n >= 1.0, "{series}: {n}");
     }
     assert_eq!(
         metric(&text, "ember_sandboxes{state=\"running\"}"),

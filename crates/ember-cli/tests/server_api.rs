@@ -286,6 +286,7 @@ async fn insert_sandbox_with_id(
         created_at: now,
         state_changed_at: now,
         destroyed_at: None,
+        last_operation: None,
     };
     assert!(store.insert_sandbox(&sb, None).await.unwrap());
     store.close().await;

@@ -103,6 +103,7 @@ async fn main() {
             created_at: base + i as i64,
             state_changed_at: base,
             destroyed_at: None,
+            last_operation: None,
         };
         store.insert_sandbox(&sb, None).await.unwrap();
     }

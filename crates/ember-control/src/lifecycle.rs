@@ -24,8 +24,8 @@ use crate::hosts::{
 };
 use crate::metrics::Metrics;
 use crate::model::{
-    Build, BuildKind, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Template, now_ms,
-    parse_rfc3339,
+    Build, BuildKind, NetworkPolicy, OnTimeout, OperationTiming, PhaseTiming, Sandbox,
+    SandboxState, Template, now_ms, parse_rfc3339,
 };
 use crate::reconciler::{self, Action, HostView, Observed};
 use crate::scheduler::{self, Demand, NoCapacity};
@@ -211,6 +211,11 @@ impl Operations {
     /// Returns the row and the access token (shown once).
     pub async fn create(&self, spec: CreateSpec) -> Result<(Sandbox, String)> {
         let started = Instant::now();
+        let mut timer = Timer::start(if spec.template == BASE_TEMPLATE {
+            "create"
+        } else {
+            "fork"
+        });
         let (build_id, vcpus, memory_mib) = if spec.template == BASE_TEMPLATE {
             (
                 None,
@@ -254,6 +259,7 @@ impl Operations {
             build_id: build_id.clone(),
         };
         let candidates = scheduler::candidates(&snapshots, &demand).map_err(Error::NoCapacity)?;
+        timer.lap("control.schedule");
 
         let now = now_ms();
         let id = ember_types::SandboxId::new().to_string();
@@ -280,6 +286,7 @@ impl Operations {
             created_at: now,
             state_changed_at: now,
             destroyed_at: None,
+            last_operation: None,
         };
         let mut placed = None;
         for host_id in candidates {
@@ -318,14 +325,18 @@ impl Operations {
             network: Some(proto_network(&row.network)),
             guest_token: auth::new_guest_token(),
         };
+        timer.lap("control.intent");
         match client
             .create_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
             .await
         {
-            Ok(_) => {
+            Ok(reply) => {
+                timer.host(reply.get_ref());
+                let timing = timer.finish();
                 let now = now_ms();
                 let changes = Changes {
                     expires_at: Some(Some(expiry(row.timeout_s, now))),
+                    last_operation: Some(timing.clone()),
                     ..Changes::default()
                 };
                 self.store
@@ -341,6 +352,7 @@ impl Operations {
                     .await?;
                 self.metrics
                     .observe("create", started.elapsed().as_secs_f64());
+                self.metrics.observe_phases(&timing);
                 let row = self.load(None, &id).await?;
                 Ok((row, access_token))
             }
@@ -456,6 +468,7 @@ impl Operations {
     pub async fn pause(&self, team_id: Option<&str>, id: &str) -> Result<Sandbox> {
         let _claim = self.in_flight.claim(id);
         let started = Instant::now();
+        let mut timer = Timer::start("pause");
         let now = now_ms();
         if !self
             .store
@@ -478,12 +491,14 @@ impl Operations {
         let req = pb::SandboxRef {
             sandbox_id: id.to_owned(),
         };
+        timer.lap("control.intent");
         match client
             .pause_sandbox(with_timeout(req, LONG_OPERATION_TIMEOUT))
             .await
         {
             Ok(reply) => {
                 let reply = reply.into_inner();
+                timer.host(&reply);
                 let Some(build_id) = non_empty(&reply.build_id) else {
                     let reason = format!("host {host_id} paused the sandbox but named no build");
                     self.fail(id, SandboxState::Pausing, &reason).await;
@@ -493,10 +508,18 @@ impl Operations {
                         detail: "empty build_id".into(),
                     });
                 };
-                self.record_pause(&sb, &host_id, &build_id, SandboxState::Pausing)
-                    .await?;
+                let timing = timer.finish();
+                self.record_pause(
+                    &sb,
+                    &host_id,
+                    &build_id,
+                    SandboxState::Pausing,
+                    Some(timing.clone()),
+                )
+                .await?;
                 self.metrics
                     .observe("pause", started.elapsed().as_secs_f64());
+                self.metrics.observe_phases(&timing);
                 self.load(None, id).await
             }
             Err(status) => {
@@ -582,7 +605,7 @@ impl Operations {
                     .then_some(SandboxState::Running)
             }
             (SandboxState::Pausing, (Some(SandboxState::Paused), Some(build), _)) => self
-                .record_pause(sb, host_id, &build, from)
+                .record_pause(sb, host_id, &build, from, None)
                 .await
                 .ok()?
                 .then_some(SandboxState::Paused),
@@ -627,6 +650,7 @@ impl Operations {
         host_id: &str,
         build_id: &str,
         from: SandboxState,
+        timing: Option<OperationTiming>,
     ) -> Result<bool> {
         let now = now_ms();
         self.store
@@ -646,6 +670,7 @@ impl Operations {
         let changes = Changes {
             build_id: Some(build_id.to_owned()),
             expires_at: Some(None),
+            last_operation: timing,
             ..Changes::default()
         };
         let moved = self
@@ -676,6 +701,7 @@ impl Operations {
     ) -> Result<Sandbox> {
         let _claim = self.in_flight.claim(id);
         let started = Instant::now();
+        let mut timer = Timer::start("resume");
         let sb = self
             .store
             .sandbox(Some(team_id), id)
@@ -706,6 +732,7 @@ impl Operations {
             vcpus_total: snap.vcpus_total,
             memory_mib_total: snap.memory_mib_total,
         };
+        timer.lap("control.schedule");
         let now = now_ms();
         if !self
             .store
@@ -743,14 +770,18 @@ impl Operations {
             env: env.into_iter().collect(),
             guest_token: auth::new_guest_token(),
         };
+        timer.lap("control.intent");
         match client
             .resume_sandbox(with_timeout(req, LONG_OPERATION_TIMEOUT))
             .await
         {
-            Ok(_) => {
+            Ok(reply) => {
+                timer.host(reply.get_ref());
+                let timing = timer.finish();
                 let now = now_ms();
                 let changes = Changes {
                     expires_at: Some(Some(expiry(timeout_s, now))),
+                    last_operation: Some(timing.clone()),
                     ..Changes::default()
                 };
                 self.store
@@ -766,6 +797,7 @@ impl Operations {
                     .await?;
                 self.metrics
                     .observe("resume", started.elapsed().as_secs_f64());
+                self.metrics.observe_phases(&timing);
                 self.load(None, id).await
             }
             Err(status) => {
@@ -1187,7 +1219,7 @@ impl Operations {
                 };
                 match build_id {
                     Some(b) => {
-                        self.record_pause(sb, host_id, b, *from).await?;
+                        self.record_pause(sb, host_id, b, *from, None).await?;
                     }
                     None => {
                         let changes = Changes {
@@ -1236,5 +1268,59 @@ impl Operations {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the control plane's side of one lifecycle operation went: each
+/// `lap` closes a phase that began where the previous one ended; `host`
+/// closes the host call and adds the host agent's own phases inside it.
+struct Timer {
+    operation: &'static str,
+    started: Instant,
+    last: Instant,
+    phases: Vec<PhaseTiming>,
+}
+
+impl Timer {
+    fn start(operation: &'static str) -> Timer {
+        let now = Instant::now();
+        Timer {
+            operation,
+            started: now,
+            last: now,
+            phases: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &str) {
+        let now = Instant::now();
+        self.phases.push(PhaseTiming {
+            phase: phase.to_owned(),
+            ms: (now - self.last).as_secs_f64() * 1e3,
+        });
+        self.last = now;
+    }
+
+    fn host(&mut self, reply: &pb::Sandbox) {
+        self.lap("host");
+        self.phases
+            .extend(
+                reply
+                    .phases
+                    .iter()
+                    .filter(|p| p.name != "total")
+                    .map(|p| PhaseTiming {
+                        phase: format!("host.{}", p.name),
+                        ms: p.micros as f64 / 1e3,
+                    }),
+            );
+    }
+
+    fn finish(self) -> OperationTiming {
+        OperationTiming {
+            operation: self.operation.to_owned(),
+            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            phases: self.phases,
+        }
     }
 }

@@ -58,12 +58,22 @@ pub struct OperationLabel {
     pub operation: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `create`, `fork`, `resume` or `pause`.
+    pub operation: String,
+    /// `control.*` (the control plane's), `host` (the whole host call) or
+    /// `host.*` (the host agent's phases inside it).
+    pub phase: String,
+}
+
 /// All of the control plane's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     sandboxes: Family<StateLabel, Gauge>,
     latency: Family<OperationLabel, Histogram>,
+    phase_latency: Family<PhaseLabel, Histogram>,
     page_faults: Family<HostLabel, Gauge<u64, AtomicU64>>,
     pages_prefetched: Family<HostLabel, Gauge<u64, AtomicU64>>,
     host_operations: Family<HostOperationLabel, Gauge<u64, AtomicU64>>,
@@ -72,6 +82,14 @@ pub struct Metrics {
     sandbox_usage: Family<HostUsageLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     hosts_healthy: Gauge,
     hosts_total: Gauge,
+}
+
+/// Phases are short: from 0.5 ms up.
+fn phase_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -106,6 +124,15 @@ impl Metrics {
                 operation: op.to_owned(),
             });
         }
+        let phase_latency = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(phase_buckets())
+        });
+        registry.register(
+            "sandbox_operation_phase_seconds",
+            "Time of each phase of successful create, fork, resume and pause operations \
+             (control-plane phases, the host call, and the host agent's phases inside it)",
+            phase_latency.clone(),
+        );
         let page_faults = Family::<HostLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "host_page_faults_served",
@@ -150,6 +177,7 @@ impl Metrics {
             registry,
             sandboxes,
             latency,
+            phase_latency,
             page_faults,
             pages_prefetched,
             host_operations,
@@ -167,6 +195,18 @@ impl Metrics {
                 operation: operation.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// Record the phases of a successful lifecycle operation.
+    pub fn observe_phases(&self, timing: &crate::model::OperationTiming) {
+        for p in &timing.phases {
+            self.phase_latency
+                .get_or_create(&PhaseLabel {
+                    operation: timing.operation.clone(),
+                    phase: p.phase.clone(),
+                })
+                .observe(p.ms / 1e3);
+        }
     }
 
     /// Set the state gauges from a count per state (every state is reported, zero included).

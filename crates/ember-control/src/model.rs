@@ -178,6 +178,28 @@ pub struct Sandbox {
     pub created_at: i64,
     pub state_changed_at: i64,
     pub destroyed_at: Option<i64>,
+    /// Where its last completed lifecycle operation spent its time.
+    pub last_operation: Option<OperationTiming>,
+}
+
+/// Where one lifecycle operation (create, fork, resume, pause) spent its
+/// time, as the control plane saw it: its own phases (`control.*`), the
+/// host call (`host`), and inside it the host agent's phases (`host.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OperationTiming {
+    /// `create`, `fork`, `resume` or `pause`.
+    pub operation: String,
+    /// Milliseconds from the request to the recorded outcome.
+    pub total_ms: f64,
+    /// In the order they ended. Phases that ran concurrently overlap, and
+    /// `host.*` phases are inside `host`.
+    pub phases: Vec<PhaseTiming>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PhaseTiming {
+    pub phase: String,
+    pub ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -367,6 +367,7 @@ mod tests {
             created_at: NOW - changed_ago,
             state_changed_at: NOW - changed_ago,
             destroyed_at: (state == SandboxState::Destroyed).then_some(NOW - changed_ago),
+            last_operation: None,
         }
     }
 

@@ -94,6 +94,7 @@ mod tests {
             created_at: 0,
             state_changed_at: 0,
             destroyed_at: None,
+            last_operation: None,
         }
     }
 

@@ -83,6 +83,9 @@ pub struct Sandbox {
     pub failure_reason: Option<String>,
     pub created_at: String,
     pub state_changed_at: String,
+    /// Where its last completed create, fork, resume or pause spent its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_operation: Option<crate::model::OperationTiming>,
     /// Only in the response to the create: a token that grants exec and file
     /// access to this sandbox alone (`Authorization: Bearer <token>`). Shown once.
     #[serde(default, skip_serializing_if = "Option::is_none")]

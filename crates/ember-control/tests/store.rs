@@ -64,6 +64,7 @@ fn sandbox(team: &str, host: &str, state: SandboxState, created_at: i64) -> Sand
         created_at,
         state_changed_at: created_at,
         destroyed_at: None,
+        last_operation: None,
     }
 }
 
@@ -115,7 +116,13 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT version, name FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows, vec![vec![Some("1".into()), Some("initial".into())]]);
+    assert_eq!(
+        rows,
+        vec![
+            vec![Some("1".into()), Some("initial".into())],
+            vec![Some("2".into()), Some("last_operation".into())],
+        ]
+    );
     store.close().await;
     // Reopening applies nothing twice and keeps data.
     let store = open(url).await;
@@ -127,7 +134,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("1"));
+    assert_eq!(rows[0][0].as_deref(), Some("2"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");

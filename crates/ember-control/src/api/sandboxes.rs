@@ -45,6 +45,7 @@ pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
         failure_reason: sb.failure_reason,
         created_at: rfc3339(sb.created_at),
         state_changed_at: rfc3339(sb.state_changed_at),
+        last_operation: sb.last_operation,
         access_token: None,
     }
 }

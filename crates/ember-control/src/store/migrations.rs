@@ -11,14 +11,21 @@ use super::{Backend, Store, lock_key};
 use crate::error::{Error, Result};
 
 /// `(version, name, SQL)`, in order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "last_operation",
+        include_str!("../../migrations/0002_last_operation.sql"),
+    ),
+];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

@@ -76,11 +76,13 @@ pub struct Changes {
     /// `Some(None)` clears the expiry.
     pub expires_at: Option<Option<i64>>,
     pub destroyed_at: Option<i64>,
+    pub last_operation: Option<crate::model::OperationTiming>,
 }
 
 const SANDBOX_COLUMNS: &str = "id, team_id, state, host_id, template, source_build_id, build_id, \
      vcpus, memory_mib, metadata, env, network, timeout_s, on_timeout, expires_at, \
-     access_token_sha256, failure_reason, created_at, state_changed_at, destroyed_at";
+     access_token_sha256, failure_reason, created_at, state_changed_at, destroyed_at, \
+     last_operation";
 
 fn state_list(states: &[SandboxState]) -> String {
     // State names are compile-time constants, so inlining them is not injection.
@@ -653,13 +655,13 @@ impl Store {
         let network = serde_json::to_string(&sb.network).map_err(|e| corrupt("network", e))?;
         let mut sql = format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20"
+             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21"
         );
         if capacity.is_some() {
             let occupying = state_list(&SandboxState::OCCUPYING);
             sql.push_str(&format!(
-                " WHERE (SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE host_id = $21 AND state IN ({occupying})) + $8 <= $22 \
-                   AND (SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE host_id = $21 AND state IN ({occupying})) + $9 <= $23"
+                " WHERE (SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE host_id = $22 AND state IN ({occupying})) + $8 <= $23 \
+                   AND (SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE host_id = $22 AND state IN ({occupying})) + $9 <= $24"
             ));
         }
         let mut q = sqlx::query(&sql)
@@ -682,7 +684,12 @@ impl Store {
             .bind(sb.failure_reason.clone())
             .bind(sb.created_at)
             .bind(sb.state_changed_at)
-            .bind(sb.destroyed_at);
+            .bind(sb.destroyed_at)
+            .bind(
+                sb.last_operation
+                    .as_ref()
+                    .map(|t| serde_json::to_string(t).expect("timings serialise")),
+            );
         if let Some(cap) = capacity {
             q = q
                 .bind(&cap.host_id)
@@ -825,6 +832,13 @@ impl Store {
         if changes.destroyed_at.is_some() {
             push("destroyed_at", &mut sql);
         }
+        let last_operation = changes
+            .last_operation
+            .as_ref()
+            .map(|t| serde_json::to_string(t).expect("timings serialise"));
+        if last_operation.is_some() {
+            push("last_operation", &mut sql);
+        }
         n += 1;
         sql.push_str(&format!(
             " WHERE id = ${n} AND state IN ({})",
@@ -856,6 +870,9 @@ impl Store {
         }
         if let Some(d) = changes.destroyed_at {
             q = q.bind(d);
+        }
+        if let Some(t) = last_operation {
+            q = q.bind(t);
         }
         q = q.bind(id);
         if let Some(t) = team_id {
@@ -1115,5 +1132,9 @@ fn sandbox_from_row(r: &AnyRow) -> Result<Sandbox> {
         created_at: r.try_get("created_at")?,
         state_changed_at: r.try_get("state_changed_at")?,
         destroyed_at: r.try_get("destroyed_at")?,
+        // Diagnostics only: an unreadable value is dropped, not an error.
+        last_operation: r
+            .try_get::<Option<String>, _>("last_operation")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
