@@ -24,7 +24,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use ember_types::guest::{GATEWAY_IP, GUEST_IP, GUEST_PREFIX_LEN, TAP_NAME};
+use ember_types::guest::{self, GATEWAY_IP, GUEST_IP, GUEST_PREFIX_LEN, TAP_NAME};
 
 use crate::cidr::{AddrSet, Ipv4Cidr};
 use crate::layout::{NETNS_DIR, PoolLayout, SlotAddresses};
@@ -218,8 +218,26 @@ impl SlotPlan {
     pub fn ns_ip_batch(&self) -> String {
         let n = &self.ns_link;
         let g = &self.guest_link;
+        // Both ends of a tap guest's link have fixed MACs, so the guest's
+        // neighbour entry here is permanent and a restored guest's cached
+        // gateway entry stays right: the first packets to a booting or
+        // just-restored guest wait for no ARP exchange (whose retries are
+        // a second apart).
+        let guest_neighbour = match &self.guest_device {
+            GuestDevice::Tap => format!(
+                "neigh replace {} lladdr {} dev {} nud permanent\n",
+                GUEST_IP,
+                guest::guest_mac_string(),
+                g.name
+            ),
+            GuestDevice::Veth { .. } => String::new(),
+        };
         let guest_device = match &self.guest_device {
-            GuestDevice::Tap => format!("tuntap add dev {} mode tap", g.name),
+            GuestDevice::Tap => format!(
+                "tuntap add dev {name} mode tap\nlink set {name} address {}",
+                guest::mac_string(&guest::GATEWAY_MAC),
+                name = g.name
+            ),
             GuestDevice::Veth {
                 peer_netns,
                 peer_name,
@@ -235,6 +253,7 @@ impl SlotPlan {
              {guest_device}\n\
              addr add {} dev {}\n\
              link set {} up\n\
+             {guest_neighbour}\
              route add default via {}\n",
             n.cidr_text(),
             n.name,
@@ -703,8 +722,10 @@ mod tests {
              addr add 10.200.4.178/30 dev veth0\n\
              link set veth0 up\n\
              tuntap add dev tap0 mode tap\n\
+             link set tap0 address 02:fc:00:00:00:02\n\
              addr add 169.254.0.22/30 dev tap0\n\
              link set tap0 up\n\
+             neigh replace 169.254.0.21 lladdr 02:fc:00:00:00:01 dev tap0 nud permanent\n\
              route add default via 10.200.4.177\n"
         );
         assert_eq!(
@@ -721,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn veth_guest_device_changes_only_the_guest_link_line() {
+    fn veth_guest_device_changes_only_the_guest_link_lines() {
         let l = default_layout();
         let inputs = RulesetInputs {
             policy: &EgressPolicy::default(),
@@ -739,12 +760,18 @@ mod tests {
         );
         assert_eq!(tap.ruleset, veth.ruleset);
         assert_eq!(tap.host_ip_batch(), veth.host_ip_batch());
+        // The veth peer's MAC is the kernel's choice: no fixed neighbour.
         assert_eq!(
             veth.ns_ip_batch(),
-            tap.ns_ip_batch().replace(
-                "tuntap add dev tap0 mode tap",
-                "link add tap0 type veth peer name eth0 netns guest-1"
-            )
+            tap.ns_ip_batch()
+                .replace(
+                    "tuntap add dev tap0 mode tap\nlink set tap0 address 02:fc:00:00:00:02",
+                    "link add tap0 type veth peer name eth0 netns guest-1"
+                )
+                .replace(
+                    "neigh replace 169.254.0.21 lladdr 02:fc:00:00:00:01 dev tap0 nud permanent\n",
+                    ""
+                )
         );
         // Without host addresses the rule is left out rather than empty.
         assert!(!tap.ruleset.render().contains("host addresses"));

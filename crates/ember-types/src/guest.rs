@@ -14,6 +14,11 @@ pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
 pub const GUEST_PREFIX_LEN: u8 = 30;
 /// The guest's MAC address (locally administered, unicast).
 pub const GUEST_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x01];
+/// The MAC address of `tap0`, the guest's gateway (locally administered,
+/// unicast). Fixed like the guest's own, so a restored guest's neighbour
+/// cache is right on whichever slot it lands: a new random MAC would leave
+/// it sending to the old one until its entry goes stale (tens of seconds).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x02];
 /// Name of the TAP device inside every sandbox namespace.
 pub const TAP_NAME: &str = "tap0";
 /// TCP port of the guest agent (`ember-guest`).
@@ -23,8 +28,12 @@ pub const GUEST_HOSTNAME: &str = "ember";
 
 /// `GUEST_MAC` as `02:fc:00:00:00:01`.
 pub fn guest_mac_string() -> String {
-    GUEST_MAC
-        .iter()
+    mac_string(&GUEST_MAC)
+}
+
+/// A MAC address in the usual `aa:bb:cc:dd:ee:ff` form.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
