@@ -151,7 +151,15 @@ fn main() {
         );
         return;
     }
-    let home = AgentHome::new();
+    let mut home = AgentHome::new();
+    // EMBER_BENCH_LOG=FILE: keep the agent's debug log there.
+    let keep_log = std::env::var_os("EMBER_BENCH_LOG");
+    if keep_log.is_some() {
+        home.extra_env.push((
+            "EMBER_LOG".into(),
+            "info,ember_agent=debug,ember_guest_api=debug".into(),
+        ));
+    }
     // Room for the ten forks and ten cold boots of part 4 on a small host.
     let agent = home.start_with(&["--capacity-vcpus", "64"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -236,6 +244,9 @@ fn main() {
         table.print();
         if std::env::var_os("EMBER_BENCH_QUICK").is_some() {
             println!("(EMBER_BENCH_QUICK set: the other parts skipped)");
+            if let Some(path) = &keep_log {
+                std::fs::write(path, home.logs()).unwrap();
+            }
             return;
         }
 
@@ -342,4 +353,7 @@ fn main() {
             .await
             .unwrap();
     });
+    if let Some(path) = &keep_log {
+        std::fs::write(path, home.logs()).unwrap();
+    }
 }

@@ -68,6 +68,11 @@ impl std::fmt::Debug for GuestClient {
     }
 }
 
+/// How often `wait_ready` starts a new connect to a guest not yet answering.
+const READY_PROBE_EVERY: Duration = Duration::from_millis(25);
+/// How many of those connects may be pending at once (two seconds' worth).
+const READY_PROBES_PENDING: usize = 80;
+
 impl GuestClient {
     /// Default time allowed for one call (see [`GuestClient::with_timeout`]).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,6 +143,7 @@ impl GuestClient {
     /// agent is up, the caller has to act.
     pub async fn wait_ready(&self, deadline: Instant) -> Result<Health, GuestError> {
         let started = Instant::now();
+        let mut attempts = 0u32;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -147,15 +153,60 @@ impl GuestClient {
                     after: started.elapsed(),
                 });
             }
-            let attempt = self.with_timeout(left.min(Duration::from_secs(1)));
+            attempts += 1;
+            if !self.wait_listening(deadline).await {
+                continue;
+            }
+            let attempt = self.with_timeout(left.min(Duration::from_secs(5)));
             match attempt.health().await {
-                Ok(health) => return Ok(health),
+                Ok(health) => {
+                    tracing::debug!(
+                        addr = %self.addr(),
+                        attempts,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "guest agent ready"
+                    );
+                    return Ok(health);
+                }
                 Err(e) if e.is_unreachable() => {
                     tracing::trace!(addr = %self.addr(), error = %e, "guest agent not ready yet");
-                    let pause = Duration::from_millis(20).min(left);
-                    tokio::time::sleep(pause).await;
+                    tokio::time::sleep(READY_PROBE_EVERY.min(left)).await;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until a TCP connection to the agent succeeds (true) or
+    /// `deadline` passes (false). A SYN sent before the guest's network is
+    /// up is retransmitted only a second later, so a single connect sees a
+    /// guest up to a second late: a new connect starts every
+    /// `READY_PROBE_EVERY` while the earlier ones stay pending (up to two
+    /// seconds' worth, with the kernel's retransmits for a slow guest),
+    /// and the first to connect wins.
+    async fn wait_listening(&self, deadline: Instant) -> bool {
+        use futures::StreamExt;
+        use futures::stream::FuturesUnordered;
+        let addr = self.addr();
+        let mut pending = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(READY_PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let until = tokio::time::Instant::from_std(deadline);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if pending.len() >= READY_PROBES_PENDING {
+                        pending.clear();
+                    }
+                    pending.push(tokio::net::TcpStream::connect(addr));
+                }
+                Some(result) = pending.next() => match result {
+                    Ok(_) => return true,
+                    // Refused: the guest is up and will listen soon; the
+                    // next tick tries again.
+                    Err(e) => tracing::trace!(%addr, error = %e, "guest agent not listening yet"),
+                },
+                _ = tokio::time::sleep_until(until) => return false,
             }
         }
     }
