@@ -70,6 +70,8 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     pub network: EgressPolicy,
     pub guest_token: String,
+    /// Boot the image even where a warm base of this shape exists.
+    pub cold: bool,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +134,8 @@ pub(crate) struct Inner {
     /// One flat root filesystem per build, materialised once even when many
     /// sandboxes fork from it at once.
     flat_locks: StdMutex<HashMap<BuildId, Arc<Mutex<()>>>>,
+    /// Shapes (vcpus, memory) whose warm base a create is making now.
+    warming: StdMutex<std::collections::HashSet<(u32, u32)>>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -210,6 +214,7 @@ impl Agent {
                 usage: StdMutex::new(Usage::default()),
                 metrics: Metrics::default(),
                 flat_locks: StdMutex::new(HashMap::new()),
+                warming: StdMutex::new(std::collections::HashSet::new()),
             }),
         };
         crate::recovery::recover(&agent).await?;
@@ -433,6 +438,12 @@ impl Agent {
             )));
         }
         self.reserve(vcpus, memory_mib)?;
+        // A plain create forks from this shape's warm base where there is
+        // one; the sandbox descends from it as a fork from its template.
+        let warm_base = match req.build {
+            None if cfg.warm_base && !req.cold => self.warm_base(vcpus, memory_mib),
+            _ => None,
+        };
         let now = now_rfc3339();
         let record = SandboxRecord {
             id: req.id.clone(),
@@ -441,7 +452,7 @@ impl Agent {
             vcpus,
             memory_mib,
             source_build: req.build,
-            build: req.build,
+            build: req.build.or(warm_base),
             image: self.inner.image.manifest.key.clone(),
             env: req.env.clone(),
             metadata: req.metadata.clone(),
@@ -463,8 +474,11 @@ impl Agent {
         let _op = entry.op.lock().await;
         let started = Instant::now();
         let phases = Phases::new();
-        let result = match req.build {
-            None => self.boot_cold(&record, &phases).await,
+        let result = match req.build.or(warm_base) {
+            None => {
+                let make_warm = cfg.warm_base && !req.cold;
+                self.boot_cold(&entry, &record, make_warm, &phases).await
+            }
             Some(build) => {
                 self.start_from_build(&record, build, &req.guest_token, &req.env, &phases)
                     .await
@@ -621,7 +635,9 @@ impl Agent {
 
     async fn boot_cold(
         &self,
+        entry: &Entry,
         record: &SandboxRecord,
+        make_warm: bool,
         phases: &Phases,
     ) -> Result<Runtime, AgentError> {
         let mut rt = self.prepare(record, phases).await?;
@@ -656,6 +672,10 @@ impl Agent {
             rt.vm = Some(vm);
             rt.launch = Some(launch);
             let guest = self.guest_client(&rt, None);
+            if make_warm {
+                self.make_warm_base(entry, record, &rt, &guest, phases)
+                    .await;
+            }
             self.init_guest(record, &guest, &record.guest_token, &record.env, phases)
                 .await?;
             rt.guest = Some(guest);
@@ -668,6 +688,85 @@ impl Agent {
                 let e = self.with_console(&rt, e);
                 rt.teardown().await;
                 Err(e)
+            }
+        }
+    }
+
+    /// This shape's warm base for the agent's image, if one is ready.
+    fn warm_base(&self, vcpus: u32, memory_mib: u32) -> Option<BuildId> {
+        self.inner
+            .records
+            .warm(&self.inner.image.manifest.key)
+            .into_iter()
+            .find(|w| w.vcpus == vcpus && w.memory_mib == memory_mib)
+            .map(|w| w.build)
+            .filter(|b| self.inner.store.exists(*b))
+    }
+
+    /// Snapshot a just-booted VM, before its first `/init` (no token, no
+    /// environment, nothing of a tenant's in it), as the warm base of its
+    /// shape, then let it go on. Best effort: a create never fails because
+    /// its warm base could not be made (the next one tries again).
+    async fn make_warm_base(
+        &self,
+        entry: &Entry,
+        record: &SandboxRecord,
+        rt: &Runtime,
+        guest: &GuestClient,
+        phases: &Phases,
+    ) {
+        let shape = (record.vcpus, record.memory_mib);
+        if !self.inner.warming.lock().expect("warming").insert(shape) {
+            return; // another create is making it
+        }
+        let started = Instant::now();
+        let result: Result<BuildId, AgentError> = async {
+            phases
+                .time(
+                    "guest.ready",
+                    guest.wait_ready(Instant::now() + GUEST_READY),
+                )
+                .await
+                .map_err(|source| AgentError::Guest {
+                    id: record.id.clone(),
+                    source,
+                })?;
+            let (build, _) = self.snapshot_build(entry, record, rt, phases).await?;
+            self.prepare_template_disk(rt, build, phases).await;
+            let vm = rt.vm.as_ref().expect("VM");
+            let resumed = vm
+                .resume()
+                .await
+                .map_err(|e| AgentError::operation(&record.id, "resume after snapshot", e));
+            self.inner.records.save_warm(&crate::records::WarmRecord {
+                build,
+                image: record.image.clone(),
+                vcpus: record.vcpus,
+                memory_mib: record.memory_mib,
+                created_at: now_rfc3339(),
+            })?;
+            // The VM descends from the warm base now: its next pause is a
+            // diff of it.
+            self.update(entry, |r| {
+                r.build = Some(build);
+                r.pending_build = None;
+            })?;
+            resumed.map(|()| build)
+        }
+        .await;
+        self.inner.warming.lock().expect("warming").remove(&shape);
+        match result {
+            Ok(build) => info!(
+                sandbox = %record.id,
+                build = %build,
+                vcpus = shape.0,
+                memory_mib = shape.1,
+                ms = started.elapsed().as_millis() as u64,
+                "warm base made: plain creates of this shape fork from it"
+            ),
+            Err(e) => {
+                warn!(sandbox = %record.id, error = %chain(&e), "warm base not made; creates of this shape boot");
+                let _ = self.update(entry, |r| r.pending_build = None);
             }
         }
     }
@@ -1580,6 +1679,8 @@ impl Agent {
         if let Ok(t) = self.inner.records.templates() {
             roots.extend(t.into_iter().map(|t| t.build));
         }
+        let warm = self.inner.records.warm(&self.inner.image.manifest.key);
+        roots.extend(warm.into_iter().map(|w| w.build));
         roots
     }
 

@@ -68,6 +68,11 @@ pub struct AgentConfig {
     pub image_dir: Option<PathBuf>,
     /// How sandboxes' VMMs and helpers are confined (uids, limits).
     pub confine: crate::confine::ConfineConfig,
+    /// Plain creates fork from a warm base (the image booted once per
+    /// shape and snapshotted before its first `/init`) instead of booting;
+    /// the first create of a shape boots and makes it. A create that asks
+    /// for `cold` always boots.
+    pub warm_base: bool,
 }
 
 /// The environment variable naming Firecracker's jailer binary.
@@ -100,6 +105,7 @@ impl AgentConfig {
             guest_bin: None,
             image_dir: None,
             confine: crate::confine::ConfineConfig::default(),
+            warm_base: true,
         }
     }
 

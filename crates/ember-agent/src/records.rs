@@ -1,5 +1,6 @@
-//! The agent's on-disk state: one JSON record per sandbox and the list of
-//! template builds, under `<data>/sandboxes/` and `<data>/templates/`.
+//! The agent's on-disk state: one JSON record per sandbox, the list of
+//! template builds and the warm bases, under `<data>/sandboxes/`,
+//! `<data>/templates/` and `<data>/warm/`.
 //!
 //! Every write goes to a temporary file that is fsynced and renamed over the
 //! old one, so a crash leaves either the old or the new record, never half
@@ -27,10 +28,32 @@ pub struct TemplateRecord {
     pub created_at: String,
 }
 
+/// A warm base: the base image booted once, snapshotted before any tenant
+/// saw it (before its first `/init`), so a plain create of this shape
+/// forks from it instead of booting. The agent's own, never listed as a
+/// template: the control plane neither sees nor sweeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmRecord {
+    pub build: BuildId,
+    /// The image key it was booted from; a record of another image is
+    /// stale and dropped.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub created_at: String,
+}
+
+impl WarmRecord {
+    fn file_name(vcpus: u32, memory_mib: u32) -> String {
+        format!("{vcpus}x{memory_mib}.json")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Records {
     sandboxes: PathBuf,
     templates: PathBuf,
+    warm: PathBuf,
 }
 
 impl Records {
@@ -38,8 +61,9 @@ impl Records {
         let records = Records {
             sandboxes: data_dir.join("sandboxes"),
             templates: data_dir.join("templates"),
+            warm: data_dir.join("warm"),
         };
-        for dir in [&records.sandboxes, &records.templates] {
+        for dir in [&records.sandboxes, &records.templates, &records.warm] {
             fs::create_dir_all(dir)
                 .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
         }
@@ -112,6 +136,49 @@ impl Records {
             }
         }
         Ok(out)
+    }
+}
+
+impl Records {
+    /// Saving a warm base replaces the one of the same shape (gc frees the
+    /// old build).
+    pub fn save_warm(&self, w: &WarmRecord) -> Result<(), AgentError> {
+        write_json_atomic(
+            &self.warm.join(WarmRecord::file_name(w.vcpus, w.memory_mib)),
+            w,
+        )
+    }
+
+    pub fn remove_warm(&self, vcpus: u32, memory_mib: u32) -> Result<(), AgentError> {
+        let path = self.warm.join(WarmRecord::file_name(vcpus, memory_mib));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(AgentError::io(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    /// The warm bases of `image`. Records of other images (the agent was
+    /// given a new one) and unreadable ones are removed: a warm base is
+    /// derived data, made again on the next create of its shape.
+    pub fn warm(&self, image: &str) -> Vec<WarmRecord> {
+        let Ok(entries) = fs::read_dir(&self.warm) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match read_json::<WarmRecord>(&path) {
+                Ok(w) if w.image == image => out.push(w),
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        out
     }
 }
 

@@ -299,6 +299,7 @@ impl HostAgent for HostService {
             metadata: r.metadata.into_iter().collect(),
             network: policy(r.network)?,
             guest_token: r.guest_token,
+            cold: r.cold,
         };
         crate::failpoint::hit("create.before").await?;
         let agent = self.agent.clone();

@@ -59,12 +59,23 @@ async fn create(c: &mut Client, memory_mib: u32, build: &str) -> String {
     create_timed(c, memory_mib, build).await.sandbox_id
 }
 
-/// Create, returning the agent's answer (with its phases).
+/// Create, returning the agent's answer (with its phases). Without a
+/// build it is a cold boot: what every other number is compared against.
 async fn create_timed(c: &mut Client, memory_mib: u32, build: &str) -> pb::Sandbox {
     let id = new_id();
     let mut req = create_request(&id);
     req.memory_mib = if build.is_empty() { memory_mib } else { 0 };
     req.build_id = build.to_owned();
+    req.cold = build.is_empty();
+    c.create_sandbox(req).await.expect("create").into_inner()
+}
+
+/// A plain create as users make it: forked from the warm base once there
+/// is one (the first create of a shape boots and makes it).
+async fn create_plain(c: &mut Client, memory_mib: u32) -> pb::Sandbox {
+    let id = new_id();
+    let mut req = create_request(&id);
+    req.memory_mib = memory_mib;
     c.create_sandbox(req).await.expect("create").into_inner()
 }
 
@@ -183,6 +194,23 @@ fn main() {
             destroy(&mut c, &sb.sandbox_id).await;
             table.add("cold", sb);
         }
+        // Plain creates: the first boots and makes the warm base, the
+        // later ones fork from it.
+        let t = Instant::now();
+        let sb = create_plain(&mut c, 512).await;
+        sh(&mut c, &sb.sandbox_id, "true").await;
+        let warm_first = t.elapsed();
+        destroy(&mut c, &sb.sandbox_id).await;
+        table.add("create, makes warm", sb);
+        let mut plain = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let sb = create_plain(&mut c, 512).await;
+            sh(&mut c, &sb.sandbox_id, "true").await;
+            plain.push(t.elapsed());
+            destroy(&mut c, &sb.sandbox_id).await;
+            table.add("create (warm)", sb);
+        }
         let id = create(&mut c, 512, "").await;
         // The record this sandbox's pause writes its intent into, read while
         // it runs, for part 1b.
@@ -231,9 +259,12 @@ fn main() {
             .await
             .unwrap();
         let (cold, warm, fork) = (median(cold), median(warm), median(forks));
+        let plain = median(plain);
         println!();
         println!("to first exec (median of 5)    ms      ratio");
         println!("  cold boot + exec          {:>8.0}    1.00", ms(cold));
+        println!("  create (makes warm base)  {:>8.0}    {:.3}", ms(warm_first), ms(warm_first) / ms(cold));
+        println!("  create (warm base) + exec {:>8.0}    {:.3} (plain create is {:.1}x faster)", ms(plain), ms(plain) / ms(cold), ms(cold) / ms(plain));
         println!("  resume + exec             {:>8.0}    {:.3} (resume is {:.1}x faster)", ms(warm), ms(warm) / ms(cold), ms(cold) / ms(warm));
         println!("  first fork + exec         {:>8.0}    {:.3} (first fork is {:.1}x faster)", ms(first_fork), ms(first_fork) / ms(cold), ms(cold) / ms(first_fork));
         println!("  later fork + exec         {:>8.0}    {:.3} (fork is {:.1}x faster)", ms(fork), ms(fork) / ms(cold), ms(cold) / ms(fork));

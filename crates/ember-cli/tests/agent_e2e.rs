@@ -554,10 +554,155 @@ fn template_forks_share_the_frozen_state_but_not_their_writes_root_vm() {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| !n.starts_with('.'))
             .collect::<Vec<_>>();
+        // The base image's build and the warm base the template's source
+        // made (its first plain create) are all that is left.
+        let warm = home.warm_builds();
+        assert_eq!(warm.len(), 1, "{warm:?}");
         assert_eq!(
             builds.len(),
-            1,
-            "only the base image's build is left: {builds:?}"
+            2,
+            "only the base image's build and the warm base are left: {builds:?}"
+        );
+        assert!(builds.contains(&warm[0]), "{builds:?}");
+        assert_clean(&home);
+    });
+}
+
+/// A plain create forks from the warm base: the image booted once per
+/// shape and snapshotted before its first `/init`, so nothing of the tenant
+/// who paid for that boot (token, environment, files) is in it. A `cold`
+/// create still boots, and the warm base outlives every sandbox.
+#[test]
+fn plain_creates_fork_a_warm_base_that_holds_nothing_of_a_tenant_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let names = |sb: &pb::Sandbox| -> Vec<String> {
+            sb.phases.iter().map(|p| p.name.clone()).collect()
+        };
+        let secret = "tenant-a-secret-4f1d9c";
+        let a = new_id();
+        let mut req = create_request(&a);
+        req.memory_mib = 256;
+        req.env.insert("SECRET".into(), secret.into());
+        let first = c
+            .create_sandbox(req.clone())
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()))
+            .into_inner();
+        // The first create of the shape boots, and makes the warm base
+        // before handing the VM over.
+        let phases = names(&first);
+        assert!(phases.iter().any(|p| p == "vmm.snapshot"), "{phases:?}");
+        assert!(!phases.iter().any(|p| p == "vmm.load_state"), "{phases:?}");
+        assert!(first.source_build_id.is_empty(), "not a template fork");
+        let warm: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(home.data().join("warm/1x256.json")).expect("warm record"),
+        )
+        .unwrap();
+        let warm_build = warm["build"].as_str().unwrap().to_owned();
+        assert_eq!(first.build_id, warm_build, "the VM descends from it");
+        let (out, _, _) = sh(
+            &mut c,
+            &a,
+            "echo $SECRET; echo mine > /home/user/a-file; sync",
+        )
+        .await;
+        assert_eq!(out, format!("{secret}\n"));
+
+        // Nothing of tenant A is in the warm base's memory.
+        let memfile =
+            std::fs::read(home.data().join("builds").join(&warm_build).join("memfile")).unwrap();
+        assert!(memfile.len() > 1 << 20, "the warm base holds guest memory");
+        for needle in [secret.as_bytes(), req.guest_token.as_bytes()] {
+            assert!(
+                !memfile.windows(needle.len()).any(|w| w == needle),
+                "{:?} is in the warm base",
+                String::from_utf8_lossy(needle)
+            );
+        }
+
+        // The search would see it: A's own pause (after its /init) holds
+        // its environment.
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()));
+        let paused = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: a.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(paused.build_id, warm_build);
+        let memfile = std::fs::read(
+            home.data()
+                .join("builds")
+                .join(&paused.build_id)
+                .join("memfile"),
+        )
+        .unwrap();
+        assert!(
+            memfile
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes()),
+            "A's pause should hold its environment"
+        );
+
+        // The next plain create forks from it: its own token and
+        // environment, none of A's files.
+        let b = new_id();
+        let mut req = create_request(&b);
+        req.memory_mib = 256;
+        req.env.insert("SECRET".into(), "b".into());
+        let second = c
+            .create_sandbox(req)
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()))
+            .into_inner();
+        let phases = names(&second);
+        assert!(phases.iter().any(|p| p == "vmm.load_state"), "{phases:?}");
+        assert!(!phases.iter().any(|p| p == "vmm.snapshot"), "{phases:?}");
+        assert_eq!(second.build_id, warm_build);
+        assert!(second.source_build_id.is_empty());
+        let (out, _, _) = sh(
+            &mut c,
+            &b,
+            "echo $SECRET; cat /home/user/a-file 2>&1 || true",
+        )
+        .await;
+        assert!(out.starts_with("b\n"), "{out}");
+        assert!(!out.contains("mine"), "A's file is in B: {out}");
+
+        // A cold create boots.
+        let cold = new_id();
+        let mut req = create_request(&cold);
+        req.memory_mib = 256;
+        req.cold = true;
+        let booted = c.create_sandbox(req).await.unwrap().into_inner();
+        let phases = names(&booted);
+        assert!(
+            !phases
+                .iter()
+                .any(|p| p == "vmm.load_state" || p == "vmm.snapshot"),
+            "{phases:?}"
+        );
+        assert!(booted.build_id.is_empty());
+        let (_, _, code) = sh(&mut c, &cold, "true").await;
+        assert_eq!(code, 0);
+
+        for id in [a, b, cold] {
+            c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+                .await
+                .unwrap();
+        }
+        assert!(
+            home.data().join("builds").join(&warm_build).is_dir(),
+            "the warm base outlives its sandboxes"
         );
         assert_clean(&home);
     });
@@ -1017,7 +1162,12 @@ fn disk_full_during_pause_keeps_the_sandbox_running_root_vm() {
     runtime().block_on(async {
         let mut c = agent.client().await;
         let id = new_id();
-        c.create_sandbox(create_request(&id)).await.unwrap();
+        // Booted, so its first pause writes all the memory it touched
+        // (~80 MiB), far more than the room left below; a fork of the warm
+        // base would write only its few MiB of changes.
+        let mut req = create_request(&id);
+        req.cold = true;
+        c.create_sandbox(req).await.unwrap();
         sh(&mut c, &id, "echo before > /home/user/f && sync").await;
         // Leave almost no room.
         let filler = data.join("filler");

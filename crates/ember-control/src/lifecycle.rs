@@ -52,6 +52,8 @@ pub struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub network: NetworkPolicy,
+    /// Boot `base` rather than fork the host's warm base.
+    pub cold: bool,
 }
 
 /// The key access tokens are derived from; its `Debug` shows no secret.
@@ -324,6 +326,7 @@ impl Operations {
             metadata: row.metadata.clone().into_iter().collect(),
             network: Some(proto_network(&row.network)),
             guest_token: auth::new_guest_token(),
+            cold: spec.cold,
         };
         timer.lap("control.intent");
         match client

@@ -60,6 +60,11 @@ pub struct CreateSandboxRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub network: NetworkPolicy,
+    /// With `base`: boot the image instead of forking the host's warm base
+    /// (the image booted once and snapshotted before any tenant saw it).
+    /// Slower; for comparisons and for a guest with its own boot.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

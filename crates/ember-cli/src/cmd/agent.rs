@@ -56,6 +56,11 @@ pub struct AgentOptions {
     /// its VMM as uid and gid BASE+N [default: 900000000].
     #[arg(long, env = "EMBER_VM_UID_BASE")]
     pub vm_uid_base: Option<u32>,
+    /// Fork plain creates from a warm base (the image booted once per
+    /// shape and snapshotted before any tenant saw it); `false` boots every
+    /// sandbox.
+    #[arg(long, env = "EMBER_WARM_BASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub warm_base: bool,
 }
 
 impl AgentOptions {
@@ -93,6 +98,7 @@ impl AgentOptions {
         if let Some(base) = self.vm_uid_base {
             c.confine.uid_base = base;
         }
+        c.warm_base = self.warm_base;
         c
     }
 }

@@ -78,6 +78,22 @@ impl AgentHome {
         self.dir.path().join("data")
     }
 
+    /// The builds of the agent's warm bases (`<data>/warm/*.json`): kept
+    /// like the base image's build, whatever happens to sandboxes.
+    pub fn warm_builds(&self) -> Vec<String> {
+        std::fs::read_dir(self.data().join("warm"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let w: serde_json::Value =
+                            serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                        Some(w["build"].as_str()?.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")
     }

@@ -157,6 +157,12 @@ pub async fn create_sandbox(
     validate_metadata(&req.metadata)?;
     validate_env("env", &req.env)?;
     validate_network(&req.network)?;
+    if req.cold && req.template != crate::lifecycle::BASE_TEMPLATE {
+        return Err(ApiError::invalid(
+            "cold",
+            "applies to `base` only: a template is always forked from its snapshot",
+        ));
+    }
     let spec = CreateSpec {
         team_id: team,
         template: req.template,
@@ -170,6 +176,7 @@ pub async fn create_sandbox(
             allow_out: req.network.allow_out,
             deny_out: req.network.deny_out,
         },
+        cold: req.cold,
     };
     let (sb, token) = state.ops.create(spec).await?;
     let mut out = to_wire(sb);

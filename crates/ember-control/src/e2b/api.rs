@@ -366,6 +366,7 @@ async fn create(
         metadata,
         env,
         network,
+        cold: false,
     };
     let (sb, _token) = state.ops.create(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_json(&state, &sb))))

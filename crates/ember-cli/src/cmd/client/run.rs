@@ -57,6 +57,7 @@ pub async fn run(r: RemoteRun) -> ExitCode {
         metadata: BTreeMap::from([("created_by".to_owned(), "ember run".to_owned())]),
         env: BTreeMap::new(),
         network: NetworkPolicy::default(),
+        cold: false,
     };
     let bar = output::spinner(format!("starting a sandbox on {}", api.base()));
     let created = {

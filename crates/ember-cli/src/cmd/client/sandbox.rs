@@ -136,6 +136,9 @@ struct CreateArgs {
     /// A destination (CIDR) the sandbox may never reach (repeatable).
     #[arg(long)]
     deny_out: Vec<String>,
+    /// Boot the base image instead of forking the host's warm base (slower).
+    #[arg(long)]
+    cold: bool,
     /// Print the server's JSON.
     #[arg(long)]
     json: bool,
@@ -462,6 +465,7 @@ async fn create(api: &Api, a: CreateArgs) -> anyhow::Result<ExitCode> {
             allow_out: a.allow_out,
             deny_out: a.deny_out,
         },
+        cold: a.cold,
     };
     let bar = output::spinner(format!("creating a sandbox from {}", a.template));
     let v = api.post("/v1/sandboxes", &body).await;
