@@ -138,6 +138,9 @@ pub(crate) struct Inner {
     warming: StdMutex<std::collections::HashSet<(u32, u32)>>,
 }
 
+/// MiB the pressure guard keeps free on the RAM file system (QEMU).
+const RAM_FS_MARGIN_MIB: u64 = 32;
+
 pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
@@ -318,6 +321,59 @@ impl Agent {
         }
     }
 
+    /// The memory-pressure guard: refuses a sandbox that will soon use
+    /// `need_mib` when that would leave less than the reserve of the host's
+    /// available memory or, for QEMU, of the RAM file system's free space
+    /// (a guest whose RAM file cannot grow dies of SIGBUS).
+    fn check_pressure(&self, need_mib: u64) -> Result<(), AgentError> {
+        let cfg = &self.inner.config;
+        let reserve_mib = cfg.memory_reserve_mib;
+        let short = |resource: String, available_mib: u64, reserve_mib: u64| {
+            if available_mib < reserve_mib + need_mib {
+                Err(AgentError::MemoryPressure {
+                    resource,
+                    available_mib,
+                    reserve_mib,
+                    need_mib,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(available) = crate::config::host_available_mib() {
+            short("host memory".to_owned(), available, reserve_mib)?;
+        }
+        if self.inner.backend.kind == BackendKind::Qemu
+            && let Ok(fs) = nix::sys::statvfs::statvfs(&cfg.memory_dir)
+        {
+            let free_mib = (fs.blocks_available() * fs.fragment_size()) >> 20;
+            // The RAM file system needs room for what guests touch, not
+            // for the host: a small margin only.
+            short(
+                format!("the RAM file system {}", cfg.memory_dir.display()),
+                free_mib,
+                RAM_FS_MARGIN_MIB,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What a sandbox restored from `build` (or booted, without one) will
+    /// soon use, MiB: the memory the build holds (what the guest had
+    /// touched) or, for a boot, what booting touches, plus its VMM.
+    fn expected_use_mib(&self, memory_mib: u32, build: Option<BuildId>) -> u64 {
+        const VMM_MIB: u64 = 64;
+        const BOOT_MIB: u64 = 160;
+        let held = build.and_then(|b| {
+            let path = self.inner.store.build_dir(b).join("memfile");
+            std::fs::metadata(path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.blocks() * 512) >> 20
+            })
+        });
+        held.unwrap_or(BOOT_MIB).min(u64::from(memory_mib)) + VMM_MIB
+    }
+
     fn reserve(&self, vcpus: u32, memory_mib: u32) -> Result<(), AgentError> {
         let capacity_mib = self.memory_capacity_mib();
         let mut u = self.inner.usage.lock().expect("usage lock");
@@ -437,13 +493,14 @@ impl Agent {
                 "vcpus must be 1..=32 and memory_mib 128..=65536 (got {vcpus} and {memory_mib})"
             )));
         }
-        self.reserve(vcpus, memory_mib)?;
         // A plain create forks from this shape's warm base where there is
         // one; the sandbox descends from it as a fork from its template.
         let warm_base = match req.build {
             None if cfg.warm_base && !req.cold => self.warm_base(vcpus, memory_mib),
             _ => None,
         };
+        self.check_pressure(self.expected_use_mib(memory_mib, req.build.or(warm_base)))?;
+        self.reserve(vcpus, memory_mib)?;
         let now = now_rfc3339();
         let record = SandboxRecord {
             id: req.id.clone(),
@@ -1373,7 +1430,10 @@ impl Agent {
         let _op = entry.op.lock().await;
         self.begin(&entry, Operation::Resume)?;
         let record = entry.record();
-        if let Err(e) = self.reserve(record.vcpus, record.memory_mib) {
+        let admitted = self
+            .check_pressure(self.expected_use_mib(record.memory_mib, record.build))
+            .and_then(|()| self.reserve(record.vcpus, record.memory_mib));
+        if let Err(e) = admitted {
             self.update(&entry, |r| r.state = SandboxState::Paused)?;
             return Err(e);
         }

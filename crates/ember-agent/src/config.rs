@@ -55,9 +55,23 @@ pub struct AgentConfig {
     /// The `ember` binary, started as `ember uffd` for page servers.
     pub ember_bin: PathBuf,
     pub net: PoolConfig,
-    /// vCPUs and memory the agent may hand out (after overcommit).
+    /// vCPUs and memory the agent may hand out, counted against each
+    /// sandbox's nominal size: the host's CPUs × `CPU_OVERSUBSCRIPTION`
+    /// and its memory (less the reserve) × `MEMORY_OVERSUBSCRIPTION` by
+    /// default. Sandboxes idle most of the time and touch a fraction of
+    /// their memory; what they really use is guarded by
+    /// `memory_reserve_mib`.
     pub capacity_vcpus: u32,
     pub capacity_memory_mib: u64,
+    /// Nominal guest memory per MiB of host memory (what
+    /// `capacity_memory_mib` was computed with). For QEMU the RAM file
+    /// system's size stays a hard cap, never oversubscribed: a guest whose
+    /// RAM file cannot grow dies of SIGBUS, so it is sized by the operator.
+    pub memory_oversubscription: f64,
+    /// The memory-pressure guard: a create or resume is refused when the
+    /// host's available memory (or the RAM file system's free space), less
+    /// what the sandbox will soon use, would fall below this many MiB.
+    pub memory_reserve_mib: u64,
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     /// The guest agent's binary baked into the base image.
@@ -75,17 +89,45 @@ pub struct AgentConfig {
     pub warm_base: bool,
 }
 
+/// Default vCPUs handed out per host CPU: an idle guest uses next to none.
+pub const CPU_OVERSUBSCRIPTION: f64 = 16.0;
+/// Default nominal guest memory handed out per MiB of host memory: an idle
+/// guest touches a fraction of its memory, and the pressure guard stops
+/// admissions before the host runs short.
+pub const MEMORY_OVERSUBSCRIPTION: f64 = 2.0;
+/// Default MiB the pressure guard keeps free for the host.
+pub const MEMORY_RESERVE_MIB: u64 = 1024;
+
+/// `amount` × `ratio`, rounded down (ratios below 1 are taken as 1).
+pub fn oversubscribed(amount: u64, ratio: f64) -> u64 {
+    (amount as f64 * ratio.max(1.0)) as u64
+}
+
+/// This machine's CPUs and memory (MiB).
+pub fn host_size() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    (cpus, host_memory_mib().unwrap_or(4096))
+}
+
+/// The host's available memory (`MemAvailable`), MiB.
+pub fn host_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// The environment variable naming Firecracker's jailer binary.
 pub const JAILER_ENV: &str = "EMBER_JAILER_BIN";
 
 impl AgentConfig {
     /// Defaults for this machine under `data_dir`: run state under
-    /// `/run/ember/agent`, RAM files under `/dev/shm/ember`, the whole
-    /// machine's CPUs ×4 (sandboxes idle most of the time) and its memory
-    /// minus 1 GiB for the host.
+    /// `/run/ember/agent`, RAM files under `/dev/shm/ember`, the machine's
+    /// CPUs and memory (less 1 GiB for the host) oversubscribed by the
+    /// default ratios (sandboxes idle most of the time), with the pressure
+    /// guard keeping 1 GiB free.
     pub fn for_host(data_dir: PathBuf) -> AgentConfig {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-        let memory_mib = host_memory_mib().unwrap_or(4096);
+        let (cpus, memory_mib) = host_size();
         AgentConfig {
             host_id: AgentConfig::load_or_create_host_id(&data_dir).unwrap_or_default(),
             run_dir: PathBuf::from("/run/ember/agent"),
@@ -98,8 +140,13 @@ impl AgentConfig {
             qemu: ember_vmm::qemu::QemuConfig::default(),
             ember_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ember")),
             net: PoolConfig::default(),
-            capacity_vcpus: cpus * 4,
-            capacity_memory_mib: memory_mib.saturating_sub(1024).max(512),
+            capacity_vcpus: oversubscribed(u64::from(cpus), CPU_OVERSUBSCRIPTION) as u32,
+            capacity_memory_mib: oversubscribed(
+                memory_mib.saturating_sub(MEMORY_RESERVE_MIB).max(512),
+                MEMORY_OVERSUBSCRIPTION,
+            ),
+            memory_oversubscription: MEMORY_OVERSUBSCRIPTION,
+            memory_reserve_mib: MEMORY_RESERVE_MIB,
             default_vcpus: 1,
             default_memory_mib: 512,
             guest_bin: None,

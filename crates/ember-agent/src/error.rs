@@ -46,6 +46,15 @@ pub enum AgentError {
         free_vcpus: u32,
         free_memory_mib: u64,
     },
+    #[error(
+        "the host is short of memory: {available_mib} MiB of {resource} available, {reserve_mib} MiB of it kept free and about {need_mib} MiB needed for this sandbox; pause or destroy sandboxes, or start the agent with a smaller --memory-reserve-mib"
+    )]
+    MemoryPressure {
+        resource: String,
+        available_mib: u64,
+        reserve_mib: u64,
+        need_mib: u64,
+    },
     #[error("sandbox {id}: {operation} failed")]
     Operation {
         id: SandboxId,
@@ -152,7 +161,9 @@ impl AgentError {
                 simple(Code::InvalidArgument, "template_shape_mismatch")
             }
             AgentError::InvalidArgument(_) => simple(Code::InvalidArgument, "bad_request"),
-            AgentError::NoCapacity { .. } => simple(Code::ResourceExhausted, "no_capacity"),
+            AgentError::NoCapacity { .. } | AgentError::MemoryPressure { .. } => {
+                simple(Code::ResourceExhausted, "no_capacity")
+            }
             AgentError::Guest { source, .. } => match source {
                 ember_guest_api::GuestError::Api { status, code, .. } => {
                     let grpc = match status {

@@ -708,6 +708,91 @@ fn plain_creates_fork_a_warm_base_that_holds_nothing_of_a_tenant_root_vm() {
     });
 }
 
+/// The memory-pressure guard: an agent told to keep more memory free than
+/// the host has refuses creates and resumes with an error naming the
+/// shortage and the flag, and loses nothing: the paused sandbox stays
+/// paused and resumes once the agent runs with a sane reserve.
+#[test]
+fn memory_pressure_refuses_admission_and_loses_nothing_root_vm() {
+    require_vm!();
+    let home = AgentHome::new();
+    let mut agent = home.start();
+    let id = new_id();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let mut req = create_request(&id);
+        req.memory_mib = 256;
+        c.create_sandbox(req).await.unwrap();
+        sh(&mut c, &id, "echo kept > /home/user/f && sync").await;
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    });
+    agent.stop();
+    // More than any host has: every admission is refused.
+    let mut agent = home.start_with(&["--memory-reserve-mib", "100000000"]);
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let err = c
+            .create_sandbox(create_request(&new_id()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        for words in [
+            "short of memory",
+            "MiB of host memory available",
+            "--memory-reserve-mib",
+        ] {
+            assert!(
+                err.message().contains(words),
+                "{words:?} not in {}",
+                err.message()
+            );
+        }
+        let err = c
+            .resume_sandbox(pb::ResumeSandboxRequest {
+                sandbox_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        let sb = c
+            .get_sandbox(pb::SandboxRef {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Paused);
+        let info = c
+            .host_info(pb::HostInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.vcpus_used, 0, "a refused admission holds nothing");
+    });
+    agent.stop();
+    let agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        c.resume_sandbox(pb::ResumeSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", home.logs()));
+        let (out, _, _) = sh(&mut c, &id, "cat /home/user/f").await;
+        assert_eq!(out, "kept\n");
+        c.destroy_sandbox(pb::SandboxRef { sandbox_id: id })
+            .await
+            .unwrap();
+        assert_clean(&home);
+    });
+}
+
 /// A namespace standing in for a network service outside the host: a veth
 /// to the host with `net.1` on the host side and `net.2` inside, where a
 /// TCP server answers "world".

@@ -46,12 +46,27 @@ pub struct AgentOptions {
     /// Address pool for the sandboxes' veth links [default: 10.200.0.0/16].
     #[arg(long, env = "EMBER_NET_POOL")]
     pub net_pool: Option<Ipv4Cidr>,
-    /// vCPUs this host hands out [default: 4 × CPUs].
+    /// vCPUs this host hands out [default: CPUs × --cpu-oversubscription].
     #[arg(long, env = "EMBER_CAPACITY_VCPUS")]
     pub capacity_vcpus: Option<u32>,
-    /// MiB of guest memory this host hands out [default: RAM − 1 GiB].
+    /// MiB of guest memory (sandboxes' nominal sizes) this host hands out
+    /// [default: (RAM − reserve) × --memory-oversubscription].
     #[arg(long, env = "EMBER_CAPACITY_MEMORY_MIB")]
     pub capacity_memory_mib: Option<u64>,
+    /// vCPUs handed out per host CPU (an idle guest uses ~0.6 % of a core) [default: 16].
+    #[arg(long, env = "EMBER_CPU_OVERSUBSCRIPTION")]
+    pub cpu_oversubscription: Option<f64>,
+    /// Nominal guest memory handed out per MiB of host memory (idle guests
+    /// touch a fraction of theirs; the reserve guards what they really use)
+    /// [default: 2]. With QEMU the RAM file system (--memory-dir) stays a
+    /// hard cap: size that tmpfs for the density you want.
+    #[arg(long, env = "EMBER_MEMORY_OVERSUBSCRIPTION")]
+    pub memory_oversubscription: Option<f64>,
+    /// MiB of host memory kept free: creates and resumes are refused
+    /// (`no_capacity`, naming the shortage) rather than let the host swap
+    /// or kill guests [default: 1024].
+    #[arg(long, env = "EMBER_MEMORY_RESERVE_MIB")]
+    pub memory_reserve_mib: Option<u64>,
     /// First uid of the sandboxes' own: the sandbox in network slot N runs
     /// its VMM as uid and gid BASE+N [default: 900000000].
     #[arg(long, env = "EMBER_VM_UID_BASE")]
@@ -89,6 +104,21 @@ impl AgentOptions {
             net.pool = pool;
         }
         c.net = net;
+        use ember_agent::config::{host_size, oversubscribed};
+        let (cpus, memory_mib) = host_size();
+        if let Some(r) = self.cpu_oversubscription {
+            c.capacity_vcpus = oversubscribed(u64::from(cpus), r) as u32;
+        }
+        if let Some(r) = self.memory_oversubscription {
+            c.memory_oversubscription = r;
+        }
+        if let Some(m) = self.memory_reserve_mib {
+            c.memory_reserve_mib = m;
+        }
+        c.capacity_memory_mib = oversubscribed(
+            memory_mib.saturating_sub(c.memory_reserve_mib).max(512),
+            c.memory_oversubscription,
+        );
         if let Some(v) = self.capacity_vcpus {
             c.capacity_vcpus = v;
         }
