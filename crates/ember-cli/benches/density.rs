@@ -20,20 +20,6 @@ use ember_proto::host as pb;
 
 const NOMINAL_MIB: u32 = 512;
 
-/// MiB of memory the host has handed out (MemTotal - MemAvailable).
-fn host_used_mib() -> f64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap()
-            / 1024.0
-    };
-    field("MemTotal:") - field("MemAvailable:")
-}
-
 /// (busy, total) jiffies of all host CPUs.
 fn cpu_jiffies() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();

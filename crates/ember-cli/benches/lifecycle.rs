@@ -29,20 +29,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// MiB of memory the host has handed out (MemTotal - MemAvailable).
-fn host_used_mib() -> f64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap()
-            / 1024.0
-    };
-    field("MemTotal:") - field("MemAvailable:")
-}
-
 /// Bytes a build stores itself (its data files, headers, vmstate).
 fn build_bytes(home: &AgentHome, build: &str) -> u64 {
     let meta = std::fs::read(home.data().join("builds").join(build).join("meta.json")).unwrap();

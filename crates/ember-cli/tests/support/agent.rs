@@ -435,3 +435,18 @@ pub fn assert_clean(home: &AgentHome) {
         .unwrap_or_default();
     assert!(disks.is_empty(), "disk layers left: {disks:?}");
 }
+
+/// MiB of memory the host has handed out (MemTotal - MemAvailable), for
+/// the benchmarks' before/after figures.
+pub fn host_used_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap()
+            / 1024.0
+    };
+    field("MemTotal:") - field("MemAvailable:")
+}
