@@ -222,3 +222,28 @@ def test_a_directory_watch_reports_changes(api: Live) -> None:
         assert ("create", "sub/f") in seen and seen[-1] == ("remove", "sub/f"), seen
         with pytest.raises(ember.Conflict):
             sb.files.watch("/etc/hostname")
+
+
+def test_plain_creates_fork_the_warm_base_and_cold_ones_boot(api: Live) -> None:
+    def phases(sb: Sandbox) -> list[str]:
+        assert sb.info.last_operation is not None
+        assert sb.info.last_operation.operation == "create"
+        assert sb.info.last_operation.total_ms > 0
+        return [name for name, _ in sb.info.last_operation.phases]
+
+    # The first plain create of a shape may make the host's warm base; the
+    # next one forks from it.
+    first = Sandbox.create(timeout=120, memory_mib=384)
+    try:
+        plain = Sandbox.create(timeout=120, memory_mib=384)
+        cold = Sandbox.create(timeout=120, memory_mib=384, cold=True)
+        try:
+            assert "host.vmm.load_state" in phases(plain), phases(plain)
+            assert "host.vmm.load_state" not in phases(cold), phases(cold)
+            assert "host.guest.ready" in phases(cold)
+            assert plain.commands.run("true").ok and cold.commands.run("true").ok
+        finally:
+            plain.kill()
+            cold.kill()
+    finally:
+        first.kill()

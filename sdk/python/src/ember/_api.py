@@ -35,6 +35,7 @@ def create_body(
     on_timeout: str,
     allow_out: Sequence[str] | None,
     deny_out: Sequence[str] | None,
+    cold: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "template": template,
@@ -48,6 +49,8 @@ def create_body(
         body["vcpus"] = vcpus
     if memory_mib is not None:
         body["memory_mib"] = memory_mib
+    if cold:
+        body["cold"] = True
     return body
 
 

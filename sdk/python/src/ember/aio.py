@@ -83,6 +83,7 @@ class AsyncClient:
         on_timeout: Literal["kill", "pause"] = "kill",
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
+        cold: bool = False,
     ) -> AsyncSandbox:
         body = _api.create_body(
             template=template,
@@ -94,6 +95,7 @@ class AsyncClient:
             on_timeout=on_timeout,
             allow_out=allow_out,
             deny_out=deny_out,
+            cold=cold,
         )
         resp = await self._t.request("POST", "/v1/sandboxes", json=body)
         return AsyncSandbox(SandboxInfo.from_json(resp.json()), self)
@@ -295,6 +297,7 @@ class AsyncSandbox:
         on_timeout: Literal["kill", "pause"] = "kill",
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
+        cold: bool = False,
         api_url: str | None = None,
         api_key: str | None = None,
         client: AsyncClient | None = None,
@@ -311,6 +314,7 @@ class AsyncSandbox:
                 on_timeout=on_timeout,
                 allow_out=allow_out,
                 deny_out=deny_out,
+                cold=cold,
             )
         except BaseException:
             if owned:

@@ -47,6 +47,29 @@ class SandboxState(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class OperationTiming:
+    """Where a sandbox's last create, fork, resume or pause spent its time:
+    ``phases`` are ``(name, ms)`` in the order they ended (concurrent ones
+    overlap; ``host.*`` phases are inside ``host``)."""
+
+    operation: str
+    total_ms: float
+    phases: list[tuple[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> OperationTiming:
+        return cls(
+            operation=d.get("operation", ""),
+            total_ms=float(d.get("total_ms", 0.0)),
+            phases=[(p["phase"], float(p["ms"])) for p in d.get("phases") or []],
+        )
+
+
+def _operation(d: dict[str, Any] | None) -> OperationTiming | None:
+    return OperationTiming.from_json(d) if d else None
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxInfo:
     id: str
     state: SandboxState
@@ -66,6 +89,8 @@ class SandboxInfo:
     failure_reason: str | None = None
     #: Only from :meth:`Sandbox.create`: a token for this sandbox's exec and files.
     access_token: str | None = None
+    #: Its last completed create, fork, resume or pause, phase by phase.
+    last_operation: OperationTiming | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
@@ -87,6 +112,7 @@ class SandboxInfo:
             expires_at=_time(d.get("expires_at")),
             failure_reason=d.get("failure_reason"),
             access_token=d.get("access_token"),
+            last_operation=_operation(d.get("last_operation")),
         )
 
 

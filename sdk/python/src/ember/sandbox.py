@@ -107,6 +107,7 @@ class Client:
         on_timeout: Literal["kill", "pause"] = "kill",
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
+        cold: bool = False,
     ) -> Sandbox:
         """Create a sandbox (never retried: a retry could create two)."""
         body = _api.create_body(
@@ -119,6 +120,7 @@ class Client:
             on_timeout=on_timeout,
             allow_out=allow_out,
             deny_out=deny_out,
+            cold=cold,
         )
         resp = self._t.request("POST", "/v1/sandboxes", json=body)
         return Sandbox(SandboxInfo.from_json(resp.json()), self)
@@ -329,6 +331,7 @@ class Sandbox:
         on_timeout: Literal["kill", "pause"] = "kill",
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
+        cold: bool = False,
         api_url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -350,6 +353,7 @@ class Sandbox:
                 on_timeout=on_timeout,
                 allow_out=allow_out,
                 deny_out=deny_out,
+                cold=cold,
             )
         except BaseException:
             if owned:
