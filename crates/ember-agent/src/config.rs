@@ -111,10 +111,13 @@ pub fn host_size() -> (u32, u64) {
 
 /// The host's available memory (`MemAvailable`), MiB.
 pub fn host_available_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    meminfo_mib("MemAvailable:")
+}
+
+/// Nominal guest memory a host of `host_memory_mib` hands out: what is
+/// left after the reserve (at least 512 MiB), times `ratio`.
+pub fn nominal_memory_mib(host_memory_mib: u64, reserve_mib: u64, ratio: f64) -> u64 {
+    oversubscribed(host_memory_mib.saturating_sub(reserve_mib).max(512), ratio)
 }
 
 /// The environment variable naming Firecracker's jailer binary.
@@ -141,8 +144,9 @@ impl AgentConfig {
             ember_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ember")),
             net: PoolConfig::default(),
             capacity_vcpus: oversubscribed(u64::from(cpus), CPU_OVERSUBSCRIPTION) as u32,
-            capacity_memory_mib: oversubscribed(
-                memory_mib.saturating_sub(MEMORY_RESERVE_MIB).max(512),
+            capacity_memory_mib: nominal_memory_mib(
+                memory_mib,
+                MEMORY_RESERVE_MIB,
                 MEMORY_OVERSUBSCRIPTION,
             ),
             memory_oversubscription: MEMORY_OVERSUBSCRIPTION,
@@ -176,8 +180,13 @@ impl AgentConfig {
 }
 
 fn host_memory_mib() -> Option<u64> {
+    meminfo_mib("MemTotal:")
+}
+
+/// One `/proc/meminfo` field (`name` with its colon), MiB.
+fn meminfo_mib(name: &str) -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = meminfo.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
 }

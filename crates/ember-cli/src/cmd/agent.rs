@@ -104,7 +104,7 @@ impl AgentOptions {
             net.pool = pool;
         }
         c.net = net;
-        use ember_agent::config::{host_size, oversubscribed};
+        use ember_agent::config::{host_size, nominal_memory_mib, oversubscribed};
         let (cpus, memory_mib) = host_size();
         if let Some(r) = self.cpu_oversubscription {
             c.capacity_vcpus = oversubscribed(u64::from(cpus), r) as u32;
@@ -115,10 +115,8 @@ impl AgentOptions {
         if let Some(m) = self.memory_reserve_mib {
             c.memory_reserve_mib = m;
         }
-        c.capacity_memory_mib = oversubscribed(
-            memory_mib.saturating_sub(c.memory_reserve_mib).max(512),
-            c.memory_oversubscription,
-        );
+        c.capacity_memory_mib =
+            nominal_memory_mib(memory_mib, c.memory_reserve_mib, c.memory_oversubscription);
         if let Some(v) = self.capacity_vcpus {
             c.capacity_vcpus = v;
         }
