@@ -149,15 +149,6 @@ impl Records {
         )
     }
 
-    pub fn remove_warm(&self, vcpus: u32, memory_mib: u32) -> Result<(), AgentError> {
-        let path = self.warm.join(WarmRecord::file_name(vcpus, memory_mib));
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(AgentError::io(format!("remove {}", path.display()), e)),
-        }
-    }
-
     /// The warm bases of `image`. Records of other images (the agent was
     /// given a new one) and unreadable ones are removed: a warm base is
     /// derived data, made again on the next create of its shape.
