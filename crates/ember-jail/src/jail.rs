@@ -85,6 +85,20 @@ pub struct Device {
     pub access: DeviceAccess,
 }
 
+impl Device {
+    /// The device number the host's `/dev` node has, else the usual one:
+    /// misc devices such as `userfaultfd` get their minor when the driver
+    /// registers (10:126 on some kernels, 10:257 on others).
+    pub fn host_number(&self) -> libc::dev_t {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        std::fs::metadata(Path::new("/dev").join(self.name))
+            .ok()
+            .filter(|m| m.file_type().is_char_device())
+            .map(|m| m.rdev() as libc::dev_t)
+            .unwrap_or_else(|| libc::makedev(self.major, self.minor))
+    }
+}
+
 pub const DEV_NULL: Device = Device {
     name: "null",
     major: 1,
@@ -363,7 +377,7 @@ impl JailPlan {
                 },
                 JailEntry::Device(d) => Step::Mknod {
                     path: inside(&Path::new("/dev").join(d.name))?,
-                    dev: libc::makedev(d.major, d.minor),
+                    dev: d.host_number(),
                     owner: d.access == DeviceAccess::Owner,
                 },
             });
@@ -730,6 +744,25 @@ mod tests {
         uid: 900_000_001,
         gid: 900_000_001,
     };
+
+    #[test]
+    fn device_numbers_come_from_the_host_node() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/null is 1:3 everywhere; a device the host lacks keeps its
+        // usual number.
+        let null = std::fs::metadata("/dev/null").unwrap().rdev() as libc::dev_t;
+        assert_eq!(DEV_NULL.host_number(), null);
+        let absent = Device {
+            name: "ember-no-such-device",
+            major: 10,
+            minor: 99,
+            access: DeviceAccess::Owner,
+        };
+        assert_eq!(absent.host_number(), libc::makedev(10, 99));
+        if let Ok(m) = std::fs::metadata("/dev/userfaultfd") {
+            assert_eq!(DEV_USERFAULTFD.host_number(), m.rdev() as libc::dev_t);
+        }
+    }
 
     #[test]
     fn a_plan_has_the_system_a_minimal_dev_and_parents_before_children() {
