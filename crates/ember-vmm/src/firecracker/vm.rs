@@ -25,6 +25,9 @@ pub struct FirecrackerVm {
     client: ApiClient,
     process: VmmProcess,
     jail: Option<Jail>,
+    /// Runs in a jail (Firecracker's jailer or Ember's own) and so sees
+    /// only its run directory: snapshots are written there, then moved.
+    confined: bool,
     state: Mutex<InstanceState>,
     detached: bool,
     /// Filled by the VMM's boot or restore (see `Vm::start_phases`).
@@ -38,6 +41,7 @@ impl FirecrackerVm {
         client: ApiClient,
         process: VmmProcess,
         jail: Option<Jail>,
+        confined: bool,
     ) -> Self {
         Self {
             vm_id,
@@ -45,6 +49,7 @@ impl FirecrackerVm {
             client,
             process,
             jail,
+            confined,
             state: Mutex::new(InstanceState::NotStarted),
             detached: false,
             start_phases: Vec::new(),
@@ -164,7 +169,7 @@ impl FirecrackerVm {
             SnapshotKind::Full => SnapshotType::Full,
             SnapshotKind::Diff => SnapshotType::Diff,
         });
-        if self.jail.is_none() {
+        if !self.confined {
             return self
                 .client
                 .create_snapshot(&SnapshotCreateParams {
@@ -174,7 +179,8 @@ impl FirecrackerVm {
                 })
                 .await;
         }
-        // Jailed: write inside the jail (the run directory), then move out.
+        // Confined: write inside the VMM's view (the run directory), then
+        // move out.
         let dir = self.layout.host(entry::SNAPSHOT_DIR);
         let io = |context: String| move |source| VmmError::Io { context, source };
         let _ = std::fs::remove_dir_all(&dir);
