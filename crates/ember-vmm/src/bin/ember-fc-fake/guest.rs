@@ -21,6 +21,9 @@ use crate::api::SnapshotType;
 pub const PAGE: usize = 4096;
 /// The guest word the fake's "vCPU" increments while the VM runs.
 pub const TICK_ADDR: usize = 0x1000;
+/// The pages the "vCPU" walks through, one per tick (below the kernel).
+pub const WALK_ADDR: usize = 0x2000;
+pub const WALK_PAGES: usize = 64;
 /// Firecracker's lowest address for an ELF kernel (1 MiB).
 const HIMEM_START: u64 = 0x10_0000;
 

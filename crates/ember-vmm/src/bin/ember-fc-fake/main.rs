@@ -16,9 +16,11 @@
 //! It does not run guest code. Its "guest" is guest memory with the kernel's
 //! ELF segments loaded into it and one word (at [`guest::TICK_ADDR`]) that a
 //! thread rewrites every few milliseconds while the VM runs, so snapshots
-//! have something dirty. On its serial console (stdout) it reports memory
-//! checksums when it snapshots and restores, so tests can check memory made
-//! the round trip. Boot arguments steer the simulated guest:
+//! have something dirty (and a walk over 64 more pages, read and rewritten in
+//! turn). On its serial console (stdout) it says `guest running` whenever
+//! its vCPU starts or continues (what a host agent started with
+//! `--guest-ready-serial` waits for) and reports memory checksums when it
+//! snapshots and restores, so tests can check memory made the round trip. Boot arguments steer the simulated guest:
 //! `ember_fake.vsock_listen=<port>[,<port>...]` makes those vsock ports
 //! accept (and echo), and `ember_fake.ctrl_alt_del=exit` makes the guest
 //! power off on Ctrl+Alt+Del.

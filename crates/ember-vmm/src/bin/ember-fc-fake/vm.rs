@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::api::{self, ActionType, BackendType, HugePages, RateLimiter, SnapshotType, VmState};
 use crate::devices::{self, GuestVsock, VsockDevice};
-use crate::guest::{Memory, TICK_ADDR};
+use crate::guest::{Memory, PAGE, TICK_ADDR, WALK_ADDR, WALK_PAGES};
 
 const BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
@@ -572,6 +572,9 @@ impl Vm {
     }
 
     fn set_running(&mut self, running: bool) {
+        if running && !self.running.load(Ordering::SeqCst) {
+            self.serial("guest running");
+        }
         self.running.store(running, Ordering::SeqCst);
         self.phase = if running {
             Phase::Running
@@ -731,7 +734,10 @@ fn guest_vsock_ports(boot_args: &str) -> std::collections::BTreeSet<u32> {
 }
 
 /// The simulated vCPU: while running, it increments the word at
-/// [`TICK_ADDR`] every few milliseconds, dirtying that page. It stops when
+/// [`TICK_ADDR`] every few milliseconds, dirtying that page, and reads and
+/// rewrites a word in the next page of a walk over [`WALK_PAGES`] pages from
+/// [`WALK_ADDR`], so a diff snapshot holds at most `WALK_PAGES + 1` pages
+/// and what it holds depends on everything before. It stops when
 /// the VM drops the memory.
 fn spawn_vcpu(memory: Arc<Mutex<Memory>>, running: Arc<AtomicBool>) {
     std::thread::spawn(move || {
@@ -744,6 +750,10 @@ fn spawn_vcpu(memory: Arc<Mutex<Memory>>, running: Arc<AtomicBool>) {
                 let mut memory = memory.lock().expect("memory lock");
                 let tick = memory.read_u64(TICK_ADDR).wrapping_add(1);
                 memory.write(TICK_ADDR, &tick.to_le_bytes());
+                // Read and rewrite one page of the walk in turn.
+                let at = WALK_ADDR + (tick as usize % WALK_PAGES) * PAGE;
+                let word = memory.read_u64(at).rotate_left(5) ^ tick;
+                memory.write(at, &word.to_le_bytes());
             }
         }
     });
