@@ -19,9 +19,9 @@ use ember_guest_api::{GuestClient, InitRequest};
 use ember_image::Image;
 use ember_net::{EgressPolicy, SlotPool};
 use ember_snapshot::{Base, BuildInfo, BuildStore, ImageKind, VmInfo};
-use ember_types::{BackendKind, BuildId, DiskFormat, SandboxId};
+use ember_types::{BuildId, DiskFormat, SandboxId};
 use ember_vmm::{
-    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec, SnapshotKind,
+    DriveSpec, Launch, MachineSpec, MemoryBackend, MemoryDump, NetSpec, RestoreSpec,
     SnapshotRequest, VmConfig,
 };
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,8 @@ use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
 use crate::backend::Backend;
-use crate::config::AgentConfig;
+use crate::backend::MemoryKind;
+use crate::config::{AgentConfig, GuestReadiness};
 use crate::disk;
 use crate::error::{AgentError, chain};
 use crate::records::{Records, TemplateRecord};
@@ -79,8 +80,8 @@ pub struct Metrics {
     pub creates: AtomicU64,
     pub pauses: AtomicU64,
     pub resumes: AtomicU64,
-    pub page_faults_served: AtomicU64,
-    pub pages_prefetched: AtomicU64,
+    /// What page servers that have ended served.
+    pub page_servers: Arc<crate::runtime::PageServerTotals>,
 }
 
 #[derive(Debug)]
@@ -309,7 +310,7 @@ impl Agent {
     /// half the host's RAM; a guest past it would die of SIGBUS).
     pub fn memory_capacity_mib(&self) -> u64 {
         let cfg = &self.inner.config;
-        if self.inner.backend.kind != BackendKind::Qemu {
+        if self.inner.backend.strategy.memory != MemoryKind::RamFile {
             return cfg.capacity_memory_mib;
         }
         match nix::sys::statvfs::statvfs(&cfg.memory_dir) {
@@ -343,7 +344,7 @@ impl Agent {
         if let Some(available) = crate::config::host_available_mib() {
             short("host memory".to_owned(), available, reserve_mib)?;
         }
-        if self.inner.backend.kind == BackendKind::Qemu
+        if self.inner.backend.strategy.memory == MemoryKind::RamFile
             && let Ok(fs) = nix::sys::statvfs::statvfs(&cfg.memory_dir)
         {
             let free_mib = (fs.blocks_available() * fs.fragment_size()) >> 20;
@@ -712,7 +713,7 @@ impl Agent {
                     )
                     .await?,
             );
-            if self.inner.backend.kind == BackendKind::Qemu {
+            if self.inner.backend.strategy.memory == MemoryKind::RamFile {
                 rt.memory_file = Some(self.memory_file(&record.id));
             }
             let launch = self.launch(record, &rt, &image, image.kernel_args());
@@ -733,8 +734,15 @@ impl Agent {
                 self.make_warm_base(entry, record, &rt, &guest, phases)
                     .await;
             }
-            self.init_guest(record, &guest, &record.guest_token, &record.env, phases)
-                .await?;
+            self.init_guest(
+                record,
+                &rt,
+                &guest,
+                &record.guest_token,
+                &record.env,
+                phases,
+            )
+            .await?;
             rt.guest = Some(guest);
             Ok(())
         }
@@ -781,13 +789,9 @@ impl Agent {
             phases
                 .time(
                     "guest.ready",
-                    guest.wait_ready(Instant::now() + GUEST_READY),
+                    self.guest_up(&record.id, rt, guest, Instant::now() + GUEST_READY),
                 )
-                .await
-                .map_err(|source| AgentError::Guest {
-                    id: record.id.clone(),
-                    source,
-                })?;
+                .await?;
             let (build, _) = self.snapshot_build(entry, record, rt, phases).await?;
             self.prepare_template_disk(rt, build, phases).await;
             let vm = rt.vm.as_ref().expect("VM");
@@ -840,12 +844,12 @@ impl Agent {
         phases: &Phases,
     ) -> Result<Runtime, AgentError> {
         let (meta, image) = phases.time("build.lookup", self.build_image(build)).await?;
-        let qemu = self.inner.backend.kind == BackendKind::Qemu;
+        let ram_file = self.inner.backend.strategy.memory == MemoryKind::RamFile;
         let (prepared, disk, memory_file) = tokio::join!(
             self.prepare(record, phases),
             phases.time("disk", self.disk_for(&record.id, build, None)),
             async {
-                if qemu {
+                if ram_file {
                     Some(
                         phases
                             .time("memory", self.materialize_memory(&record.id, build))
@@ -893,6 +897,7 @@ impl Agent {
                                 rt.run_dir.as_ref().expect("run dir"),
                                 build,
                                 Some(&confinement),
+                                self.inner.metrics.page_servers.clone(),
                             ),
                         )
                         .await?;
@@ -901,6 +906,10 @@ impl Agent {
                     MemoryBackend::Uffd(socket)
                 }
             };
+            let build_dir = self.inner.store.build_dir(build);
+            crate::runtime::servable(&build_dir).map_err(|e| {
+                AgentError::io(format!("open {} to the VMM", build_dir.display()), e)
+            })?;
             let launch = self.launch(record, &rt, &image, &meta.kernel_args);
             let spec = RestoreSpec {
                 vmstate: self
@@ -924,7 +933,7 @@ impl Agent {
             rt.vm = Some(vm);
             rt.launch = Some(launch);
             let guest = self.guest_client(&rt, Some(&meta.guest_token));
-            self.init_guest(record, &guest, new_token, env, phases)
+            self.init_guest(record, &rt, &guest, new_token, env, phases)
                 .await?;
             rt.guest = Some(guest);
             Ok(())
@@ -1018,11 +1027,48 @@ impl Agent {
         }
     }
 
+    /// Wait until the guest is up: its agent answers or, for test guests
+    /// without one, the configured line reaches its serial console.
+    async fn guest_up(
+        &self,
+        id: &SandboxId,
+        rt: &Runtime,
+        guest: &GuestClient,
+        deadline: Instant,
+    ) -> Result<(), AgentError> {
+        match &self.inner.config.guest_readiness {
+            GuestReadiness::Agent => {
+                guest
+                    .wait_ready(deadline)
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| AgentError::Guest {
+                        id: id.clone(),
+                        source,
+                    })
+            }
+            GuestReadiness::Serial(text) => {
+                let started = Instant::now();
+                let log = rt.run_dir.as_ref().expect("run dir").join("serial.log");
+                if crate::runtime::wait_for_serial(&log, text, deadline).await {
+                    Ok(())
+                } else {
+                    Err(AgentError::SerialNotReady {
+                        id: id.clone(),
+                        text: text.clone(),
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
+            }
+        }
+    }
+
     /// Wait for the guest agent, then give it the time, env, a fresh token
     /// and fresh entropy (forks of one snapshot must not share RNG state).
     async fn init_guest(
         &self,
         record: &SandboxRecord,
+        rt: &Runtime,
         guest: &GuestClient,
         token: &str,
         env: &BTreeMap<String, String>,
@@ -1035,10 +1081,12 @@ impl Agent {
         phases
             .time(
                 "guest.ready",
-                guest.wait_ready(Instant::now() + GUEST_READY),
+                self.guest_up(&record.id, rt, guest, Instant::now() + GUEST_READY),
             )
-            .await
-            .map_err(guest_err)?;
+            .await?;
+        if self.inner.config.guest_readiness != GuestReadiness::Agent {
+            return Ok(()); // a test guest: no agent to hand anything to
+        }
         let entropy: [u8; 64] = {
             use rand::Rng;
             let mut b = [0u8; 64];
@@ -1074,10 +1122,10 @@ impl Agent {
             Some(f) => f,
             None => self.flat_rootfs(build).await?,
         };
-        let kind = self.inner.backend.kind;
+        let format = self.inner.backend.strategy.disk;
         let store = self.inner.store.clone();
-        blocking(move || match kind {
-            BackendKind::Qemu => {
+        blocking(move || match format {
+            DiskFormat::Qcow2 => {
                 let size = store
                     .open_header(build, ImageKind::Rootfs)
                     .map_err(AgentError::Store)?
@@ -1091,10 +1139,10 @@ impl Agent {
                     below: base.chain(),
                 })
             }
-            BackendKind::Firecracker => {
+            DiskFormat::Raw => {
                 if base.format != DiskFormat::Raw {
                     return Err(AgentError::io(
-                        format!("copy {} for Firecracker", base.path.display()),
+                        format!("copy {} as a raw disk", base.path.display()),
                         std::io::Error::other(format!("a {} base is not raw", base.format)),
                     ));
                 }
@@ -1227,10 +1275,7 @@ impl Agent {
         std::fs::create_dir_all(&work)
             .map_err(|e| AgentError::io(format!("create {}", work.display()), e))?;
         let parent = record.build;
-        let kind = match (self.inner.backend.kind, parent) {
-            (BackendKind::Firecracker, Some(_)) => SnapshotKind::Diff,
-            _ => SnapshotKind::Full,
-        };
+        let kind = self.inner.backend.strategy.snapshot_kind(parent);
         let request = SnapshotRequest {
             kind,
             vmstate: work.join("vmstate"),
@@ -1632,23 +1677,68 @@ impl Agent {
             if entry.state() != SandboxState::Running {
                 continue;
             }
-            let exited = {
+            let (exited, page_server_gone, run_dir) = {
                 let runtime = entry.runtime.lock().await;
-                runtime.as_ref().and_then(|rt| {
-                    rt.vm
+                let Some(rt) = runtime.as_ref() else { continue };
+                (
+                    rt.vm.as_ref().and_then(|vm| vm.exit_status()),
+                    rt.page_server
                         .as_ref()
-                        .map(|vm| (vm.exit_status(), rt.run_dir.clone()))
-                })
+                        .filter(|ps| !crate::runtime::pid_alive(ps.pid))
+                        .map(|ps| ps.pid),
+                    rt.run_dir.clone(),
+                )
             };
-            if let Some((Some(status), run_dir)) = exited {
-                let console = run_dir
-                    .map(|d| crate::runtime::tail_of(&d.join("serial.log")))
-                    .unwrap_or_default();
+            let tail = |file: &str| {
+                run_dir
+                    .as_ref()
+                    .map(|d| crate::runtime::tail_of(&d.join(file)))
+                    .unwrap_or_default()
+            };
+            if let Some(status) = exited {
+                let console = tail("serial.log");
                 let _ = self
                     .fail(&entry, format!("VMM exited ({status}); console: {console}"))
                     .await;
+            } else if let Some(pid) = page_server_gone {
+                // Nothing can serve the guest's missing pages any more: its
+                // next fault would hang a vCPU for ever. Stop it now.
+                let log = tail("page-server.log");
+                let _ = self
+                    .fail(
+                        &entry,
+                        format!(
+                            "page server (pid {pid}) exited, so the guest's memory could no \
+                             longer be served and its VM was stopped; page server log: {log}"
+                        ),
+                    )
+                    .await;
             }
         }
+    }
+
+    /// Page faults served, pages prefetched and bytes copied by this host's
+    /// page servers: those that ended, and the live ones (asked now).
+    pub async fn page_server_metrics(&self) -> (u64, u64, u64) {
+        let (mut faults, mut prefetched, mut bytes) = self.inner.metrics.page_servers.snapshot();
+        for entry in self.entries() {
+            let runtime = entry.runtime.lock().await;
+            let Some(ps) = runtime.as_ref().and_then(|rt| rt.page_server.as_ref()) else {
+                continue;
+            };
+            if let Some(m) = ps.metrics().await {
+                faults += m.faults;
+                prefetched += m.pages_prefetched;
+                bytes += m.bytes_copied;
+            }
+        }
+        (faults, prefetched, bytes)
+    }
+
+    /// Network slots this host can still hand out.
+    pub fn slots_free(&self) -> u32 {
+        let held = self.list().iter().filter(|r| r.state.holds_vm()).count() as u32;
+        self.inner.slots.layout().capacity().saturating_sub(held)
     }
 
     // ------------------------------------------------------------ usage
@@ -1772,6 +1862,9 @@ impl Agent {
     /// The guest client of a running sandbox, for exec and file calls.
     pub async fn guest(&self, id: &SandboxId) -> Result<GuestClient, AgentError> {
         let entry = self.entry(id)?;
+        if self.inner.config.guest_readiness != GuestReadiness::Agent {
+            return Err(AgentError::NoGuestAgent(id.clone()));
+        }
         let state = entry.state();
         if Operation::Guest.enter(state).is_none() {
             return Err(AgentError::IllegalTransition {

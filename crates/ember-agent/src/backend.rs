@@ -23,6 +23,64 @@ pub struct Backend {
     /// What separates a guest from the host: hardware virtualisation, or
     /// none worth the name.
     pub isolation: Isolation,
+    /// How this backend's VMs hold memory and disks, and what their
+    /// snapshots hold: the one place the lifecycle asks.
+    pub strategy: Strategy,
+}
+
+/// The choices that differ between backends, made once per backend so the
+/// lifecycle (create, pause, resume, fork) reads the same for all of them;
+/// a new backend is a new [`Strategy::of`] arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strategy {
+    pub memory: MemoryKind,
+    /// The format of each sandbox's own root disk layer.
+    pub disk: ember_types::DiskFormat,
+    /// A VM restored from a build snapshots only the pages dirtied since
+    /// (a `Diff` build over that build); otherwise every snapshot is Full.
+    pub diff_snapshots: bool,
+}
+
+/// Where a backend's guest memory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// A file the agent makes in the memory directory (QEMU's
+    /// `memory-backend-file`): a restore materialises the build's memory
+    /// into it, and the memory file system's size caps the host's capacity
+    /// (a guest whose RAM file cannot grow dies of SIGBUS).
+    RamFile,
+    /// Anonymous memory in the VMM, restored lazily through a userfaultfd
+    /// page server the agent starts (Firecracker's `Uffd` backend).
+    PageServer,
+}
+
+impl Strategy {
+    pub fn of(kind: BackendKind) -> Strategy {
+        match kind {
+            // qcow2 overlays share the base; QEMU's snapshots hold all of
+            // RAM (its RAM file), so each pause is Full.
+            BackendKind::Qemu => Strategy {
+                memory: MemoryKind::RamFile,
+                disk: ember_types::DiskFormat::Qcow2,
+                diff_snapshots: false,
+            },
+            // Firecracker opens raw files only; KVM's dirty log makes
+            // Diff snapshots of restored VMs.
+            BackendKind::Firecracker => Strategy {
+                memory: MemoryKind::PageServer,
+                disk: ember_types::DiskFormat::Raw,
+                diff_snapshots: true,
+            },
+        }
+    }
+
+    /// The kind of snapshot a VM descended from `parent` takes.
+    pub fn snapshot_kind(self, parent: Option<ember_types::BuildId>) -> ember_vmm::SnapshotKind {
+        match parent {
+            Some(_) if self.diff_snapshots => ember_vmm::SnapshotKind::Diff,
+            _ => ember_vmm::SnapshotKind::Full,
+        }
+    }
 }
 
 /// What a guest escape has to break through.
@@ -141,5 +199,6 @@ pub async fn choose(config: &AgentConfig) -> Result<Backend, AgentError> {
         detail,
         version,
         isolation,
+        strategy: Strategy::of(kind),
     })
 }

@@ -87,6 +87,23 @@ pub struct AgentConfig {
     /// the first create of a shape boots and makes it. A create that asks
     /// for `cold` always boots.
     pub warm_base: bool,
+    /// How the agent knows a guest is up.
+    pub guest_readiness: GuestReadiness,
+}
+
+/// How the agent knows a guest has come up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GuestReadiness {
+    /// Ember's guest agent answers; the agent then hands it its token,
+    /// environment, clock and entropy. Every real sandbox.
+    #[default]
+    Agent,
+    /// A line holding this text appears on the guest's serial console.
+    /// For test guests without Ember's guest agent (Firecracker's tiny test
+    /// guests, `ember-fc-fake`), so the VMM path can be exercised where a
+    /// Linux guest cannot run: such sandboxes get no token and cannot run
+    /// commands or move files. Never for tenants.
+    Serial(String),
 }
 
 /// Default vCPUs handed out per host CPU: an idle guest uses next to none.
@@ -157,6 +174,7 @@ impl AgentConfig {
             image_dir: None,
             confine: crate::confine::ConfineConfig::default(),
             warm_base: true,
+            guest_readiness: GuestReadiness::Agent,
         }
     }
 

@@ -70,6 +70,19 @@ pub enum AgentError {
     },
     #[error("{0}")]
     PageServer(String),
+    #[error(
+        "sandbox {id}: no line holding {text:?} on the guest's serial console within {waited_ms} ms"
+    )]
+    SerialNotReady {
+        id: SandboxId,
+        text: String,
+        waited_ms: u64,
+    },
+    #[error(
+        "sandbox {0} runs a test guest without Ember's guest agent (this agent was started with \
+         --guest-ready-serial): it cannot run commands or move files"
+    )]
+    NoGuestAgent(SandboxId),
     #[error("{source}; guest console: {console}")]
     StartFailed {
         console: String,
@@ -154,6 +167,7 @@ impl AgentError {
             AgentError::BuildNotFound(_) => simple(Code::NotFound, "build_not_found"),
             AgentError::SandboxExists(_) => simple(Code::AlreadyExists, "already_exists"),
             AgentError::IllegalTransition { .. } => simple(Code::FailedPrecondition, "conflict"),
+            AgentError::NoGuestAgent(_) => simple(Code::FailedPrecondition, "no_guest_agent"),
             AgentError::BackendMismatch { .. } => {
                 simple(Code::FailedPrecondition, "backend_mismatch")
             }

@@ -5,10 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ember_guest_api::GuestClient;
 use ember_net::Slot;
+use ember_uffd::metrics::MetricsSnapshot;
 use ember_vmm::{Launch, Vm};
 use tracing::{info, warn};
 
@@ -53,7 +56,40 @@ pub struct PageServer {
     pub pid: u32,
     pub socket: PathBuf,
     pub control_socket: PathBuf,
+    /// Where its counters go when it ends.
+    pub totals: Arc<PageServerTotals>,
 }
+
+/// What the host's page servers that have ended served (the live ones
+/// are asked over their control sockets).
+#[derive(Debug, Default)]
+pub struct PageServerTotals {
+    pub faults: AtomicU64,
+    pub pages_prefetched: AtomicU64,
+    pub bytes_copied: AtomicU64,
+}
+
+impl PageServerTotals {
+    pub fn add(&self, m: &MetricsSnapshot) {
+        self.faults.fetch_add(m.faults, Ordering::Relaxed);
+        self.pages_prefetched
+            .fetch_add(m.pages_prefetched, Ordering::Relaxed);
+        self.bytes_copied
+            .fetch_add(m.bytes_copied, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.faults.load(Ordering::Relaxed),
+            self.pages_prefetched.load(Ordering::Relaxed),
+            self.bytes_copied.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The page server's metrics file in its VM's run directory (written when
+/// it ends).
+const METRICS_FILE: &str = "page-server.metrics.json";
 
 /// Where a jailed page server sees its VM's run directory and the store.
 const PS_RUN: &str = "/run/ember/ps";
@@ -74,6 +110,7 @@ impl PageServer {
         run_dir: &Path,
         build: ember_types::BuildId,
         confinement: Option<&ember_jail::Confinement>,
+        totals: Arc<PageServerTotals>,
     ) -> Result<PageServer, AgentError> {
         use tokio::io::AsyncBufReadExt;
         let socket = run_dir.join("page-server.sock");
@@ -102,6 +139,10 @@ impl PageServer {
                 let mut plan = c.plan();
                 let program = plan.executable(ember_bin);
                 for b in header.referenced_builds().into_iter().chain([build]) {
+                    let dir = store.build_dir(b);
+                    servable(&dir).map_err(|e| {
+                        AgentError::io(format!("open {} to page servers", dir.display()), e)
+                    })?;
                     plan.push(ember_jail::jail::JailEntry::Bind {
                         source: store.build_dir(b),
                         path: Path::new(PS_DATA).join("builds").join(b.to_string()),
@@ -140,7 +181,7 @@ impl PageServer {
             .arg("--control-socket")
             .arg(run_inside.join("page-server.ctl"))
             .arg("--metrics-file")
-            .arg(run_inside.join("page-server.metrics.json"))
+            .arg(run_inside.join(METRICS_FILE))
             .env_clear()
             .env(
                 "RUST_LOG",
@@ -169,7 +210,8 @@ impl PageServer {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
-                if line.trim() == "ready" {
+                // `ready socket=<path>`
+                if line.split_whitespace().next() == Some("ready") {
                     return Ok(true);
                 }
             }
@@ -186,6 +228,7 @@ impl PageServer {
                 pid,
                 socket,
                 control_socket,
+                totals,
             }),
             other => {
                 kill_pid(pid);
@@ -202,7 +245,28 @@ impl PageServer {
         }
     }
 
-    /// Stop the server; SIGTERM makes it write the working set it recorded.
+    /// What it has served so far, asked over its control socket (`None`
+    /// if it does not answer within a second).
+    pub async fn metrics(&self) -> Option<MetricsSnapshot> {
+        let path = self.control_socket.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut client = ember_uffd::control::ControlClient::connect_with_timeout(
+                &path,
+                Duration::from_secs(1),
+            )
+            .ok()?;
+            let mut answer = client
+                .request(&ember_uffd::control::Request::Metrics)
+                .ok()?;
+            serde_json::from_value(answer.get_mut("metrics")?.take()).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Stop the server; SIGTERM makes it write the working set it recorded
+    /// and its metrics, which go into the host's totals.
     pub async fn stop(&self) {
         signal_pid(self.pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -212,9 +276,59 @@ impl PageServer {
         if pid_alive(self.pid) {
             kill_pid(self.pid);
         }
+        if let Some(dir) = self.socket.parent()
+            && let Ok(bytes) = std::fs::read(dir.join(METRICS_FILE))
+            && let Ok(m) = serde_json::from_slice::<MetricsSnapshot>(&bytes)
+        {
+            self.totals.add(&m);
+        }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.control_socket);
     }
+}
+
+/// Wait until a line holding `text` is in the serial log at `path` (the
+/// file grows as the guest writes); false at `deadline`.
+pub async fn wait_for_serial(path: &Path, text: &str, deadline: Instant) -> bool {
+    let mut seen = 0usize;
+    let mut pending = String::new();
+    loop {
+        if let Ok(bytes) = std::fs::read(path)
+            && bytes.len() > seen
+        {
+            pending.push_str(&String::from_utf8_lossy(&bytes[seen..]));
+            seen = bytes.len();
+            if pending.lines().any(|l| l.contains(text)) {
+                return true;
+            }
+            // Keep only the unfinished last line.
+            if let Some(end) = pending.rfind('\n') {
+                pending.drain(..=end);
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Let a confined VMM and page server (another uid) read a build's VM
+/// state and memory: the agent makes everything private to itself (umask
+/// 077), and the data directory above stays 0700, so only what a jail binds
+/// in is reachable.
+pub fn servable(build_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(build_dir, std::fs::Permissions::from_mode(0o711))?;
+    for entry in std::fs::read_dir(build_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if (name.starts_with("memfile") || name == "vmstate") && entry.file_type()?.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    Ok(())
 }
 
 pub fn pid_alive(pid: u32) -> bool {

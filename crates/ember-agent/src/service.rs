@@ -252,6 +252,7 @@ impl HostAgent for HostService {
         let m = a.metrics();
         let totals = a.usage_totals();
         let builds = a.builds_on_disk().await;
+        let (faults, prefetched, _) = a.page_server_metrics().await;
         Ok(Response::new(pb::HostInfoReply {
             host_id: cfg.host_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -263,12 +264,12 @@ impl HostAgent for HostService {
             memory_mib_used: memory_used,
             sandboxes_running: count(SandboxState::Running),
             sandboxes_paused: count(SandboxState::Paused),
-            slots_free: 0,
+            slots_free: a.slots_free(),
             isolation: a.backend().isolation.as_str().to_owned(),
             builds: builds.iter().map(|b| b.to_string()).collect(),
             metrics: Some(pb::HostMetrics {
-                page_faults_served: m.page_faults_served.load(Ordering::Relaxed),
-                pages_prefetched: m.pages_prefetched.load(Ordering::Relaxed),
+                page_faults_served: faults,
+                pages_prefetched: prefetched,
                 creates: m.creates.load(Ordering::Relaxed),
                 pauses: m.pauses.load(Ordering::Relaxed),
                 resumes: m.resumes.load(Ordering::Relaxed),

@@ -138,8 +138,14 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub fn connect(path: &Path) -> std::io::Result<ControlClient> {
+        Self::connect_with_timeout(path, Duration::from_secs(30))
+    }
+
+    /// Connect; each answer must come within `timeout`.
+    pub fn connect_with_timeout(path: &Path, timeout: Duration) -> std::io::Result<ControlClient> {
         let stream = UnixStream::connect(path)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         Ok(ControlClient {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),

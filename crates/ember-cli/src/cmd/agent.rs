@@ -76,6 +76,12 @@ pub struct AgentOptions {
     /// sandbox.
     #[arg(long, env = "EMBER_WARM_BASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub warm_base: bool,
+    /// Testing only: treat a guest as up when a line holding TEXT appears
+    /// on its serial console, instead of waiting for Ember's guest agent.
+    /// For test guests that have none (Firecracker's tiny test guests,
+    /// `ember-fc-fake`); their sandboxes cannot run commands or move files.
+    #[arg(long, value_name = "TEXT", hide = true)]
+    pub guest_ready_serial: Option<String>,
 }
 
 impl AgentOptions {
@@ -127,6 +133,9 @@ impl AgentOptions {
             c.confine.uid_base = base;
         }
         c.warm_base = self.warm_base;
+        if let Some(text) = &self.guest_ready_serial {
+            c.guest_readiness = ember_agent::config::GuestReadiness::Serial(text.clone());
+        }
         c
     }
 }

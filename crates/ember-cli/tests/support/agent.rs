@@ -46,6 +46,8 @@ pub struct AgentHome {
     pub extra_env: Vec<(String, String)>,
     /// Each agent's sandboxes get uids of their own (tests run in parallel).
     pub uid_base: u32,
+    /// The backend options (`--backend qemu` unless a test says otherwise).
+    pub backend: Vec<String>,
 }
 
 impl AgentHome {
@@ -71,7 +73,31 @@ impl AgentHome {
             token: format!("tok-{}", rng.r#gen::<u64>()),
             extra_env: Vec::new(),
             uid_base: 1_000_000_000 + rng.gen_range(0..100_000) * 1000,
+            backend: vec!["--backend".into(), "qemu".into()],
         }
+    }
+
+    /// A home whose agent drives Firecracker's API through `ember-fc-fake`
+    /// (built with the workspace), whose guests have no guest agent: a
+    /// guest is up when the fake says `guest running` on its console.
+    #[allow(dead_code)]
+    pub fn fake_firecracker() -> AgentHome {
+        let fake = Path::new(env!("CARGO_BIN_EXE_ember")).with_file_name("ember-fc-fake");
+        assert!(
+            fake.is_file(),
+            "{} is missing: build the workspace (cargo build --workspace --bins)",
+            fake.display()
+        );
+        let mut home = AgentHome::new();
+        home.backend = vec![
+            "--backend".into(),
+            "firecracker".into(),
+            "--firecracker-bin".into(),
+            fake.display().to_string(),
+            "--guest-ready-serial".into(),
+            "guest running".into(),
+        ];
+        home
     }
 
     pub fn data(&self) -> PathBuf {
@@ -102,7 +128,7 @@ impl AgentHome {
     /// every other: backend, run, memory and image directories, network
     /// prefix and pool. `ember agent` and `ember server` both take them.
     pub fn agent_options(&self) -> Vec<std::ffi::OsString> {
-        let mut v: Vec<std::ffi::OsString> = vec!["--backend".into(), "qemu".into()];
+        let mut v: Vec<std::ffi::OsString> = self.backend.iter().map(Into::into).collect();
         v.extend(["--run-dir".into(), self.run_dir().into_os_string()]);
         v.extend([
             "--memory-dir".into(),
