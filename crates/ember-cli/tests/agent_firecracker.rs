@@ -158,9 +158,15 @@ async fn generation(
     }
     let resumed = resume(client, id).await;
     eprintln!(
-        "generation {generation}: {kind} build holds {} KiB of memory; resume {} ms",
+        "generation {generation}: {kind} build holds {} KiB of memory; resume {} ms ({})",
         held >> 10,
-        resumed.last_operation_ms
+        resumed.last_operation_ms,
+        resumed
+            .phases
+            .iter()
+            .map(|p| format!("{} {} ms", p.name, p.micros / 1000))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     assert!(
         resumed.phases.iter().any(|p| p.name == "page_server"),
@@ -321,5 +327,123 @@ async fn a_dead_page_server_stops_its_vm_and_fails_the_sandbox_cleanly_root() {
         "the sandbox's last build is kept"
     );
     client.destroy_sandbox(sref(&id)).await.expect("destroy");
+    assert_clean(&home);
+}
+
+/// Proportional and resident set size of a process, KiB.
+fn pss_rss_kib(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Pss:"), field("Rss:"))
+}
+
+/// The VMM (the fake) of one sandbox.
+fn vmm_of(home: &AgentHome, id: &str) -> u32 {
+    let pids: Vec<u32> = home
+        .processes_of(id)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("ember-fc-fake"))
+        })
+        .collect();
+    assert_eq!(pids.len(), 1, "one VMM for {id}: {pids:?}");
+    pids[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_bases_and_templates_fork_through_page_servers_root() {
+    require!(preconditions(), "needs root and the guest image");
+    let home = AgentHome::fake_firecracker();
+    let agent = home.start();
+    let mut client = agent.client().await;
+    let plain = |id: &str| {
+        let mut req = create_request(id);
+        req.memory_mib = 128;
+        req
+    };
+
+    // The first plain create boots and makes its shape's warm base.
+    let first = new_id();
+    let sb = client
+        .create_sandbox(plain(&first))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&sb), pb::SandboxState::Running, "{sb:?}");
+    assert_eq!(home.warm_builds().len(), 1, "a warm base was made");
+    let warm = Console::open(&home, &first)
+        .checksum("snapshot Full memory checksum")
+        .expect("the warm base snapshot on the first console");
+
+    // The next forks from it, through a page server.
+    let second = new_id();
+    let sb = client
+        .create_sandbox(plain(&second))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&sb), pb::SandboxState::Running, "{sb:?}");
+    assert!(sb.phases.iter().any(|p| p.name == "page_server"), "{sb:?}");
+    let mut console = Console::open(&home, &second);
+    assert_eq!(console.checksum("restored memory checksum"), Some(warm));
+
+    // A template of the fork (a Diff over the warm base), and three forks
+    // of the template, each with the template's memory.
+    let template = client
+        .create_snapshot(pb::CreateSnapshotRequest {
+            sandbox_id: second.clone(),
+        })
+        .await
+        .expect("snapshot")
+        .into_inner();
+    let at_template = console
+        .checksum("snapshot Diff memory checksum")
+        .expect("the template is a diff of the warm base");
+    let mut forks = Vec::new();
+    for _ in 0..3 {
+        let id = new_id();
+        let mut req = create_request(&id);
+        req.build_id = template.build_id.clone();
+        let sb = client.create_sandbox(req).await.expect("fork").into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Running, "{sb:?}");
+        let restored = Console::open(&home, &id).checksum("restored memory checksum");
+        assert_eq!(restored.as_deref(), Some(at_template.as_str()));
+        forks.push(id);
+    }
+    // What the forks cost: a page server copies every page it serves into
+    // its VM, so forks share no guest memory (reported, not asserted).
+    let (mut pss, mut rss) = (0, 0);
+    for id in &forks {
+        let (p, r) = pss_rss_kib(vmm_of(&home, id));
+        pss += p;
+        rss += r;
+    }
+    eprintln!(
+        "3 forks of a 128 MiB template: VMM PSS {} MiB, RSS {} MiB in all",
+        pss >> 10,
+        rss >> 10
+    );
+    assert_eq!(
+        page_servers(&home).len(),
+        4,
+        "one page server per restored VM"
+    );
+
+    for id in forks.iter().chain([&first, &second]) {
+        client.destroy_sandbox(sref(id)).await.expect("destroy");
+    }
+    client
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            build_id: template.build_id.clone(),
+        })
+        .await
+        .expect("delete template");
     assert_clean(&home);
 }
