@@ -39,6 +39,19 @@ def find_binary() -> Path | None:
     return None
 
 
+def _backend_args() -> list[str]:
+    """QEMU, or Firecracker with a real Linux guest under ``scripts/test-kvm``."""
+    backend = os.environ.get("EMBER_TEST_BACKEND", "qemu")
+    if backend == "qemu":
+        return ["--backend", "qemu"]
+    if backend != "firecracker":
+        raise RuntimeError(f'EMBER_TEST_BACKEND={backend!r}: expected "qemu" or "firecracker"')
+    args = ["--backend", "firecracker", "--firecracker-bin", os.environ["EMBER_FIRECRACKER_BIN"]]
+    if os.environ.get("EMBER_JAILER_BIN"):
+        args += ["--jailer-bin", os.environ["EMBER_JAILER_BIN"]]
+    return args
+
+
 def find_image_dir() -> Path | None:
     """The current built guest image (what ``ember image build`` made)."""
     env = os.environ.get("EMBER_IMAGE_DIR")
@@ -72,7 +85,7 @@ class EmberServer:
         cmd = [
             str(self.binary), "server",
             "--listen", "127.0.0.1:0",
-            "--backend", "qemu",
+            *_backend_args(),
             "--data-dir", str(self.dir / "data"),
             "--run-dir", str(self.dir / "run"),
             "--memory-dir", str(self.memory_dir),

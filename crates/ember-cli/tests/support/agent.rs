@@ -50,6 +50,30 @@ pub struct AgentHome {
     pub backend: Vec<String>,
 }
 
+/// The backend the suite runs on: QEMU, or Firecracker with a real Linux
+/// guest where `scripts/test-kvm` says so (`EMBER_TEST_BACKEND=firecracker`
+/// with `EMBER_FIRECRACKER_BIN`, and `EMBER_JAILER_BIN` if set).
+fn backend_from_env() -> Vec<String> {
+    match std::env::var("EMBER_TEST_BACKEND").as_deref() {
+        Ok("firecracker") => {
+            let bin = std::env::var("EMBER_FIRECRACKER_BIN")
+                .expect("EMBER_TEST_BACKEND=firecracker needs EMBER_FIRECRACKER_BIN");
+            let mut v = vec![
+                "--backend".into(),
+                "firecracker".into(),
+                "--firecracker-bin".into(),
+                bin,
+            ];
+            if let Ok(jailer) = std::env::var("EMBER_JAILER_BIN") {
+                v.extend(["--jailer-bin".into(), jailer]);
+            }
+            v
+        }
+        Ok("qemu") | Err(_) => vec!["--backend".into(), "qemu".into()],
+        Ok(other) => panic!("EMBER_TEST_BACKEND={other:?}: expected \"qemu\" or \"firecracker\""),
+    }
+}
+
 impl AgentHome {
     pub fn new() -> AgentHome {
         let mut rng = rand::thread_rng();
@@ -73,7 +97,7 @@ impl AgentHome {
             token: format!("tok-{}", rng.r#gen::<u64>()),
             extra_env: Vec::new(),
             uid_base: 1_000_000_000 + rng.gen_range(0..100_000) * 1000,
-            backend: vec!["--backend".into(), "qemu".into()],
+            backend: backend_from_env(),
         }
     }
 
