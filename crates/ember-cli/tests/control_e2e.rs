@@ -1230,7 +1230,10 @@ async fn concurrent_creates_and_racing_transitions(db: support::server::TestDb) 
 /// `on_timeout`; and the sweep survives a control-plane restart.
 async fn reconciler_and_timeouts_with_real_vms(db: support::server::TestDb) {
     let home = AgentHome::new();
-    let mut spec = ServerSpec::new(&db, Some(&home)).config("orphan_grace_s = 3");
+    // An orphan's age counts from the start of its create, and the test
+    // must see it alive after a TCG boot that takes 3 s or more on a busy
+    // machine: the grace has to outlast that.
+    let mut spec = ServerSpec::new(&db, Some(&home)).config("orphan_grace_s = 8");
     spec.join_token = home.token.clone();
     let mut server = spec.start();
     let admin_key = server.admin_key.clone().unwrap();
