@@ -1414,12 +1414,24 @@ impl Agent {
         };
         match outcome {
             Ok(build) => {
-                let rt = runtime.take().expect("runtime");
+                let mut rt = runtime.take().expect("runtime");
                 drop(runtime);
                 // Stop the VM first so its disk is quiet, then keep the disk
                 // as the new build's rootfs cache: the resume needs no copy.
                 if let Some(vm) = &rt.vm {
                     let _ = phases.time("vmm.kill", vm.kill()).await;
+                }
+                // What the guest touched since its restore is what the
+                // resume of the new build prefetches.
+                if let Some(ps) = rt.page_server.take() {
+                    phases.time("page_server.stop", ps.stop()).await;
+                    ps.file_working_set_into(
+                        &self
+                            .inner
+                            .store
+                            .build_dir(build)
+                            .join(crate::runtime::WORKING_SET),
+                    );
                 }
                 if let Some(d) = &rt.disk
                     && let Err(e) = disk::keep_as_cache(&self.inner.config.data_dir, d, build)
@@ -1722,17 +1734,40 @@ impl Agent {
     pub async fn page_server_metrics(&self) -> (u64, u64, u64) {
         let (mut faults, mut prefetched, mut bytes) = self.inner.metrics.page_servers.snapshot();
         for entry in self.entries() {
-            let runtime = entry.runtime.lock().await;
-            let Some(ps) = runtime.as_ref().and_then(|rt| rt.page_server.as_ref()) else {
-                continue;
+            // A runtime busy with an operation is skipped, never waited for.
+            let socket = match entry.runtime.try_lock() {
+                Ok(rt) => rt
+                    .as_ref()
+                    .and_then(|rt| rt.page_server.as_ref())
+                    .map(|ps| ps.control_socket.clone()),
+                Err(_) => None,
             };
-            if let Some(m) = ps.metrics().await {
+            let Some(socket) = socket else { continue };
+            if let Some(m) = PageServer::metrics_at(socket).await {
                 faults += m.faults;
                 prefetched += m.pages_prefetched;
                 bytes += m.bytes_copied;
             }
         }
         (faults, prefetched, bytes)
+    }
+
+    /// What the page server of `id`'s VM has served, if it has one.
+    pub async fn page_server_of(
+        &self,
+        id: &SandboxId,
+    ) -> Option<ember_uffd::metrics::MetricsSnapshot> {
+        let entry = self.entry(id).ok()?;
+        let socket = {
+            let runtime = entry.runtime.lock().await;
+            runtime
+                .as_ref()?
+                .page_server
+                .as_ref()?
+                .control_socket
+                .clone()
+        };
+        PageServer::metrics_at(socket).await
     }
 
     /// Network slots this host can still hand out.

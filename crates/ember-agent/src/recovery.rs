@@ -203,6 +203,7 @@ async fn adopt(
             socket: run_dir.join("page-server.sock"),
             control_socket: run_dir.join("page-server.ctl"),
             totals: inner.metrics.page_servers.clone(),
+            file_working_set: None,
         });
     }
     rt.disk = disk_layer_of(&rt_record.launch);

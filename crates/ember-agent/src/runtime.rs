@@ -58,6 +58,10 @@ pub struct PageServer {
     pub control_socket: PathBuf,
     /// Where its counters go when it ends.
     pub totals: Arc<PageServerTotals>,
+    /// Where the working set it records goes when it ends: the build it
+    /// serves, when that build has none yet (the first restore of a
+    /// template records what its forks will prefetch).
+    pub file_working_set: Option<PathBuf>,
 }
 
 /// What the host's page servers that have ended served (the live ones
@@ -229,6 +233,8 @@ impl PageServer {
                 socket,
                 control_socket,
                 totals,
+                file_working_set: Some(store.build_dir(build).join(WORKING_SET))
+                    .filter(|p| !p.exists()),
             }),
             other => {
                 kill_pid(pid);
@@ -245,10 +251,10 @@ impl PageServer {
         }
     }
 
-    /// What it has served so far, asked over its control socket (`None`
-    /// if it does not answer within a second).
-    pub async fn metrics(&self) -> Option<MetricsSnapshot> {
-        let path = self.control_socket.clone();
+    /// What a page server has served so far, asked over its control socket
+    /// at `path` (`None` if it does not answer within a second). Takes the
+    /// path, not the server, so no lock is held while it answers.
+    pub async fn metrics_at(path: PathBuf) -> Option<MetricsSnapshot> {
         tokio::task::spawn_blocking(move || {
             let mut client = ember_uffd::control::ControlClient::connect_with_timeout(
                 &path,
@@ -281,6 +287,11 @@ impl PageServer {
             && let Ok(m) = serde_json::from_slice::<MetricsSnapshot>(&bytes)
         {
             self.totals.add(&m);
+        }
+        if let Some(to) = &self.file_working_set
+            && !to.exists()
+        {
+            self.file_working_set_into(to);
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.control_socket);
@@ -329,6 +340,31 @@ pub fn servable(build_dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+impl PageServer {
+    /// Copy the working set this (stopped) server recorded to `to`, a
+    /// build's `working-set`, atomically; the next restore of that build
+    /// prefetches it. Best effort: without it a restore is only lazier.
+    pub fn file_working_set_into(&self, to: &Path) {
+        let Some(from) = self.socket.parent().map(|d| d.join(WORKING_SET)) else {
+            return;
+        };
+        if !from.is_file() {
+            return;
+        }
+        let tmp = to.with_extension("tmp");
+        let filed = std::fs::copy(&from, &tmp)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, to));
+        match filed {
+            Ok(()) => info!(working_set = %to.display(), "working set filed for the next restore"),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                warn!(working_set = %to.display(), error = %e, "working set not filed");
+            }
+        }
+    }
 }
 
 pub fn pid_alive(pid: u32) -> bool {

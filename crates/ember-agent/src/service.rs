@@ -252,7 +252,7 @@ impl HostAgent for HostService {
         let m = a.metrics();
         let totals = a.usage_totals();
         let builds = a.builds_on_disk().await;
-        let (faults, prefetched, _) = a.page_server_metrics().await;
+        let (faults, prefetched, bytes_copied) = a.page_server_metrics().await;
         Ok(Response::new(pb::HostInfoReply {
             host_id: cfg.host_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -270,6 +270,7 @@ impl HostAgent for HostService {
             metrics: Some(pb::HostMetrics {
                 page_faults_served: faults,
                 pages_prefetched: prefetched,
+                page_server_bytes_copied: bytes_copied,
                 creates: m.creates.load(Ordering::Relaxed),
                 pauses: m.pauses.load(Ordering::Relaxed),
                 resumes: m.resumes.load(Ordering::Relaxed),
@@ -529,7 +530,22 @@ impl HostAgent for HostService {
     ) -> Result<Response<pb::SandboxMetrics>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
         let samples = self.agent.usage_of(&id).await?;
+        let page_server = self
+            .agent
+            .page_server_of(&id)
+            .await
+            .map(|m| pb::PageServerMetrics {
+                faults: m.faults,
+                pages_copied: m.pages_copied,
+                pages_zeroed: m.pages_zeroed,
+                pages_prefetched: m.pages_prefetched,
+                bytes_copied: m.bytes_copied,
+                fault_latency_mean_us: m.fault_latency_mean_us,
+                first_fault_us: m.first_fault_us,
+                prefetch_done_us: m.prefetch_done_us,
+            });
         Ok(Response::new(pb::SandboxMetrics {
+            page_server,
             samples: samples
                 .into_iter()
                 .map(|s| pb::UsageSample {

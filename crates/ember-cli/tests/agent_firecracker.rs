@@ -174,6 +174,39 @@ async fn generation(
         resumed.phases
     );
     assert_eq!(page_servers(home).len(), 1, "one page server serves the VM");
+    // What it served, asked live: the fake read every page back.
+    let served = client
+        .get_sandbox_metrics(sref(id))
+        .await
+        .expect("sandbox metrics")
+        .into_inner()
+        .page_server
+        .expect("a restored Firecracker VM has page server metrics");
+    assert!(
+        served.bytes_copied >= 128 << 20,
+        "the page server handed the guest all of its memory: {served:?}"
+    );
+    assert_eq!(
+        served.first_fault_us.is_some(),
+        served.faults > 0,
+        "the first fault's time is known once there was one: {served:?}"
+    );
+    if generation > 0 {
+        // The pause filed the working set the last run recorded into the
+        // new build; this resume prefetched it.
+        assert!(
+            served.pages_prefetched > 0 && served.prefetch_done_us.is_some(),
+            "generation {generation}: the recorded working set was prefetched: {served:?}"
+        );
+    }
+    eprintln!(
+        "generation {generation}: page server: {} faults, {} MiB copied, first fault after {} us, \
+         prefetch done after {:?} us",
+        served.faults,
+        served.bytes_copied >> 20,
+        served.first_fault_us.unwrap_or_default(),
+        served.prefetch_done_us
+    );
     let mut console = Console::open(home, id);
     let restored = console
         .checksum("restored memory checksum")
@@ -244,8 +277,8 @@ async fn firecracker_sandboxes_pause_as_diffs_and_resume_through_the_page_server
         .into_inner();
     let m = info.metrics.expect("host metrics");
     assert!(
-        m.page_faults_served > 0,
-        "page faults served are counted: {m:?}"
+        m.page_faults_served > 0 && m.page_server_bytes_copied > 0,
+        "five restores' page faults and bytes are counted: {m:?}"
     );
 
     client.destroy_sandbox(sref(&id)).await.expect("destroy");

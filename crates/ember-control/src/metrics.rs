@@ -76,6 +76,7 @@ pub struct Metrics {
     phase_latency: Family<PhaseLabel, Histogram>,
     page_faults: Family<HostLabel, Gauge<u64, AtomicU64>>,
     pages_prefetched: Family<HostLabel, Gauge<u64, AtomicU64>>,
+    page_server_bytes: Family<HostLabel, Gauge<u64, AtomicU64>>,
     host_operations: Family<HostOperationLabel, Gauge<u64, AtomicU64>>,
     host_up: Family<HostLabel, Gauge>,
     /// Sums over each host's running sandboxes (from their cgroups).
@@ -145,6 +146,12 @@ impl Metrics {
             "Pages prefetched by the host's page servers since its agent started (always 0 on qemu hosts)",
             pages_prefetched.clone(),
         );
+        let page_server_bytes = Family::<HostLabel, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "host_page_server_bytes_copied",
+            "Bytes the host's page servers read from builds into guests since its agent started (always 0 on qemu hosts)",
+            page_server_bytes.clone(),
+        );
         let host_operations = Family::<HostOperationLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "host_operations",
@@ -180,6 +187,7 @@ impl Metrics {
             phase_latency,
             page_faults,
             pages_prefetched,
+            page_server_bytes,
             host_operations,
             host_up,
             sandbox_usage,
@@ -258,6 +266,9 @@ impl Metrics {
             self.pages_prefetched
                 .get_or_create(&label)
                 .set(m.pages_prefetched);
+            self.page_server_bytes
+                .get_or_create(&label)
+                .set(m.page_server_bytes_copied);
             for (resource, v) in [
                 ("cpu_percent", m.sandboxes_cpu_percent),
                 ("memory_bytes", m.sandboxes_memory_bytes as f64),
@@ -313,6 +324,7 @@ mod tests {
             backend: "firecracker".into(),
             metrics: Some(ember_proto::host::HostMetrics {
                 page_faults_served: 42,
+                page_server_bytes_copied: 1 << 20,
                 creates: 2,
                 ..Default::default()
             }),
@@ -350,6 +362,12 @@ mod tests {
         assert!(
             text.contains(
                 "ember_host_page_faults_served{host=\"host-a\",backend=\"firecracker\"} 42"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ember_host_page_server_bytes_copied{host=\"host-a\",backend=\"firecracker\"} 1048576"
             ),
             "{text}"
         );

@@ -2,8 +2,9 @@
 //! snapshot of them that it logs at exit, writes to the metrics file and
 //! returns over the control socket.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,11 +31,44 @@ pub struct Metrics {
     latency: [AtomicU64; LATENCY_BUCKETS],
     latency_sum_ns: AtomicU64,
     latency_max_ns: AtomicU64,
+    /// When serving began (the VMM's handshake taken): the clock of the
+    /// restore's milestones below.
+    serving_since: OnceLock<Instant>,
+    /// Microseconds from then to the guest's first fault, and to the end
+    /// of the working set's prefetch; 0 until it happens.
+    first_fault_us: AtomicU64,
+    prefetch_done_us: AtomicU64,
 }
 
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Start the milestones' clock (once; later calls keep the first).
+    pub fn start_clock(&self) {
+        let _ = self.serving_since.set(Instant::now());
+    }
+
+    fn since_start_us(&self) -> u64 {
+        self.serving_since
+            .get()
+            .map_or(0, |t| t.elapsed().as_micros() as u64)
+            .max(1)
+    }
+
+    /// The guest faulted: the first fault sets the milestone.
+    pub fn note_fault(&self) {
+        if self.first_fault_us.load(Relaxed) == 0 {
+            let _ =
+                self.first_fault_us
+                    .compare_exchange(0, self.since_start_us(), Relaxed, Relaxed);
+        }
+    }
+
+    /// The working set's prefetch finished.
+    pub fn note_prefetch_done(&self) {
+        self.prefetch_done_us.store(self.since_start_us(), Relaxed);
     }
 
     pub fn record_latency(&self, d: Duration) {
@@ -70,6 +104,8 @@ impl Metrics {
                 self.latency_sum_ns.load(Relaxed) as f64 / served as f64 / 1000.0
             },
             fault_latency_max_us: self.latency_max_ns.load(Relaxed) as f64 / 1000.0,
+            first_fault_us: Some(self.first_fault_us.load(Relaxed)).filter(|&us| us > 0),
+            prefetch_done_us: Some(self.prefetch_done_us.load(Relaxed)).filter(|&us| us > 0),
         }
     }
 }
@@ -106,6 +142,13 @@ pub struct MetricsSnapshot {
     pub fault_latency_us_log2: Vec<u64>,
     pub fault_latency_mean_us: f64,
     pub fault_latency_max_us: f64,
+    /// Microseconds from the VMM's handshake to the guest's first fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_fault_us: Option<u64>,
+    /// Microseconds from the VMM's handshake to the end of the working
+    /// set's prefetch (none without a working set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_done_us: Option<u64>,
 }
 
 #[cfg(test)]
@@ -125,5 +168,31 @@ mod tests {
         assert_eq!(s.fault_latency_us_log2[2], 1);
         assert_eq!(s.fault_latency_us_log2[LATENCY_BUCKETS - 1], 1);
         assert!(s.fault_latency_max_us >= 100e6);
+    }
+
+    #[test]
+    fn milestones_are_measured_from_the_start_of_serving() {
+        let m = Metrics::default();
+        assert_eq!(m.snapshot().first_fault_us, None);
+        m.start_clock();
+        std::thread::sleep(Duration::from_millis(2));
+        m.note_fault();
+        let first = m.snapshot().first_fault_us.expect("first fault noted");
+        assert!(first >= 2000, "{first} us");
+        std::thread::sleep(Duration::from_millis(2));
+        m.note_fault();
+        assert_eq!(
+            m.snapshot().first_fault_us,
+            Some(first),
+            "only the first counts"
+        );
+        assert_eq!(m.snapshot().prefetch_done_us, None);
+        m.note_prefetch_done();
+        assert!(m.snapshot().prefetch_done_us.unwrap() > first);
+        // Metrics files written before these fields existed still read.
+        let mut json = serde_json::to_value(m.snapshot()).unwrap();
+        json.as_object_mut().unwrap().remove("first_fault_us");
+        let back: MetricsSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(back.first_fault_us, None);
     }
 }

@@ -668,6 +668,7 @@ impl Session {
             fatal: Mutex::new(None),
             zeros,
         });
+        shared.metrics.start_clock();
         let mut session = Session {
             shared,
             threads: Vec::new(),
@@ -1092,6 +1093,7 @@ impl<'a> Copier<'a> {
         let started = Instant::now();
         let s = self.s;
         Metrics::add(&s.metrics.faults, 1);
+        s.metrics.note_fault();
         let Some(r) = s.region_of(addr) else {
             return s.fail(
                 0,
@@ -1664,6 +1666,7 @@ fn prefetch_main(s: &Shared, id: usize, plan: &PrefetchPlan) {
     }
     c.serve_queued();
     if plan.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+        s.metrics.note_prefetch_done();
         info!(
             build = s.image.name(),
             pages = s.metrics.pages_prefetched.load(Ordering::Relaxed),
