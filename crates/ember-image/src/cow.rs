@@ -86,6 +86,12 @@ pub enum CopyKind {
 
 /// Copy the raw disk `src` to the new file `dst` (which must not exist),
 /// as cheaply as the filesystem allows. On failure `dst` is removed.
+///
+/// Not synced: the copy is a sandbox's live disk, whose contents matter
+/// only once a pause writes them into a build (which is synced), and
+/// nothing derived from it is trusted after a reboot (caches are dropped).
+/// Syncing took 0.44 s of a 0.62 s copy of the 249 MiB guest image — most
+/// of a Firecracker resume.
 pub fn raw_copy(src: &Path, dst: &Path) -> Result<CopyKind> {
     let source = File::open(src).map_err(Error::io("open", src))?;
     let target = File::options()
@@ -100,9 +106,7 @@ pub fn raw_copy(src: &Path, dst: &Path) -> Result<CopyKind> {
         sparse_copy(&source, &target)?;
         Ok(CopyKind::Sparse)
     });
-    let result = result
-        .and_then(|kind| target.sync_all().map(|()| kind))
-        .map_err(Error::io("copy to", dst));
+    let result = result.map_err(Error::io("copy to", dst));
     if result.is_err() {
         let _ = fs::remove_file(dst);
     }
