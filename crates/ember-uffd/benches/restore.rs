@@ -492,23 +492,7 @@ fn main() {
             let memcpy = bench.median(|| bench.memcpy(order, threads));
             let kr = bench.median(|| bench.kernel(order, threads, Touch::Read));
             let kw = bench.median(|| bench.kernel(order, threads, Touch::Write));
-            let mut rows = vec![
-                Row {
-                    name: "(e) memcpy, pre-faulted".into(),
-                    t: Some(memcpy),
-                    note: String::new(),
-                },
-                Row {
-                    name: "(a) kernel, private file mapping, read".into(),
-                    t: Some(kr),
-                    note: String::new(),
-                },
-                Row {
-                    name: "(a) kernel, private file mapping, write".into(),
-                    t: Some(kw),
-                    note: String::new(),
-                },
-            ];
+            let mut rows = baseline_rows("(e) memcpy, pre-faulted", memcpy, kr, kw);
             for (ra, max) in read_aheads {
                 let mut note = String::new();
                 let t = bench.median(|| {
@@ -635,23 +619,7 @@ fn main() {
         let memcpy = bench.median(|| bench.memcpy(&ws_order, threads));
         let kr = bench.median(|| bench.kernel(&ws_order, threads, Touch::Read));
         let kw = bench.median(|| bench.kernel(&ws_order, threads, Touch::Write));
-        let mut rows = vec![
-            Row {
-                name: "(e) memcpy, pre-faulted".into(),
-                t: Some(memcpy),
-                note: String::new(),
-            },
-            Row {
-                name: "(a) kernel, private file mapping, read".into(),
-                t: Some(kr),
-                note: String::new(),
-            },
-            Row {
-                name: "(a) kernel, private file mapping, write".into(),
-                t: Some(kw),
-                note: String::new(),
-            },
-        ];
+        let mut rows = baseline_rows("(e) memcpy, pre-faulted", memcpy, kr, kw);
         let d = Config::default();
         for (ra, max) in [
             (4 * 1024, 4 * 1024),
@@ -760,22 +728,8 @@ fn main() {
             );
             t
         });
-        let rows = vec![
-            Row {
-                name: "(e) memcpy, pre-faulted, cached".into(),
-                t: Some(memcpy),
-                note: String::new(),
-            },
-            Row {
-                name: "(a) kernel, private file mapping, read".into(),
-                t: Some(kr),
-                note: String::new(),
-            },
-            Row {
-                name: "(a) kernel, private file mapping, write".into(),
-                t: Some(kw),
-                note: String::new(),
-            },
+        let mut rows = baseline_rows("(e) memcpy, pre-faulted, cached", memcpy, kr, kw);
+        rows.extend([
             Row {
                 name: "(b) page server 4K, default read-ahead".into(),
                 t: Some(lazy),
@@ -786,7 +740,7 @@ fn main() {
                 t: Some(prefetched),
                 note: ws_note,
             },
-        ];
+        ]);
         print_block(
             &format!(
                 "== recorded working set, cold page cache: {} MiB, recorded order, {threads} thread ==",
