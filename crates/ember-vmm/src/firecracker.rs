@@ -270,16 +270,7 @@ impl FirecrackerVmm {
                 launch.vm_id
             )));
         }
-        // A jailed or confined VMM sees its run directory, not the host's paths.
-        let confined = jail.is_some() || launch.confinement.is_some();
-        let vm = FirecrackerVm::new(
-            launch.vm_id.clone(),
-            layout,
-            client,
-            process,
-            jail,
-            confined,
-        );
+        let vm = FirecrackerVm::new(launch, layout, client, process, jail);
         vm.set_state(info.state);
         tracing::info!(vm_id = %launch.vm_id, pid, state = %info.state, "firecracker VM adopted");
         Ok(vm)
@@ -428,16 +419,7 @@ impl FirecrackerVmm {
         }
         let client = ApiClient::new(layout.host(entry::API_SOCKET), self.config.timeouts);
         // From here on, dropping `vm` kills the process and cleans up.
-        // A jailed or confined VMM sees its run directory, not the host's paths.
-        let confined = jail.is_some() || launch.confinement.is_some();
-        let vm = FirecrackerVm::new(
-            launch.vm_id.clone(),
-            layout,
-            client,
-            process,
-            jail,
-            confined,
-        );
+        let vm = FirecrackerVm::new(launch, layout, client, process, jail);
         let logs = vm.log_paths();
         let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
         vm.process()

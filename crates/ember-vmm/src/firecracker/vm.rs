@@ -36,20 +36,21 @@ pub struct FirecrackerVm {
 
 impl FirecrackerVm {
     pub(super) fn new(
-        vm_id: String,
+        launch: &crate::Launch,
         layout: RunLayout,
         client: ApiClient,
         process: VmmProcess,
         jail: Option<Jail>,
-        confined: bool,
     ) -> Self {
         Self {
-            vm_id,
+            vm_id: launch.vm_id.clone(),
             layout,
             client,
             process,
+            // A jailed or confined VMM sees its run directory, not the
+            // host's paths.
+            confined: jail.is_some() || launch.confinement.is_some(),
             jail,
-            confined,
             state: Mutex::new(InstanceState::NotStarted),
             detached: false,
             start_phases: Vec::new(),
