@@ -283,7 +283,7 @@ impl PageServer {
             kill_pid(self.pid);
         }
         if let Some(dir) = self.socket.parent()
-            && let Ok(bytes) = std::fs::read(dir.join(METRICS_FILE))
+            && let Ok(bytes) = read_untrusted(&dir.join(METRICS_FILE), 1 << 20)
             && let Ok(m) = serde_json::from_slice::<MetricsSnapshot>(&bytes)
         {
             self.totals.add(&m);
@@ -354,8 +354,12 @@ impl PageServer {
             return;
         }
         let tmp = to.with_extension("tmp");
-        let filed = std::fs::copy(&from, &tmp)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        let filed = read_untrusted(&from, WORKING_SET_MAX)
+            .and_then(|bytes| {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            })
             .and_then(|()| std::fs::rename(&tmp, to));
         match filed {
             Ok(()) => info!(working_set = %to.display(), "working set filed for the next restore"),
@@ -365,6 +369,38 @@ impl PageServer {
             }
         }
     }
+}
+
+/// Largest working set filed into a build (a 64 GiB guest's every page,
+/// as ranges, is far less).
+const WORKING_SET_MAX: u64 = 64 << 20;
+
+/// Read a file a confined process wrote, in a directory its uid owns: it
+/// may have swapped the file for a link to a host file, or made it huge.
+/// Links are not followed, only regular files are read, and at most `max`
+/// bytes (more is an error).
+fn read_untrusted(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 pub fn pid_alive(pid: u32) -> bool {
@@ -476,5 +512,33 @@ fn remove_file(path: &Path, problems: &mut Vec<String>) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         problems.push(format!("remove {}: {e}", path.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_files_are_read_bounded_and_never_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host-secret");
+        std::fs::write(&host, b"secret").unwrap();
+        let planted = dir.path().join("page-server.metrics.json");
+        std::os::unix::fs::symlink(&host, &planted).unwrap();
+        assert!(
+            read_untrusted(&planted, 1 << 20).is_err(),
+            "a link planted by the page server is not followed"
+        );
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(
+            read_untrusted(&fifo, 1 << 20).is_err(),
+            "only regular files"
+        );
+        let big = dir.path().join("working-set");
+        std::fs::write(&big, vec![0u8; 4097]).unwrap();
+        assert!(read_untrusted(&big, 4096).is_err(), "bounded");
+        assert_eq!(read_untrusted(&big, 4097).unwrap().len(), 4097);
     }
 }
