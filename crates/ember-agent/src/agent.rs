@@ -10,6 +10,7 @@
 //! is cut off when the VM stops, and may reconnect after the resume).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -1917,6 +1918,27 @@ impl Agent {
                 operation: Operation::Guest.as_str(),
                 state: entry.state().to_string(),
             })
+    }
+
+    /// Where this host reaches `port` of a running sandbox's guest: its
+    /// slot address, which the slot's namespace forwards to the guest.
+    /// Works whether or not the guest runs Ember's agent.
+    pub async fn guest_port(&self, id: &SandboxId, port: u16) -> Result<SocketAddr, AgentError> {
+        let entry = self.entry(id)?;
+        let not_running = || AgentError::IllegalTransition {
+            id: id.clone(),
+            operation: "port access",
+            state: entry.state().to_string(),
+        };
+        if Operation::Guest.enter(entry.state()).is_none() {
+            return Err(not_running());
+        }
+        let runtime = entry.runtime.lock().await;
+        runtime
+            .as_ref()
+            .and_then(|rt| rt.slot.as_ref())
+            .map(|slot| slot.guest_addr(port))
+            .ok_or_else(not_running)
     }
 
     pub async fn set_network_policy(

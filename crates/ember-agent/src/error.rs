@@ -6,6 +6,14 @@ use ember_types::{BuildId, SandboxId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("nothing listens on port {port} in sandbox {id}")]
+    PortClosed { id: SandboxId, port: u16 },
+    #[error("port {port} in sandbox {id} did not answer: {reason}")]
+    PortUnreachable {
+        id: SandboxId,
+        port: u16,
+        reason: String,
+    },
     #[error("sandbox {0} not found on this host")]
     SandboxNotFound(SandboxId),
     #[error("sandbox {0} already exists on this host")]
@@ -168,6 +176,8 @@ impl AgentError {
             AgentError::SandboxExists(_) => simple(Code::AlreadyExists, "already_exists"),
             AgentError::IllegalTransition { .. } => simple(Code::FailedPrecondition, "conflict"),
             AgentError::NoGuestAgent(_) => simple(Code::FailedPrecondition, "no_guest_agent"),
+            AgentError::PortClosed { .. } => simple(Code::FailedPrecondition, "port_closed"),
+            AgentError::PortUnreachable { .. } => simple(Code::Unavailable, "port_unreachable"),
             AgentError::BackendMismatch { .. } => {
                 simple(Code::FailedPrecondition, "backend_mismatch")
             }

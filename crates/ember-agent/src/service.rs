@@ -27,6 +27,12 @@ use crate::state::{SandboxRecord, SandboxState};
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExecEvent, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type PortStream = Pin<Box<dyn Stream<Item = Result<pb::PortFrame, Status>> + Send>>;
+
+/// How long a guest port has to accept a connection.
+const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read from a guest port per `OpenPort` reply message.
+const PORT_CHUNK: usize = 64 * 1024;
 
 /// Requires `authorization: Bearer <token>` on every call when a token is
 /// configured (it always is outside tests of a loopback-only agent).
@@ -180,6 +186,36 @@ fn guest_err(id: &SandboxId) -> impl Fn(ember_guest_api::GuestError) -> Status +
             source,
         }
         .into()
+    }
+}
+
+/// Connect to a guest port: refused means nothing listens there.
+async fn connect_guest_port(
+    id: &SandboxId,
+    port: u16,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream, AgentError> {
+    let unreachable = |reason: String| AgentError::PortUnreachable {
+        id: id.clone(),
+        port,
+        reason,
+    };
+    match tokio::time::timeout(PORT_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(AgentError::PortClosed {
+                id: id.clone(),
+                port,
+            })
+        }
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}s",
+            PORT_CONNECT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -640,6 +676,77 @@ impl HostAgent for HostService {
             })),
         });
         Ok(Response::new(Box::pin(started.chain(rest))))
+    }
+
+    type OpenPortStream = PortStream;
+
+    async fn open_port(
+        &self,
+        req: Request<Streaming<pb::PortFrame>>,
+    ) -> Result<Response<Self::OpenPortStream>, Status> {
+        use pb::port_frame::Part;
+        let mut incoming = req.into_inner();
+        let open = match incoming.message().await? {
+            Some(pb::PortFrame {
+                part: Some(Part::Open(open)),
+            }) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first OpenPort message must be `open`",
+                ));
+            }
+        };
+        let id = sandbox_id(&open.sandbox_id)?;
+        let port = u16::try_from(open.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("port {} is not a TCP port (1-65535)", open.port))
+            })?;
+        let addr = self.agent.guest_port(&id, port).await?;
+        let stream = connect_guest_port(&id, port, addr).await?;
+        let (mut from_guest, mut to_guest) = stream.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<pb::PortFrame, Status>>(8);
+        let opened = pb::PortFrame {
+            part: Some(Part::Opened(pb::PortOpened {})),
+        };
+        let _ = tx.send(Ok(opened)).await;
+        // Guest → caller, until the guest closes or the caller goes away.
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; PORT_CHUNK];
+            loop {
+                let n = tokio::select! {
+                    _ = tx.closed() => return,
+                    read = from_guest.read(&mut buf) => read,
+                };
+                let frame = match n {
+                    Ok(0) => return,
+                    Ok(n) => Ok(pb::PortFrame {
+                        part: Some(Part::Data(buf[..n].to_vec())),
+                    }),
+                    Err(e) => Err(Status::aborted(format!("reading from the guest: {e}"))),
+                };
+                let failed = frame.is_err();
+                if tx.send(frame).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        // Caller → guest; the end of the caller's stream half-closes.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok(Some(frame)) = incoming.message().await {
+                if let Some(Part::Data(data)) = frame.part
+                    && to_guest.write_all(&data).await.is_err()
+                {
+                    return;
+                }
+            }
+            let _ = to_guest.shutdown().await;
+        });
+        let replies = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Response::new(Box::pin(replies)))
     }
 
     type ReadFileStream = ChunkStream;
