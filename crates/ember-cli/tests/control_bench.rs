@@ -333,6 +333,7 @@ fn list_sandboxes_requests_per_second() {
                 state_changed_at: base,
                 destroyed_at: None,
                 last_operation: None,
+                ingress: Default::default(),
             };
             assert!(store.insert_sandbox(&sb, None).await.unwrap());
         }

@@ -287,6 +287,7 @@ async fn insert_sandbox_with_id(
         state_changed_at: now,
         destroyed_at: None,
         last_operation: None,
+        ingress: Default::default(),
     };
     assert!(store.insert_sandbox(&sb, None).await.unwrap());
     store.close().await;

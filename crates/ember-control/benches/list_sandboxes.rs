@@ -104,6 +104,7 @@ async fn main() {
             state_changed_at: base,
             destroyed_at: None,
             last_operation: None,
+            ingress: Default::default(),
         };
         store.insert_sandbox(&sb, None).await.unwrap();
     }

@@ -109,24 +109,82 @@ pub fn api_key_prefix(key: &str) -> Option<&str> {
 /// to the sandbox's team (E2B's `connect` hands it out on every call)
 /// without storing it.
 pub fn access_token(token_key: &[u8], sandbox_id: &str) -> String {
+    let secret = mac_base62(token_key, &[sandbox_id.as_bytes()], KEY_SECRET_LEN);
+    format!("{ACCESS_TOKEN_PREFIX}{sandbox_id}_{secret}")
+}
+
+/// How traffic tokens start.
+pub const TRAFFIC_TOKEN_PREFIX: &str = "embertraffic_";
+
+/// A sandbox's traffic token: it grants access to the sandbox's ports
+/// through the ingress proxy, nothing else. Derived like [`access_token`]
+/// under a separate label, so one never reveals the other.
+pub fn traffic_token(token_key: &[u8], sandbox_id: &str) -> String {
+    let secret = mac_base62(
+        token_key,
+        &[b"traffic\0", sandbox_id.as_bytes()],
+        KEY_SECRET_LEN,
+    );
+    format!("{TRAFFIC_TOKEN_PREFIX}{secret}")
+}
+
+/// The signature of a one-time browser link to `port` of `sandbox_id`,
+/// valid until `expires_ms`, told apart from other links by `nonce`.
+pub fn link_signature(
+    token_key: &[u8],
+    sandbox_id: &str,
+    port: u16,
+    expires_ms: i64,
+    nonce: &str,
+) -> String {
+    let port = port.to_string();
+    let expires = expires_ms.to_string();
+    mac_base62(
+        token_key,
+        &[
+            b"link\0",
+            sandbox_id.as_bytes(),
+            b"\0",
+            port.as_bytes(),
+            b"\0",
+            expires.as_bytes(),
+            b"\0",
+            nonce.as_bytes(),
+        ],
+        KEY_SECRET_LEN,
+    )
+}
+
+/// A random nonce for a one-time link.
+pub fn new_nonce() -> String {
+    random_chars(BASE62, 16)
+}
+
+/// `len` base62 digits of HMAC-SHA256(key, parts…) (~238 bits at 40).
+fn mac_base62(token_key: &[u8], parts: &[&[u8]], len: usize) -> String {
     use hmac::Mac;
     let mut mac =
         hmac::Hmac::<Sha256>::new_from_slice(token_key).expect("HMAC takes any key length");
-    mac.update(sandbox_id.as_bytes());
-    let digest = mac.finalize().into_bytes();
-    // 40 base62 digits from the 256-bit MAC (~238 bits of it).
-    let mut n: Vec<u8> = digest.to_vec();
-    let mut secret = String::with_capacity(KEY_SECRET_LEN);
-    for _ in 0..KEY_SECRET_LEN {
+    for p in parts {
+        mac.update(p);
+    }
+    let mut n: Vec<u8> = mac.finalize().into_bytes().to_vec();
+    let mut out = String::with_capacity(len);
+    for _ in 0..len {
         let mut rem = 0u32;
         for b in n.iter_mut() {
             let acc = (rem << 8) | u32::from(*b);
             *b = (acc / 62) as u8;
             rem = acc % 62;
         }
-        secret.push(BASE62[rem as usize] as char);
+        out.push(BASE62[rem as usize] as char);
     }
-    format!("{ACCESS_TOKEN_PREFIX}{sandbox_id}_{secret}")
+    out
+}
+
+/// Constant-time equality of two secrets.
+pub fn secret_eq(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 /// A fresh random token key for [`access_token`] (hex, 256 bits).

@@ -6,13 +6,15 @@
 //! them; [`lifecycle`] moves sandboxes through their state machine;
 //! [`store`] persists everything; [`scheduler`], [`reconciler`] and [`ttl`]
 //! hold their policies as pure functions beside the loops that run them;
-//! [`hosts`] keeps a client per host agent; [`server`] ties it together.
+//! [`hosts`] keeps a client per host agent; [`ingress`] proxies traffic to
+//! sandbox ports through them; [`server`] ties it together.
 
 pub mod api;
 pub mod auth;
 pub mod e2b;
 pub mod error;
 pub mod hosts;
+pub mod ingress;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;

@@ -54,6 +54,7 @@ pub struct CreateSpec {
     pub network: NetworkPolicy,
     /// Boot `base` rather than fork the host's warm base.
     pub cold: bool,
+    pub ingress: crate::model::Ingress,
 }
 
 /// The key access tokens are derived from; its `Debug` shows no secret.
@@ -165,6 +166,16 @@ impl Operations {
     /// The access token of sandbox `id` (see [`auth::access_token`]).
     pub fn access_token(&self, id: &str) -> String {
         auth::access_token(self.token_key.0.as_bytes(), id)
+    }
+
+    /// The traffic token of sandbox `id` (see [`auth::traffic_token`]).
+    pub fn traffic_token(&self, id: &str) -> String {
+        auth::traffic_token(self.token_key.0.as_bytes(), id)
+    }
+
+    /// The signature of a one-time link (see [`auth::link_signature`]).
+    pub fn link_signature(&self, id: &str, port: u16, expires_ms: i64, nonce: &str) -> String {
+        auth::link_signature(self.token_key.0.as_bytes(), id, port, expires_ms, nonce)
     }
 
     /// Turn a failed host call into an error, marking the host unhealthy if
@@ -289,6 +300,7 @@ impl Operations {
             state_changed_at: now,
             destroyed_at: None,
             last_operation: None,
+            ingress: spec.ingress,
         };
         let mut placed = None;
         for host_id in candidates {

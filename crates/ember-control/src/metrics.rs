@@ -83,6 +83,13 @@ pub struct Metrics {
     sandbox_usage: Family<HostUsageLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     hosts_healthy: Gauge,
     hosts_total: Gauge,
+    ingress_requests: Family<StatusLabel, prometheus_client::metrics::counter::Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The HTTP status the ingress answered (the guest's, or Ember's own).
+    pub status: String,
 }
 
 /// Phases are short: from 0.5 ms up.
@@ -180,6 +187,13 @@ impl Metrics {
         );
         let hosts_total = Gauge::default();
         registry.register("hosts", "Hosts registered", hosts_total.clone());
+        let ingress_requests =
+            Family::<StatusLabel, prometheus_client::metrics::counter::Counter>::default();
+        registry.register(
+            "ingress_requests",
+            "Requests to sandbox ports through the ingress proxy, by status",
+            ingress_requests.clone(),
+        );
         Metrics {
             registry,
             sandboxes,
@@ -193,7 +207,17 @@ impl Metrics {
             sandbox_usage,
             hosts_healthy,
             hosts_total,
+            ingress_requests,
         }
+    }
+
+    /// Count one request through the ingress proxy.
+    pub fn ingress_request(&self, status: &str) {
+        self.ingress_requests
+            .get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            })
+            .inc();
     }
 
     /// Record a successful lifecycle operation's latency ("create", "resume", "pause").

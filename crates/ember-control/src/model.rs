@@ -180,6 +180,18 @@ pub struct Sandbox {
     pub destroyed_at: Option<i64>,
     /// Where its last completed lifecycle operation spent its time.
     pub last_operation: Option<OperationTiming>,
+    pub ingress: Ingress,
+}
+
+/// How a sandbox's ports may be reached through the ingress proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ingress {
+    /// Anyone who knows a port's URL may reach it (no traffic token).
+    #[serde(default)]
+    pub public: bool,
+    /// A request to a paused sandbox's port resumes it first.
+    #[serde(default)]
+    pub auto_resume: bool,
 }
 
 /// Where one lifecycle operation (create, fork, resume, pause) spent its

@@ -29,6 +29,11 @@ use utoipa::{Modify, OpenApi};
         (name = "processes", description = "Commands in a running sandbox"),
         (name = "files", description = "Files in a running sandbox"),
         (name = "snapshots", description = "Named templates"),
+        (name = "ports", description = "Servers inside a sandbox. Any request to \
+            `/v1/sandboxes/{id}/ports/{port}/…` (or to `{port}-{id}.{domain}` with \
+            `--ingress-domain`, or carrying `X-Ember-Sandbox-Id` and `X-Ember-Port`) is \
+            proxied to that port in the guest, any method, upgrades included; a private \
+            sandbox needs `X-Ember-Traffic-Token` or an API key of its team (docs/ports.md)"),
         (name = "keys", description = "API keys"),
         (name = "teams", description = "Teams (admin)"),
         (name = "hosts", description = "Host agents (admin)"),

@@ -368,6 +368,7 @@ mod tests {
             state_changed_at: NOW - changed_ago,
             destroyed_at: (state == SandboxState::Destroyed).then_some(NOW - changed_ago),
             last_operation: None,
+            ingress: Default::default(),
         }
     }
 

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     /// answered `202 Accepted` with the sandbox still `pausing`/`resuming`;
     /// the operation goes on to its end either way.
     pub answer_within: Duration,
+    /// How sandbox ports are exposed (see [`crate::ingress`]).
+    pub ingress: crate::ingress::IngressConfig,
 }
 
 impl ServerConfig {
@@ -56,6 +58,8 @@ impl ServerConfig {
             ttl_interval: Duration::from_secs(1),
             reconciler: reconciler::Params::default(),
             answer_within: Duration::from_secs(60),
+            ingress: crate::ingress::IngressConfig::from_domain(None)
+                .expect("no domain is a valid ingress configuration"),
         }
     }
 }
@@ -114,6 +118,7 @@ impl ControlPlane {
             metrics,
             join_token: join_token.into(),
             answer_within: config.answer_within,
+            ingress: Arc::new(crate::ingress::Ingress::new(config.ingress.clone())),
         };
         Ok(ControlPlane {
             state,
@@ -167,10 +172,13 @@ impl ControlPlane {
         ];
         tracing::info!(%addr, "serving the API");
         let router = api::router(self.state.clone());
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(Error::Serve);
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(Error::Serve);
         loops.cancel();
         for t in tasks {
             let _ = t.await;

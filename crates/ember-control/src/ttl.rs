@@ -95,6 +95,7 @@ mod tests {
             state_changed_at: 0,
             destroyed_at: None,
             last_operation: None,
+            ingress: Default::default(),
         }
     }
 

@@ -65,6 +65,16 @@ pub struct CreateSandboxRequest {
     /// Slower; for comparisons and for a guest with its own boot.
     #[serde(default)]
     pub cold: bool,
+    /// Its ports are reachable through the ingress proxy without a traffic
+    /// token (by default a request needs the sandbox's `traffic_token` or an
+    /// API key of its team).
+    #[serde(default)]
+    pub public: bool,
+    /// A request to one of its ports while it is paused resumes it (and is
+    /// served once the port answers). With `on_timeout: pause` it goes back
+    /// to sleep when idle.
+    #[serde(default)]
+    pub auto_resume: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -91,6 +101,24 @@ pub struct Sandbox {
     /// Where its last completed create, fork, resume or pause spent its time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_operation: Option<crate::model::OperationTiming>,
+    /// Its ports need no traffic token.
+    #[serde(default)]
+    pub public: bool,
+    /// Traffic to a port of it, paused, resumes it.
+    #[serde(default)]
+    pub auto_resume: bool,
+    /// Grants access to its ports (not exec or files): header
+    /// `X-Ember-Traffic-Token`. Not needed when `public`.
+    #[serde(default)]
+    pub traffic_token: String,
+    /// The ingress domain: port P is served at `P-{id}.{domain}`. Absent
+    /// when the server has none; `/v1/sandboxes/{id}/ports/{port}/` always works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Where its ports are served, with `{port}` for the port number: a
+    /// full URL on the host form, else a path on this API.
+    #[serde(default)]
+    pub port_url: String,
     /// Only in the response to the create: a token that grants exec and file
     /// access to this sandbox alone (`Authorization: Bearer <token>`). Shown once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +147,35 @@ pub struct ListSandboxesQuery {
     pub limit: Option<u32>,
     /// From the previous page's `next_page_token`.
     pub page_token: Option<String>,
+}
+
+/// `PUT /v1/sandboxes/{id}/ingress`: fields left out keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngressUpdate {
+    #[serde(default)]
+    pub public: Option<bool>,
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+}
+
+/// `POST /v1/sandboxes/{id}/links`: a browser link to a private port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    pub port: u16,
+    /// Path (and query) on the guest's server to open; `/` by default.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// A one-time link: opening it in a browser sets a cookie for the port's
+/// host name and redirects to `path`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Link {
+    pub url: String,
+    /// RFC 3339; the link is refused after this (and after its first use).
+    pub expires_at: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

@@ -65,6 +65,7 @@ fn sandbox(team: &str, host: &str, state: SandboxState, created_at: i64) -> Sand
         state_changed_at: created_at,
         destroyed_at: None,
         last_operation: None,
+        ingress: Default::default(),
     }
 }
 
@@ -121,6 +122,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         vec![
             vec![Some("1".into()), Some("initial".into())],
             vec![Some("2".into()), Some("last_operation".into())],
+            vec![Some("3".into()), Some("ingress".into())],
         ]
     );
     store.close().await;
@@ -129,12 +131,12 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
     let t = team(&store, "a").await;
     store.close().await;
     let store = open(url).await;
-    assert_eq!(store.team(&t.id).await.unwrap(), Some(t));
+    assert_eq!(store.team(&t.id).await.unwrap(), Some(t.clone()));
     let rows = store
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("2"));
+    assert_eq!(rows[0][0].as_deref(), Some("3"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");
@@ -149,6 +151,22 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         now_ms(),
     );
     assert!(store.insert_sandbox(&orphan, None).await.is_err());
+
+    // How a sandbox's ports are reached round-trips, and changes in place.
+    let h = host(&store, "host-a").await;
+    let mut sb = sandbox(&t.id, &h.id, SandboxState::Running, now_ms());
+    sb.ingress.public = true;
+    assert!(store.insert_sandbox(&sb, None).await.unwrap());
+    let got = store.sandbox(Some(&t.id), &sb.id).await.unwrap().unwrap();
+    assert_eq!(got.ingress, sb.ingress);
+    let wanted = ember_control::model::Ingress {
+        public: false,
+        auto_resume: true,
+    };
+    assert!(store.set_ingress(&t.id, &sb.id, &wanted).await.unwrap());
+    assert!(!store.set_ingress("team-other", &sb.id, &wanted).await.unwrap());
+    let got = store.sandbox(None, &sb.id).await.unwrap().unwrap();
+    assert_eq!(got.ingress, wanted);
 }
 
 async fn a_state_transition_has_exactly_one_winner(url: &str) {

@@ -37,9 +37,15 @@ pub struct ServerArgs {
     /// generated and stored on first start if not given.
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Serve sandbox ports at `{port}-{sandbox id}.DOMAIN` (point wildcard
+    /// DNS for *.DOMAIN at this server). `https://` (the default) or
+    /// `http://` before it says how URLs are written; a `:port` may follow.
+    /// Without it, ports are served at /v1/sandboxes/{id}/ports/{port}/.
+    #[arg(long, env = "EMBER_INGRESS_DOMAIN", value_name = "DOMAIN")]
+    ingress_domain: Option<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
-    /// reconcile_interval_s, ttl_interval_s, orphan_grace_s, stuck_after_s,
-    /// host_lost_after_s, answer_within_s.
+    /// ingress_domain, reconcile_interval_s, ttl_interval_s, orphan_grace_s,
+    /// stuck_after_s, host_lost_after_s, answer_within_s.
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
@@ -57,6 +63,7 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     join_token: Option<String>,
+    ingress_domain: Option<String>,
     reconcile_interval_s: Option<u64>,
     ttl_interval_s: Option<u64>,
     orphan_grace_s: Option<u64>,
@@ -115,6 +122,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Some(s) = file.answer_within_s {
         config.answer_within = Duration::from_secs(s.max(1));
     }
+    config.ingress = ember_control::ingress::IngressConfig::from_domain(
+        args.ingress_domain.or(file.ingress_domain).as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
 
     let plane = ControlPlane::open(config)
         .await

@@ -12,6 +12,7 @@
 mod admin;
 pub use admin::mint_key;
 pub(crate) mod files;
+mod ports;
 pub(crate) mod processes;
 pub(crate) mod sandboxes;
 mod snapshots;
@@ -53,6 +54,7 @@ pub struct AppState {
     pub join_token: Arc<str>,
     /// See [`crate::server::ServerConfig::answer_within`].
     pub answer_within: std::time::Duration,
+    pub ingress: Arc<crate::ingress::Ingress>,
 }
 
 /// The API's routes and their OpenAPI description, from one list.
@@ -68,6 +70,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::set_sandbox_timeout))
         .routes(routes!(sandboxes::set_sandbox_network))
         .routes(routes!(sandboxes::snapshot_sandbox))
+        .routes(routes!(ports::set_ingress))
+        .routes(routes!(ports::create_link))
+        .routes(routes!(ports::tunnel))
         .routes(routes!(processes::exec))
         .routes(routes!(processes::list_processes))
         .routes(routes!(processes::sandbox_metrics))
@@ -100,6 +105,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> axum::Router {
     let (router, _doc) = routes().split_for_parts();
     let envd = crate::e2b::envd::router(state.clone());
+    let ingress_state = state.clone();
     router
         .merge(crate::e2b::api::routes())
         .fallback(|| async {
@@ -116,6 +122,9 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
         .layer(axum::middleware::from_fn(move |req, next| {
             crate::e2b::dispatch(envd.clone(), req, next)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::ingress::dispatch(ingress_state.clone(), req, next)
         }))
 }
 

@@ -26,7 +26,14 @@ const MAX_ENV: usize = 256;
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
-pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
+pub(super) fn to_wire(state: &AppState, sb: model::Sandbox) -> wire::Sandbox {
+    let traffic_token = state.ops.traffic_token(&sb.id);
+    let port_url = state
+        .ingress
+        .config
+        .host_url(&sb.id, 0)
+        .map(|u| u.replacen("0-", "{port}-", 1))
+        .unwrap_or_else(|| format!("/v1/sandboxes/{}/ports/{{port}}/", sb.id));
     wire::Sandbox {
         id: sb.id,
         state: sb.state,
@@ -46,6 +53,11 @@ pub(super) fn to_wire(sb: model::Sandbox) -> wire::Sandbox {
         created_at: rfc3339(sb.created_at),
         state_changed_at: rfc3339(sb.state_changed_at),
         last_operation: sb.last_operation,
+        public: sb.ingress.public,
+        auto_resume: sb.ingress.auto_resume,
+        traffic_token,
+        domain: state.ingress.config.domain.clone(),
+        port_url,
         access_token: None,
     }
 }
@@ -177,9 +189,13 @@ pub async fn create_sandbox(
             deny_out: req.network.deny_out,
         },
         cold: req.cold,
+        ingress: model::Ingress {
+            public: req.public,
+            auto_resume: req.auto_resume,
+        },
     };
     let (sb, token) = state.ops.create(spec).await?;
-    let mut out = to_wire(sb);
+    let mut out = to_wire(&state, sb);
     out.access_token = Some(token);
     Ok((StatusCode::CREATED, Json(out)))
 }
@@ -276,7 +292,7 @@ pub async fn list_sandboxes(
         None
     };
     Ok(Json(wire::SandboxList {
-        sandboxes: rows.into_iter().map(to_wire).collect(),
+        sandboxes: rows.into_iter().map(|sb| to_wire(&state, sb)).collect(),
         next_page_token: next,
     }))
 }
@@ -304,7 +320,7 @@ pub async fn get_sandbox(
         .sandbox(Some(team), &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
-    Ok(Json(to_wire(sb)))
+    Ok(Json(to_wire(&state, sb)))
 }
 
 /// Destroy a sandbox (running, paused or failed) and everything it holds.
@@ -362,7 +378,7 @@ pub async fn pause_sandbox(
         async move { ops.pause(Some(&team), &id).await }
     };
     answer_or_accept(&state, &team, &id, op, |sb| {
-        Json(to_wire(sb)).into_response()
+        Json(to_wire(&state, sb)).into_response()
     })
     .await
 }
@@ -400,7 +416,7 @@ async fn answer_or_accept<T: Send + 'static>(
             Ok((
                 StatusCode::ACCEPTED,
                 [(header::LOCATION, format!("/v1/sandboxes/{id}"))],
-                Json(to_wire(sb)),
+                Json(to_wire(state, sb)),
             )
                 .into_response())
         }
@@ -452,7 +468,7 @@ pub async fn resume_sandbox(
         async move { ops.resume(&team, &id, req.timeout_s, req.env).await }
     };
     answer_or_accept(&state, &team, &id, op, |sb| {
-        Json(to_wire(sb)).into_response()
+        Json(to_wire(&state, sb)).into_response()
     })
     .await
 }
@@ -503,7 +519,7 @@ pub async fn set_sandbox_timeout(
         .sandbox(Some(team), &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id}")))?;
-    Ok(Json(to_wire(sb)))
+    Ok(Json(to_wire(&state, sb)))
 }
 
 /// Replace a running or paused sandbox's egress rules. A running sandbox's
@@ -542,7 +558,7 @@ pub async fn set_sandbox_network(
             },
         )
         .await?;
-    Ok(Json(to_wire(sb)))
+    Ok(Json(to_wire(&state, sb)))
 }
 
 pub(crate) fn validate_network(n: &wire::NetworkPolicy) -> Result<(), ApiError> {

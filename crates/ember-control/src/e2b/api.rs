@@ -140,8 +140,28 @@ fn sandbox_json(state: &AppState, sb: &Sandbox) -> Value {
         "clientID": sb.host_id.clone().unwrap_or_else(|| "ember".into()),
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": state.ops.access_token(&sb.id),
-        "domain": Value::Null,
+        "domain": domain(state),
+        "trafficAccessToken": traffic_token(state, sb),
     })
+}
+
+/// The ingress domain, which E2B's SDKs build `get_host(port)` from.
+fn domain(state: &AppState) -> Value {
+    state
+        .ingress
+        .config
+        .domain
+        .as_ref()
+        .map_or(Value::Null, |d| json!(d))
+}
+
+/// E2B hands out a traffic token only for sandboxes without public traffic.
+fn traffic_token(state: &AppState, sb: &Sandbox) -> Value {
+    if sb.ingress.public {
+        Value::Null
+    } else {
+        json!(state.ops.traffic_token(&sb.id))
+    }
 }
 
 fn end_at(sb: &Sandbox) -> i64 {
@@ -169,10 +189,11 @@ fn listed_json(sb: &Sandbox) -> Value {
 fn detail_json(state: &AppState, sb: &Sandbox) -> Value {
     let mut v = listed_json(sb);
     v["envdAccessToken"] = json!(state.ops.access_token(&sb.id));
-    v["domain"] = Value::Null;
+    v["domain"] = domain(state);
+    v["trafficAccessToken"] = traffic_token(state, sb);
     v["allowInternetAccess"] = json!(!denies_all(&sb.network));
     v["lifecycle"] = json!({
-        "autoResume": false,
+        "autoResume": sb.ingress.auto_resume,
         "onTimeout": match sb.on_timeout { OnTimeout::Pause => "pause", OnTimeout::Kill => "kill" },
     });
     v["network"] = json!({"allowOut": sb.network.allow_out, "denyOut": sb.network.deny_out});
@@ -293,15 +314,6 @@ fn refuse_unsupported(v: &Value) -> E2bResult<()> {
     if truthy(v.get("volumeMounts")) {
         return Err(E2bError::bad("volume mounts are not supported by Ember"));
     }
-    if v.get("autoResume")
-        .and_then(|a| a.get("enabled"))
-        .and_then(Value::as_bool)
-        == Some(true)
-    {
-        return Err(E2bError::bad(
-            "auto-resume is not supported by Ember: resume a paused sandbox with connect",
-        ));
-    }
     if v.get("autoPauseMemory").and_then(Value::as_bool) == Some(false) {
         return Err(E2bError::bad(
             "a filesystem-only pause is not supported by Ember: its pauses keep memory",
@@ -323,6 +335,29 @@ fn refuse_unsupported(v: &Value) -> E2bResult<()> {
         }
     }
     Ok(())
+}
+
+/// E2B's `network.allowPublicTraffic` (true unless said otherwise: E2B's
+/// default, unlike Ember's API) and `autoResume.enabled`.
+fn ingress(v: &Value) -> E2bResult<crate::model::Ingress> {
+    let public = match v.get("network").and_then(|n| n.get("allowPublicTraffic")) {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(E2bError::bad(
+                "network.allowPublicTraffic must be a boolean",
+            ));
+        }
+    };
+    let auto_resume = match v.get("autoResume").and_then(|a| a.get("enabled")) {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(E2bError::bad("autoResume.enabled must be a boolean")),
+    };
+    Ok(crate::model::Ingress {
+        public,
+        auto_resume,
+    })
 }
 
 async fn create(
@@ -367,6 +402,7 @@ async fn create(
         env,
         network,
         cold: false,
+        ingress: ingress(&v)?,
     };
     let (sb, _token) = state.ops.create(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_json(&state, &sb))))
@@ -882,15 +918,26 @@ mod tests {
     #[test]
     fn unsupported_options_are_refused_by_name() {
         let refused = |v: Value| refuse_unsupported(&v).unwrap_err().message;
-        assert!(refused(json!({"autoResume": {"enabled": true}})).contains("auto-resume"));
         assert!(refused(json!({"volumeMounts": [{"name": "v", "path": "/v"}]})).contains("volume"));
         assert!(
             refused(json!({"network": {"egressProxy": {"address": "x"}}})).contains("egressProxy")
         );
         assert!(
-            refuse_unsupported(&json!({"autoResume": {"enabled": false}, "volumeMounts": []}))
+            refuse_unsupported(&json!({"autoResume": {"enabled": true}, "volumeMounts": []}))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn public_traffic_is_e2bs_default_and_auto_resume_is_opt_in() {
+        let i = ingress(&json!({})).unwrap();
+        assert!(i.public && !i.auto_resume);
+        let i = ingress(
+            &json!({"network": {"allowPublicTraffic": false}, "autoResume": {"enabled": true}}),
+        )
+        .unwrap();
+        assert!(!i.public && i.auto_resume);
+        assert!(ingress(&json!({"autoResume": {"enabled": "yes"}})).is_err());
     }
 
     #[test]

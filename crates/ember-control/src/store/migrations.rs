@@ -22,10 +22,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "last_operation",
         include_str!("../../migrations/0002_last_operation.sql"),
     ),
+    (
+        3,
+        "ingress",
+        include_str!("../../migrations/0003_ingress.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

@@ -24,8 +24,8 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    ApiKey, Build, BuildKind, Host, HostUsage, NetworkPolicy, OnTimeout, Sandbox, SandboxState,
-    Team, Template,
+    ApiKey, Build, BuildKind, Host, HostUsage, Ingress, NetworkPolicy, OnTimeout, Sandbox,
+    SandboxState, Team, Template,
 };
 
 /// Which database the store talks to.
@@ -82,7 +82,7 @@ pub struct Changes {
 const SANDBOX_COLUMNS: &str = "id, team_id, state, host_id, template, source_build_id, build_id, \
      vcpus, memory_mib, metadata, env, network, timeout_s, on_timeout, expires_at, \
      access_token_sha256, failure_reason, created_at, state_changed_at, destroyed_at, \
-     last_operation";
+     last_operation, ingress";
 
 fn state_list(states: &[SandboxState]) -> String {
     // State names are compile-time constants, so inlining them is not injection.
@@ -655,13 +655,13 @@ impl Store {
         let network = serde_json::to_string(&sb.network).map_err(|e| corrupt("network", e))?;
         let mut sql = format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21"
+             $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22"
         );
         if capacity.is_some() {
             let occupying = state_list(&SandboxState::OCCUPYING);
             sql.push_str(&format!(
-                " WHERE (SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE host_id = $22 AND state IN ({occupying})) + $8 <= $23 \
-                   AND (SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE host_id = $22 AND state IN ({occupying})) + $9 <= $24"
+                " WHERE (SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE host_id = $23 AND state IN ({occupying})) + $8 <= $24 \
+                   AND (SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE host_id = $23 AND state IN ({occupying})) + $9 <= $25"
             ));
         }
         let mut q = sqlx::query(&sql)
@@ -689,7 +689,8 @@ impl Store {
                 sb.last_operation
                     .as_ref()
                     .map(|t| serde_json::to_string(t).expect("timings serialise")),
-            );
+            )
+            .bind(serde_json::to_string(&sb.ingress).expect("ingress serialises"));
         if let Some(cap) = capacity {
             q = q
                 .bind(&cap.host_id)
@@ -941,6 +942,18 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Replace how a sandbox's ports may be reached.
+    pub async fn set_ingress(&self, team_id: &str, id: &str, ingress: &Ingress) -> Result<bool> {
+        let json = serde_json::to_string(ingress).map_err(|e| corrupt("ingress", e))?;
+        let res = sqlx::query("UPDATE sandboxes SET ingress = $1 WHERE id = $2 AND team_id = $3")
+            .bind(json)
+            .bind(id)
+            .bind(team_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     /// Change the timeout a sandbox is resumed with and extended by.
     pub async fn set_timeout(&self, team_id: &str, id: &str, timeout_s: u64) -> Result<bool> {
         let res = sqlx::query("UPDATE sandboxes SET timeout_s = $1 WHERE id = $2 AND team_id = $3")
@@ -1108,6 +1121,7 @@ fn sandbox_from_row(r: &AnyRow) -> Result<Sandbox> {
     let metadata: String = r.try_get("metadata")?;
     let env: String = r.try_get("env")?;
     let network: String = r.try_get("network")?;
+    let ingress: String = r.try_get("ingress")?;
     Ok(Sandbox {
         id: r.try_get("id")?,
         team_id: r.try_get("team_id")?,
@@ -1136,5 +1150,6 @@ fn sandbox_from_row(r: &AnyRow) -> Result<Sandbox> {
         last_operation: r
             .try_get::<Option<String>, _>("last_operation")?
             .and_then(|t| serde_json::from_str(&t).ok()),
+        ingress: serde_json::from_str(&ingress).map_err(|e| corrupt("sandbox ingress", e))?,
     })
 }

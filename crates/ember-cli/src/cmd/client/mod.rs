@@ -16,6 +16,7 @@ pub mod exec;
 pub mod host;
 pub mod key;
 pub mod output;
+pub mod ports;
 pub mod run;
 pub mod sandbox;
 pub mod snapshot;

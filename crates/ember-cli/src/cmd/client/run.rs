@@ -58,6 +58,8 @@ pub async fn run(r: RemoteRun) -> ExitCode {
         env: BTreeMap::new(),
         network: NetworkPolicy::default(),
         cold: false,
+        public: false,
+        auto_resume: false,
     };
     let bar = output::spinner(format!("starting a sandbox on {}", api.base()));
     let created = {

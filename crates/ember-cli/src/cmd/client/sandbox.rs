@@ -1,6 +1,7 @@
 //! `ember sandbox …`: create, list, get, exec, pause, resume, kill,
-//! timeout, and `files get|put|ls|rm`, each one REST call (exec and files
-//! stream).
+//! timeout, `files get|put|ls|rm`, each one REST call (exec and files
+//! stream), and the port commands of [`super::ports`] (url, ingress,
+//! port-forward).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -96,6 +97,14 @@ enum SandboxCommand {
     /// Files in a sandbox.
     #[command(subcommand)]
     Files(FilesCommand),
+    /// Print the URL of a port of a sandbox (where its server is reached
+    /// through Ember's ingress proxy).
+    Url(super::ports::UrlArgs),
+    /// Choose who may reach a sandbox's ports, and whether traffic wakes it.
+    Ingress(super::ports::IngressArgs),
+    /// Listen on a local port and tunnel each connection to a port of a
+    /// sandbox (any TCP protocol), until Ctrl-C.
+    PortForward(super::ports::ForwardArgs),
     /// What a running sandbox uses: CPU, memory, disk, network (recent samples).
     Metrics {
         id: String,
@@ -139,6 +148,12 @@ struct CreateArgs {
     /// Boot the base image instead of forking the host's warm base (slower).
     #[arg(long)]
     cold: bool,
+    /// Its ports are reachable without its traffic token.
+    #[arg(long)]
+    public: bool,
+    /// A request to one of its ports while it is paused resumes it.
+    #[arg(long)]
+    auto_resume: bool,
     /// Print the server's JSON.
     #[arg(long)]
     json: bool,
@@ -281,6 +296,9 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         SandboxCommand::Network { .. } => "sandbox network",
         SandboxCommand::Files(_) => "sandbox files",
         SandboxCommand::Metrics { .. } => "sandbox metrics",
+        SandboxCommand::Url(_) => "sandbox url",
+        SandboxCommand::Ingress(_) => "sandbox ingress",
+        SandboxCommand::PortForward(_) => "sandbox port-forward",
     };
     let is_exec = matches!(args.command, SandboxCommand::Exec(_));
     let result = dispatch(args).await;
@@ -414,6 +432,9 @@ async fn dispatch(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Files(f) => files(&api, f).await,
+        SandboxCommand::Url(a) => super::ports::url(&api, a).await,
+        SandboxCommand::Ingress(a) => super::ports::ingress(&api, a).await,
+        SandboxCommand::PortForward(a) => super::ports::port_forward(&api, a).await,
         SandboxCommand::Metrics { id, all, json } => {
             let v = api.get(&format!("{}/metrics", sandbox_path(&id))).await?;
             if json {
@@ -466,6 +487,8 @@ async fn create(api: &Api, a: CreateArgs) -> anyhow::Result<ExitCode> {
             deny_out: a.deny_out,
         },
         cold: a.cold,
+        public: a.public,
+        auto_resume: a.auto_resume,
     };
     let bar = output::spinner(format!("creating a sandbox from {}", a.template));
     let v = api.post("/v1/sandboxes", &body).await;
