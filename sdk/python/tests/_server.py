@@ -68,9 +68,10 @@ def find_image_dir() -> Path | None:
 
 
 class EmberServer:
-    def __init__(self, binary: Path, image_dir: Path) -> None:
+    def __init__(self, binary: Path, image_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.image_dir = image_dir
+        self.extra_args = extra_args
         rng = random.SystemRandom()
         self.prefix = "p" + "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
         self.pool = f"10.{rng.randrange(100, 250)}.{rng.randrange(0, 256)}.0/24"
@@ -92,6 +93,7 @@ class EmberServer:
             "--image-dir", str(self.image_dir),
             "--net-prefix", self.prefix,
             "--net-pool", self.pool,
+            *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
         env["EMBER_LOG"] = "info"

@@ -247,3 +247,27 @@ def test_plain_creates_fork_the_warm_base_and_cold_ones_boot(api: Live) -> None:
             cold.kill()
     finally:
         first.kill()
+
+
+def test_ports_through_the_ingress_proxy(api: Live) -> None:
+    import httpx
+
+    with Sandbox.create(timeout=600) as sb:
+        sb.files.write("/tmp/www/index.txt", "hello through ember\n")
+        sb.commands.run("python3 -m http.server 8000 --directory /tmp/www", background=True)
+        url = sb.url(8000)
+        assert url.endswith(f"/v1/sandboxes/{sb.id}/ports/8000/"), url
+        assert not sb.info.public and sb.traffic_token.startswith("embertraffic_")
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.get(f"{url}index.txt", headers={"x-ember-traffic-token": sb.traffic_token})
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            assert r.status_code == 502, r.text  # not listening yet
+            time.sleep(0.2)
+        assert (r.status_code, r.text) == (200, "hello through ember\n")
+        # Private: refused without the token; public: served to anyone.
+        assert httpx.get(f"{url}index.txt").status_code == 401
+        info = sb.set_ingress(public=True)
+        assert info.public and not info.auto_resume
+        assert httpx.get(f"{url}index.txt").text == "hello through ember\n"

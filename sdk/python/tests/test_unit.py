@@ -3,10 +3,12 @@ request bodies and the retry decision. No server needed."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import builtins
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -222,3 +224,203 @@ def test_only_safe_calls_are_retried_once_they_may_have_arrived() -> None:
     assert not should_retry(safe=False, attempt=0, max_retries=3, status=503)
     assert not should_retry(safe=True, attempt=0, max_retries=3, status=409)
     assert not should_retry(safe=True, attempt=3, max_retries=3, exc=connect), "bounded"
+
+
+# ------------------------------------------------------------------ ports
+
+SANDBOX: dict[str, Any] = {
+    "id": "sb-abc",
+    "state": "running",
+    "template": "base",
+    "vcpus": 1,
+    "memory_mib": 512,
+    "metadata": {},
+    "network": {"allow_out": [], "deny_out": []},
+    "timeout_s": 300,
+    "on_timeout": "kill",
+    "created_at": "2024-05-01T12:00:03Z",
+    "state_changed_at": "2024-05-01T12:00:03Z",
+    "public": False,
+    "auto_resume": False,
+    "traffic_token": "traffic-secret-123",
+    "port_url": "/v1/sandboxes/sb-abc/ports/{port}/",
+}
+HOST_FORM = {"domain": "sandboxes.test", "port_url": "http://{port}-sb-abc.sandboxes.test/"}
+API_URL = "http://127.0.0.1:3000"
+
+
+class FakeApi:
+    """The sandbox calls of an Ember server, in memory, as an httpx transport;
+    ``seen`` holds each request's method, path and JSON body."""
+
+    def __init__(self, **sandbox: Any) -> None:
+        self.sandbox = {**SANDBOX, **sandbox}
+        self.seen: list[tuple[str, str, Any]] = []
+        self.ingress_domain = True
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content) if req.content else None
+        self.seen.append((req.method, req.url.path, body))
+        route = (req.method, req.url.path)
+        if route == ("POST", "/v1/sandboxes"):
+            self.sandbox.update(public=body.get("public", False), auto_resume=body.get("auto_resume", False))
+            return httpx.Response(201, json={**self.sandbox, "access_token": "access-secret-456"})
+        if route == ("PUT", "/v1/sandboxes/sb-abc/ingress"):
+            self.sandbox.update(body)
+            return httpx.Response(200, json=self.sandbox)
+        if route == ("POST", "/v1/sandboxes/sb-abc/links"):
+            if not self.ingress_domain:
+                return httpx.Response(409, json={"code": "no_ingress_domain", "message": "no domain"})
+            url = f"http://{body['port']}-sb-abc.sandboxes.test{body['path']}?ember_link=t1"
+            return httpx.Response(201, json={"url": url, "expires_at": "2024-05-01T12:01:03Z"})
+        return httpx.Response(404, json={"code": "not_found", "message": "unscripted"})
+
+
+def fake_client(api: FakeApi) -> ember.Client:
+    c = ember.Client(API_URL, "key")
+    c._t.client = httpx.Client(base_url=API_URL, headers=c._t.headers, transport=httpx.MockTransport(api))
+    return c
+
+
+def fake_async_client(api: FakeApi) -> ember.AsyncClient:
+    c = ember.AsyncClient(API_URL, "key")
+    c._t.client = httpx.AsyncClient(
+        base_url=API_URL, headers=c._t.headers, transport=httpx.MockTransport(api)
+    )
+    return c
+
+
+def test_port_fields_parse_and_an_older_server_leaves_them_out() -> None:
+    info = ember.SandboxInfo.from_json({**SANDBOX, **HOST_FORM, "public": True, "auto_resume": True})
+    assert (info.public, info.auto_resume, info.traffic_token) == (True, True, "traffic-secret-123")
+    assert (info.domain, info.port_url) == ("sandboxes.test", "http://{port}-sb-abc.sandboxes.test/")
+    old = {
+        k: v for k, v in SANDBOX.items() if k not in ("public", "auto_resume", "traffic_token", "port_url")
+    }
+    info = ember.SandboxInfo.from_json(old)
+    assert (info.public, info.auto_resume, info.traffic_token, info.domain, info.port_url) == (
+        False,
+        False,
+        "",
+        None,
+        "",
+    )
+    sb = ember.Sandbox(info, ember.Client(API_URL, "key"))
+    with pytest.raises(ember.EmberError, match="ports"):
+        sb.url(8000)
+
+
+def test_reprs_hold_no_tokens() -> None:
+    info = ember.SandboxInfo.from_json({**SANDBOX, "access_token": "access-secret-456"})
+    assert info.access_token == "access-secret-456" and info.traffic_token == "traffic-secret-123"
+    shown = [
+        repr(info),
+        str(info),
+        repr(ember.Sandbox(info, ember.Client(API_URL, "key"))),
+        repr(ember.AsyncSandbox(info, ember.AsyncClient(API_URL, "key"))),
+    ]
+    for text in shown:
+        assert "sb-abc" in text
+        assert "traffic-secret" not in text and "access-secret" not in text, text
+
+
+def test_url_and_host_on_the_host_form() -> None:
+    info = ember.SandboxInfo.from_json({**SANDBOX, **HOST_FORM})
+    for sb in (
+        ember.Sandbox(info, ember.Client(API_URL, "key")),
+        ember.AsyncSandbox(info, ember.AsyncClient(API_URL, "key")),
+    ):
+        assert sb.url(8000) == "http://8000-sb-abc.sandboxes.test/"
+        assert sb.get_host(8000) == "8000-sb-abc.sandboxes.test"
+        assert sb.traffic_token == "traffic-secret-123"
+        with pytest.raises(ValueError):
+            sb.url(0)
+    on_a_port = ember.SandboxInfo.from_json({**SANDBOX, "port_url": "https://{port}-sb-abc.x.test:8443/"})
+    sb = ember.Sandbox(on_a_port, ember.Client(API_URL, "key"))
+    assert sb.url(3000) == "https://3000-sb-abc.x.test:8443/"
+    assert sb.get_host(3000) == "3000-sb-abc.x.test:8443"
+
+
+def test_url_and_host_on_the_path_form_are_on_the_api() -> None:
+    info = ember.SandboxInfo.from_json(SANDBOX)
+    for sb in (
+        ember.Sandbox(info, ember.Client(API_URL + "/", "key")),
+        ember.AsyncSandbox(info, ember.AsyncClient(API_URL, "key")),
+    ):
+        assert sb.url(8000) == "http://127.0.0.1:3000/v1/sandboxes/sb-abc/ports/8000/"
+        assert sb.get_host(8000) == "127.0.0.1:3000/v1/sandboxes/sb-abc/ports/8000"
+
+
+def test_create_sends_public_and_auto_resume_only_when_set() -> None:
+    api = FakeApi()
+    with fake_client(api) as c:
+        sb = ember.Sandbox.create(client=c)
+        assert "public" not in api.seen[-1][2] and "auto_resume" not in api.seen[-1][2]
+        assert (sb.info.public, sb.info.auto_resume) == (False, False)
+        sb = ember.Sandbox.create(client=c, public=True, auto_resume=True)
+        assert api.seen[-1][:2] == ("POST", "/v1/sandboxes")
+        assert (api.seen[-1][2]["public"], api.seen[-1][2]["auto_resume"]) == (True, True)
+        assert (sb.info.public, sb.info.auto_resume) == (True, True)
+        assert sb.info.access_token == "access-secret-456"
+        assert "access-secret" not in repr(sb.info)
+
+    async def main() -> None:
+        api = FakeApi()
+        async with fake_async_client(api) as c:
+            sb = await ember.AsyncSandbox.create(client=c, public=True)
+            assert api.seen[-1][2]["public"] is True and "auto_resume" not in api.seen[-1][2]
+            assert sb.info.public and not sb.info.auto_resume
+            sb = await c.create_sandbox(auto_resume=True)
+            assert api.seen[-1][2]["auto_resume"] is True and "public" not in api.seen[-1][2]
+
+    asyncio.run(main())
+
+
+def test_set_ingress_sends_only_what_changes_and_updates_the_info() -> None:
+    assert _api.ingress_body(None, None) == {}
+    assert _api.ingress_body(False, True) == {"public": False, "auto_resume": True}
+    api = FakeApi()
+    with fake_client(api) as c:
+        sb = ember.Sandbox(ember.SandboxInfo.from_json(SANDBOX), c)
+        info = sb.set_ingress(public=True)
+        assert api.seen[-1] == ("PUT", "/v1/sandboxes/sb-abc/ingress", {"public": True})
+        assert info.public and not info.auto_resume and sb.info is info
+        info = c.set_sandbox_ingress("sb-abc", auto_resume=True)
+        assert api.seen[-1] == ("PUT", "/v1/sandboxes/sb-abc/ingress", {"auto_resume": True})
+        assert info.public and info.auto_resume
+
+    async def main() -> None:
+        api = FakeApi()
+        async with fake_async_client(api) as c:
+            sb = ember.AsyncSandbox(ember.SandboxInfo.from_json(SANDBOX), c)
+            info = await sb.set_ingress(auto_resume=True)
+            assert api.seen[-1] == ("PUT", "/v1/sandboxes/sb-abc/ingress", {"auto_resume": True})
+            assert info.auto_resume and not info.public and sb.info is info
+            info = await c.set_sandbox_ingress("sb-abc", public=True, auto_resume=False)
+            assert api.seen[-1][2] == {"public": True, "auto_resume": False}
+            assert info.public and not info.auto_resume
+
+    asyncio.run(main())
+
+
+def test_link_asks_for_a_one_time_url() -> None:
+    api = FakeApi()
+    with fake_client(api) as c:
+        sb = ember.Sandbox(ember.SandboxInfo.from_json({**SANDBOX, **HOST_FORM}), c)
+        assert sb.link(8000) == "http://8000-sb-abc.sandboxes.test/?ember_link=t1"
+        assert api.seen[-1] == ("POST", "/v1/sandboxes/sb-abc/links", {"port": 8000, "path": "/"})
+        sb.link(8000, "/app?x=1")
+        assert api.seen[-1][2] == {"port": 8000, "path": "/app?x=1"}
+        api.ingress_domain = False
+        with pytest.raises(ember.Conflict) as e:
+            sb.link(8000)
+        assert e.value.code == "no_ingress_domain"
+
+    async def main() -> None:
+        api = FakeApi()
+        async with fake_async_client(api) as c:
+            sb = ember.AsyncSandbox(ember.SandboxInfo.from_json({**SANDBOX, **HOST_FORM}), c)
+            assert await sb.link(3000, "/x") == "http://3000-sb-abc.sandboxes.test/x?ember_link=t1"
+            assert api.seen[-1] == ("POST", "/v1/sandboxes/sb-abc/links", {"port": 3000, "path": "/x"})
+
+    asyncio.run(main())

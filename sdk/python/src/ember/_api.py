@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from . import errors
-from .models import WatchEvent
+from .models import SandboxInfo, WatchEvent
 
 
 def sandbox_path(sandbox_id: str) -> str:
@@ -36,6 +36,8 @@ def create_body(
     allow_out: Sequence[str] | None,
     deny_out: Sequence[str] | None,
     cold: bool = False,
+    public: bool = False,
+    auto_resume: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "template": template,
@@ -49,9 +51,58 @@ def create_body(
         body["vcpus"] = vcpus
     if memory_mib is not None:
         body["memory_mib"] = memory_mib
+    # Sent only when set: an older server rejects fields it does not know.
     if cold:
         body["cold"] = True
+    if public:
+        body["public"] = True
+    if auto_resume:
+        body["auto_resume"] = True
     return body
+
+
+def ingress_body(public: bool | None, auto_resume: bool | None) -> dict[str, Any]:
+    """``PUT /ingress``: a field left out keeps its value."""
+    body: dict[str, Any] = {}
+    if public is not None:
+        body["public"] = bool(public)
+    if auto_resume is not None:
+        body["auto_resume"] = bool(auto_resume)
+    return body
+
+
+def _port(port: int) -> int:
+    p = int(port)
+    if not 1 <= p <= 65535:
+        raise ValueError(f"a port is 1 to 65535, not {port!r}")
+    return p
+
+
+def link_body(port: int, path: str) -> dict[str, Any]:
+    return {"port": _port(port), "path": path}
+
+
+def port_url(info: SandboxInfo, api_url: str, port: int) -> str:
+    """The URL of ``port`` of a sandbox: its ``port_url`` with the port put
+    in, on the API's base URL when that is a path (the server has no
+    ingress domain)."""
+    if not info.port_url:
+        raise errors.EmberError(
+            f"the server did not say where sandbox {info.id}'s ports are served "
+            "(it predates ports: upgrade it)"
+        )
+    url = info.port_url.replace("{port}", str(_port(port)))
+    if url.startswith("/"):
+        url = api_url.rstrip("/") + url
+    return url
+
+
+def port_host(url: str) -> str:
+    """A port URL without its scheme and trailing slash: ``host[:port]`` on
+    the host form, ``host[:port]/v1/sandboxes/{id}/ports/{port}`` on the
+    path form."""
+    parts = urlsplit(url)
+    return parts.netloc + parts.path.rstrip("/")
 
 
 def argv(cmd: str | Sequence[str]) -> tuple[str, list[str]]:

@@ -84,6 +84,8 @@ class AsyncClient:
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
         cold: bool = False,
+        public: bool = False,
+        auto_resume: bool = False,
     ) -> AsyncSandbox:
         body = _api.create_body(
             template=template,
@@ -96,6 +98,8 @@ class AsyncClient:
             allow_out=allow_out,
             deny_out=deny_out,
             cold=cold,
+            public=public,
+            auto_resume=auto_resume,
         )
         resp = await self._t.request("POST", "/v1/sandboxes", json=body)
         return AsyncSandbox(SandboxInfo.from_json(resp.json()), self)
@@ -171,6 +175,20 @@ class AsyncClient:
             "PUT",
             f"{_api.sandbox_path(sandbox_id)}/network",
             json={"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])},
+            safe=True,
+        )
+        return SandboxInfo.from_json(resp.json())
+
+    async def set_sandbox_ingress(
+        self, sandbox_id: str, *, public: bool | None = None, auto_resume: bool | None = None
+    ) -> SandboxInfo:
+        """Make a sandbox's ports public (no traffic token needed) or private,
+        and choose whether a request to a port of it, paused, resumes it;
+        ``None`` keeps a setting as it is (safe to repeat)."""
+        resp = await self._t.request(
+            "PUT",
+            f"{_api.sandbox_path(sandbox_id)}/ingress",
+            json=_api.ingress_body(public, auto_resume),
             safe=True,
         )
         return SandboxInfo.from_json(resp.json())
@@ -281,6 +299,11 @@ class AsyncSandbox:
     def client(self) -> AsyncClient:
         return self._client
 
+    @property
+    def traffic_token(self) -> str:
+        """Grants access to this sandbox's ports only: header ``X-Ember-Traffic-Token``."""
+        return self.info.traffic_token
+
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, state={self.info.state.value!r})"
 
@@ -298,6 +321,8 @@ class AsyncSandbox:
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
         cold: bool = False,
+        public: bool = False,
+        auto_resume: bool = False,
         api_url: str | None = None,
         api_key: str | None = None,
         client: AsyncClient | None = None,
@@ -315,6 +340,8 @@ class AsyncSandbox:
                 allow_out=allow_out,
                 deny_out=deny_out,
                 cold=cold,
+                public=public,
+                auto_resume=auto_resume,
             )
         except BaseException:
             if owned:
@@ -372,6 +399,33 @@ class AsyncSandbox:
         one's for its resume."""
         self.info = await self._client.set_sandbox_network(self.id, allow_out=allow_out, deny_out=deny_out)
         return self.info
+
+    def url(self, port: int) -> str:
+        """The URL where ``port`` of the sandbox is served (from the cached
+        :attr:`info`, no request): see :meth:`ember.Sandbox.url`."""
+        return _api.port_url(self.info, self._client.api_url, port)
+
+    def get_host(self, port: int) -> str:
+        """:meth:`url` without its scheme and trailing slash, as E2B's
+        ``get_host`` (meant for a server with an ingress domain): see
+        :meth:`ember.Sandbox.get_host`."""
+        return _api.port_host(self.url(port))
+
+    async def set_ingress(
+        self, *, public: bool | None = None, auto_resume: bool | None = None
+    ) -> SandboxInfo:
+        """Make the ports public or private, and choose whether a request to a
+        port while the sandbox is paused resumes it; ``None`` keeps a setting."""
+        self.info = await self._client.set_sandbox_ingress(self.id, public=public, auto_resume=auto_resume)
+        return self.info
+
+    async def link(self, port: int, path: str = "/") -> str:
+        """A one-time link for a browser to ``path`` on ``port``: see
+        :meth:`ember.Sandbox.link`."""
+        resp = await self._client._t.request(
+            "POST", f"{_api.sandbox_path(self.id)}/links", json=_api.link_body(port, path)
+        )
+        return str(resp.json()["url"])
 
     async def get_metrics(self) -> builtins.list[MetricSample]:
         """Recent CPU, memory, disk and network use, oldest first."""

@@ -87,10 +87,25 @@ class SandboxInfo:
     host_id: str | None = None
     expires_at: datetime | None = None
     failure_reason: str | None = None
-    #: Only from :meth:`Sandbox.create`: a token for this sandbox's exec and files.
-    access_token: str | None = None
+    #: Only from :meth:`Sandbox.create`: a token for this sandbox's exec and
+    #: files. A secret: left out of the repr.
+    access_token: str | None = field(default=None, repr=False)
     #: Its last completed create, fork, resume or pause, phase by phase.
     last_operation: OperationTiming | None = None
+    #: Its ports are reachable without the traffic token.
+    public: bool = False
+    #: A request to one of its ports while it is paused resumes it.
+    auto_resume: bool = False
+    #: Grants access to its ports only (not exec or files): send it as the
+    #: header ``X-Ember-Traffic-Token``. A secret: left out of the repr.
+    traffic_token: str = field(default="", repr=False)
+    #: The server's ingress domain; None when it has none (ports are then
+    #: served on the API, under ``/v1/sandboxes/{id}/ports/{port}/``).
+    domain: str | None = None
+    #: Where its ports are served, ``{port}`` standing for the port number: a
+    #: full URL, or a path on the API (see :meth:`Sandbox.url`). Empty from a
+    #: server without ports.
+    port_url: str = ""
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
@@ -113,6 +128,11 @@ class SandboxInfo:
             failure_reason=d.get("failure_reason"),
             access_token=d.get("access_token"),
             last_operation=_operation(d.get("last_operation")),
+            public=bool(d.get("public")),
+            auto_resume=bool(d.get("auto_resume")),
+            traffic_token=str(d.get("traffic_token") or ""),
+            domain=d.get("domain") or None,
+            port_url=str(d.get("port_url") or ""),
         )
 
 

@@ -108,6 +108,8 @@ class Client:
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
         cold: bool = False,
+        public: bool = False,
+        auto_resume: bool = False,
     ) -> Sandbox:
         """Create a sandbox (never retried: a retry could create two)."""
         body = _api.create_body(
@@ -121,6 +123,8 @@ class Client:
             allow_out=allow_out,
             deny_out=deny_out,
             cold=cold,
+            public=public,
+            auto_resume=auto_resume,
         )
         resp = self._t.request("POST", "/v1/sandboxes", json=body)
         return Sandbox(SandboxInfo.from_json(resp.json()), self)
@@ -199,6 +203,20 @@ class Client:
             "PUT",
             f"{_api.sandbox_path(sandbox_id)}/network",
             json={"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])},
+            safe=True,
+        )
+        return SandboxInfo.from_json(resp.json())
+
+    def set_sandbox_ingress(
+        self, sandbox_id: str, *, public: bool | None = None, auto_resume: bool | None = None
+    ) -> SandboxInfo:
+        """Make a sandbox's ports public (no traffic token needed) or private,
+        and choose whether a request to a port of it, paused, resumes it;
+        ``None`` keeps a setting as it is (safe to repeat)."""
+        resp = self._t.request(
+            "PUT",
+            f"{_api.sandbox_path(sandbox_id)}/ingress",
+            json=_api.ingress_body(public, auto_resume),
             safe=True,
         )
         return SandboxInfo.from_json(resp.json())
@@ -315,6 +333,13 @@ class Sandbox:
     def client(self) -> Client:
         return self._client
 
+    @property
+    def traffic_token(self) -> str:
+        """Grants access to this sandbox's ports only (not exec or files): send
+        it as the header ``X-Ember-Traffic-Token``. Not needed when the
+        sandbox is public."""
+        return self.info.traffic_token
+
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, state={self.info.state.value!r})"
 
@@ -332,6 +357,8 @@ class Sandbox:
         allow_out: Sequence[str] | None = None,
         deny_out: Sequence[str] | None = None,
         cold: bool = False,
+        public: bool = False,
+        auto_resume: bool = False,
         api_url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -339,7 +366,9 @@ class Sandbox:
         """Create a sandbox from ``template`` (``"base"``: the base image).
 
         ``timeout`` is in seconds of inactivity; ``env`` applies to every
-        process in it.
+        process in it. ``public`` makes its ports reachable without the
+        :attr:`traffic_token`; with ``auto_resume`` a request to a port while
+        it is paused resumes it.
         """
         c, owned = _client(client, api_url, api_key)
         try:
@@ -354,6 +383,8 @@ class Sandbox:
                 allow_out=allow_out,
                 deny_out=deny_out,
                 cold=cold,
+                public=public,
+                auto_resume=auto_resume,
             )
         except BaseException:
             if owned:
@@ -415,6 +446,38 @@ class Sandbox:
         one's for its resume."""
         self.info = self._client.set_sandbox_network(self.id, allow_out=allow_out, deny_out=deny_out)
         return self.info
+
+    def url(self, port: int) -> str:
+        """The URL where ``port`` of the sandbox is served, e.g.
+        ``http://8000-sb-....sandboxes.example/`` (on a server with an ingress
+        domain) or ``{api_url}/v1/sandboxes/{id}/ports/8000/``. A request
+        needs the :attr:`traffic_token` unless the sandbox is public."""
+        return _api.port_url(self.info, self._client.api_url, port)
+
+    def get_host(self, port: int) -> str:
+        """:meth:`url` without its scheme and trailing slash, as E2B's
+        ``get_host``: ``8000-sb-....sandboxes.example`` on a server with an
+        ingress domain (what it is meant for); without one, the API's host
+        and the port's path (``127.0.0.1:3000/v1/sandboxes/{id}/ports/8000``)."""
+        return _api.port_host(self.url(port))
+
+    def set_ingress(self, *, public: bool | None = None, auto_resume: bool | None = None) -> SandboxInfo:
+        """Make the ports public (no traffic token needed) or private, and
+        choose whether a request to a port while the sandbox is paused resumes
+        it; ``None`` keeps a setting as it is."""
+        self.info = self._client.set_sandbox_ingress(self.id, public=public, auto_resume=auto_resume)
+        return self.info
+
+    def link(self, port: int, path: str = "/") -> str:
+        """A one-time link for a browser to ``path`` on ``port``: opening it
+        authorises that browser for the port (a cookie) and redirects to the
+        page. It expires after a short while, or its first use. Needs a server
+        with an ingress domain (else :class:`errors.Conflict`,
+        ``no_ingress_domain``)."""
+        resp = self._client._t.request(
+            "POST", f"{_api.sandbox_path(self.id)}/links", json=_api.link_body(port, path)
+        )
+        return str(resp.json()["url"])
 
     def get_metrics(self) -> builtins.list[MetricSample]:
         """Recent CPU, memory, disk and network use, oldest first (every 5 s,
