@@ -78,3 +78,23 @@ test('the lifecycle, commands and files through the JS SDK', async () => {
   }
   assert.equal(await Sandbox.kill(sbx.sandboxId), false)
 })
+
+test('getHost names a port the server proxies', async () => {
+  const sbx = await Sandbox.create({ metadata: { suite: run }, timeoutMs: 600_000 })
+  try {
+    await sbx.files.write('/tmp/www/index.txt', 'from js\n')
+    await sbx.commands.run('python3 -m http.server 8000 --directory /tmp/www', { background: true })
+    const host = sbx.getHost(8000)
+    assert.equal(host, `8000-${sbx.sandboxId}.e2b.test`)
+    const api = process.env.E2B_API_URL
+    let body = ''
+    await waitFor(async () => {
+      const r = await fetch(`${api}/index.txt`, { headers: { 'x-ember-sandbox-id': sbx.sandboxId, 'x-ember-port': '8000' } })
+      body = await r.text()
+      return r.status === 200
+    }, 'the sandbox web server', 60000)
+    assert.equal(body, 'from js\n')
+  } finally {
+    await sbx.kill()
+  }
+})

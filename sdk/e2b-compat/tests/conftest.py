@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "tests")
 from _server import EmberServer, find_binary, find_image_dir
 
 
+INGRESS_DOMAIN = "e2b.test"
+
+
 def _missing(reason: str) -> None:
     if os.environ.get("EMBER_TEST_REQUIRE") == "all":
         pytest.fail(f"precondition missing but EMBER_TEST_REQUIRE=all: {reason}")
@@ -35,7 +38,9 @@ def server() -> Iterator[EmberServer]:
     if image is None:
         _missing("needs a built guest image (run `ember image build`)")
     assert binary is not None and image is not None
-    s = EmberServer(binary, image)
+    # Ports are served at {port}-{id}.e2b.test (what `get_host` returns);
+    # the tests send that host name to the server's address.
+    s = EmberServer(binary, image, extra_args=("--ingress-domain", f"http://{INGRESS_DOMAIN}"))
     s.start()
     try:
         yield s

@@ -240,3 +240,28 @@ def test_pause_and_connect_keep_files_and_processes(sbx: Sandbox) -> None:
     assert h.pid in [p.pid for p in resumed.commands.list()]
     assert resumed.commands.run("echo back").stdout == "back\n"
     assert resumed.get_info().state.value == "running"
+
+
+def test_get_host_reaches_a_server_in_the_sandbox(sbx: Sandbox) -> None:
+    import os
+
+    import httpx
+    from conftest import INGRESS_DOMAIN
+
+    sbx.files.write("/tmp/www/index.txt", "served by the sandbox\n")
+    sbx.commands.run("python3 -m http.server 8000 --directory /tmp/www", background=True)
+    host = sbx.get_host(8000)
+    assert host == f"8000-{sbx.sandbox_id}.{INGRESS_DOMAIN}"
+    # Wildcard DNS in effect: the host name, sent to the server's address.
+    api = os.environ["E2B_API_URL"]
+
+    def served() -> bool:
+        r = httpx.get(f"{api}/index.txt", headers={"host": host}, timeout=30)
+        assert r.status_code in (200, 502), r.text
+        return r.status_code == 200 and r.text == "served by the sandbox\n"
+
+    wait_for(served, "the sandbox's web server through get_host", timeout=60)
+    # A port nothing listens on says so.
+    r = httpx.get(f"{api}/", headers={"host": sbx.get_host(8001)}, timeout=30)
+    assert r.status_code == 502
+    assert "nothing listens on port 8001" in r.json()["message"]
