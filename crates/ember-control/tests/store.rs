@@ -164,7 +164,12 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         auto_resume: true,
     };
     assert!(store.set_ingress(&t.id, &sb.id, &wanted).await.unwrap());
-    assert!(!store.set_ingress("team-other", &sb.id, &wanted).await.unwrap());
+    assert!(
+        !store
+            .set_ingress("team-other", &sb.id, &wanted)
+            .await
+            .unwrap()
+    );
     let got = store.sandbox(None, &sb.id).await.unwrap().unwrap();
     assert_eq!(got.ingress, wanted);
 }
