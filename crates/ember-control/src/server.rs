@@ -172,6 +172,10 @@ impl ControlPlane {
         ];
         tracing::info!(%addr, "serving the API");
         let router = api::router(self.state.clone());
+        // No Nagle: streamed output and proxied bytes go out as they come.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

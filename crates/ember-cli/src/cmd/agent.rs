@@ -252,9 +252,16 @@ async fn serve(
             }
         })
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Server::tcp_nodelay applies only to listeners tonic binds itself:
+    // without this, small replies (exec output, port bytes) wait for
+    // delayed ACKs (~40 ms each).
+    use futures::StreamExt;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(HostService::new(agent).into_server(token))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
