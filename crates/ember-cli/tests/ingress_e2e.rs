@@ -210,7 +210,9 @@ async fn ports_through_every_form(db: TestDb) {
     let addr = server_addr(&server.base);
 
     let sb = a
-        .create(json!({"template": "base", "memory_mib": 256, "timeout_s": 900}))
+        .create(
+            json!({"template": "base", "memory_mib": 256, "timeout_s": 900, "on_timeout": "pause"}),
+        )
         .await;
     let id = sb["id"].as_str().unwrap().to_owned();
     let token = sb["traffic_token"].as_str().unwrap().to_owned();
@@ -616,6 +618,20 @@ async fn ports_through_every_form(db: TestDb) {
         "wake on traffic: resumed in {woke_ms} ms, first response after {} ms",
         woke_total.as_millis()
     );
+    // Idle past its timeout it goes back to sleep; the next request wakes it again.
+    let (st, v) = a
+        .post(
+            &format!("/v1/sandboxes/{id}/timeout"),
+            json!({"timeout_s": 2}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    a.wait_state(&id, "paused", Duration::from_secs(120)).await;
+    let resp = anon.get(path("/hello")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-ember-woke-ms"));
+    assert_eq!(resp.text().await.unwrap(), "hello from the sandbox\n");
+    a.wait_state(&id, "paused", Duration::from_secs(120)).await;
     let metrics = admin.metrics().await;
     assert!(
         metric(&metrics, "ember_ingress_requests_total{status=\"200\"}").unwrap_or(0.0) >= 8.0,
