@@ -535,6 +535,20 @@ async fn invalid_values_are_400_naming_the_field(db: TestDb) {
             json!({"template": "base", "timeout_s": 60, "network": {"deny_out": ["10.0.0.0/40"]}}),
             "network.deny_out[0]",
         ),
+        // What no host could apply is refused here, before anything is placed.
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"deny_out": ["::/0"]}}),
+            "network.deny_out[0]",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60, "network": {"allow_out": ["10.1.0.0/8"]}}),
+            "network.allow_out[0]",
+        ),
+        (
+            json!({"template": "base", "timeout_s": 60,
+                   "network": {"allow_out": (0..65).map(|i| format!("10.0.{i}.0/24")).collect::<Vec<_>>()}}),
+            "network.allow_out",
+        ),
     ] {
         let got = call(c.post(s.url("/v1/sandboxes")).bearer_auth(&key).json(&body)).await;
         assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
@@ -562,6 +576,23 @@ async fn invalid_values_are_400_naming_the_field(db: TestDb) {
     )
     .await;
     assert_eq!(got.1["field"], "name", "{:?}", got.1);
+    // Exec requests are checked before the sandbox is even looked up.
+    let ghost = ember_types::SandboxId::new();
+    for (body, field) in [
+        (json!({"cmd": "ls", "args": ["a\0b"]}), "args[0]"),
+        (json!({"cmd": "ls", "env": {"NO-DASH": "1"}}), "env.NO-DASH"),
+        (json!({"cmd": "ls", "tag": "x\ny"}), "tag"),
+        (json!({"cmd": "ls", "user": "root; rm"}), "user"),
+    ] {
+        let got = call(
+            c.post(s.url(&format!("/v1/sandboxes/{ghost}/exec")))
+                .bearer_auth(&key)
+                .json(&body),
+        )
+        .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        assert_eq!(got.1["field"], field, "{body}: {:?}", got.1);
+    }
     s.stop();
 }
 

@@ -98,36 +98,15 @@ impl fmt::Display for Ipv4Cidr {
 impl FromStr for Ipv4Cidr {
     type Err = NetError;
 
-    /// `a.b.c.d/len`, or a bare address meaning `/32`.
+    /// `a.b.c.d/len`, or a bare address meaning `/32` (the rules are
+    /// [`ember_types::cidr::parse_ipv4_cidr`]'s, which the API applies too).
     fn from_str(s: &str) -> Result<Self, NetError> {
-        let invalid = |reason: &str| NetError::InvalidCidr {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let (addr, len) = match s.split_once('/') {
-            Some((addr, len)) => (addr, Some(len)),
-            None => (s, None),
-        };
-        if addr.contains(':') {
-            return Err(invalid(
-                "IPv6 is not supported: all guest IPv6 traffic is dropped",
-            ));
-        }
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| invalid("expected an IPv4 address like 10.9.0.0/16"))?;
-        let len = match len {
-            None => 32,
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= 32)
-                .ok_or_else(|| invalid("prefix length must be a number 0..=32"))?,
-        };
-        Ipv4Cidr::new(addr, len).map_err(|e| match e {
-            NetError::InvalidCidr { reason, .. } => invalid(&reason),
-            other => other,
-        })
+        let (addr, prefix_len) =
+            ember_types::cidr::parse_ipv4_cidr(s).map_err(|reason| NetError::InvalidCidr {
+                input: s.to_string(),
+                reason,
+            })?;
+        Ok(Ipv4Cidr { addr, prefix_len })
     }
 }
 

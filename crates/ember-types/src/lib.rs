@@ -4,6 +4,7 @@
 //! This crate does no I/O. Wire types of the REST API live in `ember-control`,
 //! those of the host↔guest protocol in `ember-guest-api`.
 
+pub mod cidr;
 pub mod guest;
 mod id;
 

@@ -18,7 +18,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "tests"))
 from _server import EmberServer, find_binary, find_image_dir
 
-
 INGRESS_DOMAIN = "e2b.test"
 
 

@@ -265,3 +265,22 @@ def test_get_host_reaches_a_server_in_the_sandbox(sbx: Sandbox) -> None:
     r = httpx.get(f"{api}/", headers={"host": sbx.get_host(8001)}, timeout=30)
     assert r.status_code == 502
     assert "nothing listens on port 8001" in r.json()["message"]
+
+
+def test_no_internet_access_blocks_egress_but_keeps_the_sandbox() -> None:
+    import inspect
+
+    if "allow_internet_access" not in inspect.signature(Sandbox.create).parameters:
+        pytest.skip(f"e2b {version('e2b')} has no allow_internet_access")
+    # Used to fail every such sandbox: the deny rules named ::/0, which
+    # host agents refuse (a guest's IPv6 is dropped anyway).
+    s = Sandbox.create(allow_internet_access=False, timeout=300)
+    try:
+        r = s.commands.run(
+            "python3 -c \"import socket; s=socket.socket(); s.settimeout(3);"
+            " print(s.connect_ex(('1.1.1.1', 80)))\""
+        )
+        assert r.stdout.strip() != "0", "egress was allowed"
+        assert s.get_info().state.value == "running"
+    finally:
+        s.kill()

@@ -506,26 +506,16 @@ pub fn validate_path(field: &str, path: &str) -> Result<(), ApiError> {
 
 /// A CIDR (`a.b.c.d/n`, `x::/n`) or a single address.
 pub fn validate_cidr(field: &str, cidr: &str) -> Result<(), ApiError> {
-    let (addr, len) = match cidr.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (cidr, None),
-    };
-    let bad = || {
-        ApiError::invalid(
-            field,
-            format!("{cidr:?} is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"),
-        )
-    };
-    let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
-    if let Some(len) = len {
-        let len: u8 = len.parse().map_err(|_| bad())?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        if len > max {
-            return Err(bad());
-        }
-    }
-    Ok(())
+    // The host agents' own parser: a rule the API takes is a rule every
+    // host can apply (an IPv6 or host-bits rule used to fail the sandbox
+    // on its host, after it was placed).
+    ember_types::cidr::parse_ipv4_cidr(cidr)
+        .map(|_| ())
+        .map_err(|reason| ApiError::invalid(field, format!("{cidr:?}: {reason}")))
 }
+
+/// At most this many rules in each of `allow_out` and `deny_out`.
+pub const MAX_NETWORK_RULES: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -582,12 +572,27 @@ mod tests {
         for bad in ["", "-x", "UPPER", "a/b", &"x".repeat(64)] {
             assert!(validate_name("name", bad).is_err(), "{bad}");
         }
-        for ok in ["10.0.0.0/8", "1.2.3.4", "2001:db8::/32", "::1"] {
+        for ok in ["10.0.0.0/8", "1.2.3.4", "0.0.0.0/0"] {
             assert!(validate_cidr("c", ok).is_ok(), "{ok}");
         }
-        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "1.2.3.4/"] {
-            assert!(validate_cidr("c", bad).is_err(), "{bad}");
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "x",
+            "::/0",
+            "2001:db8::/32",
+            "1.2.3.4/",
+            "10.1.0.0/8",
+        ] {
+            let e = validate_cidr("c", bad).unwrap_err();
+            assert!(e.body.message.contains(bad), "{bad}: {}", e.body.message);
         }
+        let e = validate_cidr("network.allow_out[0]", "10.1.0.0/8").unwrap_err();
+        assert!(
+            e.body.message.contains("write 10.0.0.0/8"),
+            "{}",
+            e.body.message
+        );
     }
 
     #[test]

@@ -140,17 +140,9 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let id = sandbox_id(&id)?;
     let team = auth.guest_access(&id)?;
-    if req.cmd.is_empty() || req.cmd.contains('\0') {
-        return Err(ApiError::invalid(
-            "cmd",
-            "must be a non-empty program name without NUL",
-        ));
-    }
     if let Some(cwd) = &req.cwd {
         super::validate_path("cwd", cwd)?;
     }
-    let (sb, mut client) = state.ops.running(team, &id).await?;
-    state.ops.touch(&sb).await;
     let background = req.background;
     let preq = pb::ExecRequest {
         sandbox_id: id.clone(),
@@ -168,6 +160,9 @@ pub async fn exec(
         background,
         tag: req.tag.unwrap_or_default(),
     };
+    validate_exec(&preq)?;
+    let (sb, mut client) = state.ops.running(team, &id).await?;
+    state.ops.touch(&sb).await;
     let mut stream = match client.exec(preq).await {
         Ok(s) => s.into_inner(),
         Err(status) => return Err(guest_error(&state, &sb, "Exec", status).await),
@@ -193,6 +188,69 @@ pub async fn exec(
             Err(status) => return Err(guest_error(&state, &sb, "Exec", status).await),
         }
     }
+}
+
+/// Most arguments of one command, and most bytes of them together.
+const MAX_ARGS: usize = 4096;
+const MAX_ARGS_BYTES: usize = 256 * 1024;
+const MAX_TAG: usize = 256;
+const MAX_USER: usize = 64;
+
+/// What the guest will run, bounded and checked before it leaves the
+/// control plane (the guest agent checks again): NUL-free program and
+/// arguments within the limits, env as at create, a short printable tag,
+/// a user name or uid.
+pub(crate) fn validate_exec(req: &pb::ExecRequest) -> Result<(), ApiError> {
+    if req.cmd.is_empty() || req.cmd.contains('\0') || req.cmd.len() > 4096 {
+        return Err(ApiError::invalid(
+            "cmd",
+            "must be a program name of 1 to 4096 bytes without NUL",
+        ));
+    }
+    if req.args.len() > MAX_ARGS {
+        return Err(ApiError::invalid(
+            "args",
+            format!("at most {MAX_ARGS} arguments"),
+        ));
+    }
+    if let Some(i) = req.args.iter().position(|a| a.contains('\0')) {
+        return Err(ApiError::invalid(
+            &format!("args[{i}]"),
+            "arguments cannot hold NUL",
+        ));
+    }
+    if req.args.iter().map(String::len).sum::<usize>() > MAX_ARGS_BYTES {
+        return Err(ApiError::invalid(
+            "args",
+            format!("at most {MAX_ARGS_BYTES} bytes together (pass data on stdin or in a file)"),
+        ));
+    }
+    let env: std::collections::BTreeMap<String, String> = req
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    super::sandboxes::validate_env("env", &env)?;
+    if req.tag.len() > MAX_TAG || req.tag.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "tag",
+            format!("at most {MAX_TAG} bytes, without control characters"),
+        ));
+    }
+    let user_ok = req.user.is_empty()
+        || (req.user.len() <= MAX_USER
+            && !req.user.starts_with('-')
+            && req
+                .user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+    if !user_ok {
+        return Err(ApiError::invalid(
+            "user",
+            format!("a user name or uid: at most {MAX_USER} of a-z A-Z 0-9 . _ -"),
+        ));
+    }
+    Ok(())
 }
 
 fn pid_of(raw: &str) -> Result<u32, ApiError> {
@@ -426,6 +484,46 @@ pub async fn process_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_requests_are_bounded_and_name_the_bad_field() {
+        let ok = pb::ExecRequest {
+            cmd: "python3".into(),
+            args: vec!["-c".into(), "print(1)".into()],
+            env: [("A_B".to_owned(), "1".to_owned())].into(),
+            user: "user".into(),
+            tag: "web server".into(),
+            ..Default::default()
+        };
+        assert!(validate_exec(&ok).is_ok());
+        let field = |r: pb::ExecRequest| validate_exec(&r).unwrap_err().body.field.unwrap();
+        let with = |f: &dyn Fn(&mut pb::ExecRequest)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            r
+        };
+        assert_eq!(field(with(&|r| r.cmd = "a\0b".into())), "cmd");
+        assert_eq!(field(with(&|r| r.args.push("x\0".into()))), "args[2]");
+        assert_eq!(
+            field(with(&|r| r.args = vec![String::new(); MAX_ARGS + 1])),
+            "args"
+        );
+        assert_eq!(
+            field(with(&|r| r.args = vec!["x".repeat(MAX_ARGS_BYTES + 1)])),
+            "args"
+        );
+        assert_eq!(
+            field(with(&|r| {
+                r.env.insert("1X".into(), "v".into());
+            })),
+            "env.1X"
+        );
+        assert_eq!(field(with(&|r| r.tag = "a\nb".into())), "tag");
+        assert_eq!(field(with(&|r| r.tag = "t".repeat(MAX_TAG + 1))), "tag");
+        assert_eq!(field(with(&|r| r.user = "-rf".into())), "user");
+        assert_eq!(field(with(&|r| r.user = "a b".into())), "user");
+        assert!(validate_exec(&with(&|r| r.user = "1000".into())).is_ok());
+    }
 
     #[test]
     fn output_is_text_when_utf8_and_base64_otherwise() {

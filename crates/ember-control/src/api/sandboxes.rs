@@ -562,6 +562,17 @@ pub async fn set_sandbox_network(
 }
 
 pub(crate) fn validate_network(n: &wire::NetworkPolicy) -> Result<(), ApiError> {
+    for (field, rules) in [
+        ("network.allow_out", &n.allow_out),
+        ("network.deny_out", &n.deny_out),
+    ] {
+        if rules.len() > super::MAX_NETWORK_RULES {
+            return Err(ApiError::invalid(
+                field,
+                format!("at most {} rules", super::MAX_NETWORK_RULES),
+            ));
+        }
+    }
     for (i, c) in n.allow_out.iter().enumerate() {
         validate_cidr(&format!("network.allow_out[{i}]"), c)?;
     }

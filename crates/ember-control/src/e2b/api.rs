@@ -200,8 +200,9 @@ fn detail_json(state: &AppState, sb: &Sandbox) -> Value {
     v
 }
 
+/// Everything a guest could reach: IPv4 only, since a guest's IPv6 traffic
+/// is always dropped (and host agents refuse IPv6 rules).
 const ALL_V4: &str = "0.0.0.0/0";
-const ALL_V6: &str = "::/0";
 
 fn denies_all(n: &model::NetworkPolicy) -> bool {
     n.deny_out.iter().any(|c| c == ALL_V4) && n.allow_out.is_empty()
@@ -269,7 +270,15 @@ fn egress(
     )?;
     if allow_internet_access.and_then(Value::as_bool) == Some(false) {
         allow_out.clear();
-        deny_out = vec![ALL_V4.into(), ALL_V6.into()];
+        deny_out = vec![ALL_V4.into()];
+    }
+    for (name, rules) in [("allowOut", &allow_out), ("denyOut", &deny_out)] {
+        if rules.len() > crate::api::MAX_NETWORK_RULES {
+            return Err(E2bError::bad(format!(
+                "{prefix}{name}: at most {} rules",
+                crate::api::MAX_NETWORK_RULES
+            )));
+        }
     }
     for (i, c) in allow_out.iter().enumerate() {
         crate::api::validate_cidr(&format!("{prefix}allowOut[{i}]"), c)?;
@@ -949,7 +958,7 @@ mod tests {
             (vec!["1.1.1.1".to_owned()], vec!["10.0.0.0/8".to_owned()])
         );
         let p = egress(Some(&n), Some(&json!(false)), "").unwrap();
-        assert!(p.allow_out.is_empty() && p.deny_out == vec![ALL_V4, ALL_V6]);
+        assert!(p.allow_out.is_empty() && p.deny_out == vec![ALL_V4]);
         let bad = json!({"allowOut": ["example.com"]});
         let e = egress(Some(&bad), None, "network.").unwrap_err();
         assert!(e.message.contains("network.allowOut[0]"), "{}", e.message);

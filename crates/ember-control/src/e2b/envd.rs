@@ -483,6 +483,7 @@ async fn start(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
         background: true,
         tag,
     };
+    crate::api::processes::validate_exec(&preq).map_err(|e| RpcError::invalid(e.body.message))?;
     let is_pty = preq.pty.is_some();
     let events = t.client.exec(preq).await.map_err(from_status)?.into_inner();
     state.ops.touch(&t.sb).await;
