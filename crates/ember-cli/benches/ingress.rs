@@ -27,7 +27,6 @@ use agent::{AgentHome, image_dir};
 use serde_json::json;
 use server::{ServerSpec, TestDb};
 
-const GUEST_SERVER: &str = include_str!("../tests/ingress/guest_server.py");
 const SMALL_REQUESTS: usize = 200;
 const BIG: usize = 100 << 20;
 const WAKES: usize = 3;
@@ -142,38 +141,13 @@ async fn run() {
     assert_eq!(st, 201, "{sb}");
     let id = sb["id"].as_str().unwrap().to_owned();
     let token = sb["traffic_token"].as_str().unwrap().to_owned();
-    let resp = a
-        .http
-        .put(a.url(&format!(
-            "/v1/sandboxes/{id}/files?path=/tmp/guest_server.py"
-        )))
-        .bearer_auth(&a.key)
-        .body(GUEST_SERVER)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let (st, _) = a
-        .post(
-            &format!("/v1/sandboxes/{id}/exec"),
-            json!({"cmd": "python3", "args": ["/tmp/guest_server.py"], "background": true}),
-        )
-        .await;
-    assert_eq!(st, 200);
+    a.start_ingress_test_servers(&id, &token).await;
     let made = a
         .sh(&id, &format!("head -c {BIG} /dev/urandom > /tmp/big"))
         .await;
     assert_eq!(made.exit_code, Some(0));
     let direct = format!("http://{}:8000", slot_address(&home));
     let proxied = a.url(&format!("/v1/sandboxes/{id}/ports/8000"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while reqwest::get(format!("{direct}/hello")).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the guest's server never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 
     println!("ingress bench (QEMU backend; a Python http.server in a 512 MiB guest)");
     // Warm both paths once.

@@ -5,6 +5,7 @@
 //!
 //! Needs root and a built guest image, like every VM test.
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -20,7 +21,6 @@ use support::server::{Api, ServerSpec, TestDb, assert_error, metric};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const DOMAIN: &str = "sandboxes.test";
-const GUEST_SERVER: &str = include_str!("ingress/guest_server.py");
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -73,53 +73,6 @@ async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
         st,
         serde_json::from_str(&body).unwrap_or(Value::String(body)),
     )
-}
-
-/// Start the guest's servers and wait until port 8000 answers through the proxy.
-async fn start_guest_servers(a: &Api, id: &str, token: &str) {
-    let resp = a
-        .http
-        .put(a.url(&format!(
-            "/v1/sandboxes/{id}/files?path=/tmp/guest_server.py"
-        )))
-        .bearer_auth(&a.key)
-        .body(GUEST_SERVER)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (st, started) = a
-        .post(
-            &format!("/v1/sandboxes/{id}/exec"),
-            json!({"cmd": "python3", "args": ["/tmp/guest_server.py"], "background": true}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{started}");
-    assert!(started["pid"].as_u64().is_some(), "{started}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let resp = a
-            .http
-            .get(a.url(&format!("/v1/sandboxes/{id}/ports/8000/hello")))
-            .header("x-ember-traffic-token", token)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == StatusCode::OK {
-            return;
-        }
-        assert_eq!(
-            resp.status(),
-            StatusCode::BAD_GATEWAY,
-            "{:?}",
-            resp.text().await
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the guest's server never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// A WebSocket handshake and one echoed text frame over `stream`.
@@ -175,15 +128,7 @@ async fn websocket_echo(
 
 #[test]
 fn ports_are_reached_through_every_form_with_real_clients_root_vm() {
-    ember_testkit::require!(
-        ember_testkit::is_root(),
-        "needs root for network namespaces and TAP devices"
-    );
-    ember_testkit::require!(
-        support::agent::image_dir().is_some(),
-        "no guest image under {}: run `ember image build` first",
-        support::agent::data_dir().display()
-    );
+    require_vm!();
     ember_testkit::require!(
         Command::new("curl").arg("--version").output().is_ok(),
         "needs curl (scripts/setup-host installs it)"
@@ -223,7 +168,7 @@ async fn ports_through_every_form(db: TestDb) {
     );
     assert_eq!(sb["domain"], DOMAIN);
     assert_eq!(sb["port_url"], format!("http://{{port}}-{id}.{DOMAIN}/"));
-    start_guest_servers(&a, &id, &token).await;
+    a.start_ingress_test_servers(&id, &token).await;
     let path = |p: &str| a.url(&format!("/v1/sandboxes/{id}/ports/8000{p}"));
 
     // ---- private by default: no credential, a wrong one, another team's

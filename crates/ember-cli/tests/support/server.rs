@@ -17,6 +17,9 @@ use super::agent::AgentHome;
 
 pub const PG_ENV: &str = "EMBER_TEST_POSTGRES_URL";
 
+/// The servers an ingress test runs in its sandbox (HTTP on 8000, TCP echo on 7000).
+pub const INGRESS_GUEST_SERVER: &str = include_str!("../ingress/guest_server.py");
+
 /// A database for one test: a SQLite file or a fresh PostgreSQL database.
 pub struct TestDb {
     pub url: String,
@@ -482,6 +485,54 @@ impl Api {
             assert!(
                 Instant::now() < deadline,
                 "{n} healthy hosts expected: {hosts}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Start `tests/ingress/guest_server.py` in sandbox `id` and wait until
+    /// its port 8000 answers through the ingress proxy (with `token`).
+    pub async fn start_ingress_test_servers(&self, id: &str, token: &str) {
+        let resp = self
+            .http
+            .put(self.url(&format!(
+                "/v1/sandboxes/{id}/files?path=/tmp/guest_server.py"
+            )))
+            .bearer_auth(&self.key)
+            .body(INGRESS_GUEST_SERVER)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let (st, started) = self
+            .post(
+                &format!("/v1/sandboxes/{id}/exec"),
+                json!({"cmd": "python3", "args": ["/tmp/guest_server.py"], "background": true}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{started}");
+        assert!(started["pid"].as_u64().is_some(), "{started}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let resp = self
+                .http
+                .get(self.url(&format!("/v1/sandboxes/{id}/ports/8000/hello")))
+                .header("x-ember-traffic-token", token)
+                .send()
+                .await
+                .unwrap();
+            if resp.status() == StatusCode::OK {
+                return;
+            }
+            assert_eq!(
+                resp.status(),
+                StatusCode::BAD_GATEWAY,
+                "{:?}",
+                resp.text().await
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the guest's server never listened"
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
