@@ -92,6 +92,8 @@ async fn serve_inner(
             .observe("wake_first_response", started.elapsed().as_secs_f64());
     }
     if matches!(target.form, Form::Path { .. }) {
+        // Shared origin: a guest sets no cookie there either.
+        resp.headers_mut().remove(header::SET_COOKIE);
         resp.headers_mut().insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(PATH_FORM_CSP),
@@ -359,7 +361,10 @@ fn upstream_request(
             headers.append(name.clone(), value.clone());
         }
     }
-    // Cookies go on, less the one that carries the traffic token.
+    // Cookies go on, less the one that carries the traffic token; none on
+    // the path form, where every sandbox shares the API's origin (a
+    // browser would send one sandbox's cookies to all the others).
+    let path_form = matches!(target.form, Form::Path { .. });
     let cookies: Vec<&str> = parts
         .headers
         .get_all(header::COOKIE)
@@ -369,7 +374,8 @@ fn upstream_request(
         .map(str::trim)
         .filter(|c| !c.is_empty() && c.split('=').next() != Some(TRAFFIC_COOKIE))
         .collect();
-    if !cookies.is_empty()
+    if !path_form
+        && !cookies.is_empty()
         && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
     {
         headers.insert(header::COOKIE, v);
@@ -684,6 +690,13 @@ mod tests {
         let strip = Strip {
             authorization: true,
         };
+        let host_target = Target {
+            form: Form::Host,
+            ..target.clone()
+        };
+        let cookie_req = request(&[("cookie", "a=1; ember_traffic=secret; b=2")]);
+        let out = upstream_request(cookie_req, &host_target, &Strip::default(), None).unwrap();
+        assert_eq!(out.headers()["cookie"], "a=1; b=2");
         let out = upstream_request(req, &target, &strip, Some([10, 0, 0, 9].into())).unwrap();
         let h = out.headers();
         for gone in [
@@ -696,7 +709,10 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} forwarded: {h:?}");
         }
-        assert_eq!(h["cookie"], "a=1; b=2");
+        assert!(
+            !h.contains_key("cookie"),
+            "no cookies on the path form: {h:?}"
+        );
         assert_eq!(h["x-app"], "kept");
         assert_eq!(h["host"], "api.example");
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
