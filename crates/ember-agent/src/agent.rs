@@ -36,7 +36,7 @@ use crate::disk;
 use crate::error::{AgentError, chain};
 use crate::records::{Records, TemplateRecord};
 use crate::runtime::{DiskLayer, PageServer, Runtime};
-use crate::state::{Operation, RuntimeRecord, SandboxRecord, SandboxState};
+use crate::state::{IngressRecord, Operation, RuntimeRecord, SandboxRecord, SandboxState};
 use crate::timing::Phases;
 
 /// Guest memory is tracked and stored in pages of this size.
@@ -74,6 +74,7 @@ pub struct CreateRequest {
     pub guest_token: String,
     /// Boot the image even where a warm base of this shape exists.
     pub cold: bool,
+    pub ingress: IngressRecord,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +95,9 @@ pub(crate) struct Entry {
     pub runtime: Mutex<Option<Runtime>>,
     /// Recent samples of what it uses while running.
     pub usage: StdMutex<crate::usage::History>,
+    /// When this host's ingress last carried a request to it (Unix ms; 0:
+    /// never since the agent started).
+    pub last_traffic_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Entry {
@@ -145,6 +149,10 @@ const RAM_FS_MARGIN_MIB: u64 = 32;
 
 pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn now_unix_ms() -> u64 {
+    unix_ns() / 1_000_000
 }
 
 fn unix_ns() -> u64 {
@@ -259,6 +267,7 @@ impl Agent {
             record: StdMutex::new(record),
             runtime: Mutex::new(runtime),
             usage: StdMutex::new(crate::usage::History::default()),
+            last_traffic_ms: std::sync::atomic::AtomicU64::new(0),
         });
         self.inner
             .sandboxes
@@ -524,6 +533,7 @@ impl Agent {
             last_operation_phases: Vec::new(),
             runtime: None,
             pending_build: None,
+            ingress: req.ingress.clone(),
         };
         if let Err(e) = self.inner.records.save(&record) {
             self.release(vcpus, memory_mib);
@@ -1483,6 +1493,7 @@ impl Agent {
         id: &SandboxId,
         env: BTreeMap<String, String>,
         new_token: Option<String>,
+        ingress: Option<IngressRecord>,
     ) -> Result<SandboxRecord, AgentError> {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
@@ -1517,6 +1528,9 @@ impl Agent {
                     r.runtime = Some(rt_record);
                     r.guest_token = token;
                     r.env = merged_env;
+                    if let Some(ingress) = ingress {
+                        r.ingress = ingress;
+                    }
                     r.last_operation_ms = ms;
                     r.last_operation_phases = timing;
                     r.failure_reason = None;
@@ -1939,6 +1953,45 @@ impl Agent {
             .and_then(|rt| rt.slot.as_ref())
             .map(|slot| slot.guest_addr(port))
             .ok_or_else(not_running)
+    }
+
+    /// Who may reach a sandbox's ports through this host's ingress.
+    pub fn set_ingress(
+        &self,
+        id: &SandboxId,
+        ingress: IngressRecord,
+    ) -> Result<SandboxRecord, AgentError> {
+        let entry = self.entry(id)?;
+        self.update(&entry, |r| r.ingress = ingress)
+    }
+
+    /// A running sandbox's port access and where its guest's `port` is,
+    /// for this host's ingress.
+    pub async fn ingress_target(
+        &self,
+        id: &SandboxId,
+        port: u16,
+    ) -> Result<(IngressRecord, SocketAddr), AgentError> {
+        let entry = self.entry(id)?;
+        let ingress = entry.record().ingress;
+        let addr = self.guest_port(id, port).await?;
+        Ok((ingress, addr))
+    }
+
+    /// A request reached `id` through this host's ingress: activity.
+    pub fn note_traffic(&self, id: &SandboxId) {
+        if let Ok(entry) = self.entry(id) {
+            entry
+                .last_traffic_ms
+                .store(now_unix_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When this host's ingress last carried a request to `id` (0: never).
+    pub fn last_traffic_ms(&self, id: &SandboxId) -> u64 {
+        self.entry(id)
+            .map(|e| e.last_traffic_ms.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     pub async fn set_network_policy(

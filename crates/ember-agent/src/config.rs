@@ -89,6 +89,10 @@ pub struct AgentConfig {
     pub warm_base: bool,
     /// How the agent knows a guest is up.
     pub guest_readiness: GuestReadiness,
+    /// Serve running sandboxes' ports on this host directly
+    /// (`{port}-{id}.{domain}`, see [`crate::ingress`]); the listener is
+    /// the caller's. `None`: ports go through the control plane only.
+    pub ingress: Option<ember_ingress::IngressConfig>,
 }
 
 /// How the agent knows a guest has come up.
@@ -175,6 +179,7 @@ impl AgentConfig {
             confine: crate::confine::ConfineConfig::default(),
             warm_base: true,
             guest_readiness: GuestReadiness::Agent,
+            ingress: None,
         }
     }
 

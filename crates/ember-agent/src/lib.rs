@@ -25,6 +25,7 @@ pub mod confine;
 pub mod disk;
 pub mod error;
 pub mod failpoint;
+pub mod ingress;
 pub mod preflight;
 pub mod records;
 mod recovery;

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{Agent, CreateRequest, now_rfc3339};
 use crate::error::AgentError;
-use crate::state::{SandboxRecord, SandboxState};
+use crate::state::{IngressRecord, SandboxRecord, SandboxState};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExecEvent, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
@@ -104,6 +104,14 @@ impl HostService {
     > {
         pb::host_agent_server::HostAgentServer::with_interceptor(self, TokenCheck::new(token))
     }
+
+    /// A sandbox as the control plane sees it, with what only the live
+    /// agent knows (its last ingress traffic).
+    fn reply(&self, r: &SandboxRecord) -> pb::Sandbox {
+        let mut p = to_proto(r);
+        p.last_traffic_unix_ms = self.agent.last_traffic_ms(&r.id);
+        p
+    }
 }
 
 fn sandbox_id(s: &str) -> Result<SandboxId, Status> {
@@ -147,6 +155,22 @@ fn state(s: SandboxState) -> pb::SandboxState {
     }
 }
 
+/// A sandbox's port access from the control plane's message (absent:
+/// private, and no token opens it).
+fn ingress_record(p: Option<pb::IngressPolicy>) -> Result<IngressRecord, Status> {
+    let p = p.unwrap_or_default();
+    if !p.traffic_token_sha256.is_empty() && p.traffic_token_sha256.len() != 32 {
+        return Err(Status::invalid_argument(format!(
+            "ingress.traffic_token_sha256 must be 32 bytes (a SHA-256), not {}",
+            p.traffic_token_sha256.len()
+        )));
+    }
+    Ok(IngressRecord {
+        public: p.public,
+        token_sha256: p.traffic_token_sha256,
+    })
+}
+
 pub fn to_proto(r: &SandboxRecord) -> pb::Sandbox {
     pb::Sandbox {
         sandbox_id: r.id.to_string(),
@@ -172,6 +196,8 @@ pub fn to_proto(r: &SandboxRecord) -> pb::Sandbox {
             allow_out: r.network.allow_out.iter().map(|c| c.to_string()).collect(),
             deny_out: r.network.deny_out.iter().map(|c| c.to_string()).collect(),
         }),
+        last_traffic_unix_ms: 0,
+        ingress_public: r.ingress.public,
     }
 }
 
@@ -190,7 +216,7 @@ fn guest_err(id: &SandboxId) -> impl Fn(ember_guest_api::GuestError) -> Status +
 }
 
 /// Connect to a guest port: refused means nothing listens there.
-async fn connect_guest_port(
+pub(crate) async fn connect_guest_port(
     id: &SandboxId,
     port: u16,
     addr: std::net::SocketAddr,
@@ -302,6 +328,11 @@ impl HostAgent for HostService {
             sandboxes_paused: count(SandboxState::Paused),
             slots_free: a.slots_free(),
             isolation: a.backend().isolation.as_str().to_owned(),
+            ingress_url: cfg
+                .ingress
+                .as_ref()
+                .and_then(|i| Some(format!("{}://{}", i.scheme, i.domain.as_ref()?)))
+                .unwrap_or_default(),
             builds: builds.iter().map(|b| b.to_string()).collect(),
             metrics: Some(pb::HostMetrics {
                 page_faults_served: faults,
@@ -338,6 +369,7 @@ impl HostAgent for HostService {
             network: policy(r.network)?,
             guest_token: r.guest_token,
             cold: r.cold,
+            ingress: ingress_record(r.ingress)?,
         };
         crate::failpoint::hit("create.before").await?;
         let agent = self.agent.clone();
@@ -351,7 +383,7 @@ impl HostAgent for HostService {
         req: Request<pb::SandboxRef>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let id = sandbox_id(&req.into_inner().sandbox_id)?;
-        Ok(Response::new(to_proto(&self.agent.get(&id)?)))
+        Ok(Response::new(self.reply(&self.agent.get(&id)?)))
     }
 
     async fn list_sandboxes(
@@ -359,7 +391,7 @@ impl HostAgent for HostService {
         _req: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesReply>, Status> {
         Ok(Response::new(pb::ListSandboxesReply {
-            sandboxes: self.agent.list().iter().map(to_proto).collect(),
+            sandboxes: self.agent.list().iter().map(|r| self.reply(r)).collect(),
         }))
     }
 
@@ -397,7 +429,8 @@ impl HostAgent for HostService {
         crate::failpoint::hit("resume.before").await?;
         let (agent, id2) = (self.agent.clone(), id.clone());
         let env = r.env.into_iter().collect();
-        let rec = detached(async move { agent.resume(&id2, env, token).await }).await?;
+        let ingress = r.ingress.map(|i| ingress_record(Some(i))).transpose()?;
+        let rec = detached(async move { agent.resume(&id2, env, token, ingress).await }).await?;
         crate::failpoint::hit("resume.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }
@@ -413,6 +446,16 @@ impl HostAgent for HostService {
             .set_network_policy(&id, policy(r.network)?)
             .await?;
         Ok(Response::new(to_proto(&rec)))
+    }
+
+    async fn set_ingress(
+        &self,
+        req: Request<pb::SetIngressRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let r = req.into_inner();
+        let id = sandbox_id(&r.sandbox_id)?;
+        let rec = self.agent.set_ingress(&id, ingress_record(r.ingress)?)?;
+        Ok(Response::new(self.reply(&rec)))
     }
 
     async fn create_snapshot(

@@ -156,6 +156,19 @@ pub struct SandboxRecord {
     /// interrupted. Intent before commit.
     #[serde(default)]
     pub pending_build: Option<BuildId>,
+    /// Who may reach its ports through this host's ingress.
+    #[serde(default)]
+    pub ingress: IngressRecord,
+}
+
+/// A sandbox's port access as the control plane last set it. The token is
+/// kept as its SHA-256 only: this host checks tokens, it cannot mint them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressRecord {
+    pub public: bool,
+    /// Empty: no token opens the ports (only `public` does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_sha256: Vec<u8>,
 }
 
 /// Where a running sandbox's resources are, so a restarted agent can adopt

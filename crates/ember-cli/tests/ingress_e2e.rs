@@ -609,3 +609,234 @@ async fn call_put(a: &Api, path: &str, body: Value) -> (StatusCode, Value) {
         .unwrap();
     json_of(resp).await
 }
+
+/// A port nothing listens on now (for an agent's `--ingress-listen`).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_host_agent_serves_its_sandboxes_ports_directly_root_vm() {
+    require_vm!();
+    runtime().block_on(ports_served_by_the_host(TestDb::sqlite()));
+}
+
+/// `ember agent --ingress-listen`: the sandbox's host serves its ports
+/// itself, with the control plane's access decisions (pushed to it), and
+/// its traffic keeps the sandbox alive until it stops.
+async fn ports_served_by_the_host(db: TestDb) {
+    let spec = ServerSpec::new(&db, None)
+        .arg("--ingress-domain")
+        .arg(&format!("http://{DOMAIN}"));
+    let server = spec.start();
+    let admin = server.api(server.admin_key.as_deref().unwrap());
+    let (_, key) = admin.team_with_key("alpha").await;
+    let a = admin.with_key(&key);
+    let mut home = AgentHome::new();
+    home.token = spec.join_token.clone();
+    let port = free_port();
+    let host_domain = format!("h1.test:{port}");
+    let agent = home.start_with(&[
+        "--control-plane",
+        &server.base,
+        "--ingress-listen",
+        &format!("127.0.0.1:{port}"),
+        "--ingress-domain",
+        &format!("http://{host_domain}"),
+        "--capacity-memory-mib",
+        "1024",
+    ]);
+    admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+    let direct_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let sb = a
+        .create(
+            json!({"template": "base", "memory_mib": 256, "timeout_s": 12, "on_timeout": "pause"}),
+        )
+        .await;
+    let id = sb["id"].as_str().unwrap().to_owned();
+    let token = sb["traffic_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        sb["direct_port_url"],
+        format!("http://{{port}}-{id}.{host_domain}/"),
+        "{sb}"
+    );
+    // The control plane's own URL stays the stable one.
+    assert_eq!(sb["port_url"], format!("http://{{port}}-{id}.{DOMAIN}/"));
+    a.start_ingress_test_servers(&id, &token).await;
+    let host = format!("8000-{id}.h1.test");
+    let direct = client_for(&host, direct_addr);
+    let url = |p: &str| format!("http://{host}:{port}{p}");
+
+    // Private: the token opens it, nothing else does (the host takes no API key).
+    let got = text(
+        direct
+            .get(url("/hello"))
+            .header("x-ember-traffic-token", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (StatusCode::OK, "hello from the sandbox\n".into()),
+        "{}",
+        home.logs()
+    );
+    let got = json_of(direct.get(url("/hello")).send().await.unwrap()).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-ember-traffic-token"),
+        "{got:?}"
+    );
+    let got = json_of(
+        direct
+            .get(url("/hello"))
+            .header("x-ember-traffic-token", format!("{token}x"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    let got = json_of(
+        direct
+            .get(url("/hello"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    // The guest never sees the token; it sees who asked and through what.
+    let (st, headers) = json_of(
+        direct
+            .get(url("/headers"))
+            .header("x-ember-traffic-token", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let seen = headers.to_string().to_ascii_lowercase();
+    assert!(!seen.contains(&token.to_ascii_lowercase()), "{seen}");
+    assert!(seen.contains("x-forwarded-for"), "{seen}");
+    assert!(seen.contains(&format!("8000-{id}.h1.test")), "{seen}");
+
+    // A WebSocket through the host's ingress.
+    let stream = tokio::net::TcpStream::connect(direct_addr).await.unwrap();
+    let echoed = websocket_echo(
+        stream,
+        &format!("{host}:{port}"),
+        "/ws",
+        &format!("X-Ember-Traffic-Token: {token}\r\n"),
+        "direct",
+    )
+    .await;
+    assert_eq!(echoed, "echo: direct");
+
+    // Nothing on the port; an unknown sandbox; a name that is no port.
+    let closed = format!("9-{id}.h1.test");
+    let got = json_of(
+        client_for(&closed, direct_addr)
+            .get(format!("http://{closed}:{port}/"))
+            .header("x-ember-traffic-token", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_GATEWAY, "port_closed");
+    let other = format!("8000-{}.h1.test", ember_types::SandboxId::new());
+    let got = json_of(
+        client_for(&other, direct_addr)
+            .get(format!("http://{other}:{port}/"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not run on this host"),
+        "{got:?}"
+    );
+
+    // Access changes reach the host: public, then private again.
+    let (st, body) = call_put(
+        &a,
+        &format!("/v1/sandboxes/{id}/ingress"),
+        json!({"public": true}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let got = text(direct.get(url("/hello")).send().await.unwrap()).await;
+    assert_eq!(got.0, StatusCode::OK, "public: {got:?}");
+    let (st, _) = call_put(
+        &a,
+        &format!("/v1/sandboxes/{id}/ingress"),
+        json!({"public": false}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let got = json_of(direct.get(url("/hello")).send().await.unwrap()).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // Traffic to the host is activity: past its 12 s timeout it still runs
+    // while requests keep coming, and its expiry moved.
+    let first_expiry = a.sandbox(&id).await["expires_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        let st = direct
+            .get(url("/hello"))
+            .header("x-ember-traffic-token", &token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, StatusCode::OK, "{}", home.logs());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let now = a.sandbox(&id).await;
+    assert_eq!(now["state"], "running", "traffic kept it alive: {now}");
+    assert!(
+        now["expires_at"].as_str().unwrap() > first_expiry.as_str(),
+        "{now} vs {first_expiry}"
+    );
+    // Without traffic it times out (pauses); the host then sends clients
+    // to the control plane's URL, which wakes it.
+    a.wait_state(&id, "paused", Duration::from_secs(60)).await;
+    let got = json_of(
+        direct
+            .get(url("/hello"))
+            .header("x-ember-traffic-token", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&got, StatusCode::CONFLICT, "conflict");
+    assert!(
+        got.1["message"].as_str().unwrap().contains("paused"),
+        "{got:?}"
+    );
+    assert!(a.sandbox(&id).await.get("direct_port_url").is_none());
+    drop(agent);
+    drop(server);
+}

@@ -299,6 +299,16 @@ impl HostRegistry {
         self.read().get(id).and_then(|e| e.info.clone())
     }
 
+    /// Where host `id` serves its sandboxes' ports itself
+    /// (`{scheme}://{domain}`), if it does.
+    pub fn ingress_url(&self, id: &str) -> Option<String> {
+        self.read()
+            .get(id)
+            .and_then(|e| e.info.as_ref())
+            .map(|i| i.ingress_url.clone())
+            .filter(|u| !u.is_empty())
+    }
+
     pub fn infos(&self) -> Vec<(String, HostInfoReply)> {
         self.read()
             .iter()

@@ -173,6 +173,44 @@ impl Operations {
         auth::traffic_token(self.token_key.0.as_bytes(), id)
     }
 
+    /// What sandbox `id`'s host needs to serve its ports itself: the
+    /// public flag and the SHA-256 of the traffic token (never the token
+    /// or the key it comes from).
+    pub fn ingress_policy(&self, id: &str, ingress: &crate::model::Ingress) -> pb::IngressPolicy {
+        pb::IngressPolicy {
+            public: ingress.public,
+            traffic_token_sha256: ember_ingress::token_digest(&self.traffic_token(id)).to_vec(),
+        }
+    }
+
+    /// Tell sandbox `sb`'s host who may now reach its ports. A host that
+    /// cannot be told is repaired by the reconciler (it compares the
+    /// public flag the host reports).
+    pub async fn push_ingress(&self, sb: &Sandbox) {
+        let Some(host_id) = sb.host_id.as_deref() else {
+            return;
+        };
+        if !matches!(sb.state, SandboxState::Running | SandboxState::Resuming) {
+            return;
+        }
+        let req = pb::SetIngressRequest {
+            sandbox_id: sb.id.clone(),
+            ingress: Some(self.ingress_policy(&sb.id, &sb.ingress)),
+        };
+        let result = match self.hosts.client(host_id) {
+            Ok(mut client) => client
+                .set_ingress(with_timeout(req, INFO_TIMEOUT))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(sandbox = %sb.id, host = host_id, %error,
+                "telling the host about new port access failed; the reconciler retries");
+        }
+    }
+
     /// The signature of a one-time link (see [`auth::link_signature`]).
     pub fn link_signature(&self, id: &str, port: u16, expires_ms: i64, nonce: &str) -> String {
         auth::link_signature(self.token_key.0.as_bytes(), id, port, expires_ms, nonce)
@@ -339,6 +377,7 @@ impl Operations {
             network: Some(proto_network(&row.network)),
             guest_token: auth::new_guest_token(),
             cold: spec.cold,
+            ingress: Some(self.ingress_policy(&id, &row.ingress)),
         };
         timer.lap("control.intent");
         match client
@@ -784,6 +823,7 @@ impl Operations {
             sandbox_id: id.to_owned(),
             env: env.into_iter().collect(),
             guest_token: auth::new_guest_token(),
+            ingress: Some(self.ingress_policy(id, &sb.ingress)),
         };
         timer.lap("control.intent");
         match client
@@ -1055,27 +1095,61 @@ impl Operations {
         let now = now_ms();
         let rows = self.store.expired_sandboxes(now, 200).await?;
         // Concurrently: one slow host must not hold back everyone else's timeouts.
-        let work = ttl::decide(&rows, now)
-            .into_iter()
-            .map(|action| async move {
-                let result = match &action {
-                    ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
-                    ttl::TtlAction::Pause { sandbox_id } => {
-                        self.pause(None, sandbox_id).await.map(|_| ())
-                    }
-                };
-                match result {
-                    Ok(()) => tracing::info!(?action, "timeout applied"),
-                    // Another replica or a user request got there first.
-                    Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
-                    Err(err) => tracing::warn!(?action, error = %err, "applying a timeout failed"),
+        let rows = &rows;
+        let work = ttl::decide(rows, now).into_iter().map(|action| async move {
+            let id = match &action {
+                ttl::TtlAction::Kill { sandbox_id } | ttl::TtlAction::Pause { sandbox_id } => {
+                    sandbox_id
                 }
-            });
+            };
+            if let Some(row) = rows.iter().find(|r| &r.id == id)
+                && self.recent_host_traffic(row).await
+            {
+                return;
+            }
+            let result = match &action {
+                ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
+                ttl::TtlAction::Pause { sandbox_id } => {
+                    self.pause(None, sandbox_id).await.map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => tracing::info!(?action, "timeout applied"),
+                // Another replica or a user request got there first.
+                Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
+                Err(err) => tracing::warn!(?action, error = %err, "applying a timeout failed"),
+            }
+        });
         futures::future::join_all(work).await;
         self.store
             .purge_destroyed(now - DESTROYED_RETENTION_MS)
             .await?;
         Ok(())
+    }
+
+    /// Before a timeout ends a sandbox whose host serves ports itself: did
+    /// requests reach it there since its expiry was last pushed out? If so
+    /// the expiry moves (and true: leave it running).
+    async fn recent_host_traffic(&self, row: &Sandbox) -> bool {
+        let Some(host_id) = row.host_id.as_deref() else {
+            return false;
+        };
+        if self.hosts.ingress_url(host_id).is_none() {
+            return false;
+        }
+        let Ok(mut client) = self.hosts.client(host_id) else {
+            return false;
+        };
+        let req = pb::SandboxRef {
+            sandbox_id: row.id.clone(),
+        };
+        match client.get_sandbox(with_timeout(req, INFO_TIMEOUT)).await {
+            Ok(reply) => {
+                self.note_host_traffic(row, reply.into_inner().last_traffic_unix_ms)
+                    .await
+            }
+            Err(_) => false,
+        }
     }
 
     /// One reconciliation pass over every known host.
@@ -1100,10 +1174,10 @@ impl Operations {
             .list_sandboxes(with_timeout(pb::ListSandboxesRequest {}, INFO_TIMEOUT))
             .await
         {
-            Ok(reply) => HostView::Listed(
-                reply
-                    .into_inner()
-                    .sandboxes
+            Ok(reply) => HostView::Listed({
+                let listed = reply.into_inner().sandboxes;
+                self.sync_ingress(&rows, &listed).await;
+                listed
                     .into_iter()
                     .filter_map(|s| {
                         Some(Observed {
@@ -1114,8 +1188,8 @@ impl Operations {
                             id: s.sandbox_id,
                         })
                     })
-                    .collect(),
-            ),
+                    .collect()
+            }),
             Err(status) => HostView::Unreachable {
                 error: status_reason(&status),
                 for_ms: i64::try_from(self.hosts.unreachable_for(host_id).as_millis())
@@ -1139,6 +1213,46 @@ impl Operations {
                 .await?;
         }
         Ok(())
+    }
+
+    /// What a host's own ingress did since the last pass: requests it
+    /// carried push the sandbox's timeout out, and a host whose port
+    /// access disagrees with the database (a `SetIngress` that did not
+    /// arrive) is told again.
+    async fn sync_ingress(&self, rows: &[Sandbox], listed: &[pb::Sandbox]) {
+        for s in listed {
+            let Some(row) = rows
+                .iter()
+                .find(|r| r.id == s.sandbox_id && r.state == SandboxState::Running)
+            else {
+                continue;
+            };
+            if s.state() == pb::SandboxState::Running && s.ingress_public != row.ingress.public {
+                self.push_ingress(row).await;
+            }
+            self.note_host_traffic(row, s.last_traffic_unix_ms).await;
+        }
+    }
+
+    /// Traffic a host's ingress carried at `at_ms` is activity: extend the
+    /// sandbox's expiry as a request through the control plane would.
+    /// True if the sandbox now expires later than `now`.
+    async fn note_host_traffic(&self, row: &Sandbox, at_ms: u64) -> bool {
+        let Ok(at) = i64::try_from(at_ms) else {
+            return false;
+        };
+        if at == 0 {
+            return false;
+        }
+        let next = ttl::extended_expiry(row.expires_at, row.timeout_s, at);
+        if row.expires_at.is_some_and(|e| next <= e) {
+            return false;
+        }
+        if let Err(err) = self.store.set_expiry(None, &row.id, next, true).await {
+            tracing::warn!(sandbox = %row.id, error = %err, "extending the timeout failed");
+            return false;
+        }
+        next > now_ms()
     }
 
     /// Delete templates a host keeps that no template row names: a snapshot

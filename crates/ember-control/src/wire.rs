@@ -119,6 +119,11 @@ pub struct Sandbox {
     /// full URL on the host form, else a path on this API.
     #[serde(default)]
     pub port_url: String,
+    /// While it runs on a host that serves ports itself: that host's URL
+    /// for them, with `{port}` (one hop fewer; takes the traffic token,
+    /// not API keys, and does not wake a paused sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_port_url: Option<String>,
     /// Only in the response to the create: a token that grants exec and file
     /// access to this sandbox alone (`Authorization: Bearer <token>`). Shown once.
     #[serde(default, skip_serializing_if = "Option::is_none")]

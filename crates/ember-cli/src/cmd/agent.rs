@@ -158,12 +158,35 @@ pub struct AgentArgs {
     /// Where this host keeps images, builds and sandbox records.
     #[arg(long, env = "EMBER_DATA_DIR", default_value = "/var/lib/ember")]
     data_dir: PathBuf,
+    /// Serve the ports of sandboxes running here directly on this address
+    /// (HTTP; put TLS in front), as `{port}-{id}.` names under
+    /// --ingress-domain.
+    #[arg(long, env = "EMBER_INGRESS_LISTEN", requires = "ingress_domain")]
+    ingress_listen: Option<SocketAddr>,
+    /// The domain whose wildcard DNS points at this host's
+    /// --ingress-listen, e.g. `https://h1.sandboxes.example.com` (the
+    /// scheme, default https, is how URLs are written).
+    #[arg(long, env = "EMBER_INGRESS_DOMAIN", requires = "ingress_listen")]
+    ingress_domain: Option<String>,
     #[command(flatten)]
     options: AgentOptions,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let config = args.options.config(args.data_dir.clone());
+    let mut config = args.options.config(args.data_dir.clone());
+    if args.ingress_domain.is_some() {
+        let ingress = ember_ingress::IngressConfig::from_domain(args.ingress_domain.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        config.ingress = Some(ingress);
+    }
+    let ingress_listener = match args.ingress_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --ingress-listen {addr}"))?,
+        ),
+        None => None,
+    };
     let agent = Agent::start(config)
         .await
         .context("starting the host agent")?;
@@ -179,6 +202,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    if let (Some(listener), Some(ingress)) = (ingress_listener, agent.config().ingress.clone()) {
+        eprintln!(
+            "ember agent: serving sandbox ports on {} as {{port}}-{{id}}.{}",
+            listener.local_addr()?,
+            ingress.domain.as_deref().unwrap_or_default()
+        );
+        let stop = shutdown.clone().cancelled_owned();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ember_agent::ingress::serve(agent, ingress, listener, stop).await {
+                warn!(error = %e, "the host's ingress stopped");
+            }
+        });
+    }
     let served = serve(
         agent.clone(),
         listener,

@@ -57,6 +57,7 @@ pub async fn set_ingress(
         .sandbox(Some(team), &id)
         .await?
         .ok_or_else(not_found)?;
+    state.ops.push_ingress(&sb).await;
     Ok(Json(to_wire(&state, sb)))
 }
 

@@ -34,6 +34,15 @@ pub(super) fn to_wire(state: &AppState, sb: model::Sandbox) -> wire::Sandbox {
         .host_url(&sb.id, 0)
         .map(|u| u.replacen("0-", "{port}-", 1))
         .unwrap_or_else(|| format!("/v1/sandboxes/{}/ports/{{port}}/", sb.id));
+    let direct_port_url = sb
+        .host_id
+        .as_deref()
+        .filter(|_| sb.state == SandboxState::Running)
+        .and_then(|h| state.hosts.ingress_url(h))
+        .and_then(|u| {
+            let (scheme, domain) = u.split_once("://")?;
+            Some(format!("{scheme}://{{port}}-{}.{domain}/", sb.id))
+        });
     wire::Sandbox {
         id: sb.id,
         state: sb.state,
@@ -58,6 +67,7 @@ pub(super) fn to_wire(state: &AppState, sb: model::Sandbox) -> wire::Sandbox {
         traffic_token,
         domain: state.ingress.config.domain.clone(),
         port_url,
+        direct_port_url,
         access_token: None,
     }
 }
