@@ -50,6 +50,24 @@ async def lifecycle() -> None:
         await sb.files.remove("/root/a.txt")
         assert not await sb.files.exists("/root/a.txt")
 
+        # A port inside the sandbox, forwarded to a local listener.
+        await sb.files.write("/tmp/www/f.txt", b"forwarded\n")
+        await sb.commands.run("python3 -m http.server 8001 --directory /tmp/www", background=True)
+        async with await sb.port_forward(8001) as fwd:
+            assert fwd.local_port > 0
+            body = b""
+            for _ in range(100):  # until the server listens
+                reader, writer = await asyncio.open_connection("127.0.0.1", fwd.local_port)
+                writer.write(b"GET /f.txt HTTP/1.0\r\n\r\n")
+                await writer.drain()
+                body = await reader.read()
+                writer.close()
+                if body:
+                    break
+                await asyncio.sleep(0.2)
+            assert body.startswith(b"HTTP/1.0 200"), body
+            assert body.endswith(b"\r\n\r\nforwarded\n"), body
+
         found = await AsyncSandbox.list(metadata={"tag": tag})
         assert [s.id for s in found] == [sb.id]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -271,3 +272,17 @@ def test_ports_through_the_ingress_proxy(api: Live) -> None:
         info = sb.set_ingress(public=True)
         assert info.public and not info.auto_resume
         assert httpx.get(f"{url}index.txt").text == "hello through ember\n"
+        # Any TCP protocol through a local listener: raw HTTP/1.0 here.
+        with sb.port_forward(8000) as fwd:
+            assert repr(fwd).endswith(f"-> {sb.id}:8000)")
+            with socket.create_connection(("127.0.0.1", fwd.local_port), timeout=30) as c:
+                c.sendall(b"GET /index.txt HTTP/1.0\r\n\r\n")
+                got = b"".join(iter(lambda: c.recv(65536), b""))
+            assert got.startswith(b"HTTP/1.0 200"), got
+            assert got.endswith(b"\r\n\r\nhello through ember\n"), got
+            # Nothing listens on 8002: the local connection is closed at once.
+            with sb.port_forward(8002) as closed:
+                with socket.create_connection(("127.0.0.1", closed.local_port), timeout=30) as c:
+                    assert c.recv(1) == b""
+        with pytest.raises(OSError):  # closed: no longer listening
+            socket.create_connection(("127.0.0.1", fwd.local_port), timeout=5)

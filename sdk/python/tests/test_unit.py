@@ -424,3 +424,19 @@ def test_link_asks_for_a_one_time_url() -> None:
             assert api.seen[-1] == ("POST", "/v1/sandboxes/sb-abc/links", {"port": 3000, "path": "/x"})
 
     asyncio.run(main())
+
+
+def test_port_forward_endpoints_and_refusals() -> None:
+    from ember import _forward
+
+    assert _forward._endpoint("https://api.example.com/ember/") == ("api.example.com", 443, True, "/ember")
+    assert _forward._endpoint("http://127.0.0.1:3000") == ("127.0.0.1", 3000, False, "")
+    with pytest.raises(ember.EmberError, match="expected http"):
+        _forward._endpoint("ftp://x")
+    req = _forward._request("http://h:1/p", "ember_k", "sb-x", 5432).decode()
+    assert req.startswith("GET /p/v1/sandboxes/sb-x/tunnel/5432 HTTP/1.1\r\n"), req
+    assert "Upgrade: ember-tcp\r\n" in req and "Authorization: Bearer ember_k\r\n" in req
+    _forward._check_head(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "sb-x", 1)
+    head = b'HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n\r\n{"message":"nothing listens"}'
+    with pytest.raises(ember.EmberError, match="502 Bad Gateway.*nothing listens"):
+        _forward._check_head(head, "sb-x", 1)

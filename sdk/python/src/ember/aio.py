@@ -28,6 +28,7 @@ import httpx
 from . import _api, errors
 from ._config import resolve
 from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
+from ._forward import AsyncPortForward
 from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AsyncTransport, backoff
 from .models import (
     CommandResult,
@@ -418,6 +419,18 @@ class AsyncSandbox:
         port while the sandbox is paused resumes it; ``None`` keeps a setting."""
         self.info = await self._client.set_sandbox_ingress(self.id, public=public, auto_resume=auto_resume)
         return self.info
+
+    async def port_forward(
+        self, remote_port: int, local_port: int = 0, host: str = "127.0.0.1"
+    ) -> AsyncPortForward:
+        """Listen on ``host:local_port`` and tunnel each connection to
+        ``remote_port`` inside the sandbox: see
+        :meth:`ember.Sandbox.port_forward`. ``async with`` it, or ``await
+        fwd.close()``."""
+        t = self._client._t
+        return await AsyncPortForward.start(
+            t.settings.api_url, t.settings.api_key, self.id, _api._port(remote_port), local_port, host
+        )
 
     async def link(self, port: int, path: str = "/") -> str:
         """A one-time link for a browser to ``path`` on ``port``: see

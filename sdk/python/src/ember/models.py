@@ -106,6 +106,9 @@ class SandboxInfo:
     #: full URL, or a path on the API (see :meth:`Sandbox.url`). Empty from a
     #: server without ports.
     port_url: str = ""
+    #: While it runs on a host that serves ports itself: that host's URL for
+    #: them (``{port}`` for the number); takes the traffic token only.
+    direct_port_url: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
@@ -133,6 +136,7 @@ class SandboxInfo:
             traffic_token=str(d.get("traffic_token") or ""),
             domain=d.get("domain") or None,
             port_url=str(d.get("port_url") or ""),
+            direct_port_url=d.get("direct_port_url"),
         )
 
 

@@ -26,6 +26,7 @@ import httpx
 from . import _api, errors
 from ._config import resolve
 from ._exec import MAX_RECONNECTS, EventLog, StreamBroken
+from ._forward import PortForward
 from ._transport import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Transport, backoff
 from .models import (
     CommandResult,
@@ -467,6 +468,20 @@ class Sandbox:
         it; ``None`` keeps a setting as it is."""
         self.info = self._client.set_sandbox_ingress(self.id, public=public, auto_resume=auto_resume)
         return self.info
+
+    def port_forward(self, remote_port: int, local_port: int = 0, host: str = "127.0.0.1") -> PortForward:
+        """Listen on ``host:local_port`` (0: a free port, see
+        ``.local_port``) and tunnel each connection to ``remote_port`` inside
+        the sandbox through the API, for any TCP protocol (a database, SSH,
+        HTTP). Use it as a context manager, or call ``close()``::
+
+            with sb.port_forward(5432) as fwd:
+                psycopg.connect(host="127.0.0.1", port=fwd.local_port, ...)
+        """
+        t = self._client._t
+        return PortForward(
+            t.settings.api_url, t.settings.api_key, self.id, _api._port(remote_port), local_port, host
+        )
 
     def link(self, port: int, path: str = "/") -> str:
         """A one-time link for a browser to ``path`` on ``port``: opening it
