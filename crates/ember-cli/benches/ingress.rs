@@ -1,11 +1,12 @@
-//! Ingress proxy benchmark: a real `ember server` (embedded agent, a real
-//! microVM) with a Python HTTP server in the guest. Every number is printed
-//! beside a baseline measured in the same run:
+//! Ingress proxy benchmark: a real `ember server` and `ember agent` (with
+//! its own ingress, a real microVM) with a Python HTTP server in the guest.
+//! Every number is printed beside a baseline measured in the same run:
 //!
 //! - small requests (GET of 23 bytes, one connection per request): latency
-//!   p50/p99 through the proxy (path form) vs a direct connection from the
-//!   host to the guest's slot address;
-//! - a 100 MiB download and upload: MB/s through the proxy vs direct;
+//!   p50/p99 through the control plane's proxy (path form, then gRPC
+//!   `OpenPort`) and through the host agent's own ingress (header form) vs
+//!   a direct connection from the host to the guest's slot address;
+//! - a 100 MiB download and upload: MB/s through each vs direct;
 //! - wake on traffic: a paused sandbox's first served request vs a plain
 //!   resume followed by the same request.
 //!
@@ -30,6 +31,9 @@ use server::{ServerSpec, TestDb};
 const SMALL_REQUESTS: usize = 200;
 const BIG: usize = 100 << 20;
 const WAKES: usize = 3;
+
+/// One way to the guest's server: its name, base URL and headers.
+type Path<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -63,7 +67,7 @@ fn slot_address(home: &AgentHome) -> String {
 }
 
 /// `n` GETs of `url`, each on a fresh connection; their latencies.
-async fn small_requests(url: &str, token: Option<&str>, n: usize) -> Vec<Duration> {
+async fn small_requests(url: &str, headers: &[(&str, &str)], n: usize) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let client = reqwest::Client::builder()
@@ -71,8 +75,8 @@ async fn small_requests(url: &str, token: Option<&str>, n: usize) -> Vec<Duratio
             .build()
             .unwrap();
         let mut req = client.get(url);
-        if let Some(t) = token {
-            req = req.header("x-ember-traffic-token", t);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let started = Instant::now();
         let resp = req.send().await.unwrap();
@@ -84,11 +88,11 @@ async fn small_requests(url: &str, token: Option<&str>, n: usize) -> Vec<Duratio
     out
 }
 
-async fn download(url: &str, token: Option<&str>) -> Duration {
+async fn download(url: &str, headers: &[(&str, &str)]) -> Duration {
     let client = reqwest::Client::new();
     let mut req = client.get(url);
-    if let Some(t) = token {
-        req = req.header("x-ember-traffic-token", t);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let started = Instant::now();
     let resp = req.send().await.unwrap();
@@ -99,11 +103,11 @@ async fn download(url: &str, token: Option<&str>) -> Duration {
     took
 }
 
-async fn upload(url: &str, token: Option<&str>, data: &[u8]) -> Duration {
+async fn upload(url: &str, headers: &[(&str, &str)], data: &[u8]) -> Duration {
     let client = reqwest::Client::new();
     let mut req = client.post(url).body(data.to_vec());
-    if let Some(t) = token {
-        req = req.header("x-ember-traffic-token", t);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let started = Instant::now();
     let resp = req.send().await.unwrap();
@@ -128,8 +132,23 @@ fn main() {
 
 async fn run() {
     let db = TestDb::sqlite();
-    let home = AgentHome::new();
-    let server = ServerSpec::new(&db, Some(&home)).start();
+    let spec = ServerSpec::new(&db, None);
+    let server = spec.start();
+    let mut home = AgentHome::new();
+    home.token = spec.join_token.clone();
+    let ingress_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _agent = home.start_with(&[
+        "--control-plane",
+        &server.base,
+        "--ingress-listen",
+        &format!("127.0.0.1:{ingress_port}"),
+        "--ingress-domain",
+        "http://h1.bench",
+    ]);
     let a = server.api(server.admin_key.as_deref().unwrap());
     a.wait_healthy_hosts(1, Duration::from_secs(60)).await;
     let (st, sb) = a
@@ -148,41 +167,57 @@ async fn run() {
     assert_eq!(made.exit_code, Some(0));
     let direct = format!("http://{}:8000", slot_address(&home));
     let proxied = a.url(&format!("/v1/sandboxes/{id}/ports/8000"));
+    let host = format!("http://127.0.0.1:{ingress_port}");
+    let with_token = [("x-ember-traffic-token", token.as_str())];
+    let host_headers = [
+        ("x-ember-traffic-token", token.as_str()),
+        ("x-ember-sandbox-id", id.as_str()),
+        ("x-ember-port", "8000"),
+    ];
+    // (name, base URL, headers) of each path, the baseline first.
+    let paths: [Path; 3] = [
+        ("direct", &direct, &[]),
+        ("control plane", &proxied, &with_token),
+        ("host ingress", &host, &host_headers),
+    ];
 
     println!("ingress bench (QEMU backend; a Python http.server in a 512 MiB guest)");
-    // Warm both paths once.
-    small_requests(&format!("{direct}/hello"), None, 5).await;
-    small_requests(&format!("{proxied}/hello"), Some(&token), 5).await;
-    let mut d = small_requests(&format!("{direct}/hello"), None, SMALL_REQUESTS).await;
-    let mut p = small_requests(&format!("{proxied}/hello"), Some(&token), SMALL_REQUESTS).await;
+    let mut small = Vec::new();
+    for (_, base, headers) in paths {
+        small_requests(&format!("{base}/hello"), headers, 5).await; // warm
+        small.push(small_requests(&format!("{base}/hello"), headers, SMALL_REQUESTS).await);
+    }
     for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let (dd, pp) = (percentile(&mut d, q), percentile(&mut p, q));
-        println!(
-            "  small GET {name}: direct {:.2} ms, through the proxy {:.2} ms ({:.2}x, +{:.2} ms)",
-            ms(dd),
-            ms(pp),
-            pp.as_secs_f64() / dd.as_secs_f64(),
-            ms(pp.saturating_sub(dd))
-        );
+        let base = percentile(&mut small[0], q);
+        for (i, (path, _, _)) in paths.iter().enumerate().skip(1) {
+            let t = percentile(&mut small[i], q);
+            println!(
+                "  small GET {name}: direct {:.2} ms, through the {path} {:.2} ms ({:.2}x, +{:.2} ms)",
+                ms(base),
+                ms(t),
+                t.as_secs_f64() / base.as_secs_f64(),
+                ms(t.saturating_sub(base))
+            );
+        }
     }
 
-    let dd = download(&format!("{direct}/big"), None).await;
-    let pd = download(&format!("{proxied}/big"), Some(&token)).await;
-    println!(
-        "  100 MiB download: direct {:.1} MB/s, through the proxy {:.1} MB/s ({:.2}x the time)",
-        mb_per_s(BIG, dd),
-        mb_per_s(BIG, pd),
-        pd.as_secs_f64() / dd.as_secs_f64()
-    );
     let data: Vec<u8> = (0..BIG).map(|i| (i * 31 + i / 977) as u8).collect();
-    let du = upload(&format!("{direct}/upload"), None, &data).await;
-    let pu = upload(&format!("{proxied}/upload"), Some(&token), &data).await;
-    println!(
-        "  100 MiB upload: direct {:.1} MB/s, through the proxy {:.1} MB/s ({:.2}x the time)",
-        mb_per_s(BIG, du),
-        mb_per_s(BIG, pu),
-        pu.as_secs_f64() / du.as_secs_f64()
-    );
+    let mut downs = Vec::new();
+    let mut ups = Vec::new();
+    for (_, base, headers) in paths {
+        downs.push(download(&format!("{base}/big"), headers).await);
+        ups.push(upload(&format!("{base}/upload"), headers, &data).await);
+    }
+    for (what, times) in [("download", &downs), ("upload", &ups)] {
+        for (i, (path, _, _)) in paths.iter().enumerate().skip(1) {
+            println!(
+                "  100 MiB {what}: direct {:.1} MB/s, through the {path} {:.1} MB/s ({:.2}x the time)",
+                mb_per_s(BIG, times[0]),
+                mb_per_s(BIG, times[i]),
+                times[i].as_secs_f64() / times[0].as_secs_f64()
+            );
+        }
+    }
 
     // Wake on traffic vs a plain resume then the same request.
     let resp = a
@@ -200,7 +235,7 @@ async fn run() {
         let (st, v) = a.post_empty(&format!("/v1/sandboxes/{id}/pause")).await;
         assert_eq!(st, 200, "{v}");
         let started = Instant::now();
-        small_requests(&format!("{proxied}/hello"), Some(&token), 1).await;
+        small_requests(&format!("{proxied}/hello"), &with_token, 1).await;
         woken.push(started.elapsed());
 
         let (st, v) = a.post_empty(&format!("/v1/sandboxes/{id}/pause")).await;
@@ -208,7 +243,7 @@ async fn run() {
         let started = Instant::now();
         let (st, v) = a.post_empty(&format!("/v1/sandboxes/{id}/resume")).await;
         assert_eq!(st, 200, "{v}");
-        small_requests(&format!("{proxied}/hello"), Some(&token), 1).await;
+        small_requests(&format!("{proxied}/hello"), &with_token, 1).await;
         resumed.push(started.elapsed());
     }
     let (w, r) = (percentile(&mut woken, 0.5), percentile(&mut resumed, 0.5));
