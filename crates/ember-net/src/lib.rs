@@ -17,9 +17,12 @@
 //! Operating notes:
 //! - The host needs `net.ipv4.ip_forward=1`; the first slot sets it (and
 //!   logs that it did) and nothing ever resets it.
-//! - The host table `<prefix>` only adds accepts; a host firewall whose own
-//!   forward chain drops by default must also accept the pool's traffic
-//!   (see [`HostPlan::new`]).
+//! - The host table `<prefix>` adds accepts for forwarding; a host firewall
+//!   whose own forward chain drops by default must also accept the pool's
+//!   traffic (see [`HostPlan::new`]). Its `input` chain refuses every new
+//!   connection that arrives on a slot link: a sandbox reaches none of the
+//!   host's addresses, including ones added after its slot was set up
+//!   (the slot's own list of host addresses is a snapshot).
 //! - A host agent that restarts while VMs run must [`SlotPool::adopt`] its
 //!   slots before calling [`SlotPool::reclaim_stale`].
 //! - Refused guest traffic gets a TCP reset or ICMP admin-prohibited at once.

@@ -539,12 +539,36 @@ impl HostPlan {
                 .commented("spoofed pool source"),
             ],
         };
+        // Whatever addresses the host has now or gets later: a connection a
+        // sandbox opens to the host itself arrives here, on a slot link, as
+        // a new flow. Replies to the host's own connections into sandboxes
+        // are established flows and pass.
+        let from_slot_new = || {
+            vec![
+                Match::Iifname(layout.host_link_pattern()),
+                Match::CtState(vec![CtState::New, CtState::Invalid]),
+            ]
+        };
+        let input = Chain {
+            name: "input".into(),
+            hook: Some(Hook {
+                kind: ChainKind::Filter,
+                point: HookPoint::Input,
+                policy: ChainPolicy::Accept,
+            }),
+            rules: vec![
+                // (nft adds, and lists without, the TCP match a reset implies.)
+                Rule::new(from_slot_new(), Verdict::RejectTcpReset)
+                    .commented("sandboxes open no connection to the host itself"),
+                Rule::new(from_slot_new(), Verdict::Drop),
+            ],
+        };
         HostPlan {
             sysctls: vec![Sysctl::IP_FORWARD],
             table: Table {
                 family: Family::Ip,
                 name: layout.host_table_name().into(),
-                chains: vec![postrouting, forward],
+                chains: vec![postrouting, input, forward],
             },
         }
     }
@@ -787,6 +811,12 @@ mod tests {
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		ip saddr 10.200.0.0/16 oifname != "emberh*" masquerade
+	}
+
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "emberh*" ct state invalid,new reject with tcp reset comment "sandboxes open no connection to the host itself"
+		iifname "emberh*" ct state invalid,new drop
 	}
 
 	chain forward {

@@ -135,6 +135,49 @@ fn guest_cannot_reach_host_namespace_or_other_slots() {
 }
 
 #[test]
+fn a_host_address_added_after_the_slot_is_refused_too() {
+    require_root_net!();
+    let t = TestPool::new(12);
+    let host = Server::start(None, sock(Ipv4Addr::UNSPECIFIED, 0), "host");
+    let (mut slot, guest) = t.acquire_with_guest(EgressPolicy::default(), "a");
+    let g = Some(guest.path());
+    let g = g.as_deref();
+    // Benchmarking space (198.18.0.0/15): not private, so open by default
+    // unless the host holds it.
+    let r = random_u64();
+    let added = Ipv4Addr::new(198, 18, (r & 0xff) as u8, 1 + ((r >> 8) % 250) as u8);
+    let link = format!("{}d", t.prefix());
+    sh(&format!(
+        "ip link add {link} type veth peer name {link}p && ip addr add {added}/32 dev {link} \
+         && ip link set {link} up && ip link set {link}p up"
+    ));
+    struct DelLink(String);
+    impl Drop for DelLink {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _link = DelLink(link);
+    let target = sock(added, host.addr.port());
+    assert_eq!(greeting(None, target).unwrap(), "host");
+    assert_refused(g, target, &host, "host address added after the slot");
+    // Not even a tenant's allow_out opens the host.
+    slot.set_policy(EgressPolicy {
+        allow_out: vec![cidr("198.18.0.0/15")],
+        deny_out: vec![],
+    })
+    .unwrap();
+    assert_refused(g, target, &host, "host address with allow_out");
+    // The host still reaches the guest (its replies are established flows).
+    let _agent = Server::start(
+        Some(&guest.path()),
+        sock(ember_types::guest::GUEST_IP, AGENT_PORT),
+        "agent",
+    );
+    assert_eq!(greeting(None, slot.agent_addr()).unwrap(), "agent");
+}
+
+#[test]
 fn egress_follows_the_policy_live() {
     require_root_net!();
     let t = TestPool::new(3);
