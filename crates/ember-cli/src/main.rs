@@ -40,7 +40,7 @@ enum Command {
     /// Sandboxes on the server: create, list, exec, files, pause, resume, kill.
     Sandbox(cmd::client::sandbox::SandboxArgs),
     /// The control plane: REST API, store, scheduler, reconciler, timeouts.
-    Server(cmd::server::ServerArgs),
+    Server(Box<cmd::server::ServerArgs>),
     /// Templates frozen from running sandboxes: create, list, get, delete.
     Snapshot(cmd::client::snapshot::SnapshotArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Key(a) => cmd::client::key::run(a).await,
             Command::Run(a) => cmd::run::run(a).await,
             Command::Sandbox(a) => cmd::client::sandbox::run(a).await,
-            Command::Server(a) => cmd::server::run(a).await,
+            Command::Server(a) => cmd::server::run(*a).await,
             Command::Snapshot(a) => cmd::client::snapshot::run(a).await,
             Command::Uffd(a) => cmd::uffd::run(*a).await,
         }

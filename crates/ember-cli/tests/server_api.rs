@@ -1401,6 +1401,82 @@ async fn config_file_settings_apply_and_typos_are_errors() {
     );
 }
 
+/// Tenants' `allow_out` opens none of the private and special ranges (the
+/// cloud metadata service above all) unless the operator granted it — in
+/// Ember's API and in E2B's alike; a bad grant stops the server at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_out_stays_under_the_operators_ceiling() {
+    let c = client();
+    let create = |s: &Server, key: &str, allow: &str| {
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(key)
+            .json(&json!({"template": "base", "timeout_s": 60, "network": {"allow_out": [allow]}}))
+    };
+    let e2b_create = |s: &Server, key: &str, allow: &str| {
+        c.post(s.url("/sandboxes"))
+            .header("x-api-key", key)
+            .json(&json!({"templateID": "base", "network": {"allowOut": [allow]}}))
+    };
+
+    let db = TestDb::sqlite();
+    let s = Server::start(&db, &[]);
+    let key = s.admin_key.clone().unwrap();
+    for beyond in [
+        "169.254.169.254",
+        "10.9.1.0/24",
+        "192.168.0.0/16",
+        "0.0.0.0/0",
+    ] {
+        let got = call(create(&s, &key, beyond)).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        assert_eq!(
+            got.1["field"], "network.allow_out[0]",
+            "{beyond}: {:?}",
+            got.1
+        );
+        let msg = got.1["message"].as_str().unwrap();
+        assert!(msg.contains("--egress-grant"), "{beyond}: {msg}");
+        let (st, body) = call(e2b_create(&s, &key, beyond)).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "E2B {beyond}: {body}");
+        assert!(body.to_string().contains("allowOut[0]"), "{body}");
+    }
+    let got = call(create(&s, &key, "169.254.169.254")).await;
+    assert!(
+        got.1["message"].as_str().unwrap().contains("metadata"),
+        "{:?}",
+        got.1
+    );
+    // Public addresses need no grant: validation passes (no host here).
+    let got = call(create(&s, &key, "8.8.8.8")).await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    s.stop();
+
+    let db = TestDb::sqlite();
+    let s = Server::start(&db, &["--egress-grant", "10.9.0.0/16,169.254.169.254/32"]);
+    let key = s.admin_key.clone().unwrap();
+    for granted in ["10.9.1.0/24", "169.254.169.254"] {
+        let got = call(create(&s, &key, granted)).await;
+        assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    }
+    for beyond in ["10.8.0.0/16", "169.254.0.0/16"] {
+        let got = call(create(&s, &key, beyond)).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    s.stop();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--no-agent", "--egress-grant", "10.0.0.1/8"])
+        .env_remove("EMBER_EGRESS_GRANTS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--egress-grant") && err.contains("10.0.0.0/8"),
+        "{err}"
+    );
+}
+
 /// A host that lacks what the agent needs is told so at start, in one
 /// error naming everything to install, by `ember agent` and by `ember
 /// server` (whose embedded agent checks the same), not at the first create.

@@ -77,6 +77,8 @@ pub struct Operations {
     pub in_flight: InFlight,
     /// Signs sandboxes' access tokens (the `access_token_key` setting).
     pub token_key: TokenKey,
+    /// What tenants' `allow_out` may open of the private and special ranges.
+    pub egress: ember_types::cidr::EgressCeiling,
 }
 
 /// The sandboxes this process is creating, pausing, resuming, snapshotting
@@ -141,9 +143,27 @@ fn proto_state(state: pb::SandboxState) -> Option<SandboxState> {
     })
 }
 
-fn proto_network(n: &NetworkPolicy) -> pb::NetworkPolicy {
+/// The rules a host gets: `allow_out` rules beyond the operator's ceiling
+/// are left out (the API refuses them; this catches rules stored before a
+/// grant was withdrawn).
+fn proto_network(
+    n: &NetworkPolicy,
+    ceiling: &ember_types::cidr::EgressCeiling,
+) -> pb::NetworkPolicy {
+    let allow_out = n
+        .allow_out
+        .iter()
+        .filter(|rule| match ceiling.check(rule) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(%rule, %reason, "allow_out rule beyond the egress ceiling left out");
+                false
+            }
+        })
+        .cloned()
+        .collect();
     pb::NetworkPolicy {
-        allow_out: n.allow_out.clone(),
+        allow_out,
         deny_out: n.deny_out.clone(),
     }
 }
@@ -374,7 +394,7 @@ impl Operations {
             memory_mib,
             env: row.env.clone().into_iter().collect(),
             metadata: row.metadata.clone().into_iter().collect(),
-            network: Some(proto_network(&row.network)),
+            network: Some(proto_network(&row.network, &self.egress)),
             guest_token: auth::new_guest_token(),
             cold: spec.cold,
             ingress: Some(self.ingress_policy(&id, &row.ingress)),
@@ -1055,7 +1075,7 @@ impl Operations {
         let mut client = self.hosts.client(&host_id)?;
         let req = pb::SetNetworkPolicyRequest {
             sandbox_id: id.to_owned(),
-            network: Some(proto_network(&network)),
+            network: Some(proto_network(&network, &self.egress)),
         };
         if let Err(status) = client
             .set_network_policy(with_timeout(req, INFO_TIMEOUT))

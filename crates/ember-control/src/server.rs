@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub answer_within: Duration,
     /// How sandbox ports are exposed (see [`crate::ingress`]).
     pub ingress: crate::ingress::IngressConfig,
+    /// The private and special ranges tenants' `allow_out` may open.
+    pub egress: ember_types::cidr::EgressCeiling,
 }
 
 impl ServerConfig {
@@ -60,6 +62,7 @@ impl ServerConfig {
             answer_within: Duration::from_secs(60),
             ingress: crate::ingress::IngressConfig::from_domain(None)
                 .expect("no domain is a valid ingress configuration"),
+            egress: Default::default(),
         }
     }
 }
@@ -110,6 +113,7 @@ impl ControlPlane {
             metrics: metrics.clone(),
             in_flight: Default::default(),
             token_key: crate::lifecycle::TokenKey(token_key.into()),
+            egress: config.egress.clone(),
         });
         let state = AppState {
             store,

@@ -25,11 +25,14 @@ pub struct ErrorBody {
     pub field: Option<String>,
 }
 
-/// Egress rules, as CIDRs (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
+/// Egress rules, as IPv4 CIDRs (`10.0.0.0/8`, or a single address).
+/// Public addresses are open by default; private, link-local (cloud
+/// metadata), loopback, multicast and reserved ranges are closed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicy {
-    /// Destinations allowed even if the default rules deny them.
+    /// Closed ranges to open. Only what the operator granted (`ember server
+    /// --egress-grant CIDR`) may be opened: anything else is refused (400).
     #[serde(default)]
     pub allow_out: Vec<String>,
     /// Destinations never allowed; evaluated first.

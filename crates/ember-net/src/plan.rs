@@ -802,6 +802,16 @@ mod tests {
     }
 
     #[test]
+    fn special_ranges_are_the_apis() {
+        // The API's egress ceiling and the slots' default denies are one list.
+        let api: Vec<Ipv4Cidr> = ember_types::cidr::SPECIAL_RANGES
+            .iter()
+            .map(|(addr, len, _)| Ipv4Cidr::new(*addr, *len).unwrap())
+            .collect();
+        assert_eq!(api, SPECIAL_RANGES.to_vec());
+    }
+
+    #[test]
     fn golden_host_table() {
         let plan = HostPlan::new(&default_layout());
         assert_eq!(plan.sysctls, vec![Sysctl::IP_FORWARD]);

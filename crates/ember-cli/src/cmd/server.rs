@@ -43,9 +43,19 @@ pub struct ServerArgs {
     /// Without it, ports are served at /v1/sandboxes/{id}/ports/{port}/.
     #[arg(long, env = "EMBER_INGRESS_DOMAIN", value_name = "DOMAIN")]
     ingress_domain: Option<String>,
+    /// Let tenants' `allow_out` open this private or special range (the
+    /// cloud metadata service, the LAN, …), which sandboxes otherwise never
+    /// reach. Repeat for more; the public internet needs no grant.
+    #[arg(
+        long = "egress-grant",
+        env = "EMBER_EGRESS_GRANTS",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
-    /// ingress_domain, reconcile_interval_s, ttl_interval_s, orphan_grace_s,
-    /// stuck_after_s, host_lost_after_s, answer_within_s.
+    /// ingress_domain, egress_grants, reconcile_interval_s, ttl_interval_s,
+    /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s.
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
@@ -64,6 +74,8 @@ struct ConfigFile {
     database_url: Option<String>,
     join_token: Option<String>,
     ingress_domain: Option<String>,
+    /// CIDRs of the special ranges tenants may open (see --egress-grant).
+    egress_grants: Option<Vec<String>>,
     reconcile_interval_s: Option<u64>,
     ttl_interval_s: Option<u64>,
     orphan_grace_s: Option<u64>,
@@ -126,6 +138,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         args.ingress_domain.or(file.ingress_domain).as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
+    let grants = if args.egress_grants.is_empty() {
+        file.egress_grants.unwrap_or_default()
+    } else {
+        args.egress_grants
+    };
+    config.egress = ember_types::cidr::EgressCeiling::new(&grants)
+        .map_err(|e| anyhow::anyhow!("--egress-grant: {e}"))?;
+    if !grants.is_empty() {
+        tracing::info!(?grants, "tenants may open these ranges with allow_out");
+    }
 
     let plane = ControlPlane::open(config)
         .await

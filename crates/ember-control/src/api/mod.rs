@@ -514,6 +514,18 @@ pub fn validate_cidr(field: &str, cidr: &str) -> Result<(), ApiError> {
         .map_err(|reason| ApiError::invalid(field, format!("{cidr:?}: {reason}")))
 }
 
+/// An `allow_out` rule (already parsed) within the operator's ceiling, or
+/// 400 naming the range it may not open.
+pub fn check_allow_out(
+    ceiling: &ember_types::cidr::EgressCeiling,
+    field: &str,
+    cidr: &str,
+) -> Result<(), ApiError> {
+    ceiling
+        .check(cidr)
+        .map_err(|reason| ApiError::invalid(field, format!("{cidr:?}: {reason}")))
+}
+
 /// At most this many rules in each of `allow_out` and `deny_out`.
 pub const MAX_NETWORK_RULES: usize = 64;
 

@@ -10,7 +10,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::{
-    ApiError, ApiJson, ApiQuery, AppState, Auth, sandbox_id, validate_cidr, validate_name,
+    ApiError, ApiJson, ApiQuery, AppState, Auth, check_allow_out, sandbox_id, validate_cidr,
+    validate_name,
 };
 use crate::lifecycle::{BASE_TEMPLATE, CreateSpec};
 use crate::model::{self, SandboxState, now_ms, rfc3339};
@@ -178,7 +179,7 @@ pub async fn create_sandbox(
     validate_timeout(req.timeout_s)?;
     validate_metadata(&req.metadata)?;
     validate_env("env", &req.env)?;
-    validate_network(&req.network)?;
+    validate_network(&req.network, &state.ops.egress)?;
     if req.cold && req.template != crate::lifecycle::BASE_TEMPLATE {
         return Err(ApiError::invalid(
             "cold",
@@ -556,7 +557,7 @@ pub async fn set_sandbox_network(
 ) -> Result<Json<wire::Sandbox>, ApiError> {
     let team = auth.team()?;
     let id = sandbox_id(&id)?;
-    validate_network(&req)?;
+    validate_network(&req, &state.ops.egress)?;
     let sb = state
         .ops
         .set_network(
@@ -571,7 +572,10 @@ pub async fn set_sandbox_network(
     Ok(Json(to_wire(&state, sb)))
 }
 
-pub(crate) fn validate_network(n: &wire::NetworkPolicy) -> Result<(), ApiError> {
+pub(crate) fn validate_network(
+    n: &wire::NetworkPolicy,
+    ceiling: &ember_types::cidr::EgressCeiling,
+) -> Result<(), ApiError> {
     for (field, rules) in [
         ("network.allow_out", &n.allow_out),
         ("network.deny_out", &n.deny_out),
@@ -588,6 +592,9 @@ pub(crate) fn validate_network(n: &wire::NetworkPolicy) -> Result<(), ApiError> 
     }
     for (i, c) in n.deny_out.iter().enumerate() {
         validate_cidr(&format!("network.deny_out[{i}]"), c)?;
+    }
+    for (i, c) in n.allow_out.iter().enumerate() {
+        check_allow_out(ceiling, &format!("network.allow_out[{i}]"), c)?;
     }
     Ok(())
 }

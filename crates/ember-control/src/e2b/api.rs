@@ -259,6 +259,7 @@ fn egress(
     net: Option<&Value>,
     allow_internet_access: Option<&Value>,
     prefix: &str,
+    ceiling: &ember_types::cidr::EgressCeiling,
 ) -> E2bResult<model::NetworkPolicy> {
     let mut allow_out = strings(
         net.and_then(|n| n.get("allowOut")),
@@ -285,6 +286,9 @@ fn egress(
     }
     for (i, c) in deny_out.iter().enumerate() {
         crate::api::validate_cidr(&format!("{prefix}denyOut[{i}]"), c)?;
+    }
+    for (i, c) in allow_out.iter().enumerate() {
+        crate::api::check_allow_out(ceiling, &format!("{prefix}allowOut[{i}]"), c)?;
     }
     Ok(model::NetworkPolicy {
         allow_out,
@@ -399,6 +403,7 @@ async fn create(
         v.get("network").filter(|n| !n.is_null()),
         v.get("allow_internet_access"),
         "network.",
+        &state.ops.egress,
     )?;
     let spec = CreateSpec {
         team_id: team,
@@ -645,7 +650,12 @@ async fn update_network(
     let team = team(&state, &headers).await?;
     let v = body_json(&body)?;
     refuse_unsupported(&json!({ "network": v }))?;
-    let network = egress(Some(&v), v.get("allow_internet_access"), "")?;
+    let network = egress(
+        Some(&v),
+        v.get("allow_internet_access"),
+        "",
+        &state.ops.egress,
+    )?;
     let sb = load(&state, &team, &id).await?;
     state.ops.set_network(&team, &sb.id, network).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -952,16 +962,23 @@ mod tests {
     #[test]
     fn egress_options_become_rules() {
         let n = json!({"allowOut": ["1.1.1.1"], "denyOut": ["10.0.0.0/8"]});
-        let p = egress(Some(&n), None, "network.").unwrap();
+        let none = ember_types::cidr::EgressCeiling::default();
+        let p = egress(Some(&n), None, "network.", &none).unwrap();
         assert_eq!(
             (p.allow_out, p.deny_out),
             (vec!["1.1.1.1".to_owned()], vec!["10.0.0.0/8".to_owned()])
         );
-        let p = egress(Some(&n), Some(&json!(false)), "").unwrap();
+        let p = egress(Some(&n), Some(&json!(false)), "", &none).unwrap();
         assert!(p.allow_out.is_empty() && p.deny_out == vec![ALL_V4]);
         let bad = json!({"allowOut": ["example.com"]});
-        let e = egress(Some(&bad), None, "network.").unwrap_err();
+        let e = egress(Some(&bad), None, "network.", &none).unwrap_err();
         assert!(e.message.contains("network.allowOut[0]"), "{}", e.message);
+        // The metadata service is beyond the ceiling unless granted.
+        let meta = json!({"allowOut": ["169.254.169.254"]});
+        let e = egress(Some(&meta), None, "network.", &none).unwrap_err();
+        assert!(e.message.contains("network.allowOut[0]"), "{}", e.message);
+        let granted = ember_types::cidr::EgressCeiling::new(&["169.254.169.254/32"]).unwrap();
+        assert!(egress(Some(&meta), None, "network.", &granted).is_ok());
     }
 
     #[test]
