@@ -330,6 +330,7 @@ on_both_stores!(
     host_registration_needs_the_join_token,
     health_and_metrics,
     racing_transitions_have_exactly_one_winner,
+    team_quotas_refuse_naming_the_limit,
 );
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
@@ -593,6 +594,88 @@ async fn invalid_values_are_400_naming_the_field(db: TestDb) {
         assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
         assert_eq!(got.1["field"], field, "{body}: {:?}", got.1);
     }
+    s.stop();
+}
+
+async fn team_quotas_refuse_naming_the_limit(db: TestDb) {
+    let config = db.dir.path().join("limits.toml");
+    std::fs::write(
+        &config,
+        "[team_limits]\nrunning_sandboxes = 2\npaused_sandboxes = 1\n",
+    )
+    .unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let c = client();
+    let (team, key) = team_with_key(&s, "quota").await;
+    let (_, other_key) = team_with_key(&s, "other").await;
+    let running = insert_sandbox(&db, &team, SandboxState::Running, "t1", &[]).await;
+    insert_sandbox(&db, &team, SandboxState::Running, "t2", &[]).await;
+    let paused = insert_sandbox(&db, &team, SandboxState::Paused, "t3", &[]).await;
+
+    // A third running sandbox: refused, naming the limit, nothing placed.
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&key)
+            .json(&create_body()),
+    )
+    .await;
+    assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+    let msg = got.1["message"].as_str().unwrap();
+    assert!(
+        msg.contains("running sandboxes would be 3 of at most 2"),
+        "{msg}"
+    );
+    assert!(msg.contains("team_limits.running_sandboxes"), "{msg}");
+    let (_, list) = call(
+        c.get(s.url("/v1/sandboxes?state=creating,failed"))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(list["sandboxes"], json!([]), "nothing placed");
+    // Resuming is running one more too.
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{paused}/resume")))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+    // A second paused one is over paused_sandboxes; the sandbox runs on.
+    let got = call(
+        c.post(s.url(&format!("/v1/sandboxes/{running}/pause")))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("paused_sandboxes"),
+        "{:?}",
+        got.1
+    );
+    let (_, sb) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{running}")))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(sb["state"], "running");
+    // Another team's use is its own: it meets the hosts (none here), not a quota.
+    let got = call(
+        c.post(s.url("/v1/sandboxes"))
+            .bearer_auth(&other_key)
+            .json(&create_body()),
+    )
+    .await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    // E2B's API says the same with its own status.
+    let (st, body) = call(
+        c.post(s.url("/sandboxes"))
+            .header("x-api-key", &key)
+            .json(&json!({"templateID": "base"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{body}");
     s.stop();
 }
 

@@ -69,6 +69,16 @@ pub enum Error {
     },
     #[error("{0}")]
     NoCapacity(crate::scheduler::NoCapacity),
+    #[error(
+        "team quota: {what} would be {would} of at most {max}: {remedy}, or ask the operator to raise team_limits.{setting}"
+    )]
+    QuotaExceeded {
+        what: &'static str,
+        setting: &'static str,
+        would: u64,
+        max: u64,
+        remedy: &'static str,
+    },
     #[error("binding the API listener on {addr}")]
     Bind {
         addr: std::net::SocketAddr,

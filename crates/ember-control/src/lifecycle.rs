@@ -79,6 +79,8 @@ pub struct Operations {
     pub token_key: TokenKey,
     /// What tenants' `allow_out` may open of the private and special ranges.
     pub egress: ember_types::cidr::EgressCeiling,
+    /// What each team may hold at once.
+    pub quota: crate::store::TeamQuota,
 }
 
 /// The sandboxes this process is creating, pausing, resuming, snapshotting
@@ -191,6 +193,64 @@ impl Operations {
     /// The traffic token of sandbox `id` (see [`auth::traffic_token`]).
     pub fn traffic_token(&self, id: &str) -> String {
         auth::traffic_token(self.token_key.0.as_bytes(), id)
+    }
+
+    /// Would one more sandbox of this size keep team `team_id` within its
+    /// quota? (The insert or transition checks again, atomically; this
+    /// names the limit.)
+    pub async fn check_quota(&self, team_id: &str, vcpus: u32, memory_mib: u32) -> Result<()> {
+        let q = self.quota;
+        if q.running_sandboxes.is_none() && q.vcpus.is_none() && q.memory_mib.is_none() {
+            return Ok(());
+        }
+        let used = self.store.team_usage(team_id).await?;
+        let remedy = "destroy or pause one of its sandboxes first";
+        for (what, setting, would, max) in [
+            (
+                "running sandboxes",
+                "running_sandboxes",
+                used.running_sandboxes + 1,
+                q.running_sandboxes,
+            ),
+            ("vCPUs", "vcpus", used.vcpus + u64::from(vcpus), q.vcpus),
+            (
+                "memory (MiB)",
+                "memory_mib",
+                used.memory_mib + u64::from(memory_mib),
+                q.memory_mib,
+            ),
+        ] {
+            if let Some(max) = max
+                && would > max
+            {
+                return Err(Error::QuotaExceeded {
+                    what,
+                    setting,
+                    would,
+                    max,
+                    remedy,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Would one more paused sandbox keep team `team_id` within its quota?
+    async fn check_paused_quota(&self, team_id: &str) -> Result<()> {
+        let Some(max) = self.quota.paused_sandboxes else {
+            return Ok(());
+        };
+        let would = self.store.team_usage(team_id).await?.paused_sandboxes + 1;
+        if would > max {
+            return Err(Error::QuotaExceeded {
+                what: "paused sandboxes",
+                setting: "paused_sandboxes",
+                would,
+                max,
+                remedy: "destroy one of its paused sandboxes first (this one keeps running)",
+            });
+        }
+        Ok(())
     }
 
     /// What sandbox `id`'s host needs to serve its ports itself: the
@@ -329,6 +389,7 @@ impl Operations {
             memory_mib,
             build_id: build_id.clone(),
         };
+        self.check_quota(&spec.team_id, vcpus, memory_mib).await?;
         let candidates = scheduler::candidates(&snapshots, &demand).map_err(Error::NoCapacity)?;
         timer.lap("control.schedule");
 
@@ -370,6 +431,8 @@ impl Operations {
                 host_id: host_id.clone(),
                 vcpus_total: snap.vcpus_total,
                 memory_mib_total: snap.memory_mib_total,
+                team_id: spec.team_id.clone(),
+                quota: self.quota,
             };
             if self.store.insert_sandbox(&row, Some(&cap)).await? {
                 placed = Some(host_id);
@@ -377,6 +440,8 @@ impl Operations {
             }
         }
         let Some(host_id) = placed else {
+            // The team's quota or the hosts' room: which one refused?
+            self.check_quota(&spec.team_id, vcpus, memory_mib).await?;
             return Err(Error::NoCapacity(NoCapacity::Full { vcpus, memory_mib }));
         };
         let mut client = match self.hosts.client(&host_id) {
@@ -543,6 +608,11 @@ impl Operations {
         let _claim = self.in_flight.claim(id);
         let started = Instant::now();
         let mut timer = Timer::start("pause");
+        // A team's own pause counts against its paused quota; a timeout's
+        // (no team) does not: refusing it would leave the sandbox running.
+        if let Some(team) = team_id {
+            self.check_paused_quota(team).await?;
+        }
         let now = now_ms();
         if !self
             .store
@@ -788,6 +858,8 @@ impl Operations {
                 action: "resume",
             });
         }
+        // The team's own limit first: no host can lift it.
+        self.check_quota(team_id, sb.vcpus, sb.memory_mib).await?;
         let host_id = Self::host_of(&sb)?.to_owned();
         let usage = self.store.host_usage().await?;
         let snap = self
@@ -805,6 +877,8 @@ impl Operations {
             host_id: host_id.clone(),
             vcpus_total: snap.vcpus_total,
             memory_mib_total: snap.memory_mib_total,
+            team_id: sb.team_id.clone(),
+            quota: self.quota,
         };
         timer.lap("control.schedule");
         let now = now_ms();
@@ -823,14 +897,17 @@ impl Operations {
         {
             let err = self.conflict(Some(team_id), id, "resume").await;
             return Err(match err {
-                // Still paused: the capacity check lost a race.
+                // Still paused: the quota or capacity check lost a race.
                 Error::StateConflict {
                     state: SandboxState::Paused,
                     ..
-                } => Error::NoCapacity(NoCapacity::Full {
-                    vcpus: sb.vcpus,
-                    memory_mib: sb.memory_mib,
-                }),
+                } => match self.check_quota(team_id, sb.vcpus, sb.memory_mib).await {
+                    Err(quota) => quota,
+                    Ok(()) => Error::NoCapacity(NoCapacity::Full {
+                        vcpus: sb.vcpus,
+                        memory_mib: sb.memory_mib,
+                    }),
+                },
                 other => other,
             });
         }

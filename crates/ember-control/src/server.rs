@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub ingress: crate::ingress::IngressConfig,
     /// The private and special ranges tenants' `allow_out` may open.
     pub egress: ember_types::cidr::EgressCeiling,
+    /// What each team may hold at once (`[team_limits]` in the config file).
+    pub quota: crate::store::TeamQuota,
 }
 
 impl ServerConfig {
@@ -63,6 +65,7 @@ impl ServerConfig {
             ingress: crate::ingress::IngressConfig::from_domain(None)
                 .expect("no domain is a valid ingress configuration"),
             egress: Default::default(),
+            quota: Default::default(),
         }
     }
 }
@@ -114,6 +117,7 @@ impl ControlPlane {
             in_flight: Default::default(),
             token_key: crate::lifecycle::TokenKey(token_key.into()),
             egress: config.egress.clone(),
+            quota: config.quota,
         });
         let state = AppState {
             store,

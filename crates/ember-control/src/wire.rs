@@ -17,7 +17,8 @@ pub use crate::model::{OnTimeout, SandboxState};
 pub struct ErrorBody {
     /// One of: `invalid_request`, `invalid_json`, `unsupported_media_type`,
     /// `payload_too_large`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `template_locked`, `no_capacity`, `host_error`, `internal`.
+    /// `conflict`, `template_locked`, `no_capacity`, `quota_exceeded` (429:
+    /// the team's limit, named in the message), `host_error`, `internal`.
     pub code: String,
     pub message: String,
     /// The request field (or query parameter) at fault, when there is one.

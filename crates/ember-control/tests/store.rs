@@ -8,7 +8,9 @@ use std::sync::Arc;
 use ember_control::model::{
     Build, BuildKind, Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template, now_ms,
 };
-use ember_control::store::{CapacityCheck, Changes, PageAfter, SandboxFilter, Store};
+use ember_control::store::{
+    CapacityCheck, Changes, PageAfter, SandboxFilter, Store, TeamQuota, TeamUsage,
+};
 
 async fn open(url: &str) -> Store {
     Store::open(url).await.expect("open store")
@@ -102,6 +104,7 @@ on_both_stores!(
     migrations_apply_from_empty_and_only_once,
     a_state_transition_has_exactly_one_winner,
     concurrent_placements_never_overcommit_a_host,
+    concurrent_placements_never_overrun_a_team_quota,
     every_query_is_scoped_by_team,
     api_keys_are_stored_only_as_hashes,
     template_names_are_unique_per_team,
@@ -228,6 +231,8 @@ async fn concurrent_placements_never_overcommit_a_host(url: &str) {
         host_id: h.id.clone(),
         vcpus_total: 4,
         memory_mib_total: 8192,
+        team_id: t.id.clone(),
+        quota: TeamQuota::default(),
     });
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -301,6 +306,132 @@ async fn concurrent_placements_never_overcommit_a_host(url: &str) {
     assert_eq!(
         store.sandbox(None, first).await.unwrap().unwrap().state,
         SandboxState::Paused
+    );
+}
+
+async fn concurrent_placements_never_overrun_a_team_quota(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let h1 = host(&store, "host-1").await;
+    let h2 = host(&store, "host-2").await;
+    // Roomy hosts; team a may run 3 sandboxes of 1 vCPU and 512 MiB each.
+    let quota = TeamQuota {
+        running_sandboxes: Some(3),
+        vcpus: Some(8),
+        memory_mib: Some(4096),
+        paused_sandboxes: None,
+    };
+    let cap = |host: &str, team: &str| CapacityCheck {
+        host_id: host.into(),
+        vcpus_total: 64,
+        memory_mib_total: 65536,
+        team_id: team.into(),
+        quota,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let store = store.clone();
+        let host = if i % 2 == 0 { &h1.id } else { &h2.id };
+        let c = cap(host, &a.id);
+        let sb = sandbox(&a.id, host, SandboxState::Creating, now_ms());
+        tasks.push(tokio::spawn(async move {
+            store.insert_sandbox(&sb, Some(&c)).await.unwrap()
+        }));
+    }
+    let mut placed = 0;
+    for t in tasks {
+        placed += usize::from(t.await.unwrap());
+    }
+    assert_eq!(placed, 3, "across two hosts, the team's 3 and no more");
+    assert_eq!(
+        store.team_usage(&a.id).await.unwrap(),
+        TeamUsage {
+            running_sandboxes: 3,
+            vcpus: 3,
+            memory_mib: 1536,
+            paused_sandboxes: 0
+        }
+    );
+    // Another team is not held back by a's use.
+    let other = sandbox(&b.id, &h1.id, SandboxState::Creating, now_ms());
+    assert!(
+        store
+            .insert_sandbox(&other, Some(&cap(&h1.id, &b.id)))
+            .await
+            .unwrap()
+    );
+
+    // Memory is a limit of its own; a paused sandbox frees its share, and a
+    // resume is checked like a create.
+    let rows = store
+        .list_sandboxes(&a.id, &SandboxFilter::default(), None, 100)
+        .await
+        .unwrap();
+    let first = &rows[0].id;
+    assert!(
+        store
+            .transition(
+                None,
+                first,
+                &[SandboxState::Creating],
+                SandboxState::Paused,
+                &Changes::default(),
+                now_ms(),
+                None
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.team_usage(&a.id).await.unwrap().paused_sandboxes, 1);
+    let mut big = sandbox(&a.id, &h1.id, SandboxState::Creating, now_ms());
+    big.memory_mib = 4096;
+    assert!(
+        !store
+            .insert_sandbox(&big, Some(&cap(&h1.id, &a.id)))
+            .await
+            .unwrap(),
+        "over memory_mib"
+    );
+    let small = sandbox(&a.id, &h1.id, SandboxState::Creating, now_ms());
+    assert!(
+        store
+            .insert_sandbox(&small, Some(&cap(&h1.id, &a.id)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .transition(
+                None,
+                first,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now_ms(),
+                Some(&cap(&h1.id, &a.id))
+            )
+            .await
+            .unwrap(),
+        "the resume would be the team's 4th"
+    );
+    let unlimited = CapacityCheck {
+        quota: TeamQuota::default(),
+        ..cap(&h1.id, &a.id)
+    };
+    assert!(
+        store
+            .transition(
+                None,
+                first,
+                &[SandboxState::Paused],
+                SandboxState::Resuming,
+                &Changes::default(),
+                now_ms(),
+                Some(&unlimited)
+            )
+            .await
+            .unwrap()
     );
 }
 

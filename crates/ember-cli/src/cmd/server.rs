@@ -55,7 +55,9 @@ pub struct ServerArgs {
     egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
     /// ingress_domain, egress_grants, reconcile_interval_s, ttl_interval_s,
-    /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s.
+    /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s, and
+    /// a [team_limits] table (running_sandboxes, vcpus, memory_mib,
+    /// paused_sandboxes: per team, absent = no limit).
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
@@ -76,6 +78,8 @@ struct ConfigFile {
     ingress_domain: Option<String>,
     /// CIDRs of the special ranges tenants may open (see --egress-grant).
     egress_grants: Option<Vec<String>>,
+    /// What each team may hold at once; absent keys: no limit.
+    team_limits: Option<TeamLimits>,
     reconcile_interval_s: Option<u64>,
     ttl_interval_s: Option<u64>,
     orphan_grace_s: Option<u64>,
@@ -85,6 +89,19 @@ struct ConfigFile {
     /// Seconds a pause or resume request waits before it is answered 202
     /// (the operation goes on; clients poll the sandbox).
     answer_within_s: Option<u64>,
+}
+
+/// `[team_limits]` of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeamLimits {
+    /// Sandboxes holding host resources (creating, running, resuming, …).
+    running_sandboxes: Option<u64>,
+    /// vCPUs and MiB of memory of those sandboxes, summed.
+    vcpus: Option<u64>,
+    memory_mib: Option<u64>,
+    /// Paused sandboxes (a team's own pauses; a timeout's pause always runs).
+    paused_sandboxes: Option<u64>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -147,6 +164,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("--egress-grant: {e}"))?;
     if !grants.is_empty() {
         tracing::info!(?grants, "tenants may open these ranges with allow_out");
+    }
+    if let Some(l) = file.team_limits {
+        config.quota = ember_control::store::TeamQuota {
+            running_sandboxes: l.running_sandboxes,
+            vcpus: l.vcpus,
+            memory_mib: l.memory_mib,
+            paused_sandboxes: l.paused_sandboxes,
+        };
     }
 
     let plane = ControlPlane::open(config)

@@ -205,6 +205,9 @@ impl From<Error> for ApiError {
             Error::NoCapacity(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", msg)
             }
+            Error::QuotaExceeded { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", msg)
+            }
             // The host's own accounting says it is full (it may hold VMs the
             // database no longer counts, e.g. leftovers awaiting cleanup).
             Error::HostCall { source, .. } if source.code() == tonic::Code::ResourceExhausted => {

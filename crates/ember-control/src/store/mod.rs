@@ -66,6 +66,48 @@ pub struct CapacityCheck {
     pub host_id: String,
     pub vcpus_total: u64,
     pub memory_mib_total: u64,
+    /// The sandbox's team and its ceilings, checked in the same statement.
+    pub team_id: String,
+    pub quota: TeamQuota,
+}
+
+/// What one team may hold at once (`None`: no limit). Running counts every
+/// state that holds host resources (creating, running, resuming, …).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeamQuota {
+    pub running_sandboxes: Option<u64>,
+    pub vcpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+    pub paused_sandboxes: Option<u64>,
+}
+
+/// What one team holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeamUsage {
+    pub running_sandboxes: u64,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub paused_sandboxes: u64,
+}
+
+fn limit(v: Option<u64>) -> i64 {
+    v.map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// SQL conditions that a team stays within its quota once a sandbox of
+/// (`vcpus`, `memory`: SQL expressions) joins its occupying ones; `$t` is
+/// the team, then its three limits.
+fn team_quota_sql(t: usize, vcpus: &str, memory: &str) -> String {
+    let occupying = state_list(&SandboxState::OCCUPYING);
+    let of_team = format!("FROM sandboxes q WHERE q.team_id = ${t} AND q.state IN ({occupying})");
+    format!(
+        " AND (SELECT COUNT(*) {of_team}) + 1 <= ${r} \
+          AND (SELECT COALESCE(SUM(q.vcpus), 0) {of_team}) + {vcpus} <= ${v} \
+          AND (SELECT COALESCE(SUM(q.memory_mib), 0) {of_team}) + {memory} <= ${m}",
+        r = t + 1,
+        v = t + 2,
+        m = t + 3
+    )
 }
 
 /// The columns a transition changes besides `state` and `state_changed_at`.
@@ -632,6 +674,30 @@ impl Store {
         Ok(Some(template))
     }
 
+    /// What team `team_id` holds now (see [`TeamUsage`]).
+    pub async fn team_usage(&self, team_id: &str) -> Result<TeamUsage> {
+        let occupying = state_list(&SandboxState::OCCUPYING);
+        let paused = state_list(&[SandboxState::Paused, SandboxState::Pausing]);
+        let sql = format!(
+            "SELECT \
+               (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})), \
+               CAST((SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
+               CAST((SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
+               (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({paused}))"
+        );
+        let (r, v, m, p): (i64, i64, i64, i64) = sqlx::query_as(&sql)
+            .bind(team_id)
+            .fetch_one(&self.pool)
+            .await?;
+        let u = |x: i64| u64::try_from(x).unwrap_or(0);
+        Ok(TeamUsage {
+            running_sandboxes: u(r),
+            vcpus: u(v),
+            memory_mib: u(m),
+            paused_sandboxes: u(p),
+        })
+    }
+
     // ------------------------------------------------------------ sandboxes
 
     /// Insert a new sandbox row, and its metadata rows. With a capacity
@@ -644,11 +710,14 @@ impl Store {
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         if let (Backend::Postgres, Some(cap)) = (self.backend, capacity) {
-            // Serialise placements per host across replicas; released at commit.
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(lock_key(&cap.host_id))
-                .execute(&mut *tx)
-                .await?;
+            // Serialise placements per host and per team across replicas;
+            // released at commit (always host first, then team).
+            for key in [cap.host_id.clone(), format!("team:{}", cap.team_id)] {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(lock_key(&key))
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         let metadata = serde_json::to_string(&sb.metadata).map_err(|e| corrupt("metadata", e))?;
         let env = serde_json::to_string(&sb.env).map_err(|e| corrupt("env", e))?;
@@ -663,6 +732,7 @@ impl Store {
                 " WHERE (SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE host_id = $23 AND state IN ({occupying})) + $8 <= $24 \
                    AND (SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE host_id = $23 AND state IN ({occupying})) + $9 <= $25"
             ));
+            sql.push_str(&team_quota_sql(26, "$8", "$9"));
         }
         let mut q = sqlx::query(&sql)
             .bind(&sb.id)
@@ -695,7 +765,11 @@ impl Store {
             q = q
                 .bind(&cap.host_id)
                 .bind(cap.vcpus_total as i64)
-                .bind(cap.memory_mib_total as i64);
+                .bind(cap.memory_mib_total as i64)
+                .bind(&cap.team_id)
+                .bind(limit(cap.quota.running_sandboxes))
+                .bind(limit(cap.quota.vcpus))
+                .bind(limit(cap.quota.memory_mib));
         }
         let inserted = q.execute(&mut *tx).await?.rows_affected() == 1;
         if !inserted {
@@ -858,6 +932,7 @@ impl Store {
                 v = n + 2,
                 m = n + 3
             ));
+            sql.push_str(&team_quota_sql(n + 4, "vcpus", "memory_mib"));
         }
         let mut q = sqlx::query(&sql).bind(to.as_str()).bind(now);
         if let Some(r) = &changes.failure_reason {
@@ -883,14 +958,20 @@ impl Store {
             q = q
                 .bind(&cap.host_id)
                 .bind(cap.vcpus_total as i64)
-                .bind(cap.memory_mib_total as i64);
+                .bind(cap.memory_mib_total as i64)
+                .bind(&cap.team_id)
+                .bind(limit(cap.quota.running_sandboxes))
+                .bind(limit(cap.quota.vcpus))
+                .bind(limit(cap.quota.memory_mib));
         }
         let changed = if let (Backend::Postgres, Some(cap)) = (self.backend, capacity) {
             let mut tx = self.pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(lock_key(&cap.host_id))
-                .execute(&mut *tx)
-                .await?;
+            for key in [cap.host_id.clone(), format!("team:{}", cap.team_id)] {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(lock_key(&key))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let changed = q.execute(&mut *tx).await?.rows_affected() == 1;
             tx.commit().await?;
             changed
