@@ -1560,6 +1560,57 @@ async fn allow_out_stays_under_the_operators_ceiling() {
     );
 }
 
+/// Secrets come from files (never only argv), and an agent reachable from
+/// the network does not serve without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_come_from_files_and_an_open_agent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg("agent")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("EMBER_JOIN_TOKEN")
+            .env_remove("EMBER_JOIN_TOKEN_FILE")
+            .env_remove("EMBER_CONTROL_PLANE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = agent(&["--listen", "0.0.0.0:0"]);
+    assert!(
+        err.contains("reachable from the network") && err.contains("--token-file"),
+        "{err}"
+    );
+    let err = agent(&["--control-plane", "http://127.0.0.1:9"]);
+    assert!(
+        err.contains("--control-plane needs the join token"),
+        "{err}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let err = agent(&["--token-file", empty.to_str().unwrap()]);
+    assert!(err.contains("is empty"), "{err}");
+
+    // The server takes its join token from a file.
+    let db = TestDb::sqlite();
+    let file = db.dir.path().join("join-token");
+    std::fs::write(&file, "emberjoin_fromafile\n").unwrap();
+    let s = Server::start(&db, &["--join-token-file", file.to_str().unwrap()]);
+    let body = json!({"address": "not a url"});
+    let got = call(
+        client()
+            .post(s.url("/internal/v1/hosts"))
+            .bearer_auth("emberjoin_fromafile")
+            .json(&body),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request"); // authenticated
+    s.stop();
+}
+
 /// A host that lacks what the agent needs is told so at start, in one
 /// error naming everything to install, by `ember agent` and by `ember
 /// server` (whose embedded agent checks the same), not at the first create.

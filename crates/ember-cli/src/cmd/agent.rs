@@ -149,12 +149,16 @@ pub struct AgentArgs {
     #[arg(long, env = "EMBER_AGENT_ADVERTISE")]
     advertise: Option<String>,
     /// The control plane to join, e.g. http://10.0.0.1:3000.
-    #[arg(long, env = "EMBER_CONTROL_PLANE", requires = "token")]
+    #[arg(long, env = "EMBER_CONTROL_PLANE")]
     control_plane: Option<String>,
     /// The cluster join token (`ember server` prints it); also required
-    /// from every gRPC caller.
+    /// from every gRPC caller. Prefer --token-file or the environment: a
+    /// value on the command line is visible to every local user.
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the join token (its first line).
+    #[arg(long, env = "EMBER_JOIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Where this host keeps images, builds and sandbox records.
     #[arg(long, env = "EMBER_DATA_DIR", default_value = "/var/lib/ember")]
     data_dir: PathBuf,
@@ -172,7 +176,21 @@ pub struct AgentArgs {
     options: AgentOptions,
 }
 
-pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: AgentArgs) -> anyhow::Result<ExitCode> {
+    args.token = super::secret(args.token.take(), args.token_file.as_deref(), "token")?;
+    if args.control_plane.is_some() && args.token.is_none() {
+        anyhow::bail!(
+            "--control-plane needs the join token: --token-file PATH or EMBER_JOIN_TOKEN"
+        );
+    }
+    if args.token.is_none() && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {} is reachable from the network, and without a token anyone there could \
+             drive this host's sandboxes: set --token-file PATH (or EMBER_JOIN_TOKEN), or \
+             listen on 127.0.0.1",
+            args.listen
+        );
+    }
     let mut config = args.options.config(args.data_dir.clone());
     if args.ingress_domain.is_some() {
         let ingress = ember_ingress::IngressConfig::from_domain(args.ingress_domain.as_deref())

@@ -37,6 +37,10 @@ pub struct ServerArgs {
     /// generated and stored on first start if not given.
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// A file holding the join token (its first line); better than
+    /// --join-token, which every local user can read in /proc.
+    #[arg(long, env = "EMBER_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// Serve sandbox ports at `{port}-{sandbox id}.DOMAIN` (point wildcard
     /// DNS for *.DOMAIN at this server). `https://` (the default) or
     /// `http://` before it says how URLs are written; a `:port` may follow.
@@ -132,7 +136,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut config = ServerConfig::new(database_url);
-    config.join_token = args.join_token.or(file.join_token);
+    config.join_token = super::secret(
+        args.join_token,
+        args.join_token_file.as_deref(),
+        "join-token",
+    )?
+    .or(file.join_token);
     if let Some(s) = file.reconcile_interval_s {
         config.reconcile_interval = Duration::from_secs(s.max(1));
     }

@@ -290,7 +290,7 @@ pub async fn list_hosts(
     }))
 }
 
-/// Register a host agent (called by `ember agent --control-plane URL --token T`).
+/// Register a host agent (called by `ember agent --control-plane URL --token-file F`).
 /// The control plane dials the address, asks `HostInfo`, and from then on
 /// calls it with the same token in the `authorization` metadata.
 #[utoipa::path(
