@@ -27,6 +27,8 @@ struct Cli {
 enum Command {
     /// The host agent of this machine (gRPC), optionally joining a control plane.
     Agent(Box<cmd::agent::AgentArgs>),
+    /// The audit log: who changed what, newest first (admin).
+    Audit(cmd::client::key::AuditArgs),
     /// Host agents of the server (admin).
     Host(cmd::client::host::HostArgs),
     /// Guest images: kernel, initramfs and root filesystem.
@@ -66,6 +68,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent(a) => cmd::agent::run(*a).await,
+            Command::Audit(a) => cmd::client::key::audit(a).await,
             Command::Host(a) => cmd::client::host::run(a).await,
             Command::Image(c) => cmd::image::run(c).await,
             Command::Key(a) => cmd::client::key::run(a).await,

@@ -1339,7 +1339,7 @@ async fn reconciler_and_timeouts_with_real_vms(db: support::server::TestDb) {
     a.wait_state(&r_id, "destroyed", Duration::from_secs(60))
         .await;
     assert_clean(&home);
-    let text = a.metrics().await;
+    let text = server.api(&admin_key).metrics().await;
     assert_eq!(
         metric(&text, "ember_sandboxes{state=\"destroyed\"}"),
         Some(4.0),

@@ -331,6 +331,7 @@ on_both_stores!(
     health_and_metrics,
     racing_transitions_have_exactly_one_winner,
     team_quotas_refuse_naming_the_limit,
+    key_roles_and_expiry_are_enforced_and_changes_audited,
 );
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
@@ -1286,9 +1287,34 @@ async fn health_and_metrics(db: TestDb) {
     let (st, h) = call(c.get(s.url("/healthz"))).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(h["status"], "ok");
-    let (team_a, _) = team_with_key(&s, "alpha").await;
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
     insert_sandbox(&db, &team_a, SandboxState::Paused, "x", &[]).await;
-    let resp = c.get(s.url("/metrics")).send().await.unwrap();
+    // Metrics cover every team: no key, or a tenant's, is refused.
+    assert_error(
+        &call(c.get(s.url("/metrics"))).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &call(c.get(s.url("/metrics")).bearer_auth(&key_a)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    // A read-only key of the admin team is what a scraper needs.
+    let admin = s.admin_key.as_deref().unwrap();
+    let (st, scraper) = call(
+        c.post(s.url("/v1/keys"))
+            .bearer_auth(admin)
+            .json(&json!({"name": "prometheus", "role": "read_only"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{scraper}");
+    let resp = c
+        .get(s.url("/metrics"))
+        .bearer_auth(scraper["key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.unwrap();
     assert!(
@@ -1304,6 +1330,228 @@ async fn health_and_metrics(db: TestDb) {
         "{text}"
     );
     assert!(text.contains("ember_hosts "), "{text}");
+    s.stop();
+}
+
+/// Roles: a read-only key reads and changes nothing (REST and E2B), never
+/// reaches into a guest; only admin keys mint admin keys. Expiry: an expired
+/// key is refused, saying so. Audit: every authenticated change is logged
+/// with its actor, route, target and status, and only admins read the log.
+async fn key_roles_and_expiry_are_enforced_and_changes_audited(db: TestDb) {
+    let s = Server::start(&db, &[]);
+    let c = client();
+    let admin = s.admin_key.clone().unwrap();
+    let (team_a, key_a) = team_with_key(&s, "alpha").await;
+    let sb = insert_sandbox(&db, &team_a, SandboxState::Running, "x", &[]).await;
+    let mint = |by: String, body: Value| {
+        let c = c.clone();
+        let url = s.url("/v1/keys");
+        async move { call(c.post(url).bearer_auth(by).json(&body)).await }
+    };
+
+    // A member mints a read-only key for its team; it is listed with its role.
+    let (st, ro) = mint(key_a.clone(), json!({"name": "dash", "role": "read_only"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{ro}");
+    assert_eq!(ro["role"], "read_only");
+    let ro_key = ro["key"].as_str().unwrap().to_owned();
+    let ro_id = ro["id"].as_str().unwrap().to_owned();
+    let (st, list) = call(c.get(s.url("/v1/keys")).bearer_auth(&key_a)).await;
+    assert_eq!(st, StatusCode::OK);
+    let roles: Vec<_> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["role"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(roles, ["member", "read_only"], "{list}");
+
+    // Read-only reads ...
+    let (st, listed) = call(c.get(s.url("/v1/sandboxes")).bearer_auth(&ro_key)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(listed["sandboxes"][0]["id"], sb.as_str());
+    let (st, _) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{sb}")))
+            .bearer_auth(&ro_key),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    // ... and changes nothing, reaches into no guest, mints no key.
+    for req in [
+        c.post(s.url("/v1/sandboxes")).json(&create_body()),
+        c.delete(s.url(&format!("/v1/sandboxes/{sb}"))),
+        c.post(s.url(&format!("/v1/sandboxes/{sb}/pause"))),
+        c.post(s.url(&format!("/v1/sandboxes/{sb}/exec")))
+            .json(&json!({"cmd": ["id"]})),
+        c.get(s.url(&format!("/v1/sandboxes/{sb}/files?path=/etc/passwd"))),
+        c.get(s.url(&format!("/v1/sandboxes/{sb}/processes"))),
+        c.post(s.url("/v1/keys")).json(&json!({"name": "more"})),
+        c.delete(s.url(&format!("/v1/keys/{ro_id}"))),
+    ] {
+        let got = call(req.bearer_auth(&ro_key)).await;
+        assert_error(&got, StatusCode::FORBIDDEN, "forbidden");
+        assert!(
+            got.1["message"].as_str().unwrap().contains("read-only"),
+            "{got:?}"
+        );
+    }
+    // The E2B adapter holds read-only keys to the same rule.
+    let (st, e2b_list) = call(c.get(s.url("/sandboxes")).header("x-api-key", &ro_key)).await;
+    assert_eq!(st, StatusCode::OK, "{e2b_list}");
+    let (st, body) = call(
+        c.post(s.url("/sandboxes"))
+            .header("x-api-key", &ro_key)
+            .json(&json!({"templateID": "base"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    let (st, _) = call(
+        c.post(s.url(&format!("/sandboxes/{sb}/pause")))
+            .header("x-api-key", &ro_key),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(
+        call(
+            c.get(s.url(&format!("/v1/sandboxes/{sb}")))
+                .bearer_auth(&key_a)
+        )
+        .await
+        .1["state"],
+        "running",
+        "nothing a read-only key asked for happened"
+    );
+
+    // Only admin keys mint admin keys, and only for admin teams.
+    let got = mint(key_a.clone(), json!({"name": "root", "role": "admin"})).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "forbidden");
+    let got = mint(
+        admin.clone(),
+        json!({"name": "root", "role": "admin", "team_id": team_a}),
+    )
+    .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(got.1["field"], "role");
+    let (st, admin2) = mint(admin.clone(), json!({"name": "ops", "role": "admin"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{admin2}");
+    let admin2 = admin2["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(c.get(s.url("/v1/teams")).bearer_auth(&admin2)).await.0,
+        StatusCode::OK
+    );
+    // A member key of the admin team is no admin.
+    let (_, member) = mint(admin.clone(), json!({"name": "dev"})).await;
+    assert_eq!(member["role"], "member");
+    assert_error(
+        &call(
+            c.get(s.url("/v1/teams"))
+                .bearer_auth(member["key"].as_str().unwrap()),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let got = mint(key_a.clone(), json!({"name": "x", "role": "owner"})).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    let got = mint(key_a.clone(), json!({"name": "x", "expires_in_s": 0})).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(got.1["field"], "expires_in_s");
+
+    // An expiring key works until it expires, then says it expired.
+    let (st, short) = mint(key_a.clone(), json!({"name": "short", "expires_in_s": 2})).await;
+    assert_eq!(st, StatusCode::CREATED, "{short}");
+    assert!(short["expires_at"].is_string(), "{short}");
+    let short_key = short["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(c.get(s.url("/v1/sandboxes")).bearer_auth(&short_key))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let got = call(c.get(s.url("/v1/sandboxes")).bearer_auth(&short_key)).await;
+    assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        got.1["message"].as_str().unwrap().contains("expired"),
+        "{got:?}"
+    );
+
+    // The audit log: every authenticated change, refused ones included,
+    // newest first; reads are not in it.
+    let (st, _) = call(
+        c.post(s.url(&format!("/v1/sandboxes/{sb}/timeout")))
+            .bearer_auth(&key_a)
+            .json(&json!({"timeout_s": 120})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let got = call(
+        c.get(s.url(&format!("/v1/audit?team_id={team_a}")))
+            .bearer_auth(&key_a),
+    )
+    .await;
+    assert_error(&got, StatusCode::FORBIDDEN, "forbidden");
+    let (st, log) = call(
+        c.get(s.url(&format!("/v1/audit?team_id={team_a}&limit=1000")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{log}");
+    let entries = log["entries"].as_array().unwrap();
+    let a_prefix = &key_a["ember_".len().."ember_".len() + 8];
+    let ro_prefix = &ro_id;
+    let find = |actor: &str, method: &str, route: &str| {
+        entries
+            .iter()
+            .find(|e| {
+                e["actor"] == format!("key:{actor}") && e["method"] == method && e["route"] == route
+            })
+            .cloned()
+    };
+    let timeout = find(a_prefix, "POST", "/v1/sandboxes/{id}/timeout").expect("the timeout change");
+    assert_eq!(timeout["target"], sb.as_str());
+    assert_eq!(timeout["status"], 200);
+    assert_eq!(timeout["team_id"], team_a.as_str());
+    let minted = find(a_prefix, "POST", "/v1/keys").expect("the read-only key's minting");
+    assert_eq!(minted["status"], 201);
+    let refused = find(ro_prefix, "DELETE", "/v1/sandboxes/{id}").expect("the refused delete");
+    assert_eq!(refused["status"], 403);
+    assert_eq!(refused["target"], sb.as_str());
+    assert!(
+        find(ro_prefix, "POST", "/sandboxes").is_some(),
+        "E2B adapter calls are audited too: {log}"
+    );
+    assert!(
+        entries.iter().all(|e| e["method"] != "GET"),
+        "reads are not audited: {log}"
+    );
+    assert!(
+        entries[0]["route"] == "/v1/sandboxes/{id}/timeout",
+        "newest first: {log}"
+    );
+    // By target, and paged.
+    let (_, by_sb) = call(
+        c.get(s.url(&format!("/v1/audit?target={sb}")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    let by_sb = by_sb["entries"].as_array().unwrap().clone();
+    assert!(by_sb.len() >= 3, "{by_sb:?}");
+    assert!(by_sb.iter().all(|e| e["target"] == sb.as_str()));
+    let (_, page1) = call(
+        c.get(s.url(&format!("/v1/audit?target={sb}&limit=2")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    let next = page1["next_before"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (_, page2) = call(
+        c.get(s.url(&format!("/v1/audit?target={sb}&limit=2&before={next}")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    assert_eq!(page2["entries"][0]["id"], by_sb[2]["id"], "{page2}");
     s.stop();
 }
 

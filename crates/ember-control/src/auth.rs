@@ -226,13 +226,59 @@ pub fn bearer(header: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// What an API key may do within its team.
+///
+/// - `admin`: everything, for every team (only keys of an admin team can
+///   hold it, and only admin keys mint admin keys);
+/// - `member`: everything for its own team: sandboxes, exec and files,
+///   templates, the team's keys;
+/// - `read_only`: list and read the team's sandboxes, templates and keys;
+///   nothing that changes state and nothing that reaches into a guest
+///   (exec, files, ports), since a guest's contents are the tenant's data.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Member,
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+            Role::ReadOnly => "read_only",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            "read_only" | "read-only" => Ok(Role::ReadOnly),
+            other => Err(format!(
+                "unknown role {other:?}: use admin, member or read_only"
+            )),
+        }
+    }
+}
+
 /// Who is calling, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     /// An API key of a team.
     Team {
         team_id: String,
+        /// An admin key of an admin team: may act on every team.
         is_admin: bool,
+        role: Role,
         key_prefix: String,
     },
     /// A sandbox's access token: exec and files of that sandbox only.
@@ -254,6 +300,16 @@ mod tests {
         );
         assert_eq!(k.secret_sha256, sha256_hex(&k.key));
         assert!(!k.secret_sha256.contains(&k.key[15..]));
+    }
+
+    #[test]
+    fn roles_parse_from_their_names_and_nothing_else() {
+        for r in [Role::Admin, Role::Member, Role::ReadOnly] {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        assert_eq!("read-only".parse::<Role>(), Ok(Role::ReadOnly));
+        let err = "owner".parse::<Role>().unwrap_err();
+        assert!(err.contains("admin, member or read_only"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! sandbox ports through them; [`server`] ties it together.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod e2b;
 pub mod error;

@@ -233,6 +233,27 @@ pub struct ApiKey {
     pub created_at: i64,
     pub last_used_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    pub role: crate::auth::Role,
+    /// Unix ms after which the key is refused; `None` never expires.
+    pub expires_at: Option<i64>,
+}
+
+/// One line of the audit log: who changed what, when, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: i64,
+    /// The caller's team (`None` for calls made by no team, such as a host
+    /// registering).
+    pub team_id: Option<String>,
+    /// `key:<prefix>` or `sandbox:<id>` (an access token).
+    pub actor: String,
+    pub method: String,
+    /// The route as declared, e.g. `/v1/sandboxes/{id}/pause`.
+    pub route: String,
+    /// The sandbox, template, key or team acted on, where there is one.
+    pub target: Option<String>,
+    pub status: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -223,7 +223,8 @@ async fn bootstrap_admin_locked(store: &Store) -> Result<Option<String>> {
     let Some(team) = store.team_by_name(DEFAULT_TEAM).await? else {
         return Ok(None);
     };
-    let (key, _) = api::mint_key(store, &team.id, "first admin key").await?;
+    let (key, _) =
+        api::mint_key(store, &team.id, "first admin key", crate::auth::Role::Admin).await?;
     Ok(Some(key))
 }
 

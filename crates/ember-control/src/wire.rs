@@ -504,6 +504,14 @@ pub struct CreateKeyRequest {
     /// that check a key's shape before sending it. It works like any other key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub e2b: bool,
+    /// What the key may do: `member` (the default), `read_only`, or
+    /// `admin` (only an admin key mints one, and only for an admin team).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::auth::Role>,
+    /// Seconds until the key stops working (at most ten years); without it
+    /// the key works until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -517,6 +525,9 @@ pub struct ApiKey {
     pub last_used_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+    pub role: crate::auth::Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// A new key. `key` is shown only here; the server keeps a hash.
@@ -530,6 +541,47 @@ pub struct CreatedKey {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct KeyList {
     pub keys: Vec<ApiKey>,
+}
+
+/// One audit log entry: who changed what, when, and the HTTP status it got.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    /// `key:<key ID>` or `sandbox:<sandbox ID>` (a sandbox access token).
+    pub actor: String,
+    pub method: String,
+    /// The route as declared, e.g. `/v1/sandboxes/{id}/pause`.
+    pub route: String,
+    /// The sandbox, template, key or team acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditList {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `before` for the next (older) page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only this team's entries.
+    pub team_id: Option<String>,
+    /// Only entries about this sandbox, template, key or team.
+    pub target: Option<String>,
+    /// Only entries older than the entry with this ID (from `next_before`).
+    pub before: Option<String>,
+    /// At most this many entries (1–1000, default 100).
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]

@@ -64,6 +64,7 @@ fn the_document_covers_the_v1_surface() {
         ("/v1/keys/{id}", &["delete"]),
         ("/v1/teams", &["get", "post"]),
         ("/v1/hosts", &["get"]),
+        ("/v1/audit", &["get"]),
         ("/internal/v1/hosts", &["post"]),
         ("/healthz", &["get"]),
         ("/metrics", &["get"]),

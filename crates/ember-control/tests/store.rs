@@ -514,9 +514,10 @@ async fn every_query_is_scoped_by_team(url: &str) {
     );
     assert!(store.template(&a.id, "py").await.unwrap().is_some());
 
-    let (_, key) = ember_control::api::mint_key(&store, &a.id, "k")
-        .await
-        .unwrap();
+    let (_, key) =
+        ember_control::api::mint_key(&store, &a.id, "k", ember_control::auth::Role::Member)
+            .await
+            .unwrap();
     assert!(store.list_keys(&b.id).await.unwrap().is_empty());
     assert!(
         !store
@@ -554,9 +555,14 @@ async fn api_keys_are_stored_only_as_hashes(url: &str) {
     let mut keys = Vec::new();
     for i in 0..3 {
         keys.push(
-            ember_control::api::mint_key(&store, &a.id, &format!("k{i}"))
-                .await
-                .unwrap(),
+            ember_control::api::mint_key(
+                &store,
+                &a.id,
+                &format!("k{i}"),
+                ember_control::auth::Role::Member,
+            )
+            .await
+            .unwrap(),
         );
     }
     let cells = store

@@ -538,9 +538,15 @@ impl Api {
         }
     }
 
-    /// `/metrics` as text.
+    /// `/metrics` as text (this must be a key of an admin team).
     pub async fn metrics(&self) -> String {
-        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        let resp = self
+            .http
+            .get(self.url("/metrics"))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         resp.text().await.unwrap()
     }

@@ -1,8 +1,10 @@
 //! Keys, teams, hosts, host registration, health and metrics.
 //!
-//! A normal key manages its own team's keys; an admin key (a key of a team
-//! with `admin: true`) also creates teams, manages any team's keys and sees
-//! the hosts. Host agents register with the cluster join token, not a key.
+//! A member key manages its own team's keys; an admin key (role `admin`, of
+//! a team with `admin: true`) also creates teams, manages any team's keys,
+//! sees the hosts and reads the audit log; `/metrics` takes any key of an
+//! admin team (a read-only one suffices for a scraper). Host agents register
+//! with the cluster join token, not a key.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -22,6 +24,8 @@ fn key_to_wire(k: model::ApiKey) -> wire::ApiKey {
         created_at: rfc3339(k.created_at),
         last_used_at: k.last_used_at.map(rfc3339),
         revoked_at: k.revoked_at.map(rfc3339),
+        role: k.role,
+        expires_at: k.expires_at.map(rfc3339),
     }
 }
 
@@ -39,15 +43,19 @@ pub async fn mint_key(
     store: &crate::store::Store,
     team_id: &str,
     name: &str,
+    role: auth::Role,
 ) -> crate::error::Result<(String, model::ApiKey)> {
-    mint_key_shaped(store, team_id, name, false).await
+    mint_key_shaped(store, team_id, name, role, None, false).await
 }
 
-/// [`mint_key`], in E2B's key shape (`e2b_<40 hex>`) when `e2b` is set.
+/// [`mint_key`], expiring at `expires_at` (Unix ms) if set, and in E2B's
+/// key shape (`e2b_<40 hex>`) when `e2b` is set.
 pub async fn mint_key_shaped(
     store: &crate::store::Store,
     team_id: &str,
     name: &str,
+    role: auth::Role,
+    expires_at: Option<i64>,
     e2b: bool,
 ) -> crate::error::Result<(String, model::ApiKey)> {
     loop {
@@ -64,6 +72,8 @@ pub async fn mint_key_shaped(
             created_at: now_ms(),
             last_used_at: None,
             revoked_at: None,
+            role,
+            expires_at,
         };
         // A prefix collision (1 in 36^8) just draws again.
         if store.insert_key(&row).await? {
@@ -89,26 +99,60 @@ pub async fn create_key(
     State(state): State<AppState>,
     auth: Auth,
     ApiJson(req): ApiJson<wire::CreateKeyRequest>,
-) -> Result<(StatusCode, Json<wire::CreatedKey>), ApiError> {
-    let own = auth.team()?.to_owned();
+) -> Result<
+    (
+        StatusCode,
+        axum::Extension<crate::audit::AuditTarget>,
+        Json<wire::CreatedKey>,
+    ),
+    ApiError,
+> {
+    let own = auth.writer()?.to_owned();
     if req.name.trim().is_empty() || req.name.len() > 128 {
         return Err(ApiError::invalid("name", "must be 1-128 characters"));
     }
-    let team = match req.team_id {
-        Some(t) if t != own => {
-            auth.admin()?;
-            if state.store.team(&t).await?.is_none() {
-                let mut e = ApiError::not_found(format!("no team {t}"));
-                e.body.field = Some("team_id".into());
-                return Err(e);
-            }
-            t
-        }
-        _ => own,
+    let team_id = req.team_id.clone().unwrap_or_else(|| own.clone());
+    if team_id != own {
+        auth.admin()?;
+    }
+    let Some(team) = state.store.team(&team_id).await? else {
+        let mut e = ApiError::not_found(format!("no team {team_id}"));
+        e.body.field = Some("team_id".into());
+        return Err(e);
     };
-    let (key, row) = mint_key_shaped(&state.store, &team, &req.name, req.e2b).await?;
+    let role = req.role.unwrap_or(auth::Role::Member);
+    if role == auth::Role::Admin {
+        if !auth.is_admin() {
+            let mut e = ApiError::forbidden("only an admin key mints admin keys");
+            e.body.field = Some("role".into());
+            return Err(e);
+        }
+        if !team.is_admin {
+            return Err(ApiError::invalid(
+                "role",
+                format!(
+                    "team {} is not an admin team: its keys may be member or read_only",
+                    team.name
+                ),
+            ));
+        }
+    }
+    const TEN_YEARS_S: u64 = 10 * 366 * 24 * 3600;
+    let expires_at = match req.expires_in_s {
+        Some(s) if s == 0 || s > TEN_YEARS_S => {
+            return Err(ApiError::invalid(
+                "expires_in_s",
+                format!("must be 1-{TEN_YEARS_S} seconds (or left out: no expiry)"),
+            ));
+        }
+        Some(s) => Some(now_ms() + (s as i64) * 1000),
+        None => None,
+    };
+    let (key, row) =
+        mint_key_shaped(&state.store, &team.id, &req.name, role, expires_at, req.e2b).await?;
     Ok((
         StatusCode::CREATED,
+        axum::Extension(crate::audit::AuditTarget(row.prefix.clone())),
         Json(wire::CreatedKey {
             key,
             info: key_to_wire(row),
@@ -167,7 +211,7 @@ pub async fn revoke_key(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let own = auth.team()?;
+    let own = auth.writer()?;
     let scope = if auth.is_admin() { None } else { Some(own) };
     if state.store.revoke_key(scope, &id, now_ms()).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -353,12 +397,29 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<wire::Health>
     }))
 }
 
-/// Prometheus metrics (text exposition format; no authentication).
+/// Prometheus metrics (text exposition format). Takes a key of an admin
+/// team; a `read_only` one is enough for a scraper (Prometheus:
+/// `authorization: {credentials_file: …}`).
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, description = "Not a key of an admin team", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
 )]
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<impl IntoResponse, ApiError> {
+    let team = auth.team()?;
+    let admin_team = state.store.team(team).await?.is_some_and(|t| t.is_admin);
+    if !admin_team {
+        return Err(ApiError::forbidden(
+            "metrics cover every team: use a key of an admin team (read_only is enough)",
+        ));
+    }
     let counts = state.store.count_by_state().await?;
     state.metrics.set_sandbox_counts(&counts);
     let infos = state.hosts.infos();
@@ -380,4 +441,57 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         )],
         state.metrics.encode(),
     ))
+}
+
+/// The audit log (admin): every authenticated call that changed something,
+/// newest first.
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "audit",
+    params(wire::AuditQuery),
+    responses(
+        (status = 200, body = wire::AuditList),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_audit(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(q): ApiQuery<wire::AuditQuery>,
+) -> Result<Json<wire::AuditList>, ApiError> {
+    auth.admin()?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be 1-1000"));
+    }
+    let entries = state
+        .store
+        .list_audit(
+            q.team_id.as_deref(),
+            q.target.as_deref(),
+            q.before.as_deref(),
+            limit,
+        )
+        .await?;
+    let next_before = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id.clone()))
+        .flatten();
+    Ok(Json(wire::AuditList {
+        entries: entries
+            .into_iter()
+            .map(|e| wire::AuditEntry {
+                id: e.id,
+                at: rfc3339(e.at),
+                team_id: e.team_id,
+                actor: e.actor,
+                method: e.method,
+                route: e.route,
+                target: e.target,
+                status: e.status,
+            })
+            .collect(),
+        next_before,
+    }))
 }

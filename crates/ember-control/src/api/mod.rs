@@ -96,6 +96,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revoke_key))
         .routes(routes!(admin::create_team, admin::list_teams))
         .routes(routes!(admin::list_hosts))
+        .routes(routes!(admin::list_audit))
         .routes(routes!(admin::register_host))
         .routes(routes!(admin::healthz))
         .routes(routes!(admin::metrics))
@@ -106,8 +107,17 @@ pub fn router(state: AppState) -> axum::Router {
     let (router, _doc) = routes().split_for_parts();
     let envd = crate::e2b::envd::router(state.clone());
     let ingress_state = state.clone();
+    let audit_store = state.store.clone();
     router
         .merge(crate::e2b::api::routes())
+        .route_layer(axum::middleware::from_fn(move |req, next| {
+            crate::audit::layer(
+                audit_store.clone(),
+                crate::audit::changes_something,
+                req,
+                next,
+            )
+        }))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -353,6 +363,19 @@ impl Auth {
         }
     }
 
+    /// The caller's team, for endpoints that change something: refused to
+    /// read-only keys.
+    pub fn writer(&self) -> Result<&str, ApiError> {
+        if let Caller::Team {
+            role: auth::Role::ReadOnly,
+            ..
+        } = &self.0
+        {
+            return Err(read_only_refusal());
+        }
+        self.team()
+    }
+
     /// The caller's team, for admin-only endpoints.
     pub fn admin(&self) -> Result<&str, ApiError> {
         match &self.0 {
@@ -370,10 +393,26 @@ impl Auth {
         matches!(self.0, Caller::Team { is_admin: true, .. })
     }
 
+    /// The team whose sandbox `sandbox_id` the caller may watch from the host
+    /// side (its resource use): any key of the team, read-only included, or
+    /// the sandbox's access token.
+    pub fn observer(&self, sandbox_id: &str) -> Result<&str, ApiError> {
+        match &self.0 {
+            Caller::Team { team_id, .. } => Ok(team_id),
+            Caller::Sandbox { .. } => self.guest_access(sandbox_id),
+        }
+    }
+
     /// The team whose sandbox `sandbox_id` the caller may exec in and touch
     /// files of: its team key, or that sandbox's own access token.
     pub fn guest_access(&self, sandbox_id: &str) -> Result<&str, ApiError> {
         match &self.0 {
+            Caller::Team {
+                role: auth::Role::ReadOnly,
+                ..
+            } => Err(ApiError::forbidden(
+                "a read-only key cannot reach into a sandbox (exec, files, processes, ports): use a member key",
+            )),
             Caller::Team { team_id, .. } => Ok(team_id),
             Caller::Sandbox {
                 sandbox_id: own,
@@ -401,12 +440,34 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     })
 }
 
+/// What a read-only key gets when it tries to change something.
+pub(crate) fn read_only_refusal() -> ApiError {
+    ApiError::forbidden(
+        "this API key is read-only (role read_only): it lists and reads, and changes nothing; use a member key",
+    )
+}
+
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
+    /// Authenticates, and refuses read-only keys any method but GET/HEAD,
+    /// so no handler can forget to.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers)?;
-        authenticate(state, token).await.map(Auth)
+        let caller = authenticate(state, token).await?;
+        let reads = matches!(parts.method, http::Method::GET | http::Method::HEAD);
+        if !reads
+            && matches!(
+                caller,
+                Caller::Team {
+                    role: auth::Role::ReadOnly,
+                    ..
+                }
+            )
+        {
+            return Err(read_only_refusal());
+        }
+        Ok(Auth(caller))
     }
 }
 
@@ -426,10 +487,12 @@ pub(crate) async fn authenticate(state: &AppState, token: &str) -> Result<Caller
         if !matches_derived && !auth::digest_matches(token, &sb.access_token_sha256) {
             return Err(invalid());
         }
-        return Ok(Caller::Sandbox {
+        let caller = Caller::Sandbox {
             sandbox_id: sb.id,
             team_id: sb.team_id,
-        });
+        };
+        crate::audit::note_caller(&caller);
+        return Ok(caller);
     }
     let prefix = auth::api_key_prefix(token).ok_or_else(invalid)?;
     let (key, is_admin) = state
@@ -441,6 +504,13 @@ pub(crate) async fn authenticate(state: &AppState, token: &str) -> Result<Caller
         return Err(invalid());
     }
     let now = now_ms();
+    if let Some(at) = key.expires_at.filter(|&at| at <= now) {
+        return Err(ApiError::unauthorized(format!(
+            "API key {} expired at {}: ask your team for a new one",
+            key.prefix,
+            crate::model::rfc3339(at)
+        )));
+    }
     if key
         .last_used_at
         .is_none_or(|t| now - t >= KEY_TOUCH_INTERVAL_MS)
@@ -453,11 +523,14 @@ pub(crate) async fn authenticate(state: &AppState, token: &str) -> Result<Caller
             }
         });
     }
-    Ok(Caller::Team {
+    let caller = Caller::Team {
         team_id: key.team_id,
-        is_admin,
+        is_admin: is_admin && key.role == auth::Role::Admin,
+        role: key.role,
         key_prefix: key.prefix,
-    })
+    };
+    crate::audit::note_caller(&caller);
+    Ok(caller)
 }
 
 // ------------------------------------------------------------------ validation

@@ -590,7 +590,7 @@ pub async fn sandbox_metrics(
     Path(id): Path<String>,
 ) -> Result<Json<wire::SandboxMetrics>, ApiError> {
     let id = sandbox_id(&id)?;
-    let team = auth.guest_access(&id)?;
+    let team = auth.observer(&id)?;
     let (sb, mut client) = state.ops.running(team, &id).await?;
     let reply = match client
         .get_sandbox_metrics(pb::SandboxRef { sandbox_id: id })

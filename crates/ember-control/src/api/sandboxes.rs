@@ -155,7 +155,14 @@ pub async fn create_sandbox(
     State(state): State<AppState>,
     auth: Auth,
     ApiJson(req): ApiJson<wire::CreateSandboxRequest>,
-) -> Result<(StatusCode, Json<wire::Sandbox>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        axum::Extension<crate::audit::AuditTarget>,
+        Json<wire::Sandbox>,
+    ),
+    ApiError,
+> {
     let team = auth.team()?.to_owned();
     if req.template != BASE_TEMPLATE {
         validate_name("template", &req.template)?;
@@ -208,7 +215,11 @@ pub async fn create_sandbox(
     let (sb, token) = state.ops.create(spec).await?;
     let mut out = to_wire(&state, sb);
     out.access_token = Some(token);
-    Ok((StatusCode::CREATED, Json(out)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Extension(crate::audit::AuditTarget(out.id.clone())),
+        Json(out),
+    ))
 }
 
 pub(crate) fn page_token(after: &PageAfter) -> String {

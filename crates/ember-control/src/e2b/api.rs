@@ -99,7 +99,27 @@ impl IntoResponse for E2bError {
 
 type E2bResult<T> = Result<T, E2bError>;
 
+/// [`team`], for calls that change something or reach into a guest:
+/// refused to read-only keys.
+async fn team_that_writes(state: &AppState, headers: &HeaderMap) -> E2bResult<String> {
+    let (team, role) = team_and_role(state, headers).await?;
+    if role == crate::auth::Role::ReadOnly {
+        return Err(E2bError::new(
+            StatusCode::FORBIDDEN,
+            "this API key is read-only (role read_only): use a member key",
+        ));
+    }
+    Ok(team)
+}
+
 async fn team(state: &AppState, headers: &HeaderMap) -> E2bResult<String> {
+    Ok(team_and_role(state, headers).await?.0)
+}
+
+async fn team_and_role(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> E2bResult<(String, crate::auth::Role)> {
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -110,7 +130,7 @@ async fn team(state: &AppState, headers: &HeaderMap) -> E2bResult<String> {
             )
         })?;
     match crate::api::authenticate(state, key.trim()).await? {
-        Caller::Team { team_id, .. } => Ok(team_id),
+        Caller::Team { team_id, role, .. } => Ok((team_id, role)),
         Caller::Sandbox { .. } => Err(E2bError::new(
             StatusCode::UNAUTHORIZED,
             "a sandbox access token is not an API key",
@@ -378,7 +398,7 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> E2bResult<(StatusCode, axum::Json<Value>)> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     refuse_unsupported(&v)?;
     let template = match v.get("templateID") {
@@ -582,7 +602,7 @@ async fn kill(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     // Failed sandboxes are destroyed too (their resources freed).
     let sb_id = sandbox_id(&id).map_err(|_| E2bError::not_found(&id))?;
     match state.ops.destroy(Some(&team), &sb_id).await {
@@ -602,7 +622,7 @@ async fn set_timeout(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     let timeout = timeout_arg(&v)?.ok_or_else(|| E2bError::bad("timeout is required"))?;
     let sb = load(&state, &team, &id).await?;
@@ -624,7 +644,7 @@ async fn refresh(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     let sb = load(&state, &team, &id).await?;
     let secs = v
@@ -647,7 +667,7 @@ async fn update_network(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     refuse_unsupported(&json!({ "network": v }))?;
     let network = egress(
@@ -669,7 +689,7 @@ async fn create_snapshot(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<(StatusCode, axum::Json<Value>)> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     if v.get("memory").and_then(Value::as_bool) == Some(false) {
         return Err(E2bError::bad(
@@ -756,7 +776,7 @@ async fn delete_template(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     match state.ops.delete_template(&team, &id).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(crate::error::Error::TemplateNotFound { .. }) => Err(E2bError::new(
@@ -789,7 +809,7 @@ async fn pause(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> E2bResult<StatusCode> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let sb = load(&state, &team, &id).await?;
     if matches!(sb.state, SandboxState::Paused | SandboxState::Pausing) {
         return Err(E2bError::new(
@@ -810,7 +830,7 @@ async fn connect(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<(StatusCode, axum::Json<Value>)> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     let timeout = timeout_arg(&v)?;
     let sb = load(&state, &team, &id).await?;
@@ -853,7 +873,7 @@ async fn resume(
     Path(id): Path<String>,
     body: Bytes,
 ) -> E2bResult<(StatusCode, axum::Json<Value>)> {
-    let team = team(&state, &headers).await?;
+    let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     let timeout = timeout_arg(&v)?;
     let sb = load(&state, &team, &id).await?;

@@ -43,6 +43,7 @@ const MAX_LIST_ENTRIES: usize = 10_000;
 
 /// The routes of envd, answered for the sandbox each request names.
 pub fn router(state: AppState) -> Router {
+    let audit_store = state.store.clone();
     Router::new()
         .route("/health", get(health))
         .route("/files", get(read_file).post(write_files))
@@ -66,6 +67,14 @@ pub fn router(state: AppState) -> Router {
             post(get_watcher_events),
         )
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
+        .route_layer(axum::middleware::from_fn(move |req, next| {
+            crate::audit::layer(
+                audit_store.clone(),
+                crate::audit::envd_changes_something,
+                req,
+                next,
+            )
+        }))
         .fallback(|req: Request| async move {
             RpcError::unimplemented(format!(
                 "{} is not an envd call Ember answers",

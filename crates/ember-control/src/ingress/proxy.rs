@@ -114,6 +114,15 @@ async fn authorize(
         .filter(|t| auth::api_key_prefix(t).is_some() || auth::access_token_sandbox(t).is_some());
     if let Some(token) = bearer {
         let allowed = match crate::api::authenticate(state, token).await? {
+            Caller::Team {
+                team_id,
+                role: crate::auth::Role::ReadOnly,
+                ..
+            } if team_id == sb.team_id => {
+                return Err(ApiError::forbidden(
+                    "a read-only key cannot reach a sandbox's ports: use a member key or the traffic token",
+                ));
+            }
             Caller::Team { team_id, .. } => team_id == sb.team_id,
             Caller::Sandbox { sandbox_id, .. } => sandbox_id == sb.id,
         };

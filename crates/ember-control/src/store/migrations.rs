@@ -27,10 +27,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "ingress",
         include_str!("../../migrations/0003_ingress.sql"),
     ),
+    (
+        4,
+        "key_roles_audit",
+        include_str!("../../migrations/0004_key_roles_audit.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 3;
+pub const LATEST: i64 = 4;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

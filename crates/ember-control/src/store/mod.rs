@@ -24,8 +24,8 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    ApiKey, Build, BuildKind, Host, HostUsage, Ingress, NetworkPolicy, OnTimeout, Sandbox,
-    SandboxState, Team, Template,
+    ApiKey, AuditEntry, Build, BuildKind, Host, HostUsage, Ingress, NetworkPolicy, OnTimeout,
+    Sandbox, SandboxState, Team, Template,
 };
 
 /// Which database the store talks to.
@@ -359,8 +359,8 @@ impl Store {
     /// Insert a key; false if its prefix collides with an existing one.
     pub async fn insert_key(&self, key: &ApiKey) -> Result<bool> {
         let res = sqlx::query(
-            "INSERT INTO api_keys (prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at, role, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&key.prefix)
         .bind(&key.team_id)
@@ -369,6 +369,8 @@ impl Store {
         .bind(key.created_at)
         .bind(key.last_used_at)
         .bind(key.revoked_at)
+        .bind(key.role.as_str())
+        .bind(key.expires_at)
         .execute(&self.pool)
         .await;
         match res {
@@ -390,7 +392,7 @@ impl Store {
     /// The key with this prefix, revoked or not (the caller decides).
     pub async fn key(&self, prefix: &str) -> Result<Option<ApiKey>> {
         let row = sqlx::query(
-            "SELECT prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at \
+            "SELECT prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at, role, expires_at \
              FROM api_keys WHERE prefix = $1",
         )
         .bind(prefix)
@@ -403,7 +405,7 @@ impl Store {
     /// one query (this is every request's authentication).
     pub async fn key_with_team(&self, prefix: &str) -> Result<Option<(ApiKey, bool)>> {
         let row = sqlx::query(
-            "SELECT k.prefix, k.team_id, k.name, k.secret_sha256, k.created_at, k.last_used_at, k.revoked_at, t.is_admin \
+            "SELECT k.prefix, k.team_id, k.name, k.secret_sha256, k.created_at, k.last_used_at, k.revoked_at, k.role, k.expires_at, t.is_admin \
              FROM api_keys k JOIN teams t ON t.id = k.team_id WHERE k.prefix = $1",
         )
         .bind(prefix)
@@ -414,7 +416,7 @@ impl Store {
 
     pub async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>> {
         let rows = sqlx::query(
-            "SELECT prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at \
+            "SELECT prefix, team_id, name, secret_sha256, created_at, last_used_at, revoked_at, role, expires_at \
              FROM api_keys WHERE team_id = $1 ORDER BY created_at, prefix",
         )
         .bind(team_id)
@@ -444,6 +446,63 @@ impl Store {
             .await?,
         };
         Ok(res.rows_affected() == 1)
+    }
+
+    // ------------------------------------------------------------ audit log
+
+    /// Append one entry. There is deliberately no update or delete.
+    pub async fn insert_audit(&self, e: &AuditEntry) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, team_id, actor, method, route, target, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&e.id)
+        .bind(e.at)
+        .bind(&e.team_id)
+        .bind(&e.actor)
+        .bind(&e.method)
+        .bind(&e.route)
+        .bind(&e.target)
+        .bind(i64::from(e.status))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Entries newest first: of one team when `team_id` is set, about one
+    /// target when `target` is, older than the entry `before` when set (IDs
+    /// are UUIDv7: they sort by time).
+    pub async fn list_audit(
+        &self,
+        team_id: Option<&str>,
+        target: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, team_id, actor, method, route, target, status FROM audit_log \
+             WHERE ($1 IS NULL OR team_id = $1) AND ($2 IS NULL OR target = $2) AND ($3 IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(team_id)
+        .bind(target)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                id: r.get("id"),
+                at: r.get("at"),
+                team_id: r.get("team_id"),
+                actor: r.get("actor"),
+                method: r.get("method"),
+                route: r.get("route"),
+                target: r.get("target"),
+                status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
+            })
+            .collect())
     }
 
     pub async fn touch_key(&self, prefix: &str, now: i64) -> Result<()> {
@@ -1144,6 +1203,13 @@ fn key_from_row(r: &AnyRow) -> ApiKey {
         created_at: r.get("created_at"),
         last_used_at: r.get("last_used_at"),
         revoked_at: r.get("revoked_at"),
+        // The schema's default and every writer keep it one of the roles;
+        // anything else grants the least.
+        role: r
+            .get::<String, _>("role")
+            .parse()
+            .unwrap_or(crate::auth::Role::ReadOnly),
+        expires_at: r.get("expires_at"),
     }
 }
 

@@ -1,12 +1,14 @@
-//! `ember key …`: create, list and revoke API keys.
+//! `ember key …`: create, list and revoke API keys; `ember audit`: the
+//! audit log (admin keys).
 
 use std::process::ExitCode;
 
-use ember_control::wire::{CreateKeyRequest, CreatedKey, KeyList};
+use ember_control::auth::Role;
+use ember_control::wire::{AuditList, CreateKeyRequest, CreatedKey, KeyList};
 use serde_json::Value;
 
 use super::api::{Api, encode, typed};
-use super::output::{Table, print_json, short_time};
+use super::output::{Table, parse_seconds, print_json, short_time};
 use super::{ClientArgs, config};
 
 #[derive(Debug, clap::Args)]
@@ -29,6 +31,14 @@ enum KeyCommand {
         /// Mint it in E2B's shape (`e2b_` + 40 hex), for E2B's SDKs.
         #[arg(long)]
         e2b: bool,
+        /// What it may do: member (everything for its team), read-only
+        /// (lists and reads; no changes, no exec, files or ports), or admin
+        /// (every team; admin keys of admin teams only).
+        #[arg(long, default_value = "member", value_parser = parse_role)]
+        role: Role,
+        /// Stop working after this long (`30d`, `12h`, `3600`); default: never.
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        expires_in: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -46,6 +56,10 @@ enum KeyCommand {
     Revoke { id: String },
 }
 
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
 pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
     Ok(super::report("key", dispatch(args).await))
 }
@@ -57,6 +71,8 @@ async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
             name,
             team,
             e2b,
+            role,
+            expires_in,
             json,
         } => {
             let v = api
@@ -66,6 +82,8 @@ async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
                         name,
                         team_id: team,
                         e2b,
+                        role: Some(role),
+                        expires_in_s: expires_in,
                     },
                 )
                 .await?;
@@ -75,9 +93,16 @@ async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
             }
             let k: CreatedKey = typed("the new key", &v)?;
             println!("{}", k.key);
+            let expiry = match &k.info.expires_at {
+                Some(at) => format!(", expires {at}"),
+                None => String::new(),
+            };
             eprintln!(
-                "key {} ({}) for team {}: shown only now, store it safely",
-                k.info.id, k.info.name, k.info.team_id
+                "key {} ({}, {}{expiry}) for team {}: shown only now, store it safely",
+                k.info.id,
+                k.info.name,
+                k.info.role.as_str(),
+                k.info.team_id
             );
         }
         KeyCommand::List { team, json } => {
@@ -91,13 +116,24 @@ async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
                 print_json(v.get("keys").unwrap_or(&Value::Null));
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut t = Table::new(&["ID", "NAME", "TEAM", "CREATED", "LAST USED", "REVOKED"]);
+            let mut t = Table::new(&[
+                "ID",
+                "NAME",
+                "ROLE",
+                "TEAM",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+                "REVOKED",
+            ]);
             for k in list.keys {
                 t.row(vec![
                     k.id,
                     k.name,
+                    k.role.as_str().to_owned(),
                     k.team_id,
                     short_time(&k.created_at),
+                    k.expires_at.as_deref().map(short_time).unwrap_or_default(),
                     k.last_used_at
                         .as_deref()
                         .map(short_time)
@@ -112,5 +148,58 @@ async fn dispatch(args: KeyArgs) -> anyhow::Result<ExitCode> {
             println!("{id} revoked");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    api: ClientArgs,
+    /// Only this team's entries.
+    #[arg(long)]
+    team: Option<String>,
+    /// Only entries about this sandbox, template, key or team.
+    #[arg(long)]
+    target: Option<String>,
+    /// At most this many entries, newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Print the server's entry objects as a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ember audit`: who changed what (admin keys).
+pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    Ok(super::report("audit", audit_inner(args).await))
+}
+
+async fn audit_inner(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&config::endpoint(&args.api)?)?;
+    let mut path = format!("/v1/audit?limit={}", args.limit);
+    if let Some(t) = &args.team {
+        path.push_str(&format!("&team_id={}", encode(t)));
+    }
+    if let Some(t) = &args.target {
+        path.push_str(&format!("&target={}", encode(t)));
+    }
+    let v = api.get(&path).await?;
+    let list: AuditList = typed("the audit log", &v)?;
+    if args.json {
+        print_json(v.get("entries").unwrap_or(&Value::Null));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(&["AT", "ACTOR", "TEAM", "STATUS", "CALL", "TARGET"]);
+    for e in list.entries {
+        t.row(vec![
+            short_time(&e.at),
+            e.actor,
+            e.team_id.unwrap_or_default(),
+            e.status.to_string(),
+            format!("{} {}", e.method, e.route),
+            e.target.unwrap_or_default(),
+        ]);
+    }
+    t.print();
     Ok(ExitCode::SUCCESS)
 }
