@@ -332,6 +332,8 @@ on_both_stores!(
     racing_transitions_have_exactly_one_winner,
     team_quotas_refuse_naming_the_limit,
     key_roles_and_expiry_are_enforced_and_changes_audited,
+    rate_limits_answer_429_with_retry_after,
+    lifetime_limits_end_long_runs_and_old_pauses,
 );
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
@@ -1552,6 +1554,127 @@ async fn key_roles_and_expiry_are_enforced_and_changes_audited(db: TestDb) {
     )
     .await;
     assert_eq!(page2["entries"][0]["id"], by_sb[2]["id"], "{page2}");
+    s.stop();
+}
+
+/// Per-key rate limit: a burst passes, the next request is 429
+/// `rate_limited` with `Retry-After`, other keys are unaffected, and after
+/// the wait the key works again; the E2B adapter says the same.
+async fn rate_limits_answer_429_with_retry_after(db: TestDb) {
+    let config = db.dir.path().join("rate.toml");
+    std::fs::write(
+        &config,
+        "[rate_limits]\nrequests_per_second = 1\nburst = 4\n",
+    )
+    .unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let c = client();
+    let (_, key) = team_with_key(&s, "busy").await;
+    let (_, other) = team_with_key(&s, "calm").await;
+    for i in 0..4 {
+        let (st, body) = call(c.get(s.url("/v1/sandboxes")).bearer_auth(&key)).await;
+        assert_eq!(st, StatusCode::OK, "request {i}: {body}");
+    }
+    let resp = c
+        .get(s.url("/v1/sandboxes"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("1 per second"),
+        "{body}"
+    );
+    // Another key has its own allowance.
+    let (st, _) = call(c.get(s.url("/v1/sandboxes")).bearer_auth(&other)).await;
+    assert_eq!(st, StatusCode::OK);
+    // E2B's clients get the same status and header.
+    let resp = c
+        .get(s.url("/sandboxes"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    tokio::time::sleep(Duration::from_secs(retry + 1)).await;
+    let (st, _) = call(c.get(s.url("/v1/sandboxes")).bearer_auth(&key)).await;
+    assert_eq!(st, StatusCode::OK, "the key works again after Retry-After");
+    s.stop();
+}
+
+/// The server-wide limits: a sandbox running longer than `max_running_s`
+/// gets its on_timeout even though its own expiry is far off, and one
+/// paused longer than `paused_retention_s` is destroyed; younger ones are
+/// left alone.
+async fn lifetime_limits_end_long_runs_and_old_pauses(db: TestDb) {
+    let config = db.dir.path().join("lifetime.toml");
+    std::fs::write(
+        &config,
+        "max_running_s = 600\npaused_retention_s = 600\nttl_interval_s = 1\n",
+    )
+    .unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let c = client();
+    let (team, key) = team_with_key(&s, "lifetime").await;
+    let old_running = insert_sandbox(&db, &team, SandboxState::Running, "a", &[]).await;
+    let young_running = insert_sandbox(&db, &team, SandboxState::Running, "b", &[]).await;
+    let old_paused = insert_sandbox(&db, &team, SandboxState::Paused, "c", &[]).await;
+    let young_paused = insert_sandbox(&db, &team, SandboxState::Paused, "d", &[]).await;
+    {
+        let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+        let hour_ago = now_ms() - 3600 * 1000;
+        for id in [&old_running, &old_paused] {
+            // Far-off expiry: only the server's limits can end them.
+            sqlx::query(
+                "UPDATE sandboxes SET state_changed_at = $1, running_since = $1, expires_at = $2 WHERE id = $3",
+            )
+            .bind(hour_ago)
+            .bind(now_ms() + 24 * 3600 * 1000)
+            .bind(id.as_str())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        conn.close().await.ok();
+    }
+    let state = |id: String| {
+        let c = c.clone();
+        let url = s.url(&format!("/v1/sandboxes/{id}"));
+        let key = key.clone();
+        async move { call(c.get(url).bearer_auth(key)).await.1["state"].clone() }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (r, p) = (
+            state(old_running.clone()).await,
+            state(old_paused.clone()).await,
+        );
+        // The kill (on_timeout) and the destroy start; the fake host at
+        // 127.0.0.1:9 cannot finish them, so `destroying` is as far as
+        // they get here.
+        if r != "running" && p != "paused" {
+            assert!(r == "destroying" || r == "destroyed", "{r}");
+            assert!(p == "destroying" || p == "destroyed", "{p}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the limits never applied: running {r}, paused {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(state(young_running).await, "running");
+    assert_eq!(state(young_paused).await, "paused");
     s.stop();
 }
 

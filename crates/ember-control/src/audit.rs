@@ -23,8 +23,16 @@ use crate::auth::Caller;
 use crate::model::{AuditEntry, now_ms};
 use crate::store::Store;
 
+/// What authentication leaves for the request's scope: who called, and the
+/// rate limiter's permit, held until the request is answered.
+#[derive(Debug, Default)]
+struct Slot {
+    caller: Option<Caller>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 tokio::task_local! {
-    static CALLER: RefCell<Option<Caller>>;
+    static SLOT: RefCell<Slot>;
 }
 
 /// What a handler may attach to its response when the thing it acted on is
@@ -32,10 +40,16 @@ tokio::task_local! {
 #[derive(Debug, Clone)]
 pub struct AuditTarget(pub String);
 
-/// Record who the current request's caller is, for the audit layer. Outside
-/// an audited request (the ingress proxy, tests) it does nothing.
-pub fn note_caller(caller: &Caller) {
-    let _ = CALLER.try_with(|slot| *slot.borrow_mut() = Some(caller.clone()));
+/// Record who the current request's caller is, for the audit layer, and
+/// keep its limiter permit until the request is answered. Outside a scoped
+/// request (the ingress proxy, tests) the permit is released at once.
+pub fn note_caller(caller: &Caller, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+    let _ = SLOT.try_with(|slot| {
+        *slot.borrow_mut() = Slot {
+            caller: Some(caller.clone()),
+            _permit: permit,
+        }
+    });
 }
 
 /// REST: every method but the reading ones changes something.
@@ -91,8 +105,9 @@ fn first_param(route: &str, path: &str) -> Option<String> {
 }
 
 /// Middleware (a `route_layer`, so the matched route is known): run the
-/// request with a caller slot, then append an entry for a call `audited`
-/// says changes something, once its caller authenticated.
+/// request with a slot for its caller and limiter permit, then append an
+/// entry for a call `audited` says changes something, once its caller
+/// authenticated.
 pub async fn layer(
     store: Store,
     audited: fn(&Method, &str) -> bool,
@@ -105,18 +120,20 @@ pub async fn layer(
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
-    if !audited(&method, &route) {
-        return next.run(req).await;
-    }
     let path = req.uri().path().to_owned();
-    let slot = RefCell::new(None);
-    let (resp, slot) = CALLER
-        .scope(slot, async move {
+    let (resp, caller) = SLOT
+        .scope(RefCell::new(Slot::default()), async move {
             let resp = next.run(req).await;
-            (resp, CALLER.with(|s| s.borrow_mut().take()))
+            (
+                resp,
+                SLOT.with(|s| std::mem::take(&mut *s.borrow_mut()).caller),
+            )
         })
         .await;
-    let Some(caller) = slot else {
+    if !audited(&method, &route) {
+        return resp;
+    }
+    let Some(caller) = caller else {
         return resp;
     };
     let (team_id, actor) = actor(&caller);
@@ -189,13 +206,13 @@ mod tests {
             sandbox_id: "sb-x".into(),
             team_id: "team-y".into(),
         };
-        let got = CALLER
-            .scope(RefCell::new(None), async {
-                note_caller(&caller);
-                CALLER.with(|s| s.borrow_mut().take())
+        let got = SLOT
+            .scope(RefCell::new(Slot::default()), async {
+                note_caller(&caller, None);
+                SLOT.with(|s| s.borrow_mut().caller.take())
             })
             .await;
         assert_eq!(got, Some(caller.clone()));
-        note_caller(&caller); // outside a scope: nothing, no panic
+        note_caller(&caller, None); // outside a scope: nothing, no panic
     }
 }

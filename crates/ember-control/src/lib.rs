@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod openapi;
+pub mod ratelimit;
 pub mod reconciler;
 pub mod scheduler;
 pub mod server;

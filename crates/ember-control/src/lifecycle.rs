@@ -81,6 +81,8 @@ pub struct Operations {
     pub egress: ember_types::cidr::EgressCeiling,
     /// What each team may hold at once.
     pub quota: crate::store::TeamQuota,
+    /// Server-wide limits on running and paused time.
+    pub lifetime: ttl::Lifetime,
 }
 
 /// The sandboxes this process is creating, pausing, resuming, snapshotting
@@ -1218,9 +1220,55 @@ impl Operations {
             }
         });
         futures::future::join_all(work).await;
+        self.sweep_lifetime(now).await?;
         self.store
             .purge_destroyed(now - DESTROYED_RETENTION_MS)
             .await?;
+        Ok(())
+    }
+
+    /// The server-wide limits: sandboxes running longer than the maximum
+    /// get their `on_timeout` (traffic and exec do not save them); sandboxes
+    /// paused longer than the retention are destroyed.
+    async fn sweep_lifetime(&self, now: i64) -> Result<()> {
+        let mut work = Vec::new();
+        if let Some(max) = self.lifetime.max_running_s {
+            for row in self
+                .store
+                .running_too_long(ttl::cutoff(now, max), 200)
+                .await?
+            {
+                work.push((ttl::action(&row), "maximum running time reached"));
+            }
+        }
+        if let Some(keep) = self.lifetime.paused_retention_s {
+            for row in self
+                .store
+                .paused_too_long(ttl::cutoff(now, keep), 200)
+                .await?
+            {
+                work.push((
+                    ttl::TtlAction::Kill { sandbox_id: row.id },
+                    "paused longer than the retention",
+                ));
+            }
+        }
+        let work = work.into_iter().map(|(action, why)| async move {
+            let result = match &action {
+                ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
+                ttl::TtlAction::Pause { sandbox_id } => {
+                    self.pause(None, sandbox_id).await.map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => tracing::info!(?action, why, "lifetime limit applied"),
+                Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(?action, why, error = %err, "applying a lifetime limit failed")
+                }
+            }
+        });
+        futures::future::join_all(work).await;
         Ok(())
     }
 

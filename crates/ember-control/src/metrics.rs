@@ -84,6 +84,7 @@ pub struct Metrics {
     hosts_healthy: Gauge,
     hosts_total: Gauge,
     ingress_requests: Family<StatusLabel, prometheus_client::metrics::counter::Counter>,
+    rate_limited: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -194,6 +195,12 @@ impl Metrics {
             "Requests to sandbox ports through the ingress proxy, by status",
             ingress_requests.clone(),
         );
+        let rate_limited = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "api_rate_limited",
+            "API requests refused 429 by the per-caller rate or concurrency limit",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             sandboxes,
@@ -208,7 +215,13 @@ impl Metrics {
             hosts_healthy,
             hosts_total,
             ingress_requests,
+            rate_limited,
         }
+    }
+
+    /// Count one request refused by the per-caller limits.
+    pub fn note_rate_limited(&self) {
+        self.rate_limited.inc();
     }
 
     /// Count one request through the ingress proxy.

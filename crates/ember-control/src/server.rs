@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub egress: ember_types::cidr::EgressCeiling,
     /// What each team may hold at once (`[team_limits]` in the config file).
     pub quota: crate::store::TeamQuota,
+    /// Maximum running time and paused retention, server-wide.
+    pub lifetime: crate::ttl::Lifetime,
+    /// Per-caller request rate and concurrency (`[rate_limits]`).
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 impl ServerConfig {
@@ -66,6 +70,8 @@ impl ServerConfig {
                 .expect("no domain is a valid ingress configuration"),
             egress: Default::default(),
             quota: Default::default(),
+            lifetime: Default::default(),
+            rate_limits: Default::default(),
         }
     }
 }
@@ -118,6 +124,7 @@ impl ControlPlane {
             token_key: crate::lifecycle::TokenKey(token_key.into()),
             egress: config.egress.clone(),
             quota: config.quota,
+            lifetime: config.lifetime,
         });
         let state = AppState {
             store,
@@ -127,6 +134,7 @@ impl ControlPlane {
             join_token: join_token.into(),
             answer_within: config.answer_within,
             ingress: Arc::new(crate::ingress::Ingress::new(config.ingress.clone())),
+            limiter: Arc::new(crate::ratelimit::RateLimiter::new(config.rate_limits)),
         };
         Ok(ControlPlane {
             state,

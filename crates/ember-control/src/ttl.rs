@@ -1,5 +1,9 @@
 //! Timeouts: a running sandbox past its `expires_at` is killed or paused,
-//! per its `on_timeout`.
+//! per its `on_timeout`. Two server-wide limits sit above what tenants set:
+//! a maximum running time (counted from the last create or resume, so
+//! activity that keeps pushing `expires_at` cannot keep a sandbox running
+//! for ever; it too ends per `on_timeout`) and a retention for paused
+//! sandboxes (past it they are destroyed, their builds freed).
 //!
 //! Expiry lives in the database (`timeout_s` → `expires_at`; exec, connect
 //! and `POST /timeout` move it), so the sweep survives restarts and any
@@ -17,19 +21,53 @@ pub enum TtlAction {
     Pause { sandbox_id: String },
 }
 
+/// Server-wide limits above tenants' timeouts (`None`: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Longest a sandbox runs between a create or resume and its
+    /// `on_timeout` action, whatever its timeout says.
+    pub max_running_s: Option<u64>,
+    /// Longest a sandbox stays paused before it is destroyed.
+    pub paused_retention_s: Option<u64>,
+}
+
+impl Default for Lifetime {
+    /// 24 hours of running at a stretch; paused sandboxes kept until
+    /// deleted (destroying a tenant's state is the operator's choice).
+    fn default() -> Self {
+        Lifetime {
+            max_running_s: Some(DEFAULT_MAX_RUNNING_S),
+            paused_retention_s: None,
+        }
+    }
+}
+
+/// The default [`Lifetime::max_running_s`].
+pub const DEFAULT_MAX_RUNNING_S: u64 = 24 * 3600;
+
+/// `now` minus `s` seconds, the cutoff for a limit of `s`.
+pub fn cutoff(now: i64, s: u64) -> i64 {
+    now.saturating_sub(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000))
+}
+
+/// What a sandbox's `on_timeout` says to do with it.
+pub fn action(s: &Sandbox) -> TtlAction {
+    match s.on_timeout {
+        OnTimeout::Kill => TtlAction::Kill {
+            sandbox_id: s.id.clone(),
+        },
+        OnTimeout::Pause => TtlAction::Pause {
+            sandbox_id: s.id.clone(),
+        },
+    }
+}
+
 /// The sandboxes among `rows` whose time is up at `now`, and what to do.
 pub fn decide(rows: &[Sandbox], now: i64) -> Vec<TtlAction> {
     rows.iter()
         .filter(|s| s.state == SandboxState::Running)
         .filter(|s| s.expires_at.is_some_and(|e| e <= now))
-        .map(|s| match s.on_timeout {
-            OnTimeout::Kill => TtlAction::Kill {
-                sandbox_id: s.id.clone(),
-            },
-            OnTimeout::Pause => TtlAction::Pause {
-                sandbox_id: s.id.clone(),
-            },
-        })
+        .map(action)
         .collect()
 }
 
@@ -124,6 +162,14 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn cutoffs_count_back_from_now_without_overflow() {
+        assert_eq!(cutoff(100_000, 60), 40_000);
+        assert_eq!(cutoff(0, u64::MAX), -i64::MAX);
+        assert_eq!(Lifetime::default().max_running_s, Some(24 * 3600));
+        assert_eq!(Lifetime::default().paused_retention_s, None);
     }
 
     #[test]

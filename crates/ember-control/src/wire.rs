@@ -18,7 +18,9 @@ pub struct ErrorBody {
     /// One of: `invalid_request`, `invalid_json`, `unsupported_media_type`,
     /// `payload_too_large`, `unauthorized`, `forbidden`, `not_found`,
     /// `conflict`, `template_locked`, `no_capacity`, `quota_exceeded` (429:
-    /// the team's limit, named in the message), `host_error`, `internal`.
+    /// the team's limit, named in the message), `rate_limited` (429 with
+    /// `Retry-After`: the caller's request rate or concurrency), `host_error`,
+    /// `internal`.
     pub code: String,
     pub message: String,
     /// The request field (or query parameter) at fault, when there is one.

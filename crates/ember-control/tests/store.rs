@@ -126,6 +126,8 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
             vec![Some("1".into()), Some("initial".into())],
             vec![Some("2".into()), Some("last_operation".into())],
             vec![Some("3".into()), Some("ingress".into())],
+            vec![Some("4".into()), Some("key_roles_audit".into())],
+            vec![Some("5".into()), Some("running_since".into())],
         ]
     );
     store.close().await;
@@ -139,7 +141,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("3"));
+    assert_eq!(rows[0][0].as_deref(), Some("5"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");

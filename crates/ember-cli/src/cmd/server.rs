@@ -59,8 +59,10 @@ pub struct ServerArgs {
     egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
     /// ingress_domain, egress_grants, reconcile_interval_s, ttl_interval_s,
-    /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s, and
-    /// a [team_limits] table (running_sandboxes, vcpus, memory_mib,
+    /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s,
+    /// max_running_s (default 86400), paused_retention_s (default: keep), a
+    /// [rate_limits] table (requests_per_second, burst, concurrent_requests:
+    /// per API key, defaults 100/200/64, 0 = none), and a [team_limits] table (running_sandboxes, vcpus, memory_mib,
     /// paused_sandboxes: per team, absent = no limit).
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
@@ -84,6 +86,14 @@ struct ConfigFile {
     egress_grants: Option<Vec<String>>,
     /// What each team may hold at once; absent keys: no limit.
     team_limits: Option<TeamLimits>,
+    /// Longest a sandbox runs between a create or resume before its
+    /// on_timeout applies, whatever its timeout (default 86400; 0: no limit).
+    max_running_s: Option<u64>,
+    /// Paused sandboxes older than this are destroyed (default: kept; 0: kept).
+    paused_retention_s: Option<u64>,
+    /// Per API key (and per sandbox access token): requests_per_second,
+    /// burst, concurrent_requests (defaults 100, 200, 64; 0: no limit).
+    rate_limits: Option<RateLimitsFile>,
     reconcile_interval_s: Option<u64>,
     ttl_interval_s: Option<u64>,
     orphan_grace_s: Option<u64>,
@@ -93,6 +103,15 @@ struct ConfigFile {
     /// Seconds a pause or resume request waits before it is answered 202
     /// (the operation goes on; clients poll the sandbox).
     answer_within_s: Option<u64>,
+}
+
+/// `[rate_limits]` of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitsFile {
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    concurrent_requests: Option<u32>,
 }
 
 /// `[team_limits]` of the config file.
@@ -173,6 +192,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("--egress-grant: {e}"))?;
     if !grants.is_empty() {
         tracing::info!(?grants, "tenants may open these ranges with allow_out");
+    }
+    if let Some(s) = file.max_running_s {
+        config.lifetime.max_running_s = (s > 0).then_some(s);
+    }
+    if let Some(s) = file.paused_retention_s {
+        config.lifetime.paused_retention_s = (s > 0).then_some(s);
+    }
+    if let Some(r) = file.rate_limits {
+        let l = &mut config.rate_limits;
+        if let Some(v) = r.requests_per_second {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "rate_limits.requests_per_second must be a number >= 0 (0: no limit)"
+            );
+            l.per_second = v;
+        }
+        if let Some(v) = r.burst {
+            l.burst = v;
+        }
+        if let Some(v) = r.concurrent_requests {
+            l.concurrent = v;
+        }
     }
     if let Some(l) = file.team_limits {
         config.quota = ember_control::store::TeamQuota {

@@ -55,6 +55,8 @@ pub struct AppState {
     /// See [`crate::server::ServerConfig::answer_within`].
     pub answer_within: std::time::Duration,
     pub ingress: Arc<crate::ingress::Ingress>,
+    /// Per-caller request rate and concurrency.
+    pub limiter: Arc<crate::ratelimit::RateLimiter>,
 }
 
 /// The API's routes and their OpenAPI description, from one list.
@@ -145,6 +147,8 @@ pub fn router(state: AppState) -> axum::Router {
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// Sent as `Retry-After` (seconds), for 429s.
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -156,6 +160,7 @@ impl ApiError {
                 message: message.into(),
                 field: None,
             },
+            retry_after_s: None,
         }
     }
 
@@ -186,6 +191,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -491,7 +500,7 @@ pub(crate) async fn authenticate(state: &AppState, token: &str) -> Result<Caller
             sandbox_id: sb.id,
             team_id: sb.team_id,
         };
-        crate::audit::note_caller(&caller);
+        admit(state, &caller)?;
         return Ok(caller);
     }
     let prefix = auth::api_key_prefix(token).ok_or_else(invalid)?;
@@ -529,8 +538,40 @@ pub(crate) async fn authenticate(state: &AppState, token: &str) -> Result<Caller
         role: key.role,
         key_prefix: key.prefix,
     };
-    crate::audit::note_caller(&caller);
+    admit(state, &caller)?;
     Ok(caller)
+}
+
+/// Count the request against its caller's limits (the permit, if any, is
+/// held by the request's scope until it is answered) and note the caller
+/// for the audit log.
+fn admit(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let (_, who) = crate::audit::actor(caller);
+    match state.limiter.admit(&who, std::time::Instant::now()) {
+        Ok(permit) => {
+            crate::audit::note_caller(caller, permit);
+            Ok(())
+        }
+        Err(refusal) => {
+            state.metrics.note_rate_limited();
+            let limits = state.limiter.limits();
+            let message = match refusal {
+                crate::ratelimit::Refusal::Rate { .. } => format!(
+                    "too many requests from {who}: the limit is {} per second (bursts of {}); retry after {} s",
+                    limits.per_second,
+                    limits.burst,
+                    refusal.retry_after_s()
+                ),
+                crate::ratelimit::Refusal::Concurrency => format!(
+                    "too many requests from {who} at once: the limit is {} in flight; retry when one finishes",
+                    limits.concurrent
+                ),
+            };
+            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+            e.retry_after_s = Some(refusal.retry_after_s());
+            Err(e)
+        }
+    }
 }
 
 // ------------------------------------------------------------------ validation

@@ -56,6 +56,7 @@ pub fn routes() -> Router<AppState> {
 pub struct E2bError {
     status: StatusCode,
     message: String,
+    retry_after_s: Option<u64>,
 }
 
 impl E2bError {
@@ -63,6 +64,7 @@ impl E2bError {
         E2bError {
             status,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -77,7 +79,9 @@ impl E2bError {
 
 impl From<ApiError> for E2bError {
     fn from(e: ApiError) -> E2bError {
-        E2bError::new(e.status, e.body.message)
+        let mut out = E2bError::new(e.status, e.body.message);
+        out.retry_after_s = e.retry_after_s;
+        out
     }
 }
 
@@ -89,11 +93,18 @@ impl From<crate::error::Error> for E2bError {
 
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             axum::Json(json!({"code": self.status.as_u16(), "message": self.message})),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(s),
+            );
+        }
+        resp
     }
 }
 

@@ -32,10 +32,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_roles_audit",
         include_str!("../../migrations/0004_key_roles_audit.sql"),
     ),
+    (
+        5,
+        "running_since",
+        include_str!("../../migrations/0005_running_since.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 4;
+pub const LATEST: i64 = 5;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

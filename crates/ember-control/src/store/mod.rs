@@ -949,6 +949,12 @@ impl Store {
         capacity: Option<&CapacityCheck>,
     ) -> Result<bool> {
         let mut sql = String::from("UPDATE sandboxes SET state = $1, state_changed_at = $2");
+        if to == SandboxState::Running {
+            // The running clock restarts on create and resume only.
+            sql.push_str(
+                ", running_since = CASE WHEN state IN ('creating', 'resuming') THEN $2 ELSE running_since END",
+            );
+        }
         let mut n = 2;
         let mut push = |col: &str, sql: &mut String| {
             n += 1;
@@ -1112,6 +1118,35 @@ impl Store {
              ORDER BY expires_at LIMIT $2"
         ))
         .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Running sandboxes that started running (create or resume) at or
+    /// before `started_before`: past the server's maximum running time.
+    pub async fn running_too_long(&self, started_before: i64, limit: u32) -> Result<Vec<Sandbox>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'running' \
+             AND COALESCE(running_since, state_changed_at) <= $1 \
+             ORDER BY state_changed_at LIMIT $2"
+        ))
+        .bind(started_before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
+    /// Sandboxes paused at or before `paused_before`: past the server's
+    /// retention for paused sandboxes.
+    pub async fn paused_too_long(&self, paused_before: i64, limit: u32) -> Result<Vec<Sandbox>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'paused' AND state_changed_at <= $1 \
+             ORDER BY state_changed_at LIMIT $2"
+        ))
+        .bind(paused_before)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
