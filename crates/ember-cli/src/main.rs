@@ -45,6 +45,8 @@ enum Command {
     Server(Box<cmd::server::ServerArgs>),
     /// Templates frozen from running sandboxes: create, list, get, delete.
     Snapshot(cmd::client::snapshot::SnapshotArgs),
+    /// What your team holds against the server's limits.
+    Usage(cmd::client::key::UsageArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
     Uffd(Box<cmd::uffd::UffdArgs>),
 }
@@ -76,6 +78,7 @@ fn main() -> std::process::ExitCode {
             Command::Sandbox(a) => cmd::client::sandbox::run(a).await,
             Command::Server(a) => cmd::server::run(*a).await,
             Command::Snapshot(a) => cmd::client::snapshot::run(a).await,
+            Command::Usage(a) => cmd::client::key::usage(a).await,
             Command::Uffd(a) => cmd::uffd::run(*a).await,
         }
     });

@@ -679,6 +679,36 @@ async fn team_quotas_refuse_naming_the_limit(db: TestDb) {
     )
     .await;
     assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    // Usage against the limits: the team's own, `me`, or any team for an admin.
+    let (st, usage) = call(c.get(s.url("/v1/teams/me/usage")).bearer_auth(&key)).await;
+    assert_eq!(st, StatusCode::OK, "{usage}");
+    assert_eq!(usage["team_id"], team.as_str());
+    assert_eq!(usage["running_sandboxes"]["limit"], 2, "{usage}");
+    assert_eq!(usage["paused_sandboxes"]["limit"], 1, "{usage}");
+    assert!(
+        usage["vcpus"].get("limit").is_none(),
+        "no vCPU limit: {usage}"
+    );
+    assert!(
+        usage["running_sandboxes"]["used"].as_u64().unwrap() >= 1,
+        "{usage}"
+    );
+    let (st, by_id) = call(
+        c.get(s.url(&format!("/v1/teams/{team}/usage")))
+            .bearer_auth(s.admin_key.as_deref().unwrap()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(by_id["paused_sandboxes"], usage["paused_sandboxes"]);
+    assert_error(
+        &call(
+            c.get(s.url(&format!("/v1/teams/{team}/usage")))
+                .bearer_auth(&other_key),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
     s.stop();
 }
 

@@ -22,6 +22,7 @@ pub mod model;
 pub mod openapi;
 pub mod ratelimit;
 pub mod reconciler;
+pub mod redact;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -509,8 +509,10 @@ impl Operations {
     }
 
     async fn fail(&self, id: &str, from: SandboxState, reason: &str) {
+        // The tenant reads the reason; the log keeps the host's details.
+        tracing::warn!(sandbox = %id, reason, "sandbox failed");
         let changes = Changes {
-            failure_reason: Some(reason.to_owned()),
+            failure_reason: Some(crate::redact::host_detail(reason)),
             expires_at: Some(None),
             ..Changes::default()
         };

@@ -545,6 +545,37 @@ pub struct KeyList {
     pub keys: Vec<ApiKey>,
 }
 
+/// One quantity a team holds, and the server's limit for it (absent: none).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct UsageItem {
+    pub used: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+/// What a team holds against its limits.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TeamUsage {
+    pub team_id: String,
+    /// Sandboxes holding host resources (creating, running, resuming, …).
+    pub running_sandboxes: UsageItem,
+    /// vCPUs and MiB of memory of those sandboxes.
+    pub vcpus: UsageItem,
+    pub memory_mib: UsageItem,
+    pub paused_sandboxes: UsageItem,
+    /// Each key's (and access token's) request allowance; 0 means none.
+    pub requests_per_second: f64,
+    pub request_burst: u32,
+    pub concurrent_requests: u32,
+    /// How long a sandbox runs between a create or resume before its
+    /// `on_timeout` applies, whatever its timeout; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_s: Option<u64>,
+    /// How long a paused sandbox is kept; absent: until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_retention_s: Option<u64>,
+}
+
 /// One audit log entry: who changed what, when, and the HTTP status it got.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {

@@ -495,3 +495,51 @@ pub async fn list_audit(
         next_before,
     }))
 }
+
+/// What a team holds against its limits: your own team with any key, any
+/// team with an admin key.
+#[utoipa::path(
+    get, path = "/v1/teams/{id}/usage", tag = "teams",
+    params(("id" = String, Path, description = "Team ID, or `me` for the caller's team")),
+    responses(
+        (status = 200, body = wire::TeamUsage),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn team_usage(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<wire::TeamUsage>, ApiError> {
+    let own = auth.team()?;
+    let id = if id == "me" { own.to_owned() } else { id };
+    if id != own {
+        // Another team's usage is an admin's business; to others it does
+        // not exist.
+        if !auth.is_admin() {
+            return Err(ApiError::not_found(format!("no team {id}")));
+        }
+        if state.store.team(&id).await?.is_none() {
+            return Err(ApiError::not_found(format!("no team {id}")));
+        }
+    }
+    let used = state.store.team_usage(&id).await?;
+    let quota = state.ops.quota;
+    let rate = state.limiter.limits();
+    let item = |used, limit| wire::UsageItem { used, limit };
+    Ok(Json(wire::TeamUsage {
+        team_id: id,
+        running_sandboxes: item(used.running_sandboxes, quota.running_sandboxes),
+        vcpus: item(used.vcpus, quota.vcpus),
+        memory_mib: item(used.memory_mib, quota.memory_mib),
+        paused_sandboxes: item(used.paused_sandboxes, quota.paused_sandboxes),
+        requests_per_second: rate.per_second,
+        request_burst: rate.burst,
+        concurrent_requests: rate.concurrent,
+        max_running_s: state.ops.lifetime.max_running_s,
+        paused_retention_s: state.ops.lifetime.paused_retention_s,
+    }))
+}

@@ -99,6 +99,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::create_team, admin::list_teams))
         .routes(routes!(admin::list_hosts))
         .routes(routes!(admin::list_audit))
+        .routes(routes!(admin::team_usage))
         .routes(routes!(admin::register_host))
         .routes(routes!(admin::healthz))
         .routes(routes!(admin::metrics))
@@ -241,12 +242,19 @@ impl From<Error> for ApiError {
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "host_error",
-                    format!("{msg}: {}", crate::hosts::status_reason(source)),
+                    crate::redact::host_detail(&format!(
+                        "{msg}: {}",
+                        crate::hosts::status_reason(source)
+                    )),
                 )
             }
             Error::HostReply { .. } | Error::UnknownHost { .. } => {
                 tracing::warn!(error = %msg, "host error");
-                ApiError::new(StatusCode::BAD_GATEWAY, "host_error", msg)
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "host_error",
+                    crate::redact::host_detail(&msg),
+                )
             }
             _ => {
                 tracing::error!(error = ?err, "internal error");

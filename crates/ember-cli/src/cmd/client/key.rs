@@ -1,10 +1,10 @@
 //! `ember key …`: create, list and revoke API keys; `ember audit`: the
-//! audit log (admin keys).
+//! audit log (admin keys); `ember usage`: a team's use against its limits.
 
 use std::process::ExitCode;
 
 use ember_control::auth::Role;
-use ember_control::wire::{AuditList, CreateKeyRequest, CreatedKey, KeyList};
+use ember_control::wire::{AuditList, CreateKeyRequest, CreatedKey, KeyList, TeamUsage};
 use serde_json::Value;
 
 use super::api::{Api, encode, typed};
@@ -201,5 +201,60 @@ async fn audit_inner(args: AuditArgs) -> anyhow::Result<ExitCode> {
         ]);
     }
     t.print();
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    api: ClientArgs,
+    /// Another team (admin keys only; default: yours).
+    #[arg(long)]
+    team: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ember usage`: what a team holds against its limits.
+pub async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
+    Ok(super::report("usage", usage_inner(args).await))
+}
+
+async fn usage_inner(args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&config::endpoint(&args.api)?)?;
+    let team = args.team.as_deref().unwrap_or("me");
+    let v = api
+        .get(&format!("/v1/teams/{}/usage", encode(team)))
+        .await?;
+    if args.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let u: TeamUsage = typed("the team's usage", &v)?;
+    let mut t = Table::new(&["WHAT", "USED", "LIMIT"]);
+    for (what, item) in [
+        ("running sandboxes", u.running_sandboxes),
+        ("vcpus", u.vcpus),
+        ("memory MiB", u.memory_mib),
+        ("paused sandboxes", u.paused_sandboxes),
+    ] {
+        t.row(vec![
+            what.to_owned(),
+            item.used.to_string(),
+            item.limit.map_or("-".to_owned(), |l| l.to_string()),
+        ]);
+    }
+    t.print();
+    let or_none = |v: Option<u64>| v.map_or("no limit".to_owned(), |s| format!("{s} s"));
+    println!(
+        "team {}: max running {}, paused kept {}, {} requests/s per key (bursts of {}, {} at once)",
+        u.team_id,
+        or_none(u.max_running_s),
+        u.paused_retention_s
+            .map_or("until deleted".to_owned(), |s| format!("{s} s")),
+        u.requests_per_second,
+        u.request_burst,
+        u.concurrent_requests
+    );
     Ok(ExitCode::SUCCESS)
 }
