@@ -80,6 +80,15 @@ impl Drop for TestDb {
     }
 }
 
+/// A first-start secret from the file the server named, which only its
+/// owner may read.
+fn read_secret(path: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{path} must be private to its owner");
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
 /// A running `ember server`.
 struct Server {
     child: Child,
@@ -87,6 +96,8 @@ struct Server {
     admin_key: Option<String>,
     join_token: Option<String>,
     log: mpsc::Receiver<String>,
+    /// What it printed until it listened.
+    startup_log: Vec<String>,
 }
 
 impl Server {
@@ -120,15 +131,17 @@ impl Server {
         });
         let mut admin_key = None;
         let mut join_token = None;
+        let mut startup_log = Vec::new();
         let base = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
                 .expect("ember server did not report its address within 60 s");
-            if let Some(k) = line.trim().strip_prefix("EMBER_ADMIN_KEY=") {
-                admin_key = Some(k.to_owned());
+            startup_log.push(line.clone());
+            if let Some(path) = line.trim().strip_prefix("EMBER_ADMIN_KEY_FILE=") {
+                admin_key = Some(read_secret(path));
             }
-            if let Some(t) = line.trim().strip_prefix("EMBER_JOIN_TOKEN=") {
-                join_token = Some(t.to_owned());
+            if let Some(path) = line.trim().strip_prefix("EMBER_JOIN_TOKEN_FILE=") {
+                join_token = Some(read_secret(path));
             }
             if let Some(addr) = line.strip_prefix("ember server: listening on ") {
                 break addr.trim().to_owned();
@@ -140,6 +153,7 @@ impl Server {
             admin_key,
             join_token,
             log: rx,
+            startup_log,
         }
     }
 
@@ -341,20 +355,30 @@ async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
     let key = s
         .admin_key
         .clone()
-        .expect("first start prints an admin key");
+        .expect("first start writes an admin key");
     assert!(key.starts_with("ember_"), "{key}");
-    assert!(s.join_token.is_some(), "first start prints the join token");
+    assert!(s.join_token.is_some(), "first start writes the join token");
+    let log = &s.startup_log;
+    assert!(
+        log.iter().any(|l| l.contains("EMBER_ADMIN_KEY_FILE=")),
+        "{log:?}"
+    );
+    let token = s.join_token.as_deref().unwrap();
+    assert!(
+        log.iter().all(|l| !l.contains(&key) && !l.contains(token)),
+        "first-start secrets are never printed: {log:?}"
+    );
     let (st, _) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
     assert_eq!(st, StatusCode::OK);
     s.stop();
     let s = Server::start(&db, &[]);
     assert_eq!(
         s.admin_key, None,
-        "the admin key is printed only on the first start"
+        "the admin key is made only on the first start"
     );
     assert_eq!(
         s.join_token, None,
-        "the join token is printed only when generated"
+        "the join token is written only when generated"
     );
     let (st, teams) = call(client().get(s.url("/v1/teams")).bearer_auth(&key)).await;
     assert_eq!(st, StatusCode::OK);

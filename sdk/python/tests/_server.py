@@ -1,7 +1,7 @@
 """A real ``ember server`` for the SDK's tests: its embedded host agent boots
 real microVMs from the shared guest image, in directories, a network prefix
 and an address pool of its own, so it runs beside other Ember servers and
-tests. The admin key it prints on its first start is captured.
+tests. The admin key it writes on its first start (to the file it names) is read.
 
 Stopping destroys the sandboxes it still has, stops it, and removes whatever
 of its pool is left (VMM processes, namespaces, links, nftables table, RAM
@@ -120,8 +120,9 @@ class EmberServer:
                 self.stop()
                 raise RuntimeError(f"ember server did not start; log:\n{self.logs()}") from None
             s = line.strip()
-            if s.startswith("EMBER_ADMIN_KEY="):
-                self.admin_key = s.split("=", 1)[1]
+            if s.startswith("EMBER_ADMIN_KEY_FILE="):
+                with open(s.split("=", 1)[1]) as f:
+                    self.admin_key = f.read().strip()
             if line.startswith("ember server: listening on "):
                 self.url = line.split("listening on ", 1)[1].strip()
         if not self.admin_key:

@@ -105,6 +105,25 @@ struct ConfigFile {
     answer_within_s: Option<u64>,
 }
 
+/// Write a secret to a new file readable by its owner only (0600),
+/// replacing what was there.
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
 /// `[rate_limits]` of the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,19 +246,48 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let plane = ControlPlane::open(config)
         .await
         .context("opening the control plane")?;
+    // First-start secrets go to files only root can read, not to the
+    // terminal or a log collector; the paths are printed.
     if let Some(key) = &plane.first_start.admin_key {
-        eprintln!("================================================================");
-        eprintln!("ember server: first start; an admin API key was created.");
-        eprintln!("It is shown only now; store it safely:");
-        eprintln!();
-        eprintln!("    EMBER_ADMIN_KEY={key}");
-        eprintln!("================================================================");
+        let path = data_dir.join("admin.key");
+        match write_secret(&path, key) {
+            Ok(()) => {
+                eprintln!(
+                    "ember server: first start; an admin API key was created, in a file only root can read:"
+                );
+                eprintln!("    EMBER_ADMIN_KEY_FILE={}", path.display());
+                eprintln!(
+                    "    (export EMBER_API_KEY=$(sudo cat {}); store it safely, then delete the file)",
+                    path.display()
+                );
+            }
+            Err(err) => {
+                // The key exists only now: losing it would leave no admin.
+                eprintln!(
+                    "ember server: could not write {} ({err}); the first admin key, shown only now:",
+                    path.display()
+                );
+                eprintln!("    EMBER_ADMIN_KEY={key}");
+            }
+        }
     }
     if let Some(token) = &plane.first_start.new_join_token {
-        eprintln!(
-            "ember server: cluster join token (for `ember agent --token`; also stored in the database):"
-        );
-        eprintln!("    EMBER_JOIN_TOKEN={token}");
+        let path = data_dir.join("join.token");
+        match write_secret(&path, token) {
+            Ok(()) => {
+                eprintln!(
+                    "ember server: the cluster join token (for `ember agent --token-file`; also stored in the database):"
+                );
+                eprintln!("    EMBER_JOIN_TOKEN_FILE={}", path.display());
+            }
+            Err(err) => {
+                eprintln!(
+                    "ember server: could not write {} ({err}); the cluster join token:",
+                    path.display()
+                );
+                eprintln!("    EMBER_JOIN_TOKEN={token}");
+            }
+        }
     }
     let shutdown = CancellationToken::new();
     let agent = if args.no_agent {

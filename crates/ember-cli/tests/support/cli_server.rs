@@ -39,7 +39,7 @@ impl CliServer {
             admin_key: proc
                 .admin_key
                 .clone()
-                .expect("a first start prints EMBER_ADMIN_KEY"),
+                .expect("a first start writes EMBER_ADMIN_KEY_FILE"),
             proc,
             home,
             _db: db,

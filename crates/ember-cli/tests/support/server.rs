@@ -214,8 +214,13 @@ impl<'a> ServerSpec<'a> {
                     logs_in(&self.log_dir())
                 );
             };
-            if let Some(k) = line.trim().strip_prefix("EMBER_ADMIN_KEY=") {
-                admin_key = Some(k.to_owned());
+            if let Some(path) = line.trim().strip_prefix("EMBER_ADMIN_KEY_FILE=") {
+                admin_key = Some(
+                    std::fs::read_to_string(path)
+                        .expect("the admin key file the server named")
+                        .trim()
+                        .to_owned(),
+                );
             }
             if let Some(addr) = line.strip_prefix("ember server: listening on ") {
                 break addr.trim().to_owned();
