@@ -127,7 +127,7 @@ class EmberServer:
                 self.url = line.split("listening on ", 1)[1].strip()
         if not self.admin_key:
             self.stop()
-            raise RuntimeError("ember server printed no admin key on its first start")
+            raise RuntimeError("ember server named no admin key file on its first start")
 
     def logs(self) -> str:
         try:
