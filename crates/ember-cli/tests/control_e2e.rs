@@ -91,6 +91,69 @@ on_both_stores_with_vms!(
     failed_host_calls_never_cost_a_sandbox,
 );
 
+/// A second agent that holds the join token and a copy of a live host's ID
+/// cannot register under that ID (the control plane asks the registered
+/// address, which still answers as that host); once that agent is gone, the
+/// ID may move (a host restarted at another address).
+#[test]
+fn a_live_hosts_id_cannot_be_taken_over_root_vm() {
+    require_vm!();
+    runtime().block_on(async {
+        let db = support::server::TestDb::sqlite();
+        let spec = ServerSpec::new(&db, None);
+        let server = spec.start();
+        let admin = server.api(server.admin_key.as_deref().unwrap());
+        let mut real = AgentHome::fake_firecracker();
+        real.token = spec.join_token.clone();
+        let mut real_agent = real.start_with(&["--control-plane", &server.base]);
+        let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+        let id = hosts[0]["id"].as_str().unwrap().to_owned();
+
+        let mut thief = AgentHome::fake_firecracker();
+        thief.token = spec.join_token.clone();
+        std::fs::create_dir_all(thief.data()).unwrap();
+        std::fs::copy(real.data().join("host-id"), thief.data().join("host-id")).unwrap();
+        let thief_agent = thief.start();
+        assert_eq!(host_id_of(&thief_agent).await, id, "the copy claims the ID");
+        let got = support::server::client()
+            .post(server.url("/internal/v1/hosts"))
+            .bearer_auth(&spec.join_token)
+            .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), StatusCode::CONFLICT);
+        let body: Value = got.json().await.unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot take its ID over"),
+            "{body}"
+        );
+        let (_, hosts) = admin.get("/v1/hosts").await;
+        assert_eq!(hosts["hosts"].as_array().unwrap().len(), 1);
+        assert!(
+            hosts["hosts"][0]["address"]
+                .as_str()
+                .unwrap()
+                .contains(&real_agent.addr),
+            "the host stays where it was: {hosts}"
+        );
+
+        // The real agent is gone: the ID moves to whoever answers for it.
+        real_agent.kill();
+        let got = support::server::client()
+            .post(server.url("/internal/v1/hosts"))
+            .bearer_auth(&spec.join_token)
+            .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), StatusCode::OK, "{:?}", got.text().await);
+    });
+}
+
 #[test]
 fn slow_pause_and_resume_are_accepted_and_polled_sqlite_root_vm() {
     require_vm!();

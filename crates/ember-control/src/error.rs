@@ -42,6 +42,11 @@ pub enum Error {
         call: &'static str,
         detail: String,
     },
+    #[error(
+        "host ID {id} is registered at {registered}, and the agent there still answers as {id}: \
+         a second agent cannot take its ID over (stop that agent, or give this one its own data directory)"
+    )]
+    HostIdTaken { id: String, registered: String },
     #[error("no sandbox {id}")]
     SandboxNotFound { id: String },
     #[error("sandbox {id} is {state}; it cannot {action} now")]

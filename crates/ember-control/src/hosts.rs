@@ -195,6 +195,9 @@ impl HostRegistry {
         }
         let now = now_ms();
         let previous = self.store.host(&info.host_id).await?;
+        if let Some(p) = previous.as_ref().filter(|p| p.address != address) {
+            self.refuse_a_live_twin(&info.host_id, &p.address).await?;
+        }
         let host = Host {
             id: info.host_id.clone(),
             address: address.clone(),
@@ -220,6 +223,34 @@ impl HostRegistry {
         self.write().insert(host.id.clone(), entry);
         tracing::info!(host = %host.id, address = %host.address, "host registered");
         Ok(host)
+    }
+
+    /// A host ID moves to a new address only when the agent at the old one
+    /// no longer answers as that host (it was restarted elsewhere, or its
+    /// machine is gone). A live agent keeps its ID: whoever else holds the
+    /// join token cannot register under it and receive its sandboxes'
+    /// traffic.
+    async fn refuse_a_live_twin(&self, host_id: &str, registered: &str) -> Result<()> {
+        let client = self
+            .read()
+            .get(host_id)
+            .map(|e| e.client.clone())
+            .map_or_else(|| self.dial(registered), Ok);
+        let Ok(mut client) = client else {
+            return Ok(());
+        };
+        let mut req = tonic::Request::new(HostInfoRequest {});
+        req.set_timeout(INFO_TIMEOUT);
+        match client.host_info(req).await {
+            Ok(reply) if reply.get_ref().host_id == host_id => {
+                tracing::warn!(host = %host_id, %registered, "refused a second agent claiming a live host's ID");
+                Err(Error::HostIdTaken {
+                    id: host_id.to_owned(),
+                    registered: registered.to_owned(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {

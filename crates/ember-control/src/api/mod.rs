@@ -218,7 +218,8 @@ impl From<Error> for ApiError {
             }
             Error::StateConflict { .. }
             | Error::NotRunning { .. }
-            | Error::TemplateExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            | Error::TemplateExists { .. }
+            | Error::HostIdTaken { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
             Error::TemplateLocked { .. } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "template_locked", msg)
             }
