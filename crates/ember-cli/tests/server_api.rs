@@ -1972,6 +1972,40 @@ async fn allow_out_stays_under_the_operators_ceiling() {
     }
     s.stop();
 
+    // A grant for one team (by name) widens that team's ceiling only.
+    let db = TestDb::sqlite();
+    let config = db.dir.path().join("grants.toml");
+    std::fs::write(
+        &config,
+        "egress_grants = [\"10.9.0.0/16\"]\n[team_egress_grants]\nlab = [\"10.50.0.0/16\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let (_, lab) = team_with_key(&s, "lab").await;
+    let (_, other) = team_with_key(&s, "other").await;
+    for (key, cidr, allowed) in [
+        (&lab, "10.50.1.0/24", true),
+        (&lab, "10.9.1.0/24", true),
+        (&lab, "10.51.0.0/16", false),
+        (&other, "10.50.1.0/24", false),
+        (&other, "10.9.1.0/24", true),
+    ] {
+        let got = call(create(&s, key, cidr)).await;
+        if allowed {
+            assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+        } else {
+            assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        }
+        let (st, body) = call(e2b_create(&s, key, cidr)).await;
+        let want = if allowed {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        assert_eq!(st, want, "E2B {cidr}: {body}");
+    }
+    s.stop();
+
     let out = Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(["server", "--no-agent", "--egress-grant", "10.0.0.1/8"])
         .env_remove("EMBER_EGRESS_GRANTS")

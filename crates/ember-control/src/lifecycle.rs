@@ -83,6 +83,9 @@ pub struct Operations {
     pub quota: crate::store::TeamQuota,
     /// Server-wide limits on running and paused time.
     pub lifetime: ttl::Lifetime,
+    /// Teams (by name) whose ceiling is wider than `egress`: the server's
+    /// grants plus their own.
+    pub team_egress: std::collections::HashMap<String, ember_types::cidr::EgressCeiling>,
 }
 
 /// The sandboxes this process is creating, pausing, resuming, snapshotting
@@ -461,7 +464,10 @@ impl Operations {
             memory_mib,
             env: row.env.clone().into_iter().collect(),
             metadata: row.metadata.clone().into_iter().collect(),
-            network: Some(proto_network(&row.network, &self.egress)),
+            network: Some(proto_network(
+                &row.network,
+                &self.egress_for(&row.team_id).await?,
+            )),
             guest_token: auth::new_guest_token(),
             cold: spec.cold,
             ingress: Some(self.ingress_policy(&id, &row.ingress)),
@@ -1156,7 +1162,10 @@ impl Operations {
         let mut client = self.hosts.client(&host_id)?;
         let req = pb::SetNetworkPolicyRequest {
             sandbox_id: id.to_owned(),
-            network: Some(proto_network(&network, &self.egress)),
+            network: Some(proto_network(
+                &network,
+                &self.egress_for(&sb.team_id).await?,
+            )),
         };
         if let Err(status) = client
             .set_network_policy(with_timeout(req, INFO_TIMEOUT))
@@ -1192,6 +1201,18 @@ impl Operations {
     }
 
     /// Kill or pause every running sandbox whose time is up.
+    /// The egress ceiling for `team_id`: the server's grants, plus the
+    /// team's own where the operator gave it some.
+    pub async fn egress_for(&self, team_id: &str) -> Result<ember_types::cidr::EgressCeiling> {
+        if self.team_egress.is_empty() {
+            return Ok(self.egress.clone());
+        }
+        let name = self.store.team(team_id).await?.map(|t| t.name);
+        Ok(name
+            .and_then(|n| self.team_egress.get(&n).cloned())
+            .unwrap_or_else(|| self.egress.clone()))
+    }
+
     pub async fn sweep_expired(&self) -> Result<()> {
         let now = now_ms();
         let rows = self.store.expired_sandboxes(now, 200).await?;

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub ingress: crate::ingress::IngressConfig,
     /// The private and special ranges tenants' `allow_out` may open.
     pub egress: ember_types::cidr::EgressCeiling,
+    /// More ranges for some teams (by name), on top of `egress`.
+    pub team_egress: std::collections::HashMap<String, ember_types::cidr::EgressCeiling>,
     /// What each team may hold at once (`[team_limits]` in the config file).
     pub quota: crate::store::TeamQuota,
     /// Maximum running time and paused retention, server-wide.
@@ -69,6 +71,7 @@ impl ServerConfig {
             ingress: crate::ingress::IngressConfig::from_domain(None)
                 .expect("no domain is a valid ingress configuration"),
             egress: Default::default(),
+            team_egress: Default::default(),
             quota: Default::default(),
             lifetime: Default::default(),
             rate_limits: Default::default(),
@@ -123,6 +126,7 @@ impl ControlPlane {
             in_flight: Default::default(),
             token_key: crate::lifecycle::TokenKey(token_key.into()),
             egress: config.egress.clone(),
+            team_egress: config.team_egress.clone(),
             quota: config.quota,
             lifetime: config.lifetime,
         });

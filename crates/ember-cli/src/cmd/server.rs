@@ -58,7 +58,8 @@ pub struct ServerArgs {
     )]
     egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
-    /// ingress_domain, egress_grants, reconcile_interval_s, ttl_interval_s,
+    /// ingress_domain, egress_grants, a [team_egress_grants] table (team name =
+    /// [CIDR, …]), reconcile_interval_s, ttl_interval_s,
     /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s,
     /// max_running_s (default 86400), paused_retention_s (default: keep), a
     /// [rate_limits] table (requests_per_second, burst, concurrent_requests:
@@ -84,6 +85,8 @@ struct ConfigFile {
     ingress_domain: Option<String>,
     /// CIDRs of the special ranges tenants may open (see --egress-grant).
     egress_grants: Option<Vec<String>>,
+    /// More such ranges for some teams: `team-name = ["10.50.0.0/16"]`.
+    team_egress_grants: Option<std::collections::BTreeMap<String, Vec<String>>>,
     /// What each team may hold at once; absent keys: no limit.
     team_limits: Option<TeamLimits>,
     /// Longest a sandbox runs between a create or resume before its
@@ -211,6 +214,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("--egress-grant: {e}"))?;
     if !grants.is_empty() {
         tracing::info!(?grants, "tenants may open these ranges with allow_out");
+    }
+    for (team, extra) in file.team_egress_grants.unwrap_or_default() {
+        let all: Vec<&String> = grants.iter().chain(extra.iter()).collect();
+        let ceiling = ember_types::cidr::EgressCeiling::new(&all)
+            .map_err(|e| anyhow::anyhow!("team_egress_grants.{team}: {e}"))?;
+        tracing::info!(%team, grants = ?extra, "this team may also open these ranges");
+        config.team_egress.insert(team, ceiling);
     }
     if let Some(s) = file.max_running_s {
         config.lifetime.max_running_s = (s > 0).then_some(s);

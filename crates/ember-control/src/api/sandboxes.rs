@@ -186,7 +186,7 @@ pub async fn create_sandbox(
     validate_timeout(req.timeout_s)?;
     validate_metadata(&req.metadata)?;
     validate_env("env", &req.env)?;
-    validate_network(&req.network, &state.ops.egress)?;
+    validate_network(&req.network, &state.ops.egress_for(&team).await?)?;
     if req.cold && req.template != crate::lifecycle::BASE_TEMPLATE {
         return Err(ApiError::invalid(
             "cold",
@@ -568,7 +568,7 @@ pub async fn set_sandbox_network(
 ) -> Result<Json<wire::Sandbox>, ApiError> {
     let team = auth.team()?;
     let id = sandbox_id(&id)?;
-    validate_network(&req, &state.ops.egress)?;
+    validate_network(&req, &state.ops.egress_for(team).await?)?;
     let sb = state
         .ops
         .set_network(

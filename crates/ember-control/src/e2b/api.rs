@@ -408,7 +408,11 @@ async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
-) -> E2bResult<(StatusCode, axum::Json<Value>)> {
+) -> E2bResult<(
+    StatusCode,
+    axum::Extension<crate::audit::AuditTarget>,
+    axum::Json<Value>,
+)> {
     let team = team_that_writes(&state, &headers).await?;
     let v = body_json(&body)?;
     refuse_unsupported(&v)?;
@@ -434,7 +438,7 @@ async fn create(
         v.get("network").filter(|n| !n.is_null()),
         v.get("allow_internet_access"),
         "network.",
-        &state.ops.egress,
+        &state.ops.egress_for(&team).await?,
     )?;
     let spec = CreateSpec {
         team_id: team,
@@ -450,7 +454,11 @@ async fn create(
         ingress: ingress(&v)?,
     };
     let (sb, _token) = state.ops.create(spec).await?;
-    Ok((StatusCode::CREATED, axum::Json(sandbox_json(&state, &sb))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Extension(crate::audit::AuditTarget(sb.id.clone())),
+        axum::Json(sandbox_json(&state, &sb)),
+    ))
 }
 
 async fn load(state: &AppState, team: &str, raw: &str) -> E2bResult<Sandbox> {
@@ -685,7 +693,7 @@ async fn update_network(
         Some(&v),
         v.get("allow_internet_access"),
         "",
-        &state.ops.egress,
+        &state.ops.egress_for(&team).await?,
     )?;
     let sb = load(&state, &team, &id).await?;
     state.ops.set_network(&team, &sb.id, network).await?;
