@@ -115,13 +115,14 @@ fn a_live_hosts_id_cannot_be_taken_over_root_vm() {
         std::fs::copy(real.data().join("host-id"), thief.data().join("host-id")).unwrap();
         let thief_agent = thief.start();
         assert_eq!(host_id_of(&thief_agent).await, id, "the copy claims the ID");
-        let got = support::server::client()
-            .post(server.url("/internal/v1/hosts"))
-            .bearer_auth(&spec.join_token)
-            .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
-            .send()
-            .await
-            .unwrap();
+        let register_thief = || {
+            support::server::client()
+                .post(server.url("/internal/v1/hosts"))
+                .bearer_auth(&spec.join_token)
+                .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
+                .send()
+        };
+        let got = register_thief().await.unwrap();
         assert_eq!(got.status(), StatusCode::CONFLICT);
         let body: Value = got.json().await.unwrap();
         assert!(
@@ -143,13 +144,7 @@ fn a_live_hosts_id_cannot_be_taken_over_root_vm() {
 
         // The real agent is gone: the ID moves to whoever answers for it.
         real_agent.kill();
-        let got = support::server::client()
-            .post(server.url("/internal/v1/hosts"))
-            .bearer_auth(&spec.join_token)
-            .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
-            .send()
-            .await
-            .unwrap();
+        let got = register_thief().await.unwrap();
         assert_eq!(got.status(), StatusCode::OK, "{:?}", got.text().await);
     });
 }
