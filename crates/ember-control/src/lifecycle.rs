@@ -1200,7 +1200,6 @@ impl Operations {
         self.host_error(&host, call, status).await
     }
 
-    /// Kill or pause every running sandbox whose time is up.
     /// The egress ceiling for `team_id`: the server's grants, plus the
     /// team's own where the operator gave it some.
     pub async fn egress_for(&self, team_id: &str) -> Result<ember_types::cidr::EgressCeiling> {
@@ -1213,6 +1212,7 @@ impl Operations {
             .unwrap_or_else(|| self.egress.clone()))
     }
 
+    /// Kill or pause every running sandbox whose time is up.
     pub async fn sweep_expired(&self) -> Result<()> {
         let now = now_ms();
         let rows = self.store.expired_sandboxes(now, 200).await?;
@@ -1229,18 +1229,7 @@ impl Operations {
             {
                 return;
             }
-            let result = match &action {
-                ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
-                ttl::TtlAction::Pause { sandbox_id } => {
-                    self.pause(None, sandbox_id).await.map(|_| ())
-                }
-            };
-            match result {
-                Ok(()) => tracing::info!(?action, "timeout applied"),
-                // Another replica or a user request got there first.
-                Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
-                Err(err) => tracing::warn!(?action, error = %err, "applying a timeout failed"),
-            }
+            self.apply_ttl(action, "timeout").await;
         });
         futures::future::join_all(work).await;
         self.sweep_lifetime(now).await?;
@@ -1276,23 +1265,26 @@ impl Operations {
                 ));
             }
         }
-        let work = work.into_iter().map(|(action, why)| async move {
-            let result = match &action {
-                ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
-                ttl::TtlAction::Pause { sandbox_id } => {
-                    self.pause(None, sandbox_id).await.map(|_| ())
-                }
-            };
-            match result {
-                Ok(()) => tracing::info!(?action, why, "lifetime limit applied"),
-                Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
-                Err(err) => {
-                    tracing::warn!(?action, why, error = %err, "applying a lifetime limit failed")
-                }
-            }
-        });
+        let work = work
+            .into_iter()
+            .map(|(action, why)| self.apply_ttl(action, why));
         futures::future::join_all(work).await;
         Ok(())
+    }
+
+    /// Kill or pause a sandbox for a time limit (`why` says which), through
+    /// the same compare-and-set operations as the API.
+    async fn apply_ttl(&self, action: ttl::TtlAction, why: &'static str) {
+        let result = match &action {
+            ttl::TtlAction::Kill { sandbox_id } => self.destroy(None, sandbox_id).await,
+            ttl::TtlAction::Pause { sandbox_id } => self.pause(None, sandbox_id).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => tracing::info!(?action, why, "time limit applied"),
+            // Another replica or a user request got there first.
+            Err(Error::StateConflict { .. } | Error::SandboxNotFound { .. }) => {}
+            Err(err) => tracing::warn!(?action, why, error = %err, "applying a time limit failed"),
+        }
     }
 
     /// Before a timeout ends a sandbox whose host serves ports itself: did

@@ -107,7 +107,7 @@ pub async fn create_key(
     ),
     ApiError,
 > {
-    let own = auth.writer()?.to_owned();
+    let own = auth.team()?.to_owned();
     if req.name.trim().is_empty() || req.name.len() > 128 {
         return Err(ApiError::invalid("name", "must be 1-128 characters"));
     }
@@ -211,7 +211,7 @@ pub async fn revoke_key(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let own = auth.writer()?;
+    let own = auth.team()?;
     let scope = if auth.is_admin() { None } else { Some(own) };
     if state.store.revoke_key(scope, &id, now_ms()).await? {
         Ok(StatusCode::NO_CONTENT)

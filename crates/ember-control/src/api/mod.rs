@@ -381,19 +381,6 @@ impl Auth {
         }
     }
 
-    /// The caller's team, for endpoints that change something: refused to
-    /// read-only keys.
-    pub fn writer(&self) -> Result<&str, ApiError> {
-        if let Caller::Team {
-            role: auth::Role::ReadOnly,
-            ..
-        } = &self.0
-        {
-            return Err(read_only_refusal());
-        }
-        self.team()
-    }
-
     /// The caller's team, for admin-only endpoints.
     pub fn admin(&self) -> Result<&str, ApiError> {
         match &self.0 {

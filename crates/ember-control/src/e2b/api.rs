@@ -115,10 +115,7 @@ type E2bResult<T> = Result<T, E2bError>;
 async fn team_that_writes(state: &AppState, headers: &HeaderMap) -> E2bResult<String> {
     let (team, role) = team_and_role(state, headers).await?;
     if role == crate::auth::Role::ReadOnly {
-        return Err(E2bError::new(
-            StatusCode::FORBIDDEN,
-            "this API key is read-only (role read_only): use a member key",
-        ));
+        return Err(crate::api::read_only_refusal().into());
     }
     Ok(team)
 }
