@@ -13,6 +13,7 @@
 //! - [`usage`]: sampling what each running sandbox uses.
 //! - [`timing`]: the phases of a lifecycle operation and how long each took.
 //! - [`preflight`]: the host tools an agent needs, checked at start.
+//! - [`identity`]: the certificate, token and credential of a joined host.
 //!
 //! Not here: VMMs (`ember-vmm`), network slots (`ember-net`), images
 //! (`ember-image`), builds (`ember-snapshot`), page servers (`ember-uffd`,
@@ -25,6 +26,7 @@ pub mod confine;
 pub mod disk;
 pub mod error;
 pub mod failpoint;
+pub mod identity;
 pub mod ingress;
 pub mod preflight;
 pub mod records;

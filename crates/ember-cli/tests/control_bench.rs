@@ -150,16 +150,11 @@ fn create_latency_and_api_overhead_root_vm() {
         let mut server = spec.start();
         let a = server.api(server.admin_key.as_deref().unwrap());
         let hosts = a.wait_healthy_hosts(1, Duration::from_secs(30)).await;
-        let channel =
-            tonic::transport::Channel::from_shared(hosts[0]["address"].as_str().unwrap().to_owned())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-        let grpc = pb::host_agent_client::HostAgentClient::with_interceptor(
-            channel,
-            Bearer(home.token.clone()),
-        );
+        let grpc = support::agent::joined_client(
+            hosts[0]["address"].as_str().unwrap(),
+            &home.data().join("identity"),
+        )
+        .await;
         let health = healthz_p50(&a, 200).await;
 
         // Cold boots of the base image (few: each takes seconds under TCG).

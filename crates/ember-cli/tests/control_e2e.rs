@@ -91,61 +91,166 @@ on_both_stores_with_vms!(
     failed_host_calls_never_cost_a_sandbox,
 );
 
-/// A second agent that holds the join token and a copy of a live host's ID
-/// cannot register under that ID (the control plane asks the registered
-/// address, which still answers as that host); once that agent is gone, the
-/// ID may move (a host restarted at another address).
+/// Each host has its own credentials, and its ID is pinned to them:
+/// - a joined agent serves gRPC only over TLS (a plain-HTTP client gets
+///   nowhere) and only to its own control token (the join token drives
+///   no host);
+/// - a second agent holding the join token and a copy of the host's ID
+///   cannot register under it, whether the host is alive or not, nor with
+///   a made-up credential;
+/// - the host itself moves to a new address with its credential;
+/// - the agent reaches the API over TLS too, trusting it through `--ca`;
+/// - a revoked host is refused, even with its credential, until an admin
+///   removes it; then the machine joins again afresh.
 #[test]
-fn a_live_hosts_id_cannot_be_taken_over_root_vm() {
+fn a_hosts_id_is_pinned_to_its_credentials_root_vm() {
     require_vm!();
     runtime().block_on(async {
         let db = support::server::TestDb::sqlite();
-        let spec = ServerSpec::new(&db, None);
+        let spec = ServerSpec::new(&db, None).tls();
         let server = spec.start();
+        assert!(server.base.starts_with("https://"), "{}", server.base);
+        let ca = server.ca.clone().unwrap();
+        let ca = ca.to_str().unwrap();
         let admin = server.api(server.admin_key.as_deref().unwrap());
         let mut real = AgentHome::fake_firecracker();
         real.token = spec.join_token.clone();
-        let mut real_agent = real.start_with(&["--control-plane", &server.base]);
+        let mut real_agent = real.start_with(&["--control-plane", &server.base, "--ca", ca]);
         let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
         let id = hosts[0]["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            hosts[0]["address"],
+            format!("https://{}", real_agent.addr),
+            "a joined agent is dialled over TLS"
+        );
+        let identity = real.data().join("identity");
+        let credential_file = identity.join("host.credential");
+        let credential = std::fs::read_to_string(&credential_file).unwrap();
+        let credential = credential.trim().to_owned();
+        assert!(credential.starts_with("emberhost_"), "{credential}");
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["host.credential", "control.token", "tls.key"] {
+            let mode = std::fs::metadata(identity.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
 
+        // Plain HTTP/2 to the agent: refused at the TLS layer.
+        let plain = tonic::transport::Channel::from_shared(format!("http://{}", real_agent.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("TCP connects");
+        let mut plain = pb::host_agent_client::HostAgentClient::with_interceptor(
+            plain,
+            support::agent::Bearer(spec.join_token.clone()),
+        );
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            plain.host_info(pb::HostInfoRequest {}),
+        )
+        .await
+        .expect("a plain client is answered, not left hanging")
+        .unwrap_err();
+        assert_ne!(err.code(), tonic::Code::Ok);
+        // TLS with the join token: the agent does not take it.
+        let mut with_join_token = support::agent::tls_client(&format!("https://{}", real_agent.addr), &identity, &spec.join_token).await;
+        let err = with_join_token
+            .host_info(pb::HostInfoRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert_eq!(host_id_of(&real_agent).await, id, "its control token works");
+
+        // A thief with the join token and a copy of the ID.
         let mut thief = AgentHome::fake_firecracker();
         thief.token = spec.join_token.clone();
         std::fs::create_dir_all(thief.data()).unwrap();
         std::fs::copy(real.data().join("host-id"), thief.data().join("host-id")).unwrap();
         let thief_agent = thief.start();
         assert_eq!(host_id_of(&thief_agent).await, id, "the copy claims the ID");
-        let register_thief = || {
-            support::server::client()
+        let register = |bearer: String| {
+            server.client()
                 .post(server.url("/internal/v1/hosts"))
-                .bearer_auth(&spec.join_token)
-                .json(&json!({"address": format!("http://{}", thief_agent.addr)}))
+                .bearer_auth(bearer)
+                .json(&json!({
+                    "address": format!("http://{}", thief_agent.addr),
+                    "host_id": id,
+                    "control_token": thief_agent.token.repeat(4),
+                }))
                 .send()
         };
-        let got = register_thief().await.unwrap();
-        assert_eq!(got.status(), StatusCode::CONFLICT);
-        let body: Value = got.json().await.unwrap();
-        assert!(
-            body["message"]
-                .as_str()
-                .unwrap()
-                .contains("cannot take its ID over"),
-            "{body}"
-        );
+        let refused_as_taken = |got: reqwest::Response| async move {
+            assert_eq!(got.status(), StatusCode::CONFLICT);
+            let body: Value = got.json().await.unwrap();
+            assert!(
+                body["message"].as_str().unwrap().contains("cannot take its ID over"),
+                "{body}"
+            );
+        };
+        refused_as_taken(register(spec.join_token.clone()).await.unwrap()).await;
+        let forged = register("emberhost_madeup".into()).await.unwrap();
+        assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+        // The real agent is gone: its ID stays pinned all the same.
+        real_agent.kill();
+        refused_as_taken(register(spec.join_token.clone()).await.unwrap()).await;
         let (_, hosts) = admin.get("/v1/hosts").await;
         assert_eq!(hosts["hosts"].as_array().unwrap().len(), 1);
-        assert!(
-            hosts["hosts"][0]["address"]
-                .as_str()
-                .unwrap()
-                .contains(&real_agent.addr),
-            "the host stays where it was: {hosts}"
+
+        // The host restarts on another port: its credential moves it.
+        let real_agent = real.start_with(&["--control-plane", &server.base, "--ca", ca]);
+        let moved = format!("https://{}", real_agent.addr);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, hosts) = admin.get("/v1/hosts").await;
+            let h = &hosts["hosts"][0];
+            if h["address"] == moved.as_str() && h["healthy"] == true {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the host did not move: {hosts}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(
+            std::fs::read_to_string(&credential_file).unwrap().trim(),
+            credential,
+            "a re-registration with the credential keeps it"
         );
 
-        // The real agent is gone: the ID moves to whoever answers for it.
-        real_agent.kill();
-        let got = register_thief().await.unwrap();
-        assert_eq!(got.status(), StatusCode::OK, "{:?}", got.text().await);
+        // Revoked: no longer called, refused even with its credential.
+        let (st, revoked) = admin.post_empty(&format!("/v1/hosts/{id}/revoke")).await;
+        assert_eq!(st, StatusCode::OK, "{revoked}");
+        assert!(revoked["revoked_at"].is_string(), "{revoked}");
+        assert_eq!(revoked["healthy"], false, "{revoked}");
+        let again = server.client()
+            .post(server.url("/internal/v1/hosts"))
+            .bearer_auth(&credential)
+            .json(&json!({
+                "address": moved,
+                "host_id": id,
+                "control_token": std::fs::read_to_string(identity.join("control.token")).unwrap().trim(),
+                "tls_cert": std::fs::read_to_string(identity.join("tls.crt")).unwrap(),
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), StatusCode::FORBIDDEN);
+        let body: Value = again.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains("revoked"), "{body}");
+        let thief_again = register(spec.join_token.clone()).await.unwrap();
+        assert_eq!(thief_again.status(), StatusCode::FORBIDDEN, "revoked first");
+        let (_, audit) = admin.get(&format!("/v1/audit?target=host:{id}")).await;
+        assert_eq!(audit["entries"].as_array().map(Vec::len), Some(1), "{audit}");
+
+        // Removed: the machine joins again as a new registration.
+        drop(real_agent);
+        let (st, _) = admin.delete(&format!("/v1/hosts/{id}")).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (_, hosts) = admin.get("/v1/hosts").await;
+        assert_eq!(hosts["hosts"], json!([]));
+        let _real_agent = real.start_with(&["--control-plane", &server.base, "--ca", ca]);
+        let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+        assert_eq!(hosts[0]["id"], id.as_str());
+        let fresh = std::fs::read_to_string(&credential_file).unwrap();
+        assert_ne!(fresh.trim(), credential, "a fresh join is issued a fresh credential");
     });
 }
 
@@ -1300,15 +1405,9 @@ async fn reconciler_and_timeouts_with_real_vms(db: support::server::TestDb) {
     let a = admin.with_key(&key);
     let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(30)).await;
     let address = hosts[0]["address"].as_str().unwrap().to_owned();
-    let channel = tonic::transport::Channel::from_shared(address)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = pb::host_agent_client::HostAgentClient::with_interceptor(
-        channel,
-        support::agent::Bearer(home.token.clone()),
-    );
+    // The embedded agent is called as a joined one is: over TLS, with its
+    // own control token.
+    let mut grpc = support::agent::joined_client(&address, &home.data().join("identity")).await;
 
     // An orphan: created on the host behind the control plane's back.
     let orphan = support::agent::new_id();

@@ -348,7 +348,95 @@ on_both_stores!(
     key_roles_and_expiry_are_enforced_and_changes_audited,
     rate_limits_answer_429_with_retry_after,
     lifetime_limits_end_long_runs_and_old_pauses,
+    the_api_over_tls_serves_clients_that_trust_it,
 );
+
+/// `--tls-cert/--tls-key`: the API answers HTTPS to clients that trust the
+/// certificate (reqwest, curl, the CLI with `--ca`), refuses plain HTTP on
+/// the same port, and a client that does not trust it gets a TLS error
+/// that names the problem, not an answer.
+async fn the_api_over_tls_serves_clients_that_trust_it(db: TestDb) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let cert = db.dir.path().join("api.crt");
+    let key = db.dir.path().join("api.key");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let s = Server::start(
+        &db,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(s.base.starts_with("https://127.0.0.1:"), "{}", s.base);
+    let admin = s.admin_key.clone().unwrap();
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let (st, health) = call(trusting.get(s.url("/healthz"))).await;
+    assert_eq!(st, StatusCode::OK, "{health}");
+    let (st, _) = call(trusting.get(s.url("/v1/teams")).bearer_auth(&admin)).await;
+    assert_eq!(st, StatusCode::OK);
+
+    // Plain HTTP to the TLS port: no answer.
+    let plain = s.base.replacen("https://", "http://", 1);
+    let got = client().get(format!("{plain}/healthz")).send().await;
+    assert!(got.is_err(), "plain HTTP was answered: {got:?}");
+    // A client that does not trust the certificate.
+    let got = client().get(s.url("/healthz")).send().await;
+    let err = format!(
+        "{:?}",
+        got.expect_err("an untrusted certificate was accepted")
+    );
+    assert!(
+        err.contains("certificate") || err.contains("Certificate"),
+        "{err}"
+    );
+
+    // curl, trusting it.
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(&cert)
+        .arg(s.url("/healthz"))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\""));
+
+    // The CLI, with --ca and without.
+    let cli = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["host", "list", "--api-url", &s.base])
+            .args(extra)
+            .env("EMBER_API_KEY", &admin)
+            .env_remove("EMBER_CA")
+            .env("XDG_CONFIG_HOME", db.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["--ca", cert.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ID"));
+    let out = cli(&[]);
+    assert!(!out.status.success(), "an untrusted server was used");
+    let missing = cli(&["--ca", "/nonexistent/ca.pem"]);
+    let err = String::from_utf8_lossy(&missing.stderr).into_owned();
+    assert!(err.contains("--ca /nonexistent/ca.pem"), "{err}");
+    s.stop();
+}
 
 async fn first_start_prints_an_admin_key_once_and_restarts_cleanly(db: TestDb) {
     let s = Server::start(&db, &[]);
@@ -1313,6 +1401,36 @@ async fn host_registration_needs_the_join_token(db: TestDb) {
     .await;
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
     assert_eq!(got.1["field"], "address");
+    // Each field is checked, and named when wrong.
+    let host_id = ember_types::HostId::new().to_string();
+    let well_formed = |address: &str| {
+        json!({
+            "address": address,
+            "host_id": host_id,
+            "control_token": format!("embercontrol_{}", "x".repeat(43)),
+        })
+    };
+    for (body, field) in [
+        (well_formed("http://10.0.0.2:7001"), "address"),
+        (well_formed("https://10.0.0.2:7001"), "tls_cert"),
+        (
+            json!({"address": "http://127.0.0.1:9", "host_id": "sb-x", "control_token": "x".repeat(40)}),
+            "host_id",
+        ),
+        (
+            json!({"address": "http://127.0.0.1:9", "host_id": host_id, "control_token": "short"}),
+            "control_token",
+        ),
+    ] {
+        let got = call(
+            c.post(s.url("/internal/v1/hosts"))
+                .bearer_auth("emberjoin_testtoken")
+                .json(&body),
+        )
+        .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        assert_eq!(got.1["field"], field, "{body}");
+    }
     // A well-formed address where no agent listens: the server tried to dial it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = listener.local_addr().unwrap();
@@ -1320,7 +1438,7 @@ async fn host_registration_needs_the_join_token(db: TestDb) {
     let got = call(
         c.post(s.url("/internal/v1/hosts"))
             .bearer_auth("emberjoin_testtoken")
-            .json(&json!({"address": format!("http://{dead}")})),
+            .json(&well_formed(&format!("http://{dead}"))),
     )
     .await;
     assert_error(&got, StatusCode::BAD_GATEWAY, "host_error");

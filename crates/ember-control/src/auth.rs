@@ -211,10 +211,22 @@ pub fn new_guest_token() -> String {
     random_chars(BASE62, KEY_SECRET_LEN)
 }
 
-/// Mint a cluster join token (host agents present it to register; the
-/// control plane presents it when it calls them).
+/// Mint a cluster join token: a host agent presents it once, at its first
+/// registration, and is issued a credential of its own
+/// ([`new_host_credential`]). It drives no host.
 pub fn new_join_token() -> String {
     format!("emberjoin_{}", random_chars(BASE62, KEY_SECRET_LEN))
+}
+
+/// How host credentials start.
+pub const HOST_CREDENTIAL_PREFIX: &str = "emberhost_";
+
+/// Mint one host's credential (stored only as its SHA-256).
+pub fn new_host_credential() -> String {
+    format!(
+        "{HOST_CREDENTIAL_PREFIX}{}",
+        random_chars(BASE62, KEY_SECRET_LEN)
+    )
 }
 
 /// The bearer token of an `Authorization` header value, if it is one.

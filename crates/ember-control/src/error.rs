@@ -92,6 +92,8 @@ pub enum Error {
     },
     #[error("serving the API")]
     Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

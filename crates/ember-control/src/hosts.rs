@@ -1,12 +1,14 @@
-//! The registry of host agents: for each, a gRPC client (dialled with the
-//! cluster join token in `authorization` metadata), its last `HostInfo`, its
-//! health, and a backoff for probing it while it is down.
+//! The registry of host agents: for each, a gRPC client (dialled over TLS
+//! to the host's pinned certificate, with the host's own control token in
+//! `authorization` metadata), its last `HostInfo`, its health, and a
+//! backoff for probing it while it is down.
 //!
 //! Hosts are durable rows in the store; this registry is each replica's live
-//! view of them. [`HostRegistry::register_address`] is how a host joins (the
-//! internal registration endpoint calls it); [`HostRegistry::register_client`]
-//! is the seam for a host agent reached through a client the caller built
-//! (the embedded agent of `ember server`). Not here: placement
+//! view of them. [`HostRegistry::register`] is how a host joins (the
+//! internal registration endpoint calls it once the host's credential or
+//! the join token checked out; `ember server` calls it for its embedded
+//! agent). Each host's [`HostCredential`] lives in the store, so every
+//! replica can dial every host. Not here: placement
 //! ([`crate::scheduler`]) or lifecycle calls ([`crate::lifecycle`]).
 
 use std::collections::{HashMap, HashSet};
@@ -21,11 +23,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
-use crate::model::{Host, HostUsage, now_ms};
+use crate::model::{Host, HostCredential, HostUsage, now_ms};
 use crate::scheduler::HostSnapshot;
 use crate::store::Store;
 
-/// Adds `authorization: Bearer <join token>` to every call.
+/// Adds `authorization: Bearer <host's control token>` to every call.
 #[derive(Clone)]
 pub struct BearerToken(MetadataValue<Ascii>);
 
@@ -64,6 +66,9 @@ pub const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 struct Entry {
     address: String,
+    /// What the client was dialled with (control token and certificate),
+    /// to notice a re-registration through another replica.
+    link: String,
     client: HostClient,
     info: Option<HostInfoReply>,
     healthy: bool,
@@ -76,7 +81,6 @@ struct Entry {
 /// Every host this replica knows, with a live client for each.
 pub struct HostRegistry {
     store: Store,
-    token: BearerToken,
     hosts: RwLock<HashMap<String, Entry>>,
 }
 
@@ -89,6 +93,15 @@ impl std::fmt::Debug for HostRegistry {
             .unwrap_or_default();
         f.debug_struct("HostRegistry").field("hosts", &ids).finish()
     }
+}
+
+/// What a client was dialled with, as one comparable string.
+fn link_of(cred: &HostCredential) -> String {
+    format!(
+        "{}\n{}",
+        cred.control_token,
+        cred.tls_cert.as_deref().unwrap_or("")
+    )
 }
 
 /// Probe delay after `failures` consecutive failures: 1 s for a healthy host,
@@ -126,71 +139,77 @@ pub fn is_unreachable(status: &tonic::Status) -> bool {
 }
 
 impl HostRegistry {
-    /// A registry whose clients authenticate with `join_token`.
-    pub fn new(store: Store, join_token: &str) -> Result<Arc<HostRegistry>> {
-        let token = BearerToken::new(join_token).ok_or_else(|| Error::HostReply {
-            host: "-".into(),
-            call: "configure",
-            detail: "the join token is not valid in an HTTP header".into(),
-        })?;
-        Ok(Arc::new(HostRegistry {
+    /// An empty registry over `store`.
+    pub fn new(store: Store) -> Arc<HostRegistry> {
+        Arc::new(HostRegistry {
             store,
-            token,
             hosts: RwLock::new(HashMap::new()),
-        }))
+        })
     }
 
-    /// A lazily connecting client for `address`.
-    pub fn dial(&self, address: &str) -> Result<HostClient> {
-        let endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| Error::HostReply {
-                host: address.to_owned(),
-                call: "dial",
-                detail: e.to_string(),
-            })?
+    /// A lazily connecting client for the host at `address` with `cred`:
+    /// `https://` addresses are dialled over TLS trusting only the host's
+    /// pinned certificate; `http://` ones only on loopback (the agent
+    /// `ember server` embeds).
+    pub fn dial(address: &str, cred: &HostCredential) -> Result<HostClient> {
+        let bad = |detail: String| Error::HostReply {
+            host: address.to_owned(),
+            call: "dial",
+            detail,
+        };
+        let mut endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
-        if endpoint.uri().scheme().is_none() {
-            return Err(Error::HostReply {
-                host: address.to_owned(),
-                call: "dial",
-                detail: "the address needs a scheme: http://HOST:PORT".into(),
-            });
+        match endpoint.uri().scheme_str() {
+            Some("https") => {
+                let cert = cred
+                    .tls_cert
+                    .as_deref()
+                    .ok_or_else(|| bad("the host registered no TLS certificate to pin".into()))?;
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(cert))
+                    .domain_name(ember_proto::AGENT_TLS_NAME);
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| bad(format!("TLS: {e}")))?;
+            }
+            Some("http") => {}
+            _ => return Err(bad("the address needs a scheme: https://HOST:PORT".into())),
         }
-        let channel = endpoint.connect_lazy();
+        let token = BearerToken::new(&cred.control_token)
+            .ok_or_else(|| bad("the host's control token is not valid in a header".into()))?;
         Ok(HostAgentClient::with_interceptor(
-            channel,
-            self.token.clone(),
+            endpoint.connect_lazy(),
+            token,
         ))
     }
 
-    /// Register (or re-register) the host agent listening at `address`:
-    /// dial it, ask `HostInfo`, record it. The host's own ID comes from its reply.
-    pub async fn register_address(&self, address: &str) -> Result<Host> {
-        let client = self.dial(address)?;
-        self.register_client(address.to_owned(), client).await
-    }
-
-    /// The seam for a host agent reached through a client built elsewhere
-    /// (e.g. `ember server`'s embedded agent): ask it `HostInfo`, record it,
-    /// and use `client` for every later call. `address` is what `GET /v1/hosts` shows.
-    pub async fn register_client(&self, address: String, mut client: HostClient) -> Result<Host> {
+    /// Register (or re-register) the host agent listening at `address`,
+    /// whose credentials (already checked by the caller) are `cred`: dial
+    /// it, ask `HostInfo`, check it answers as `cred.host_id`, and record
+    /// host and credentials.
+    pub async fn register(&self, address: &str, cred: HostCredential) -> Result<Host> {
+        let mut client = Self::dial(address, &cred)?;
         let mut req = tonic::Request::new(HostInfoRequest {});
         req.set_timeout(INFO_TIMEOUT);
         let info = client
             .host_info(req)
             .await
             .map_err(|s| Error::HostCall {
-                host: address.clone(),
+                host: address.to_owned(),
                 call: "HostInfo",
                 source: Box::new(s),
             })?
             .into_inner();
-        if info.host_id.is_empty() {
+        if info.host_id != cred.host_id {
             return Err(Error::HostReply {
-                host: address,
+                host: address.to_owned(),
                 call: "HostInfo",
-                detail: "empty host_id".into(),
+                detail: format!(
+                    "the agent there answers as host {:?}, not {:?}",
+                    info.host_id, cred.host_id
+                ),
             });
         }
         let now = now_ms();
@@ -200,7 +219,7 @@ impl HostRegistry {
         }
         let host = Host {
             id: info.host_id.clone(),
-            address: address.clone(),
+            address: address.to_owned(),
             backend: info.backend.clone(),
             version: info.version.clone(),
             vcpus_total: info.vcpus_total,
@@ -210,9 +229,11 @@ impl HostRegistry {
             registered_at: previous.map_or(now, |p| p.registered_at),
             last_seen_at: Some(now),
         };
+        self.store.put_host_credential(&cred).await?;
         self.store.upsert_host(&host).await?;
         let entry = Entry {
-            address,
+            address: address.to_owned(),
+            link: link_of(&cred),
             client,
             info: Some(info),
             healthy: true,
@@ -225,17 +246,54 @@ impl HostRegistry {
         Ok(host)
     }
 
+    /// Register the agent `ember server` runs in its own process, reached
+    /// on loopback at `address`: its credentials are its control token and
+    /// certificate (it never registers over HTTP, so it has no issued
+    /// credential). Refused if the host was revoked.
+    pub async fn register_local(
+        &self,
+        address: &str,
+        host_id: &str,
+        control_token: &str,
+        tls_cert: Option<&str>,
+    ) -> Result<Host> {
+        let existing = self.store.host_credential(host_id).await?;
+        if existing.as_ref().is_some_and(|c| c.revoked_at.is_some()) {
+            return Err(Error::Config(format!(
+                "host {host_id} (this server's own agent) was revoked; remove it \
+                 (`ember host remove {host_id}`) before it may be attached again"
+            )));
+        }
+        let cred = HostCredential {
+            host_id: host_id.to_owned(),
+            credential_hash: existing.and_then(|c| c.credential_hash),
+            control_token: control_token.to_owned(),
+            tls_cert: tls_cert.map(str::to_owned),
+            issued_at: now_ms(),
+            revoked_at: None,
+        };
+        self.register(address, cred).await
+    }
+
+    /// Stop calling host `id` (its credentials were revoked, or it was removed).
+    pub fn forget(&self, id: &str) {
+        self.write().remove(id);
+    }
+
     /// A host ID moves to a new address only when the agent at the old one
     /// no longer answers as that host (it was restarted elsewhere, or its
     /// machine is gone). A live agent keeps its ID: whoever else holds the
-    /// join token cannot register under it and receive its sandboxes'
-    /// traffic.
+    /// host's credential cannot register under it and receive its
+    /// sandboxes' traffic.
     async fn refuse_a_live_twin(&self, host_id: &str, registered: &str) -> Result<()> {
-        let client = self
-            .read()
-            .get(host_id)
-            .map(|e| e.client.clone())
-            .map_or_else(|| self.dial(registered), Ok);
+        let known = self.read().get(host_id).map(|e| e.client.clone());
+        let client = match known {
+            Some(c) => Ok(c),
+            None => match self.store.host_credential(host_id).await? {
+                Some(cred) => Self::dial(registered, &cred),
+                None => return Ok(()),
+            },
+        };
         let Ok(mut client) = client else {
             return Ok(());
         };
@@ -261,24 +319,43 @@ impl HostRegistry {
         self.hosts.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pick up hosts registered through other replicas (or before a restart).
+    /// Pick up hosts registered through other replicas (or before a
+    /// restart), and drop the ones whose credentials were revoked.
     pub async fn load(&self) -> Result<()> {
         let rows = self.store.list_hosts().await?;
         let mut fresh = Vec::new();
-        {
-            let known = self.read();
-            for row in rows {
-                let changed = known.get(&row.id).is_none_or(|e| e.address != row.address);
-                if changed {
-                    fresh.push(row);
-                }
+        let mut gone = Vec::new();
+        for row in rows {
+            let cred = self
+                .store
+                .host_credential(&row.id)
+                .await?
+                .filter(|c| c.revoked_at.is_none());
+            let Some(cred) = cred else {
+                // Revoked, or registered by a version before per-host
+                // credentials: it is called again once it re-joins.
+                gone.push(row.id);
+                continue;
+            };
+            let changed = self
+                .read()
+                .get(&row.id)
+                .is_none_or(|e| e.address != row.address || e.link != link_of(&cred));
+            if changed {
+                fresh.push((row, cred));
             }
         }
-        for row in fresh {
-            match self.dial(&row.address) {
+        for id in gone {
+            if self.write().remove(&id).is_some() {
+                tracing::info!(host = %id, "stopped calling a host without valid credentials");
+            }
+        }
+        for (row, cred) in fresh {
+            match Self::dial(&row.address, &cred) {
                 Ok(client) => {
                     let entry = Entry {
                         address: row.address.clone(),
+                        link: link_of(&cred),
                         client,
                         info: None,
                         // Unknown until probed: the scheduler waits for a probe.

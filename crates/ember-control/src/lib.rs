@@ -26,6 +26,7 @@ pub mod redact;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod ttl;
 pub mod wire;
 

@@ -979,11 +979,17 @@ impl Operations {
     /// Freeze a running sandbox into a named template; the sandbox keeps running.
     pub async fn snapshot(&self, team_id: &str, id: &str, name: &str) -> Result<Template> {
         let _claim = self.in_flight.claim(id);
+        // Both checked again atomically at insert; these save a wasted snapshot.
         if self.store.template(team_id, name).await?.is_some() {
-            // Checked again atomically at insert; this only saves a wasted snapshot.
             return Err(Error::TemplateExists {
                 name: name.to_owned(),
             });
+        }
+        if let Some(max) = self.quota.templates {
+            let would = self.store.team_usage(team_id).await?.templates + 1;
+            if would > max {
+                return Err(templates_over_quota(would, max));
+            }
         }
         let now = now_ms();
         if !self
@@ -1059,11 +1065,14 @@ impl Operations {
             size_bytes: snap.stored_bytes,
             created_at: now,
         };
-        let inserted = self.store.insert_template(&build, &template).await;
+        let inserted = self
+            .store
+            .insert_template_within(&build, &template, self.quota.templates)
+            .await;
         back_to_running().await;
         match inserted {
-            Ok(true) => Ok(template),
-            Ok(false) => {
+            Ok(crate::store::TemplateInsert::Inserted) => Ok(template),
+            Ok(refused) => {
                 // Lost a race for the name: drop the build we just made.
                 let req = pb::DeleteSnapshotRequest {
                     build_id: snap.build_id,
@@ -1072,10 +1081,15 @@ impl Operations {
                     .delete_snapshot(with_timeout(req, INFO_TIMEOUT))
                     .await
                 {
-                    tracing::warn!(host = %host_id, error = %status_reason(&s), "dropping a duplicate template's build failed");
+                    tracing::warn!(host = %host_id, error = %status_reason(&s), "dropping a refused template's build failed");
                 }
-                Err(Error::TemplateExists {
-                    name: name.to_owned(),
+                Err(match refused {
+                    crate::store::TemplateInsert::OverQuota { would } => {
+                        templates_over_quota(would, self.quota.templates.unwrap_or(0))
+                    }
+                    _ => Error::TemplateExists {
+                        name: name.to_owned(),
+                    },
                 })
             }
             Err(e) => Err(e),
@@ -1611,5 +1625,15 @@ impl Timer {
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             phases: self.phases,
         }
+    }
+}
+
+fn templates_over_quota(would: u64, max: u64) -> Error {
+    Error::QuotaExceeded {
+        what: "templates",
+        setting: "templates",
+        would,
+        max,
+        remedy: "delete one of its templates first (the sandbox keeps running)",
     }
 }

@@ -256,6 +256,34 @@ pub struct AuditEntry {
     pub status: u16,
 }
 
+/// A host's own credentials (see `ember_agent::identity`): what it proves
+/// itself with when it registers, what replicas present when they call it,
+/// and its pinned TLS certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostCredential {
+    pub host_id: String,
+    /// SHA-256 (hex) of the credential issued at the host's first join;
+    /// `None` for an agent embedded in `ember server`.
+    pub credential_hash: Option<String>,
+    /// What every gRPC call to the host carries (`authorization: Bearer`).
+    pub control_token: String,
+    /// The host's self-signed certificate (PEM); `None` for a plain
+    /// loopback agent.
+    pub tls_cert: Option<String>,
+    pub issued_at: i64,
+    /// Set by `ember host revoke`: the host is refused until removed.
+    pub revoked_at: Option<i64>,
+}
+
+impl std::fmt::Debug for HostCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCredential")
+            .field("host_id", &self.host_id)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     pub id: String,

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub lifetime: crate::ttl::Lifetime,
     /// Per-caller request rate and concurrency (`[rate_limits]`).
     pub rate_limits: crate::ratelimit::RateLimits,
+    /// Serve the API over TLS with this (`--tls-cert`/`--tls-key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -72,6 +74,7 @@ impl ServerConfig {
                 .expect("no domain is a valid ingress configuration"),
             egress: Default::default(),
             team_egress: Default::default(),
+            tls: None,
             quota: Default::default(),
             lifetime: Default::default(),
             rate_limits: Default::default(),
@@ -116,7 +119,7 @@ impl ControlPlane {
         let token_key = store
             .setting_or_insert(TOKEN_KEY_SETTING, &auth::new_token_key())
             .await?;
-        let hosts = HostRegistry::new(store.clone(), &join_token)?;
+        let hosts = HostRegistry::new(store.clone());
         hosts.load().await?;
         let metrics = Arc::new(Metrics::new());
         let ops = Arc::new(Operations {
@@ -159,6 +162,11 @@ impl ControlPlane {
         &self.state.store
     }
 
+    /// Is the API served over TLS?
+    pub fn serves_tls(&self) -> bool {
+        self.config.tls.is_some()
+    }
+
     pub fn join_token(&self) -> &str {
         &self.state.join_token
     }
@@ -192,16 +200,28 @@ impl ControlPlane {
         ];
         tracing::info!(%addr, "serving the API");
         let router = api::router(self.state.clone());
-        // No Nagle: streamed output and proxied bytes go out as they come.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let served = match self.config.tls.clone() {
+            Some(tls) => {
+                // (The no-op tap gives the peer address as ConnectInfo.)
+                let listener = axum::serve::ListenerExt::tap_io(
+                    crate::tls::TlsListener::new(listener, tls)?,
+                    |_| {},
+                );
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }
+            None => {
+                // No Nagle: streamed output and proxied bytes go out as they come.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }
+        }
         .map_err(Error::Serve);
         loops.cancel();
         for t in tasks {

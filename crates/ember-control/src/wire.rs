@@ -563,6 +563,8 @@ pub struct TeamUsage {
     pub vcpus: UsageItem,
     pub memory_mib: UsageItem,
     pub paused_sandboxes: UsageItem,
+    /// Named snapshots the team holds.
+    pub templates: UsageItem,
     /// Each key's (and access token's) request allowance; 0 means none.
     pub requests_per_second: f64,
     pub request_burst: u32,
@@ -671,6 +673,10 @@ pub struct Host {
     pub registered_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_at: Option<String>,
+    /// When an admin revoked the host's credentials (`ember host revoke`):
+    /// it is no longer called and cannot register until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
 }
 
 /// One moment of a sandbox's use.
@@ -710,8 +716,31 @@ pub struct HostList {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHostRequest {
-    /// Where the control plane reaches the agent's gRPC API, e.g. `http://10.0.0.2:7001`.
+    /// Where the control plane reaches the agent's gRPC API over TLS, e.g.
+    /// `https://10.0.0.2:7001` (`http://` only on loopback).
     pub address: String,
+    /// The ID the agent answers `HostInfo` with.
+    #[serde(default)]
+    pub host_id: String,
+    /// What the control plane is to present on every gRPC call to this
+    /// host (the agent's own; see `ember_agent::identity`).
+    #[serde(default)]
+    pub control_token: String,
+    /// The agent's self-signed certificate (PEM), pinned for `https://`.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+}
+
+/// A registered host, with the credential issued to it when this
+/// registration was its first (or a retry of its first).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostRegistration {
+    #[serde(flatten)]
+    pub host: Host,
+    /// The host's own credential: it presents this, not the join token,
+    /// from now on. Only in the answer to a join with the join token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

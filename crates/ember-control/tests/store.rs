@@ -112,7 +112,84 @@ on_both_stores!(
     listing_paginates_and_filters,
     expiry_and_purge,
     concurrent_first_starts_agree_on_one_setting,
+    host_credentials_are_kept_revoked_and_removed,
+    concurrent_templates_never_overrun_a_team_quota,
 );
+
+async fn concurrent_templates_never_overrun_a_team_quota(url: &str) {
+    use ember_control::store::TemplateInsert;
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let h = host(&store, "host-a").await;
+    let tries = (0..6).map(|i| {
+        let store = store.clone();
+        let bl = build(&a.id, &h.id, BuildKind::Template);
+        let tpl = template(&a.id, &format!("t{i}"), &bl);
+        tokio::spawn(async move { store.insert_template_within(&bl, &tpl, Some(2)).await })
+    });
+    let mut inserted = 0;
+    for t in tries.collect::<Vec<_>>() {
+        match t.await.unwrap().unwrap() {
+            TemplateInsert::Inserted => inserted += 1,
+            TemplateInsert::OverQuota { would } => assert_eq!(would, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(inserted, 2, "exactly the quota's worth");
+    let usage = store.team_usage(&a.id).await.unwrap();
+    assert_eq!(usage.templates, 2);
+    let bl = build(&b.id, &h.id, BuildKind::Template);
+    assert_eq!(
+        store
+            .insert_template_within(&bl, &template(&b.id, "t0", &bl), Some(2))
+            .await
+            .unwrap(),
+        TemplateInsert::Inserted,
+        "another team's quota is its own"
+    );
+    store.close().await;
+}
+
+async fn host_credentials_are_kept_revoked_and_removed(url: &str) {
+    let store = open(url).await;
+    let h = host(&store, "host-a").await;
+    assert_eq!(store.host_credential(&h.id).await.unwrap(), None);
+    let cred = ember_control::model::HostCredential {
+        host_id: h.id.clone(),
+        credential_hash: Some(ember_control::auth::sha256_hex("emberhost_x")),
+        control_token: "embercontrol_y".into(),
+        tls_cert: Some("-----BEGIN CERTIFICATE-----".into()),
+        issued_at: 1,
+        revoked_at: None,
+    };
+    store.put_host_credential(&cred).await.unwrap();
+    assert_eq!(
+        store.host_credential(&h.id).await.unwrap(),
+        Some(cred.clone())
+    );
+    // A re-registration replaces what it brings.
+    let moved = ember_control::model::HostCredential {
+        control_token: "embercontrol_z".into(),
+        ..cred.clone()
+    };
+    store.put_host_credential(&moved).await.unwrap();
+    assert_eq!(store.host_credential(&h.id).await.unwrap(), Some(moved));
+    assert!(store.revoke_host_credential(&h.id, 7).await.unwrap());
+    assert!(store.revoke_host_credential(&h.id, 9).await.unwrap());
+    let revoked = store.host_credential(&h.id).await.unwrap().unwrap();
+    assert_eq!(
+        revoked.revoked_at,
+        Some(7),
+        "the first revocation's time stays"
+    );
+    assert!(!store.revoke_host_credential("host-none", 7).await.unwrap());
+    assert!(store.delete_host(&h.id).await.unwrap());
+    assert_eq!(store.host(&h.id).await.unwrap(), None);
+    assert_eq!(store.host_credential(&h.id).await.unwrap(), None);
+    assert!(!store.delete_host(&h.id).await.unwrap());
+    store.close().await;
+}
 
 async fn migrations_apply_from_empty_and_only_once(url: &str) {
     let store = open(url).await;
@@ -128,6 +205,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
             vec![Some("3".into()), Some("ingress".into())],
             vec![Some("4".into()), Some("key_roles_audit".into())],
             vec![Some("5".into()), Some("running_since".into())],
+            vec![Some("6".into()), Some("host_credentials".into())],
         ]
     );
     store.close().await;
@@ -141,7 +219,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("5"));
+    assert_eq!(rows[0][0].as_deref(), Some("6"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");
@@ -323,6 +401,7 @@ async fn concurrent_placements_never_overrun_a_team_quota(url: &str) {
         vcpus: Some(8),
         memory_mib: Some(4096),
         paused_sandboxes: None,
+        templates: None,
     };
     let cap = |host: &str, team: &str| CapacityCheck {
         host_id: host.into(),
@@ -352,7 +431,8 @@ async fn concurrent_placements_never_overrun_a_team_quota(url: &str) {
             running_sandboxes: 3,
             vcpus: 3,
             memory_mib: 1536,
-            paused_sandboxes: 0
+            paused_sandboxes: 0,
+            templates: 0,
         }
     );
     // Another team is not held back by a's use.

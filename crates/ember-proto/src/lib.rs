@@ -7,6 +7,11 @@
 
 #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 
+/// The DNS name in every host agent's self-signed certificate, and the name
+/// the control plane asks for when it dials one over TLS. The certificate
+/// is pinned per host at registration; the name only has to match.
+pub const AGENT_TLS_NAME: &str = "agent.ember.internal";
+
 /// `ember.host.v1`: the host agent service.
 pub mod host {
     tonic::include_proto!("ember.host.v1");

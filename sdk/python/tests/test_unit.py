@@ -440,3 +440,85 @@ def test_port_forward_endpoints_and_refusals() -> None:
     head = b'HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n\r\n{"message":"nothing listens"}'
     with pytest.raises(ember.EmberError, match="502 Bad Gateway.*nothing listens"):
         _forward._check_head(head, "sb-x", 1)
+
+
+def _https_server(tmp_path: Path) -> tuple[str, Path, Any]:
+    """An HTTPS server on 127.0.0.1 with a fresh self-signed certificate
+    (made by the openssl CLI) answering ``{"status": "ok"}``."""
+    import http.server
+    import ssl
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "ca.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"https://127.0.0.1:{server.server_address[1]}", cert, server
+
+
+def test_an_https_server_is_verified_against_ember_ca(
+    no_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ember._transport import Transport
+
+    url, cert, server = _https_server(tmp_path)
+    try:
+        untrusting = Transport(_config.resolve(url, "k"), max_retries=0)
+        with pytest.raises(ember.EmberError):
+            untrusting.request("GET", "/healthz")
+        monkeypatch.setenv("EMBER_CA", str(cert))
+        trusting = Transport(_config.resolve(url, "k"), max_retries=0)
+        assert trusting.request("GET", "/healthz").json() == {"status": "ok"}
+        monkeypatch.delenv("EMBER_CA")
+        no_env.write_text(f'ca = "{cert}"\n')
+        assert _config.resolve(url, "k").ca == str(cert)
+        monkeypatch.setenv("EMBER_CA", str(tmp_path / "missing.pem"))
+        with pytest.raises(ember.ConfigError, match="missing.pem"):
+            _config.resolve(url, "k").ssl_context()
+    finally:
+        server.shutdown()
+
+
+def test_settings_never_show_the_key() -> None:
+    s = _config.Settings(api_url="http://h:1", api_key="ember_secret")
+    assert "ember_secret" not in repr(s)

@@ -1,5 +1,9 @@
 //! `ember agent`: the host agent of one machine, serving its gRPC API,
-//! optionally joining a control plane (`--control-plane URL --token T`).
+//! optionally joining a control plane (`--control-plane URL
+//! --token-file F`). A joined agent serves gRPC over TLS with its own
+//! certificate and accepts only its own control token
+//! (`ember_agent::identity`); the join token is sent once, to the control
+//! plane, and drives nothing.
 //! `ember server` runs the same agent in its own process (see
 //! [`start_agent`]).
 //!
@@ -148,12 +152,18 @@ pub struct AgentArgs {
     /// Address the control plane dials [default: the listen address].
     #[arg(long, env = "EMBER_AGENT_ADVERTISE")]
     advertise: Option<String>,
-    /// The control plane to join, e.g. http://10.0.0.1:3000.
+    /// The control plane to join, e.g. https://10.0.0.1:3000.
     #[arg(long, env = "EMBER_CONTROL_PLANE")]
     control_plane: Option<String>,
-    /// The cluster join token (`ember server` prints it); also required
-    /// from every gRPC caller. Prefer --token-file or the environment: a
-    /// value on the command line is visible to every local user.
+    /// A PEM file of the CA (or the certificate itself) that signed the
+    /// control plane's TLS certificate, when the system does not trust it.
+    #[arg(long, env = "EMBER_CA")]
+    ca: Option<PathBuf>,
+    /// With --control-plane: the cluster join token (`ember server` writes
+    /// it to <data_dir>/join.token), sent once, at this host's first join.
+    /// Without: the token every gRPC caller must present. Prefer
+    /// --token-file or the environment: a value on the command line is
+    /// visible to every local user.
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A file holding the join token (its first line).
@@ -178,12 +188,23 @@ pub struct AgentArgs {
 
 pub async fn run(mut args: AgentArgs) -> anyhow::Result<ExitCode> {
     args.token = super::secret(args.token.take(), args.token_file.as_deref(), "token")?;
-    if args.control_plane.is_some() && args.token.is_none() {
+    let identity = match &args.control_plane {
+        Some(_) => Some(
+            ember_agent::identity::Identity::load_or_create(&args.data_dir)
+                .context("this host's identity (<data_dir>/identity)")?,
+        ),
+        None => None,
+    };
+    let joined_before = identity
+        .as_ref()
+        .is_some_and(|i| i.credential().ok().flatten().is_some());
+    if args.control_plane.is_some() && args.token.is_none() && !joined_before {
         anyhow::bail!(
-            "--control-plane needs the join token: --token-file PATH or EMBER_JOIN_TOKEN"
+            "--control-plane needs the join token for this host's first join: --token-file \
+             PATH or EMBER_JOIN_TOKEN"
         );
     }
-    if args.token.is_none() && !args.listen.ip().is_loopback() {
+    if args.control_plane.is_none() && args.token.is_none() && !args.listen.ip().is_loopback() {
         anyhow::bail!(
             "--listen {} is reachable from the network, and without a token anyone there could \
              drive this host's sandboxes: set --token-file PATH (or EMBER_JOIN_TOKEN), or \
@@ -234,21 +255,29 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let served = serve(
-        agent.clone(),
-        listener,
-        args.token.clone(),
-        shutdown.clone(),
-    );
-    if let (Some(url), Some(token)) = (&args.control_plane, &args.token) {
+    let (grpc_token, tls) = match &identity {
+        Some(id) => (
+            Some(id.control_token.clone()),
+            Some((id.cert_pem.clone(), id.key_pem.clone())),
+        ),
+        None => (args.token.clone(), None),
+    };
+    let served = serve(agent.clone(), listener, grpc_token, tls, shutdown.clone());
+    if let (Some(url), Some(identity)) = (&args.control_plane, identity) {
         let advertise = args
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
+            .unwrap_or_else(|| format!("https://{addr}"));
+        let http = control_plane_client(args.ca.as_deref())?;
         tokio::spawn(register_until_accepted(
-            url.clone(),
-            token.clone(),
-            advertise,
+            http,
+            Join {
+                url: url.clone(),
+                join_token: args.token.clone(),
+                host_id: agent.config().host_id.to_string(),
+                advertise,
+                identity,
+            },
             shutdown.clone(),
         ));
     }
@@ -258,19 +287,21 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Start an agent and serve its gRPC API on `listener` until `shutdown`,
-/// checking for VMs that died every 2 s. Returns the agent and the task.
+/// Start an agent and serve its gRPC API on `listener` until `shutdown`
+/// (over TLS with `tls`, a PEM certificate and key), checking for VMs that
+/// died every 2 s. Returns the agent and the task.
 pub async fn start_agent(
     config: AgentConfig,
     listener: tokio::net::TcpListener,
     token: Option<String>,
+    tls: Option<(String, String)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(Agent, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let agent = Agent::start(config)
         .await
         .context("starting the host agent")?;
     warn_if_not_isolated(&agent, "ember server");
-    let task = tokio::spawn(serve(agent.clone(), listener, token, shutdown));
+    let task = tokio::spawn(serve(agent.clone(), listener, token, tls, shutdown));
     Ok((agent, task))
 }
 
@@ -291,6 +322,7 @@ async fn serve(
     agent: Agent,
     listener: tokio::net::TcpListener,
     token: Option<String>,
+    tls: Option<(String, String)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let watcher = {
@@ -316,7 +348,14 @@ async fn serve(
             let _ = stream.set_nodelay(true);
         })
     });
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("the gRPC listener's TLS certificate")?;
+    }
+    let result = server
         .add_service(HostService::new(agent).into_server(token))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
@@ -325,35 +364,95 @@ async fn serve(
     result
 }
 
-/// Join the control plane at `url`, retrying (it may start after us) until
-/// it accepts or we shut down.
-async fn register_until_accepted(
+/// An HTTP client for the control plane, trusting `ca` on top of the
+/// system's roots.
+pub fn control_plane_client(ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(path) = ca {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading --ca {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca {}: not PEM certificates", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("--ca {} holds no PEM certificate", path.display());
+        }
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    builder.build().context("building the HTTP client")
+}
+
+/// What a host joins a control plane with.
+struct Join {
     url: String,
-    token: String,
+    join_token: Option<String>,
+    host_id: String,
     advertise: String,
-    shutdown: CancellationToken,
-) {
-    let client = reqwest::Client::new();
-    let endpoint = format!("{}/internal/v1/hosts", url.trim_end_matches('/'));
+    identity: ember_agent::identity::Identity,
+}
+
+/// Join the control plane, retrying (it may start after us) until it
+/// accepts or we shut down. The first join presents the join token and
+/// keeps the credential it is issued; every later one presents that.
+async fn register_until_accepted(client: reqwest::Client, join: Join, shutdown: CancellationToken) {
+    let endpoint = format!("{}/internal/v1/hosts", join.url.trim_end_matches('/'));
+    if endpoint.starts_with("http://") && !is_loopback_url(&join.url) {
+        warn!(url = %join.url, "the control plane is plain HTTP on the network: the join token and this host's credential cross it in clear; serve it with --tls-cert");
+    }
     let mut delay = Duration::from_millis(500);
+    // After a refusal of our credential (the host was removed), the next
+    // attempt joins afresh with the join token.
+    let mut credential_refused = false;
     loop {
+        let credential = match join.identity.credential() {
+            Ok(c) => c.filter(|_| !credential_refused),
+            Err(e) => {
+                tracing::error!(error = %e, "reading this host's credential");
+                None
+            }
+        };
+        let Some(bearer) = credential.as_deref().or(join.join_token.as_deref()) else {
+            tracing::error!(
+                "the control plane refused this host's credential and there is no join token \
+                 to join again with: restart with --token-file"
+            );
+            return;
+        };
         let sent = client
             .post(&endpoint)
-            .bearer_auth(&token)
-            .json(&serde_json::json!({ "address": advertise }))
+            .bearer_auth(bearer)
+            .json(&serde_json::json!({
+                "address": join.advertise,
+                "host_id": join.host_id,
+                "control_token": join.identity.control_token,
+                "tls_cert": join.identity.cert_pem,
+            }))
             .timeout(Duration::from_secs(30))
             .send()
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {
-                info!(%url, %advertise, "joined the control plane");
-                eprintln!("ember agent: joined {url} as {advertise}");
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                if let Some(issued) = body["credential"].as_str()
+                    && let Err(e) = join.identity.store_credential(issued)
+                {
+                    // The next registration presents the join token with
+                    // our control token, and is issued another.
+                    tracing::error!(error = %e, path = %join.identity.credential_path().display(), "keeping this host's credential");
+                }
+                info!(url = %join.url, advertise = %join.advertise, "joined the control plane");
+                eprintln!("ember agent: joined {} as {}", join.url, join.advertise);
                 return;
             }
             Ok(r) if r.status().is_client_error() => {
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();
+                if status == reqwest::StatusCode::UNAUTHORIZED && credential.is_some() {
+                    credential_refused = true;
+                }
                 warn!(%status, %body, "the control plane refused this host; retrying");
+                eprintln!("ember agent: the control plane refused this host ({status}): {body}");
             }
             Ok(r) => warn!(status = %r.status(), "the control plane is not ready; retrying"),
             Err(e) => warn!(error = %e, "cannot reach the control plane; retrying"),
@@ -364,6 +463,16 @@ async fn register_until_accepted(
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let url = reqwest::Url::parse(url).ok();
+    url.as_ref().and_then(|u| u.host_str()).is_some_and(|h| {
+        h == "localhost"
+            || h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

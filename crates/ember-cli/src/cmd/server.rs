@@ -33,8 +33,8 @@ pub struct ServerArgs {
     /// `sqlite://PATH` or `postgres://USER:PASS@HOST/DB` [default: sqlite in the data dir].
     #[arg(long, env = "EMBER_DATABASE_URL")]
     database_url: Option<String>,
-    /// Token host agents present to join (and that the server presents to them);
-    /// generated and stored on first start if not given.
+    /// Token host agents present at their first join (each is then issued
+    /// its own credential); generated and stored on first start if not given.
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// A file holding the join token (its first line); better than
@@ -58,15 +58,22 @@ pub struct ServerArgs {
     )]
     egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
-    /// ingress_domain, egress_grants, a [team_egress_grants] table (team name =
+    /// tls_cert, tls_key, ingress_domain, egress_grants, a [team_egress_grants] table (team name =
     /// [CIDR, …]), reconcile_interval_s, ttl_interval_s,
     /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s,
     /// max_running_s (default 86400), paused_retention_s (default: keep), a
     /// [rate_limits] table (requests_per_second, burst, concurrent_requests:
     /// per API key, defaults 100/200/64, 0 = none), and a [team_limits] table (running_sandboxes, vcpus, memory_mib,
-    /// paused_sandboxes: per team, absent = no limit).
+    /// paused_sandboxes, templates: per team, absent = no limit).
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve the API over TLS with this PEM certificate (chain); needs
+    /// --tls-key. Clients that do not trust its issuer pass `--ca`.
+    #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "EMBER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Do not run a host agent in this process (hosts join with `ember agent`).
     #[arg(long, env = "EMBER_NO_AGENT")]
     no_agent: bool,
@@ -82,6 +89,9 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     join_token: Option<String>,
+    /// PEM certificate (chain) and key: serve the API over TLS.
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     ingress_domain: Option<String>,
     /// CIDRs of the special ranges tenants may open (see --egress-grant).
     egress_grants: Option<Vec<String>>,
@@ -147,6 +157,8 @@ struct TeamLimits {
     memory_mib: Option<u64>,
     /// Paused sandboxes (a team's own pauses; a timeout's pause always runs).
     paused_sandboxes: Option<u64>,
+    /// Templates (named snapshots).
+    templates: Option<u64>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -201,6 +213,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Some(s) = file.answer_within_s {
         config.answer_within = Duration::from_secs(s.max(1));
     }
+    match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => {
+            config.tls = Some(ember_control::tls::server_config(&cert, &key)?);
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("TLS needs both tls_cert and tls_key (flags or config file)"),
+    }
     config.ingress = ember_control::ingress::IngressConfig::from_domain(
         args.ingress_domain.or(file.ingress_domain).as_deref(),
     )
@@ -250,6 +272,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             vcpus: l.vcpus,
             memory_mib: l.memory_mib,
             paused_sandboxes: l.paused_sandboxes,
+            templates: l.templates,
         };
     }
 
@@ -308,7 +331,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
     let listener = ember_control::server::bind(listen).await?;
     let addr = listener.local_addr()?;
-    eprintln!("ember server: listening on http://{addr}");
+    let scheme = if plane.serves_tls() { "https" } else { "http" };
+    eprintln!("ember server: listening on {scheme}://{addr}");
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     plane.serve(listener, shutdown).await?;
     if let Some((agent, task)) = agent {
@@ -319,8 +343,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Start this machine's host agent in this process, serving gRPC on a
-/// loopback port with the join token, and register it as a host.
+/// Start this machine's host agent in this process, serving gRPC over TLS
+/// on a loopback port with its own identity (certificate and control
+/// token, as a joined agent has), and register it as a host.
 async fn attach_embedded_agent(
     plane: &ControlPlane,
     options: &crate::cmd::agent::AgentOptions,
@@ -335,17 +360,25 @@ async fn attach_embedded_agent(
         .await
         .context("binding the embedded agent's gRPC port")?;
     let addr = listener.local_addr()?;
+    let identity = ember_agent::identity::Identity::load_or_create(data_dir)
+        .context("the embedded agent's identity (<data_dir>/identity)")?;
     let (agent, task) = crate::cmd::agent::start_agent(
         config,
         listener,
-        Some(plane.join_token().to_owned()),
+        Some(identity.control_token.clone()),
+        Some((identity.cert_pem.clone(), identity.key_pem.clone())),
         shutdown,
     )
     .await?;
-    let address = format!("http://{addr}");
+    let address = format!("https://{addr}");
     plane
         .hosts()
-        .register_address(&address)
+        .register_local(
+            &address,
+            &agent.config().host_id.to_string(),
+            &identity.control_token,
+            Some(&identity.cert_pem),
+        )
         .await
         .context("registering the embedded host agent")?;
     eprintln!(

@@ -212,10 +212,12 @@ impl AgentHome {
                 panic!("ember agent did not start; log:\n{}", self.logs());
             }
         };
+        let joined = extra.contains(&"--control-plane");
         AgentProc {
             child: Some(child),
             addr,
             token: self.token.clone(),
+            identity: joined.then(|| self.data().join("identity")),
         }
     }
 
@@ -361,14 +363,50 @@ pub fn processes_mentioning(path: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// A TLS client of the joined agent at `address` (`https://…`), trusting
+/// the certificate in its `identity` directory, that presents `token`.
+#[allow(dead_code)]
+pub async fn tls_client(address: &str, identity: &Path, token: &str) -> Client {
+    let cert = std::fs::read_to_string(identity.join("tls.crt")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert))
+        .domain_name(ember_proto::AGENT_TLS_NAME);
+    let channel = Channel::from_shared(address.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to ember agent over TLS");
+    HostAgentClient::with_interceptor(channel, Bearer(token.to_owned()))
+        .max_decoding_message_size(64 << 20)
+}
+
+/// The client the control plane has of a joined agent (or `ember
+/// server`'s own): TLS, with the control token in `identity`.
+#[allow(dead_code)]
+pub async fn joined_client(address: &str, identity: &Path) -> Client {
+    let token = std::fs::read_to_string(identity.join("control.token")).unwrap();
+    tls_client(address, identity, token.trim()).await
+}
+
 pub struct AgentProc {
     child: Option<Child>,
     pub addr: String,
     pub token: String,
+    /// A joined agent's identity directory: it serves TLS with the
+    /// certificate there and takes only the control token there.
+    pub identity: Option<std::path::PathBuf>,
 }
 
 impl AgentProc {
+    /// A client as the control plane has one: over TLS to the pinned
+    /// certificate with the control token for a joined agent, plain with
+    /// `--token` for a standalone one.
     pub async fn client(&self) -> Client {
+        if let Some(dir) = &self.identity {
+            return joined_client(&format!("https://{}", self.addr), dir).await;
+        }
         let channel = Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .connect()

@@ -123,6 +123,8 @@ pub struct ServerSpec<'a> {
     /// Lines of the `--config` TOML file (reconcile_interval_s = 1, …).
     pub config: Vec<String>,
     pub extra: Vec<String>,
+    /// Serve the API over TLS with a certificate made for this test.
+    pub tls: bool,
 }
 
 impl<'a> ServerSpec<'a> {
@@ -136,7 +138,15 @@ impl<'a> ServerSpec<'a> {
                 "ttl_interval_s = 1".into(),
             ],
             extra: Vec::new(),
+            tls: false,
         }
+    }
+
+    /// Serve the API over TLS (`--tls-cert/--tls-key`) with a certificate
+    /// for 127.0.0.1 made here; [`ServerProc::ca`] is the file clients trust.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 
     pub fn config(mut self, line: &str) -> Self {
@@ -183,6 +193,11 @@ impl<'a> ServerSpec<'a> {
                 cmd.arg("--no-agent");
             }
         }
+        let ca = self.tls.then(|| {
+            let (cert, key) = test_certificate(&self.log_dir());
+            cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(key);
+            cert
+        });
         cmd.args(&self.extra)
             .env("EMBER_LOG", "info,ember_control=debug,ember_agent=debug")
             .env_remove("EMBER_JOIN_TOKEN")
@@ -231,8 +246,21 @@ impl<'a> ServerSpec<'a> {
             base,
             admin_key,
             log_dir: self.log_dir(),
+            ca,
         }
     }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost in `dir`:
+/// (certificate, key) PEM files.
+pub fn test_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let (cert, key) = (dir.join("api-cert.pem"), dir.join("api-key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
 }
 
 fn logs_in(dir: &Path) -> String {
@@ -256,6 +284,8 @@ pub struct ServerProc {
     /// Printed on the first start only.
     pub admin_key: Option<String>,
     log_dir: PathBuf,
+    /// The certificate to trust when it serves TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl ServerProc {
@@ -272,8 +302,18 @@ impl ServerProc {
         Api {
             base: self.base.clone(),
             key: key.to_owned(),
-            http: client(),
+            http: self.client(),
         }
+    }
+
+    /// An HTTP client for this server (trusting its certificate).
+    pub fn client(&self) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(300));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).unwrap();
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
     }
 
     /// Everything the servers (and agents) of this test logged.

@@ -286,11 +286,23 @@ async fn hosts_to_wire(
     hosts: Vec<model::Host>,
 ) -> Result<Vec<wire::Host>, ApiError> {
     let usage = state.store.host_usage().await?;
+    let mut revoked = std::collections::HashMap::new();
+    for h in &hosts {
+        if let Some(at) = state
+            .store
+            .host_credential(&h.id)
+            .await?
+            .and_then(|c| c.revoked_at)
+        {
+            revoked.insert(h.id.clone(), at);
+        }
+    }
     Ok(hosts
         .into_iter()
         .map(|h| {
             let used = usage.get(&h.id).copied().unwrap_or_default();
             wire::Host {
+                revoked_at: revoked.get(&h.id).copied().map(rfc3339),
                 healthy: state.hosts.is_healthy(&h.id),
                 isolation: state
                     .hosts
@@ -334,16 +346,24 @@ pub async fn list_hosts(
     }))
 }
 
-/// Register a host agent (called by `ember agent --control-plane URL --token-file F`).
-/// The control plane dials the address, asks `HostInfo`, and from then on
-/// calls it with the same token in the `authorization` metadata.
+/// Register a host agent (called by `ember agent --control-plane URL`).
+///
+/// A host's first registration presents the cluster join token and is
+/// answered with the host's own `credential`; every later one (a restart,
+/// a new address) presents that credential. A host ID is pinned to its
+/// credential: the join token alone cannot take over a registered host
+/// (409), and a revoked host is refused (403) until removed. The control
+/// plane then dials `address` over TLS trusting only `tls_cert`, asks
+/// `HostInfo`, and calls the host with its `control_token` from then on.
 #[utoipa::path(
     post, path = "/internal/v1/hosts", tag = "internal",
     request_body = wire::RegisterHostRequest,
     responses(
-        (status = 200, body = wire::Host),
+        (status = 200, body = wire::HostRegistration),
         (status = 400, body = wire::ErrorBody),
-        (status = 401, description = "Not the cluster join token", body = wire::ErrorBody),
+        (status = 401, description = "Neither the join token nor this host's credential", body = wire::ErrorBody),
+        (status = 403, description = "The host's credentials were revoked", body = wire::ErrorBody),
+        (status = 409, description = "The host ID is registered with another credential", body = wire::ErrorBody),
         (status = 502, description = "The agent could not be reached at that address", body = wire::ErrorBody),
     ),
     security(("join_token" = []))
@@ -352,26 +372,250 @@ pub async fn register_host(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<wire::RegisterHostRequest>,
-) -> Result<Json<wire::Host>, ApiError> {
-    let token = bearer_token(&headers)?;
-    let matches: bool =
-        subtle::ConstantTimeEq::ct_eq(token.as_bytes(), state.join_token.as_bytes()).into();
-    if !matches {
-        return Err(ApiError::unauthorized("not this cluster's join token"));
+) -> Result<Json<wire::HostRegistration>, ApiError> {
+    let presented = bearer_token(&headers)?;
+    let by_credential = presented.starts_with(auth::HOST_CREDENTIAL_PREFIX);
+    if !by_credential && !auth::secret_eq(presented, &state.join_token) {
+        return Err(ApiError::unauthorized(
+            "neither this cluster's join token nor a host credential",
+        ));
     }
+    check_registration(&req)?;
+    let existing = state.store.host_credential(&req.host_id).await?;
+    let revoked = |id: &str| {
+        ApiError::forbidden(format!(
+            "host {id}'s credentials were revoked; an admin removes it (`ember host remove {id}`) \
+             before it may join again"
+        ))
+    };
+    let mut issued = None;
+    let cred = if by_credential {
+        let Some(c) = existing.filter(|c| {
+            c.credential_hash
+                .as_deref()
+                .is_some_and(|h| auth::digest_matches(presented, h))
+        }) else {
+            return Err(ApiError::unauthorized(format!(
+                "not host {}'s credential (a removed host joins again with the join token)",
+                req.host_id
+            )));
+        };
+        if c.revoked_at.is_some() {
+            return Err(revoked(&req.host_id));
+        }
+        model::HostCredential {
+            control_token: req.control_token.clone(),
+            tls_cert: req.tls_cert.clone(),
+            ..c
+        }
+    } else {
+        match &existing {
+            Some(c) if c.revoked_at.is_some() => return Err(revoked(&req.host_id)),
+            // Only the agent itself knows its control token: this is its
+            // first join again (the answer to the last one was lost, or
+            // it lost its credential file but kept its identity).
+            Some(c) if !auth::secret_eq(&req.control_token, &c.control_token) => {
+                tracing::warn!(host = %req.host_id, "refused a join-token registration of a host registered with its own credential");
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "host {} is registered with its own credential; a second agent cannot \
+                         take its ID over with the join token (an agent that lost its identity \
+                         directory is revoked and removed first: `ember host revoke`, `ember host remove`)",
+                        req.host_id
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let credential = auth::new_host_credential();
+        let cred = model::HostCredential {
+            host_id: req.host_id.clone(),
+            credential_hash: Some(auth::sha256_hex(&credential)),
+            control_token: req.control_token.clone(),
+            tls_cert: req.tls_cert.clone(),
+            issued_at: model::now_ms(),
+            revoked_at: None,
+        };
+        issued = Some(credential);
+        cred
+    };
+    let host = state.hosts.register(&req.address, cred).await?;
+    let mut hosts = hosts_to_wire(&state, vec![host]).await?;
+    Ok(Json(wire::HostRegistration {
+        host: hosts.remove(0),
+        credential: issued,
+    }))
+}
+
+/// Bounds and shapes of a registration, each refusal naming its field.
+fn check_registration(req: &wire::RegisterHostRequest) -> Result<(), ApiError> {
     let uri: http::Uri = req
         .address
         .parse()
-        .map_err(|_| ApiError::invalid("address", "must be a URL like http://10.0.0.2:7001"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        .map_err(|_| ApiError::invalid("address", "must be a URL like https://10.0.0.2:7001"))?;
+    let loopback = uri.host().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match uri.scheme_str() {
+        Some("https") if uri.host().is_some() => {}
+        Some("http") if loopback => {}
+        Some("http") => {
+            return Err(ApiError::invalid(
+                "address",
+                "control-plane traffic to a host goes over TLS: an http:// address is \
+                 accepted only on loopback (agents that join advertise https://)",
+            ));
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "address",
+                "must be a URL like https://10.0.0.2:7001",
+            ));
+        }
+    }
+    if req.host_id.parse::<ember_types::HostId>().is_err() {
         return Err(ApiError::invalid(
-            "address",
-            "must be a URL like http://10.0.0.2:7001",
+            "host_id",
+            "must be the ID the agent keeps in <data_dir>/host-id",
         ));
     }
-    let host = state.hosts.register_address(&req.address).await?;
+    let token_ok = req.control_token.len() >= 32
+        && req.control_token.len() <= 256
+        && req.control_token.bytes().all(|b| b.is_ascii_graphic());
+    if !token_ok {
+        return Err(ApiError::invalid(
+            "control_token",
+            "must be 32–256 printable ASCII characters",
+        ));
+    }
+    match &req.tls_cert {
+        Some(pem) if pem.len() > 16 * 1024 || !pem.contains("-----BEGIN CERTIFICATE-----") => {
+            return Err(ApiError::invalid(
+                "tls_cert",
+                "must be one PEM certificate (at most 16 KiB)",
+            ));
+        }
+        None if uri.scheme_str() == Some("https") => {
+            return Err(ApiError::invalid(
+                "tls_cert",
+                "an https:// host sends its certificate, which the control plane pins",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Revoke a host's credentials (admin): the control plane stops calling it
+/// and refuses its registrations, with its credential or the join token,
+/// until it is removed. Its sandboxes are reported lost as the host stays
+/// unreachable.
+#[utoipa::path(
+    post, path = "/v1/hosts/{id}/revoke", tag = "hosts",
+    params(("id" = String, Path, description = "Host ID")),
+    responses(
+        (status = 200, body = wire::Host),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn revoke_host(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(axum::Extension<crate::audit::AuditTarget>, Json<wire::Host>), ApiError> {
+    auth.admin()?;
+    let Some(host) = state.store.host(&id).await? else {
+        return Err(ApiError::not_found(format!("no host {id}")));
+    };
+    let now = model::now_ms();
+    if !state.store.revoke_host_credential(&id, now).await? {
+        // Registered before per-host credentials: a tombstone keeps it out.
+        state
+            .store
+            .put_host_credential(&model::HostCredential {
+                host_id: id.clone(),
+                credential_hash: None,
+                control_token: String::new(),
+                tls_cert: None,
+                issued_at: now,
+                revoked_at: Some(now),
+            })
+            .await?;
+    }
+    state.hosts.forget(&id);
+    state
+        .store
+        .set_host_health(&id, false, Some("credentials revoked"), None)
+        .await?;
+    tracing::warn!(host = %id, "host credentials revoked");
+    let host = state.store.host(&id).await?.unwrap_or(host);
     let mut hosts = hosts_to_wire(&state, vec![host]).await?;
-    Ok(Json(hosts.remove(0)))
+    Ok((
+        axum::Extension(crate::audit::AuditTarget(format!("host:{id}"))),
+        Json(hosts.remove(0)),
+    ))
+}
+
+/// Remove a revoked host (admin): its row and credentials are deleted, so
+/// the machine may join again (as a new registration with the join token).
+/// Refused while sandboxes other than destroyed ones still name it.
+#[utoipa::path(
+    delete, path = "/v1/hosts/{id}", tag = "hosts",
+    params(("id" = String, Path, description = "Host ID")),
+    responses(
+        (status = 204),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+        (status = 409, description = "Not revoked, or sandboxes still on it", body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn remove_host(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(axum::Extension<crate::audit::AuditTarget>, StatusCode), ApiError> {
+    auth.admin()?;
+    if state.store.host(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("no host {id}")));
+    }
+    let revoked = state
+        .store
+        .host_credential(&id)
+        .await?
+        .is_some_and(|c| c.revoked_at.is_some());
+    if !revoked {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("host {id} is not revoked: `ember host revoke {id}` first"),
+        ));
+    }
+    let on_it = state.store.sandboxes_on_host(&id, i64::MAX).await?.len();
+    if on_it > 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "{on_it} sandbox(es) still name host {id}: destroy them first (they are lost with it)"
+            ),
+        ));
+    }
+    state.store.delete_host(&id).await?;
+    state.hosts.forget(&id);
+    Ok((
+        axum::Extension(crate::audit::AuditTarget(format!("host:{id}"))),
+        StatusCode::NO_CONTENT,
+    ))
 }
 
 /// Liveness and database reachability (no authentication).
@@ -536,6 +780,7 @@ pub async fn team_usage(
         vcpus: item(used.vcpus, quota.vcpus),
         memory_mib: item(used.memory_mib, quota.memory_mib),
         paused_sandboxes: item(used.paused_sandboxes, quota.paused_sandboxes),
+        templates: item(used.templates, quota.templates),
         requests_per_second: rate.per_second,
         request_burst: rate.burst,
         concurrent_requests: rate.concurrent,

@@ -98,6 +98,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revoke_key))
         .routes(routes!(admin::create_team, admin::list_teams))
         .routes(routes!(admin::list_hosts))
+        .routes(routes!(admin::revoke_host))
+        .routes(routes!(admin::remove_host))
         .routes(routes!(admin::list_audit))
         .routes(routes!(admin::team_usage))
         .routes(routes!(admin::register_host))

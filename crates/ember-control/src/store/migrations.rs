@@ -37,10 +37,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "running_since",
         include_str!("../../migrations/0005_running_since.sql"),
     ),
+    (
+        6,
+        "host_credentials",
+        include_str!("../../migrations/0006_host_credentials.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 5;
+pub const LATEST: i64 = 6;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

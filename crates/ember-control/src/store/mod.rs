@@ -24,8 +24,8 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    ApiKey, AuditEntry, Build, BuildKind, Host, HostUsage, Ingress, NetworkPolicy, OnTimeout,
-    Sandbox, SandboxState, Team, Template,
+    ApiKey, AuditEntry, Build, BuildKind, Host, HostCredential, HostUsage, Ingress, NetworkPolicy,
+    OnTimeout, Sandbox, SandboxState, Team, Template,
 };
 
 /// Which database the store talks to.
@@ -79,6 +79,19 @@ pub struct TeamQuota {
     pub vcpus: Option<u64>,
     pub memory_mib: Option<u64>,
     pub paused_sandboxes: Option<u64>,
+    pub templates: Option<u64>,
+}
+
+/// How an insert of a template ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateInsert {
+    Inserted,
+    /// The team has a template of that name.
+    NameTaken,
+    /// The team would hold `would` templates, over its quota.
+    OverQuota {
+        would: u64,
+    },
 }
 
 /// What one team holds now.
@@ -88,6 +101,7 @@ pub struct TeamUsage {
     pub vcpus: u64,
     pub memory_mib: u64,
     pub paused_sandboxes: u64,
+    pub templates: u64,
 }
 
 fn limit(v: Option<u64>) -> i64 {
@@ -562,6 +576,73 @@ impl Store {
         Ok(rows.iter().map(host_from_row).collect())
     }
 
+    /// The credentials of host `id`, revoked or not.
+    pub async fn host_credential(&self, id: &str) -> Result<Option<HostCredential>> {
+        let row = sqlx::query(
+            "SELECT host_id, credential_hash, control_token, tls_cert, issued_at, revoked_at \
+             FROM host_credentials WHERE host_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| HostCredential {
+            host_id: r.get("host_id"),
+            credential_hash: r.get("credential_hash"),
+            control_token: r.get("control_token"),
+            tls_cert: r.get("tls_cert"),
+            issued_at: r.get("issued_at"),
+            revoked_at: r.get("revoked_at"),
+        }))
+    }
+
+    /// Record a host's credentials, replacing what it had.
+    pub async fn put_host_credential(&self, c: &HostCredential) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO host_credentials (host_id, credential_hash, control_token, tls_cert, issued_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (host_id) DO UPDATE SET credential_hash = excluded.credential_hash, \
+               control_token = excluded.control_token, tls_cert = excluded.tls_cert, \
+               issued_at = excluded.issued_at, revoked_at = excluded.revoked_at",
+        )
+        .bind(&c.host_id)
+        .bind(c.credential_hash.clone())
+        .bind(&c.control_token)
+        .bind(c.tls_cert.clone())
+        .bind(c.issued_at)
+        .bind(c.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Revoke host `id`'s credentials (kept, marked, so the host cannot
+    /// join again with the join token until it is removed). False if it has none.
+    pub async fn revoke_host_credential(&self, id: &str, at: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE host_credentials SET revoked_at = COALESCE(revoked_at, $1) WHERE host_id = $2",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Forget host `id` and its credentials. False if there was no such host.
+    pub async fn delete_host(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM host_credentials WHERE host_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Record a health probe's outcome.
     pub async fn set_host_health(
         &self,
@@ -649,7 +730,29 @@ impl Store {
     /// Record a template and its build atomically; false (and nothing
     /// written) if the team already has a template of that name.
     pub async fn insert_template(&self, build: &Build, template: &Template) -> Result<bool> {
+        Ok(matches!(
+            self.insert_template_within(build, template, None).await?,
+            TemplateInsert::Inserted
+        ))
+    }
+
+    /// [`Store::insert_template`], refused (nothing written) when the team
+    /// would then hold more than `max` templates. Concurrent inserts cannot
+    /// overrun it: the row is written before the count (SQLite's writer
+    /// lock), and PostgreSQL inserts of one team take turns.
+    pub async fn insert_template_within(
+        &self,
+        build: &Build,
+        template: &Template,
+        max: Option<u64>,
+    ) -> Result<TemplateInsert> {
         let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres && max.is_some() {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(lock_key(&format!("team:{}", template.team_id)))
+                .execute(&mut *tx)
+                .await?;
+        }
         insert_build_on(&mut *tx, build).await?;
         let res = sqlx::query(
             "INSERT INTO templates (id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at) \
@@ -667,16 +770,27 @@ impl Store {
         .execute(&mut *tx)
         .await;
         match res {
-            Ok(_) => {
-                tx.commit().await?;
-                Ok(true)
-            }
+            Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
                 tx.rollback().await?;
-                Ok(false)
+                return Ok(TemplateInsert::NameTaken);
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        if let Some(max) = max {
+            let (held,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM templates WHERE team_id = $1")
+                    .bind(&template.team_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let held = u64::try_from(held).unwrap_or(0);
+            if held > max {
+                tx.rollback().await?;
+                return Ok(TemplateInsert::OverQuota { would: held });
+            }
+        }
+        tx.commit().await?;
+        Ok(TemplateInsert::Inserted)
     }
 
     pub async fn template(&self, team_id: &str, name: &str) -> Result<Option<Template>> {
@@ -742,9 +856,10 @@ impl Store {
                (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})), \
                CAST((SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
                CAST((SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
-               (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({paused}))"
+               (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({paused})), \
+               (SELECT COUNT(*) FROM templates WHERE team_id = $1)"
         );
-        let (r, v, m, p): (i64, i64, i64, i64) = sqlx::query_as(&sql)
+        let (r, v, m, p, t): (i64, i64, i64, i64, i64) = sqlx::query_as(&sql)
             .bind(team_id)
             .fetch_one(&self.pool)
             .await?;
@@ -754,6 +869,7 @@ impl Store {
             vcpus: u(v),
             memory_mib: u(m),
             paused_sandboxes: u(p),
+            templates: u(t),
         })
     }
 

@@ -18,6 +18,7 @@ import threading
 from urllib.parse import urlsplit
 
 from . import errors
+from ._config import resolve
 
 UPGRADE = "ember-tcp"
 #: The server's answer head may not be longer than this.
@@ -58,13 +59,18 @@ def _check_head(head: bytes, sandbox_id: str, port: int) -> None:
     )
 
 
+def _tls(api_url: str, api_key: str) -> ssl.SSLContext:
+    """The TLS context of the API's connections (trusting ``EMBER_CA``)."""
+    return resolve(api_url, api_key).ssl_context()
+
+
 def open_tunnel(api_url: str, api_key: str, sandbox_id: str, port: int, timeout: float) -> socket.socket:
     """A socket connected to ``port`` inside the sandbox (blocking)."""
     host, p, tls, _ = _endpoint(api_url)
     sock = socket.create_connection((host, p), timeout=timeout)
     try:
         if tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock = _tls(api_url, api_key).wrap_socket(sock, server_hostname=host)
         sock.sendall(_request(api_url, api_key, sandbox_id, port))
         head = b""
         while b"\r\n\r\n" not in head:
@@ -175,7 +181,7 @@ async def open_tunnel_async(
     """Streams connected to ``port`` inside the sandbox."""
     host, p, tls, _ = _endpoint(api_url)
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, p, ssl=ssl.create_default_context() if tls else None), timeout
+        asyncio.open_connection(host, p, ssl=_tls(api_url, api_key) if tls else None), timeout
     )
     try:
         writer.write(_request(api_url, api_key, sandbox_id, port))

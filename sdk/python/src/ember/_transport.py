@@ -106,7 +106,9 @@ class Transport(_Base):
         max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         super().__init__(settings, timeout, max_retries)
-        self.client = httpx.Client(base_url=settings.api_url, headers=self.headers)
+        self.client = httpx.Client(
+            base_url=settings.api_url, headers=self.headers, verify=settings.ssl_context()
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -174,7 +176,9 @@ class AsyncTransport(_Base):
         max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         super().__init__(settings, timeout, max_retries)
-        self.client = httpx.AsyncClient(base_url=settings.api_url, headers=self.headers)
+        self.client = httpx.AsyncClient(
+            base_url=settings.api_url, headers=self.headers, verify=settings.ssl_context()
+        )
 
     async def close(self) -> None:
         await self.client.aclose()

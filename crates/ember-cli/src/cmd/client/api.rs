@@ -34,8 +34,10 @@ pub enum ClientError {
     MissingKey { config: Option<PathBuf> },
     #[error("config file {}: {detail}", path.display())]
     Config { path: PathBuf, detail: String },
-    #[error("{url:?} is not an http:// URL of an Ember server")]
+    #[error("{url:?} is not an http:// or https:// URL of an Ember server")]
     BadUrl { url: String },
+    #[error("--ca {}: {detail}", path.display())]
+    Ca { path: PathBuf, detail: String },
     #[error(
         "cannot reach the Ember server at {url}: is `ember server` running there? (set EMBER_API_URL or --api-url)"
     )]
@@ -67,7 +69,9 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::MissingKey { .. } => exit::AUTH,
-            ClientError::Config { .. } | ClientError::BadUrl { .. } => exit::INVALID,
+            ClientError::Config { .. } | ClientError::BadUrl { .. } | ClientError::Ca { .. } => {
+                exit::INVALID
+            }
             ClientError::Api { status, code, .. } => match (code.as_str(), *status) {
                 ("not_found", _) | (_, 404) => exit::NOT_FOUND,
                 ("unauthorized" | "forbidden", _) | (_, 401 | 403) => exit::AUTH,
@@ -110,12 +114,28 @@ impl Api {
     /// A client for `endpoint`; fails if it has no key.
     pub fn new(endpoint: &Endpoint) -> Result<Api, ClientError> {
         let key = endpoint.key()?.to_owned();
-        if !endpoint.url.starts_with("http://") {
+        if !endpoint.url.starts_with("http://") && !endpoint.url.starts_with("https://") {
             return Err(ClientError::BadUrl {
                 url: endpoint.url.clone(),
             });
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &endpoint.ca {
+            let bad = |detail: String| ClientError::Ca {
+                path: path.clone(),
+                detail,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("holds no PEM certificate".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("ember-cli/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -28,6 +28,10 @@ pub struct ClientArgs {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+    /// A PEM file of the CA that signed an https:// server's certificate,
+    /// when the system does not trust it [env: EMBER_CA].
+    #[arg(long, global = true, env = "EMBER_CA", hide_env = true)]
+    pub ca: Option<PathBuf>,
 }
 
 /// The config file's contents.
@@ -36,6 +40,7 @@ pub struct ClientArgs {
 pub struct ConfigFile {
     pub api_url: Option<String>,
     pub api_key: Option<String>,
+    pub ca: Option<PathBuf>,
 }
 
 /// Where to send requests, and with which key.
@@ -44,6 +49,8 @@ pub struct Endpoint {
     /// Base URL without a trailing slash.
     pub url: String,
     pub key: Option<String>,
+    /// Extra trusted CA certificates (PEM) for an https:// server.
+    pub ca: Option<PathBuf>,
     /// Where the settings were looked for, for error messages.
     pub config_path: Option<PathBuf>,
 }
@@ -85,7 +92,7 @@ pub fn read_config(path: &Path) -> Result<ConfigFile, ClientError> {
     };
     toml::from_str(&text).map_err(|e| ClientError::Config {
         path: path.to_path_buf(),
-        detail: format!("{} (expected only api_url and api_key)", e.message()),
+        detail: format!("{} (expected only api_url, api_key and ca)", e.message()),
     })
 }
 
@@ -100,6 +107,7 @@ pub fn resolve(args: &ClientArgs, file: &ConfigFile, config_path: Option<PathBuf
         key: nonempty(&args.api_key)
             .or_else(|| nonempty(&file.api_key))
             .map(|k| k.trim().to_owned()),
+        ca: args.ca.clone().or_else(|| file.ca.clone()),
         config_path,
     }
 }
@@ -136,6 +144,7 @@ mod tests {
         ClientArgs {
             api_url: url.map(str::to_owned),
             api_key: key.map(str::to_owned),
+            ca: None,
         }
     }
 
@@ -144,6 +153,7 @@ mod tests {
         let file = ConfigFile {
             api_url: Some("http://file:1/".into()),
             api_key: Some("file-key".into()),
+            ca: Some(PathBuf::from("/etc/ember/ca.pem")),
         };
         let e = resolve(&args(Some("http://flag:2"), Some("flag-key")), &file, None);
         assert_eq!(e.url, "http://flag:2");
@@ -152,6 +162,7 @@ mod tests {
         let e = resolve(&args(None, None), &file, None);
         assert_eq!(e.url, "http://file:1", "trailing slash dropped");
         assert_eq!(e.key.as_deref(), Some("file-key"));
+        assert_eq!(e.ca.as_deref(), Some(Path::new("/etc/ember/ca.pem")));
 
         let e = resolve(&args(Some(""), None), &ConfigFile::default(), None);
         assert_eq!(e.url, DEFAULT_API_URL, "an empty value counts as unset");
@@ -176,12 +187,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         assert_eq!(read_config(&path).unwrap(), ConfigFile::default());
-        std::fs::write(&path, "api_url = \"http://h:3\"\napi_key = \"k\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "api_url = \"https://h:3\"\napi_key = \"k\"\nca = \"/etc/ember/ca.pem\"\n",
+        )
+        .unwrap();
         assert_eq!(
             read_config(&path).unwrap(),
             ConfigFile {
-                api_url: Some("http://h:3".into()),
-                api_key: Some("k".into())
+                api_url: Some("https://h:3".into()),
+                api_key: Some("k".into()),
+                ca: Some(PathBuf::from("/etc/ember/ca.pem")),
             }
         );
         std::fs::write(&path, "api_ur = \"http://h:3\"\n").unwrap();

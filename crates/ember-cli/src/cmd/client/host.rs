@@ -1,4 +1,5 @@
-//! `ember host list`: the host agents the server schedules on (admin keys).
+//! `ember host list|revoke|remove`: the host agents the server schedules
+//! on, and taking one out of the cluster (admin keys).
 
 use std::process::ExitCode;
 
@@ -26,6 +27,20 @@ enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a host's credentials: the server stops calling it and refuses
+    /// its registrations (with its credential or the join token) until it
+    /// is removed. For a host that is compromised or retired.
+    Revoke {
+        /// Host ID (`ember host list`).
+        id: String,
+    },
+    /// Forget a revoked host with no sandboxes left, so its machine may
+    /// join again as a new registration.
+    #[command(alias = "rm")]
+    Remove {
+        /// Host ID.
+        id: String,
+    },
 }
 
 pub async fn run(args: HostArgs) -> anyhow::Result<ExitCode> {
@@ -35,6 +50,24 @@ pub async fn run(args: HostArgs) -> anyhow::Result<ExitCode> {
 async fn dispatch(args: HostArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(&config::endpoint(&args.api)?)?;
     match args.command {
+        HostCommand::Revoke { id } => {
+            let v = api
+                .post(&format!("/v1/hosts/{id}/revoke"), &serde_json::json!({}))
+                .await?;
+            let host: ember_control::wire::Host = typed("the host", &v)?;
+            println!(
+                "revoked host {} (at {})",
+                host.id,
+                host.revoked_at
+                    .as_deref()
+                    .map(short_time)
+                    .unwrap_or_default()
+            );
+        }
+        HostCommand::Remove { id } => {
+            api.delete(&format!("/v1/hosts/{id}")).await?;
+            println!("removed host {id}");
+        }
         HostCommand::List { json } => {
             let v = api.get("/v1/hosts").await?;
             let list: HostList = typed("the host list", &v)?;
@@ -70,7 +103,10 @@ async fn dispatch(args: HostArgs) -> anyhow::Result<ExitCode> {
                         .map(short_time)
                         .unwrap_or_default(),
                     h.address,
-                    h.last_error.unwrap_or_default(),
+                    match &h.revoked_at {
+                        Some(_) => "credentials revoked".to_owned(),
+                        None => h.last_error.unwrap_or_default(),
+                    },
                 ]);
             }
             t.print();

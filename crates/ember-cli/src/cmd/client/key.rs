@@ -237,6 +237,7 @@ async fn usage_inner(args: UsageArgs) -> anyhow::Result<ExitCode> {
         ("vcpus", u.vcpus),
         ("memory MiB", u.memory_mib),
         ("paused sandboxes", u.paused_sandboxes),
+        ("templates", u.templates),
     ] {
         t.row(vec![
             what.to_owned(),
