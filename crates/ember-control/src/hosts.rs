@@ -323,14 +323,11 @@ impl HostRegistry {
     /// restart), and drop the ones whose credentials were revoked.
     pub async fn load(&self) -> Result<()> {
         let rows = self.store.list_hosts().await?;
+        let mut creds = self.store.host_credentials().await?;
         let mut fresh = Vec::new();
         let mut gone = Vec::new();
         for row in rows {
-            let cred = self
-                .store
-                .host_credential(&row.id)
-                .await?
-                .filter(|c| c.revoked_at.is_none());
+            let cred = creds.remove(&row.id).filter(|c| c.revoked_at.is_none());
             let Some(cred) = cred else {
                 // Revoked, or registered by a version before per-host
                 // credentials: it is called again once it re-joins.

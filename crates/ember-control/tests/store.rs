@@ -184,6 +184,9 @@ async fn host_credentials_are_kept_revoked_and_removed(url: &str) {
         "the first revocation's time stays"
     );
     assert!(!store.revoke_host_credential("host-none", 7).await.unwrap());
+    let all = store.host_credentials().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all.get(&h.id), Some(&revoked));
     assert!(store.delete_host(&h.id).await.unwrap());
     assert_eq!(store.host(&h.id).await.unwrap(), None);
     assert_eq!(store.host_credential(&h.id).await.unwrap(), None);

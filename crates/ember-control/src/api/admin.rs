@@ -286,23 +286,16 @@ async fn hosts_to_wire(
     hosts: Vec<model::Host>,
 ) -> Result<Vec<wire::Host>, ApiError> {
     let usage = state.store.host_usage().await?;
-    let mut revoked = std::collections::HashMap::new();
-    for h in &hosts {
-        if let Some(at) = state
-            .store
-            .host_credential(&h.id)
-            .await?
-            .and_then(|c| c.revoked_at)
-        {
-            revoked.insert(h.id.clone(), at);
-        }
-    }
+    let credentials = state.store.host_credentials().await?;
     Ok(hosts
         .into_iter()
         .map(|h| {
             let used = usage.get(&h.id).copied().unwrap_or_default();
             wire::Host {
-                revoked_at: revoked.get(&h.id).copied().map(rfc3339),
+                revoked_at: credentials
+                    .get(&h.id)
+                    .and_then(|c| c.revoked_at)
+                    .map(rfc3339),
                 healthy: state.hosts.is_healthy(&h.id),
                 isolation: state
                     .hosts

@@ -585,14 +585,23 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| HostCredential {
-            host_id: r.get("host_id"),
-            credential_hash: r.get("credential_hash"),
-            control_token: r.get("control_token"),
-            tls_cert: r.get("tls_cert"),
-            issued_at: r.get("issued_at"),
-            revoked_at: r.get("revoked_at"),
-        }))
+        Ok(row.as_ref().map(host_credential_from_row))
+    }
+
+    /// Every host's credentials, by host ID, in one query (the registry
+    /// reads them on every probe round).
+    pub async fn host_credentials(&self) -> Result<HashMap<String, HostCredential>> {
+        let rows = sqlx::query(
+            "SELECT host_id, credential_hash, control_token, tls_cert, issued_at, revoked_at \
+             FROM host_credentials",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(host_credential_from_row)
+            .map(|c| (c.host_id.clone(), c))
+            .collect())
     }
 
     /// Record a host's credentials, replacing what it had.
@@ -1361,6 +1370,17 @@ fn key_from_row(r: &AnyRow) -> ApiKey {
             .parse()
             .unwrap_or(crate::auth::Role::ReadOnly),
         expires_at: r.get("expires_at"),
+    }
+}
+
+fn host_credential_from_row(r: &AnyRow) -> HostCredential {
+    HostCredential {
+        host_id: r.get("host_id"),
+        credential_hash: r.get("credential_hash"),
+        control_token: r.get("control_token"),
+        tls_cert: r.get("tls_cert"),
+        issued_at: r.get("issued_at"),
+        revoked_at: r.get("revoked_at"),
     }
 }
 
