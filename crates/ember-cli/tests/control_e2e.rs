@@ -254,6 +254,156 @@ fn a_hosts_id_is_pinned_to_its_credentials_root_vm() {
     });
 }
 
+/// Run the CLI against `server` with `key`; (exit success, stdout, stderr).
+fn ember_cli(
+    server: &support::server::ServerProc,
+    key: &str,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .env("EMBER_API_URL", &server.base)
+        .env("EMBER_API_KEY", key)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With `--no-cluster-join-token`, machines join only with one-time tokens
+/// that an admin makes (`ember host join-token create`):
+/// - a token admits the first host that presents it, which then keeps
+///   its own credential (it restarts without the token);
+/// - a second machine with the same token is refused, told which host it
+///   admitted; the cluster token is not taken; a revoked token admits nobody;
+/// - removing the host revokes its token: the machine needs a new one.
+#[test]
+fn one_time_join_tokens_admit_one_host_each_root_vm() {
+    require_vm!();
+    runtime().block_on(async {
+        let db = support::server::TestDb::sqlite();
+        let mut spec = ServerSpec::new(&db, None).arg("--no-cluster-join-token");
+        let cluster_token = std::mem::take(&mut spec.join_token);
+        let server = spec.start();
+        assert!(
+            server.logs().contains("no cluster join token"),
+            "{}",
+            server.logs()
+        );
+        let admin_key = server.admin_key.clone().unwrap();
+        let admin = server.api(&admin_key);
+
+        let (ok, token, err) = ember_cli(
+            &server,
+            &admin_key,
+            &["host", "join-token", "create", "--expires-in", "10m"],
+        );
+        assert!(ok, "{err}");
+        let token = token.trim().to_owned();
+        assert!(token.starts_with("emberjoin_"), "{token}");
+        assert!(err.contains("shown only now"), "{err}");
+        let (_, listed) = admin.get("/v1/hosts/join-tokens").await;
+        let first = &listed["tokens"][0];
+        assert_eq!(first["state"], "unused", "{listed}");
+        assert!(!listed.to_string().contains(&token), "never listed: {listed}");
+        let token_id = first["id"].as_str().unwrap().to_owned();
+
+        // The first machine joins with it.
+        let mut a = AgentHome::fake_firecracker();
+        a.token = token.clone();
+        let agent_a = a.start_with(&["--control-plane", &server.base]);
+        let hosts = admin.wait_healthy_hosts(1, Duration::from_secs(60)).await;
+        let host_a = hosts[0]["id"].as_str().unwrap().to_owned();
+        let (_, listed) = admin.get("/v1/hosts/join-tokens").await;
+        assert_eq!(listed["tokens"][0]["state"], "used", "{listed}");
+        assert_eq!(listed["tokens"][0]["used_by_host"], host_a.as_str(), "{listed}");
+
+        // A second machine with the same token: refused, told why.
+        let mut b = AgentHome::fake_firecracker();
+        b.token = token.clone();
+        let agent_b = b.start();
+        let identity_b = ember_agent::identity::Identity::load_or_create(&b.data()).unwrap();
+        let register_b = |bearer: String| {
+            let body = json!({
+                "address": format!("https://{}", agent_b.addr),
+                "host_id": std::fs::read_to_string(b.data().join("host-id")).unwrap_or_else(|_| ember_types::HostId::new().to_string()).trim().to_owned(),
+                "control_token": identity_b.control_token.clone(),
+                "tls_cert": identity_b.cert_pem.clone(),
+            });
+            server.client().post(server.url("/internal/v1/hosts")).bearer_auth(bearer).json(&body).send()
+        };
+        let refused = register_b(token.clone()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = refused.json().await.unwrap();
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(&format!("already admitted host {host_a}")), "{body}");
+        assert!(message.contains("ember host join-token create"), "{body}");
+        // No cluster token either: the one the harness would have given is
+        // not taken.
+        let refused = register_b(cluster_token).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        // A revoked token admits nobody.
+        let (ok, second, err) = ember_cli(&server, &admin_key, &["host", "join-token", "create", "--json"]);
+        assert!(ok, "{err}");
+        let second: Value = serde_json::from_str(&second).unwrap();
+        let second_id = second["id"].as_str().unwrap();
+        let (ok, _, err) = ember_cli(&server, &admin_key, &["host", "join-token", "revoke", second_id]);
+        assert!(ok, "{err}");
+        let refused = register_b(second["token"].as_str().unwrap().to_owned()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = refused.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains("was revoked"), "{body}");
+        let (_, hosts) = admin.get("/v1/hosts").await;
+        assert_eq!(hosts["hosts"].as_array().unwrap().len(), 1, "{hosts}");
+        drop(agent_b);
+
+        // The admitted host restarts without any token: its credential
+        // is enough.
+        drop(agent_a);
+        a.token = String::new();
+        let agent_a = a.start_with(&["--control-plane", &server.base]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, hosts) = admin.get("/v1/hosts").await;
+            let h = &hosts["hosts"][0];
+            if h["address"] == format!("https://{}", agent_a.addr) && h["healthy"] == true {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the host did not come back: {hosts}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        // Removed, its token no longer admits it: a new one is needed.
+        drop(agent_a);
+        let (st, _) = admin.post_empty(&format!("/v1/hosts/{host_a}/revoke")).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, _) = admin.delete(&format!("/v1/hosts/{host_a}")).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let identity_a = ember_agent::identity::Identity::load_or_create(&a.data()).unwrap();
+        let again = server
+            .client()
+            .post(server.url("/internal/v1/hosts"))
+            .bearer_auth(&token)
+            .json(&json!({
+                "address": "http://127.0.0.1:9",
+                "host_id": host_a,
+                "control_token": identity_a.control_token,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), StatusCode::UNAUTHORIZED);
+        let (_, listed) = admin.get("/v1/hosts/join-tokens").await;
+        let used = listed["tokens"].as_array().unwrap().iter().find(|t| t["id"] == token_id.as_str()).unwrap();
+        assert_eq!(used["state"], "revoked", "{listed}");
+        let (_, audit) = admin.get(&format!("/v1/audit?target=join-token:{second_id}")).await;
+        assert_eq!(audit["entries"].as_array().map(Vec::len), Some(2), "create and revoke: {audit}");
+    });
+}
+
 #[test]
 fn slow_pause_and_resume_are_accepted_and_polled_sqlite_root_vm() {
     require_vm!();

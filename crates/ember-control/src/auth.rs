@@ -218,6 +218,16 @@ pub fn new_join_token() -> String {
     format!("emberjoin_{}", random_chars(BASE62, KEY_SECRET_LEN))
 }
 
+/// Mint a one-time join token (`ember host join-token create`): its ID
+/// (what lists and revocation name) and the token (shown once, kept as
+/// its SHA-256). It admits one host.
+pub fn new_one_time_join_token() -> (String, String) {
+    (
+        format!("jt_{}", random_chars(BASE62, 12)),
+        format!("emberjoin_{}", random_chars(BASE62, KEY_SECRET_LEN)),
+    )
+}
+
 /// How host credentials start.
 pub const HOST_CREDENTIAL_PREFIX: &str = "emberhost_";
 

@@ -284,6 +284,23 @@ impl std::fmt::Debug for HostCredential {
     }
 }
 
+/// A one-time join token (`ember host join-token create`); the token itself
+/// is shown once and kept only as its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub token_hash: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// The admin key that made it.
+    pub created_by: Option<String>,
+    pub used_at: Option<i64>,
+    /// The host it admitted (and the only one it still admits, until it
+    /// expires, for a retry of that host's join).
+    pub used_by_host: Option<String>,
+    pub revoked_at: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     pub id: String,

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub database_url: String,
     /// Use this join token instead of the stored (or a generated) one.
     pub join_token: Option<String>,
+    /// Accept the cluster join token at all (`false`: hosts join only with
+    /// one-time tokens, `ember host join-token create`).
+    pub cluster_join_token: bool,
     pub probe_interval: Duration,
     pub reconcile_interval: Duration,
     pub ttl_interval: Duration,
@@ -65,6 +68,7 @@ impl ServerConfig {
         ServerConfig {
             database_url: database_url.into(),
             join_token: None,
+            cluster_join_token: true,
             probe_interval: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(5),
             ttl_interval: Duration::from_secs(1),
@@ -105,15 +109,16 @@ impl ControlPlane {
         let store = Store::open(&config.database_url).await?;
         let admin_key = bootstrap_admin(&store).await?;
         let (join_token, new_join_token) = match &config.join_token {
+            _ if !config.cluster_join_token => (None, None),
             Some(t) => {
                 store.put_setting(JOIN_TOKEN_SETTING, t).await?;
-                (t.clone(), None)
+                (Some(t.clone()), None)
             }
             None => {
                 let fresh = auth::new_join_token();
                 let stored = store.setting_or_insert(JOIN_TOKEN_SETTING, &fresh).await?;
                 let is_new = stored == fresh;
-                (stored, is_new.then_some(fresh))
+                (Some(stored), is_new.then_some(fresh))
             }
         };
         let token_key = store
@@ -138,7 +143,7 @@ impl ControlPlane {
             ops,
             hosts,
             metrics,
-            join_token: join_token.into(),
+            join_token: join_token.map(Into::into),
             answer_within: config.answer_within,
             ingress: Arc::new(crate::ingress::Ingress::new(config.ingress.clone())),
             limiter: Arc::new(crate::ratelimit::RateLimiter::new(config.rate_limits)),
@@ -167,8 +172,9 @@ impl ControlPlane {
         self.config.tls.is_some()
     }
 
-    pub fn join_token(&self) -> &str {
-        &self.state.join_token
+    /// The cluster join token, unless the server runs without one.
+    pub fn join_token(&self) -> Option<&str> {
+        self.state.join_token.as_deref()
     }
 
     /// Serve the API on `listener` and run the background loops until

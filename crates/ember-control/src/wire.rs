@@ -743,6 +743,48 @@ pub struct HostRegistration {
     pub credential: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinTokenRequest {
+    /// Seconds the token admits a host for (60–604800; default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_s: Option<u64>,
+}
+
+/// A one-time join token (never the token itself once created).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    /// What `DELETE /v1/hosts/join-tokens/{id}` takes.
+    pub id: String,
+    /// `unused`, `used`, `expired` or `revoked`.
+    pub state: String,
+    pub created_at: String,
+    pub expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<String>,
+    /// The host it admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedJoinToken {
+    /// The token (`emberjoin_…`), shown only now: `ember agent
+    /// --token-file` on the machine that is to join.
+    pub token: String,
+    #[serde(flatten)]
+    pub info: JoinToken,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenList {
+    /// Newest first: the usable ones and those used, expired or revoked
+    /// in the last 30 days.
+    pub tokens: Vec<JoinToken>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// `ok` when the database answers.

@@ -113,6 +113,7 @@ on_both_stores!(
     expiry_and_purge,
     concurrent_first_starts_agree_on_one_setting,
     host_credentials_are_kept_revoked_and_removed,
+    a_join_token_admits_one_host,
     concurrent_templates_never_overrun_a_team_quota,
 );
 
@@ -187,10 +188,91 @@ async fn host_credentials_are_kept_revoked_and_removed(url: &str) {
     let all = store.host_credentials().await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all.get(&h.id), Some(&revoked));
-    assert!(store.delete_host(&h.id).await.unwrap());
+    assert!(store.delete_host(&h.id, 10).await.unwrap());
     assert_eq!(store.host(&h.id).await.unwrap(), None);
     assert_eq!(store.host_credential(&h.id).await.unwrap(), None);
-    assert!(!store.delete_host(&h.id).await.unwrap());
+    assert!(!store.delete_host(&h.id, 10).await.unwrap());
+    store.close().await;
+}
+
+async fn a_join_token_admits_one_host(url: &str) {
+    use ember_control::model::JoinToken;
+    let store = open(url).await;
+    let token = |id: &str, expires_at: i64| JoinToken {
+        id: id.into(),
+        token_hash: ember_control::auth::sha256_hex(id),
+        created_at: 1,
+        expires_at,
+        created_by: Some("admin".into()),
+        used_at: None,
+        used_by_host: None,
+        revoked_at: None,
+    };
+    let t = token("jt-a", 1_000);
+    store.insert_join_token(&t).await.unwrap();
+    assert_eq!(
+        store.join_token_by_hash(&t.token_hash).await.unwrap(),
+        Some(t.clone())
+    );
+    // Hosts racing for one token: exactly one wins it.
+    let claims = (0..8).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_join_token("jt-a", &format!("host-{i}"), 10)
+                .await
+                .unwrap()
+        }
+    });
+    let won = futures::future::join_all(claims).await;
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    let used = store
+        .join_token_by_hash(&t.token_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    let winner = used.used_by_host.clone().unwrap();
+    assert_eq!(used.used_at, Some(10));
+    // Its host may retry (its answer was lost) until the token expires.
+    assert!(store.claim_join_token("jt-a", &winner, 20).await.unwrap());
+    assert!(
+        !store
+            .claim_join_token("jt-a", &winner, 1_000)
+            .await
+            .unwrap()
+    );
+    let again = store
+        .join_token_by_hash(&t.token_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.used_at, Some(10), "the first use's time stays");
+    // Expired or revoked: no use.
+    store.insert_join_token(&token("jt-old", 5)).await.unwrap();
+    assert!(!store.claim_join_token("jt-old", "host-x", 5).await.unwrap());
+    store
+        .insert_join_token(&token("jt-revoked", 1_000))
+        .await
+        .unwrap();
+    assert!(store.revoke_join_token("jt-revoked", 3).await.unwrap());
+    assert!(
+        !store
+            .claim_join_token("jt-revoked", "host-x", 4)
+            .await
+            .unwrap()
+    );
+    assert!(!store.revoke_join_token("jt-none", 3).await.unwrap());
+    // Removing the host it admitted revokes it.
+    let h = host(&store, &winner).await;
+    assert!(store.delete_host(&h.id, 30).await.unwrap());
+    assert!(!store.claim_join_token("jt-a", &winner, 31).await.unwrap());
+    let listed = store.list_join_tokens(0).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(
+        listed.iter().find(|t| t.id == "jt-a").unwrap().revoked_at,
+        Some(30)
+    );
+    assert_eq!(store.list_join_tokens(2_000).await.unwrap(), vec![]);
     store.close().await;
 }
 
@@ -209,6 +291,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
             vec![Some("4".into()), Some("key_roles_audit".into())],
             vec![Some("5".into()), Some("running_since".into())],
             vec![Some("6".into()), Some("host_credentials".into())],
+            vec![Some("7".into()), Some("join_tokens".into())],
         ]
     );
     store.close().await;
@@ -222,7 +305,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("6"));
+    assert_eq!(rows[0][0].as_deref(), Some("7"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");

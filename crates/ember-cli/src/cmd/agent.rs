@@ -159,8 +159,9 @@ pub struct AgentArgs {
     /// control plane's TLS certificate, when the system does not trust it.
     #[arg(long, env = "EMBER_CA")]
     ca: Option<PathBuf>,
-    /// With --control-plane: the cluster join token (`ember server` writes
-    /// it to <data_dir>/join.token), sent once, at this host's first join.
+    /// With --control-plane: a join token, sent once, at this host's first
+    /// join: a one-time one (`ember host join-token create`) or the
+    /// cluster's (`ember server` writes it to <data_dir>/join.token).
     /// Without: the token every gRPC caller must present. Prefer
     /// --token-file or the environment: a value on the command line is
     /// visible to every local user.

@@ -41,6 +41,10 @@ pub struct ServerArgs {
     /// --join-token, which every local user can read in /proc.
     #[arg(long, env = "EMBER_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
+    /// Accept no cluster-wide join token: machines join only with one-time
+    /// tokens (`ember host join-token create`), each admitting one host.
+    #[arg(long, env = "EMBER_NO_CLUSTER_JOIN_TOKEN", conflicts_with_all = ["join_token", "join_token_file"])]
+    no_cluster_join_token: bool,
     /// Serve sandbox ports at `{port}-{sandbox id}.DOMAIN` (point wildcard
     /// DNS for *.DOMAIN at this server). `https://` (the default) or
     /// `http://` before it says how URLs are written; a `:port` may follow.
@@ -58,6 +62,7 @@ pub struct ServerArgs {
     )]
     egress_grants: Vec<String>,
     /// TOML file with any of: listen, data_dir, database_url, join_token,
+    /// cluster_join_token (false: as --no-cluster-join-token),
     /// tls_cert, tls_key, ingress_domain, egress_grants, a [team_egress_grants] table (team name =
     /// [CIDR, …]), reconcile_interval_s, ttl_interval_s,
     /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s,
@@ -89,6 +94,8 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     join_token: Option<String>,
+    /// `false`: no cluster join token; hosts join with one-time tokens.
+    cluster_join_token: Option<bool>,
     /// PEM certificate (chain) and key: serve the API over TLS.
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -195,6 +202,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         "join-token",
     )?
     .or(file.join_token);
+    config.cluster_join_token =
+        !args.no_cluster_join_token && file.cluster_join_token != Some(false);
+    if !config.cluster_join_token && config.join_token.is_some() {
+        anyhow::bail!(
+            "a join_token is set but the cluster join token is off (cluster_join_token = false): drop one"
+        );
+    }
     if let Some(s) = file.reconcile_interval_s {
         config.reconcile_interval = Duration::from_secs(s.max(1));
     }
@@ -321,6 +335,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("    EMBER_JOIN_TOKEN={token}");
             }
         }
+    }
+    if plane.join_token().is_none() {
+        eprintln!(
+            "ember server: no cluster join token; each machine joins with a one-time token: `ember host join-token create`"
+        );
     }
     let shutdown = CancellationToken::new();
     let agent = if args.no_agent {

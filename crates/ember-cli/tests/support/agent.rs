@@ -180,13 +180,15 @@ impl AgentHome {
             .arg("--data-dir")
             .arg(self.data())
             .args(self.agent_options())
-            .args(["--token", &self.token])
             .args(extra)
             .env("EMBER_LOG", "info,ember_agent=debug")
             .env_remove("EMBER_CONTROL_PLANE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if !self.token.is_empty() {
+            cmd.args(["--token", &self.token]);
+        }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }

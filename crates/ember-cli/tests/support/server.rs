@@ -119,6 +119,7 @@ pub struct ServerSpec<'a> {
     /// Run the embedded host agent with this home's directories and network
     /// pool (its data directory is the server's); `None` = `--no-agent`.
     pub agent: Option<&'a AgentHome>,
+    /// The cluster join token (`--join-token`); empty: none given.
     pub join_token: String,
     /// Lines of the `--config` TOML file (reconcile_interval_s = 1, …).
     pub config: Vec<String>,
@@ -183,8 +184,10 @@ impl<'a> ServerSpec<'a> {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--config")
-            .arg(&config)
-            .args(["--join-token", &self.join_token]);
+            .arg(&config);
+        if !self.join_token.is_empty() {
+            cmd.args(["--join-token", &self.join_token]);
+        }
         match self.agent {
             Some(home) => {
                 cmd.args(home.agent_options());

@@ -341,20 +341,22 @@ pub async fn list_hosts(
 
 /// Register a host agent (called by `ember agent --control-plane URL`).
 ///
-/// A host's first registration presents the cluster join token and is
-/// answered with the host's own `credential`; every later one (a restart,
-/// a new address) presents that credential. A host ID is pinned to its
-/// credential: the join token alone cannot take over a registered host
-/// (409), and a revoked host is refused (403) until removed. The control
-/// plane then dials `address` over TLS trusting only `tls_cert`, asks
-/// `HostInfo`, and calls the host with its `control_token` from then on.
+/// A host's first registration presents a join token (a one-time one from
+/// `POST /v1/hosts/join-tokens`, or the cluster's) and is answered with the
+/// host's own `credential`; every later one (a restart, a new address)
+/// presents that credential. A one-time token admits the first host ID
+/// that presents it and no other. A host ID is pinned to its credential: a
+/// join token alone cannot take over a registered host (409), and a
+/// revoked host is refused (403) until removed. The control plane then
+/// dials `address` over TLS trusting only `tls_cert`, asks `HostInfo`, and
+/// calls the host with its `control_token` from then on.
 #[utoipa::path(
     post, path = "/internal/v1/hosts", tag = "internal",
     request_body = wire::RegisterHostRequest,
     responses(
         (status = 200, body = wire::HostRegistration),
         (status = 400, body = wire::ErrorBody),
-        (status = 401, description = "Neither the join token nor this host's credential", body = wire::ErrorBody),
+        (status = 401, description = "Neither a usable join token nor this host's credential", body = wire::ErrorBody),
         (status = 403, description = "The host's credentials were revoked", body = wire::ErrorBody),
         (status = 409, description = "The host ID is registered with another credential", body = wire::ErrorBody),
         (status = 502, description = "The agent could not be reached at that address", body = wire::ErrorBody),
@@ -368,12 +370,31 @@ pub async fn register_host(
 ) -> Result<Json<wire::HostRegistration>, ApiError> {
     let presented = bearer_token(&headers)?;
     let by_credential = presented.starts_with(auth::HOST_CREDENTIAL_PREFIX);
-    if !by_credential && !auth::secret_eq(presented, &state.join_token) {
-        return Err(ApiError::unauthorized(
-            "neither this cluster's join token nor a host credential",
-        ));
-    }
+    let by_cluster_token = !by_credential
+        && state
+            .join_token
+            .as_deref()
+            .is_some_and(|t| auth::secret_eq(presented, t));
+    let one_time = match by_credential || by_cluster_token {
+        true => None,
+        false => Some(
+            state
+                .store
+                .join_token_by_hash(&auth::sha256_hex(presented))
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "neither a join token of this cluster nor a host credential \
+                         (an admin makes one: `ember host join-token create`)",
+                    )
+                })?,
+        ),
+    };
     check_registration(&req)?;
+    let now = model::now_ms();
+    if let Some(t) = &one_time {
+        join_token_usable(t, &req.host_id, now)?;
+    }
     let existing = state.store.host_credential(&req.host_id).await?;
     let revoked = |id: &str| {
         ApiError::forbidden(format!(
@@ -422,6 +443,25 @@ pub async fn register_host(
             }
             _ => {}
         }
+        // Bound to this host before it is dialled: of two hosts racing
+        // with one token, one wins; a retry by the winner is let through.
+        if let Some(t) = &one_time
+            && !state
+                .store
+                .claim_join_token(&t.id, &req.host_id, now)
+                .await?
+        {
+            let t = state
+                .store
+                .join_token_by_hash(&t.token_hash)
+                .await?
+                .unwrap_or_else(|| t.clone());
+            join_token_usable(&t, &req.host_id, now)?;
+            return Err(ApiError::unauthorized(format!(
+                "join token {} was just used by another host",
+                t.id
+            )));
+        }
         let credential = auth::new_host_credential();
         let cred = model::HostCredential {
             host_id: req.host_id.clone(),
@@ -440,6 +480,168 @@ pub async fn register_host(
         host: hosts.remove(0),
         credential: issued,
     }))
+}
+
+/// Is one-time join token `t` one that host `host_id` may join with now?
+/// Each refusal says what the operator does about it.
+fn join_token_usable(t: &model::JoinToken, host_id: &str, now: i64) -> Result<(), ApiError> {
+    let another = "create another with `ember host join-token create`";
+    if t.revoked_at.is_some() {
+        return Err(ApiError::unauthorized(format!(
+            "join token {} was revoked (or the host it admitted was removed); {another}",
+            t.id
+        )));
+    }
+    if t.expires_at <= now {
+        return Err(ApiError::unauthorized(format!(
+            "join token {} expired at {}; {another}",
+            t.id,
+            rfc3339(t.expires_at)
+        )));
+    }
+    match &t.used_by_host {
+        Some(h) if h != host_id => Err(ApiError::unauthorized(format!(
+            "join token {} already admitted host {h}: each admits one host; {another}",
+            t.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn join_token_to_wire(t: model::JoinToken, now: i64) -> wire::JoinToken {
+    let state = if t.revoked_at.is_some() {
+        "revoked"
+    } else if t.used_at.is_some() {
+        "used"
+    } else if t.expires_at <= now {
+        "expired"
+    } else {
+        "unused"
+    };
+    wire::JoinToken {
+        id: t.id,
+        state: state.into(),
+        created_at: rfc3339(t.created_at),
+        expires_at: rfc3339(t.expires_at),
+        used_at: t.used_at.map(rfc3339),
+        used_by_host: t.used_by_host,
+        revoked_at: t.revoked_at.map(rfc3339),
+    }
+}
+
+/// Create a one-time join token (admin): it admits one host, once, before
+/// it expires. The token is in the answer only.
+#[utoipa::path(
+    post, path = "/v1/hosts/join-tokens", tag = "hosts",
+    request_body = wire::CreateJoinTokenRequest,
+    responses(
+        (status = 201, description = "The token is in `token`, shown only now", body = wire::CreatedJoinToken),
+        (status = 400, body = wire::ErrorBody),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_join_token(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(req): ApiJson<wire::CreateJoinTokenRequest>,
+) -> Result<
+    (
+        StatusCode,
+        axum::Extension<crate::audit::AuditTarget>,
+        Json<wire::CreatedJoinToken>,
+    ),
+    ApiError,
+> {
+    auth.admin()?;
+    const WEEK_S: u64 = 7 * 24 * 3600;
+    let ttl_s = req.expires_in_s.unwrap_or(3600);
+    if !(60..=WEEK_S).contains(&ttl_s) {
+        return Err(ApiError::invalid(
+            "expires_in_s",
+            format!("must be 60-{WEEK_S} seconds (default 3600)"),
+        ));
+    }
+    let (id, token) = auth::new_one_time_join_token();
+    let now = now_ms();
+    let row = model::JoinToken {
+        id: id.clone(),
+        token_hash: auth::sha256_hex(&token),
+        created_at: now,
+        expires_at: now + (ttl_s as i64) * 1000,
+        created_by: match &auth.0 {
+            auth::Caller::Team { key_prefix, .. } => Some(key_prefix.clone()),
+            auth::Caller::Sandbox { .. } => None,
+        },
+        used_at: None,
+        used_by_host: None,
+        revoked_at: None,
+    };
+    state.store.insert_join_token(&row).await?;
+    tracing::info!(join_token = %id, ttl_s, "one-time join token created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Extension(crate::audit::AuditTarget(format!("join-token:{id}"))),
+        Json(wire::CreatedJoinToken {
+            token,
+            info: join_token_to_wire(row, now),
+        }),
+    ))
+}
+
+/// List one-time join tokens (admin; never the tokens themselves).
+#[utoipa::path(
+    get, path = "/v1/hosts/join-tokens", tag = "hosts",
+    responses(
+        (status = 200, body = wire::JoinTokenList),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_join_tokens(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<wire::JoinTokenList>, ApiError> {
+    auth.admin()?;
+    let now = now_ms();
+    const MONTH_MS: i64 = 30 * 24 * 3600 * 1000;
+    let tokens = state.store.list_join_tokens(now - MONTH_MS).await?;
+    Ok(Json(wire::JoinTokenList {
+        tokens: tokens
+            .into_iter()
+            .map(|t| join_token_to_wire(t, now))
+            .collect(),
+    }))
+}
+
+/// Revoke a one-time join token (admin). A host it already admitted keeps
+/// its own credential (`ember host revoke` takes that away).
+#[utoipa::path(
+    delete, path = "/v1/hosts/join-tokens/{id}", tag = "hosts",
+    params(("id" = String, Path, description = "Join token ID (`jt_…`)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, body = wire::ErrorBody),
+        (status = 403, body = wire::ErrorBody),
+        (status = 404, body = wire::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn revoke_join_token(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(axum::Extension<crate::audit::AuditTarget>, StatusCode), ApiError> {
+    auth.admin()?;
+    if !state.store.revoke_join_token(&id, now_ms()).await? {
+        return Err(ApiError::not_found(format!("no join token {id}")));
+    }
+    Ok((
+        axum::Extension(crate::audit::AuditTarget(format!("join-token:{id}"))),
+        StatusCode::NO_CONTENT,
+    ))
 }
 
 /// Bounds and shapes of a registration, each refusal naming its field.
@@ -603,7 +805,7 @@ pub async fn remove_host(
             ),
         ));
     }
-    state.store.delete_host(&id).await?;
+    state.store.delete_host(&id, now_ms()).await?;
     state.hosts.forget(&id);
     Ok((
         axum::Extension(crate::audit::AuditTarget(format!("host:{id}"))),

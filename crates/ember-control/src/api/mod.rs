@@ -51,7 +51,9 @@ pub struct AppState {
     pub hosts: Arc<HostRegistry>,
     pub metrics: Arc<Metrics>,
     /// Host agents present it to register; see `POST /internal/v1/hosts`.
-    pub join_token: Arc<str>,
+    /// `None`: the server runs with `--no-cluster-join-token`, and hosts
+    /// join only with one-time tokens.
+    pub join_token: Option<Arc<str>>,
     /// See [`crate::server::ServerConfig::answer_within`].
     pub answer_within: std::time::Duration,
     pub ingress: Arc<crate::ingress::Ingress>,
@@ -100,6 +102,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::list_hosts))
         .routes(routes!(admin::revoke_host))
         .routes(routes!(admin::remove_host))
+        .routes(routes!(admin::create_join_token, admin::list_join_tokens))
+        .routes(routes!(admin::revoke_join_token))
         .routes(routes!(admin::list_audit))
         .routes(routes!(admin::team_usage))
         .routes(routes!(admin::register_host))

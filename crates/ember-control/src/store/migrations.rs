@@ -42,10 +42,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "host_credentials",
         include_str!("../../migrations/0006_host_credentials.sql"),
     ),
+    (
+        7,
+        "join_tokens",
+        include_str!("../../migrations/0007_join_tokens.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 6;
+pub const LATEST: i64 = 7;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

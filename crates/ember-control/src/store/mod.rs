@@ -24,8 +24,8 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    ApiKey, AuditEntry, Build, BuildKind, Host, HostCredential, HostUsage, Ingress, NetworkPolicy,
-    OnTimeout, Sandbox, SandboxState, Team, Template,
+    ApiKey, AuditEntry, Build, BuildKind, Host, HostCredential, HostUsage, Ingress, JoinToken,
+    NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template,
 };
 
 /// Which database the store talks to.
@@ -637,18 +637,100 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Forget host `id` and its credentials. False if there was no such host.
-    pub async fn delete_host(&self, id: &str) -> Result<bool> {
+    /// Forget host `id` and its credentials; the one-time join token that
+    /// admitted it stops working (the machine needs a new one). False if
+    /// there was no such host.
+    pub async fn delete_host(&self, id: &str, now: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM host_credentials WHERE host_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "UPDATE join_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE used_by_host = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         let done = sqlx::query("DELETE FROM hosts WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn insert_join_token(&self, t: &JoinToken) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO join_tokens (id, token_hash, created_at, expires_at, created_by, used_at, used_by_host, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&t.id)
+        .bind(&t.token_hash)
+        .bind(t.created_at)
+        .bind(t.expires_at)
+        .bind(t.created_by.clone())
+        .bind(t.used_at)
+        .bind(t.used_by_host.clone())
+        .bind(t.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The join token whose SHA-256 is `hash`, in whatever state.
+    pub async fn join_token_by_hash(&self, hash: &str) -> Result<Option<JoinToken>> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOIN_TOKEN_COLUMNS} FROM join_tokens WHERE token_hash = $1"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(join_token_from_row))
+    }
+
+    /// Join tokens, newest first: those still usable, and those used,
+    /// revoked or expired since `since`.
+    pub async fn list_join_tokens(&self, since: i64) -> Result<Vec<JoinToken>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOIN_TOKEN_COLUMNS} FROM join_tokens \
+             WHERE created_at >= $1 OR expires_at >= $1 OR used_at >= $1 \
+             ORDER BY created_at DESC, id DESC LIMIT 1000"
+        ))
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(join_token_from_row).collect())
+    }
+
+    /// Bind join token `id` to `host_id` (its first use) in one statement:
+    /// true if it is unrevoked, unexpired at `now`, and unused or already
+    /// bound to that same host. Of two hosts racing for one token, one wins.
+    pub async fn claim_join_token(&self, id: &str, host_id: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE join_tokens SET used_at = COALESCE(used_at, $1), used_by_host = $2 \
+             WHERE id = $3 AND revoked_at IS NULL AND expires_at > $1 \
+               AND (used_by_host IS NULL OR used_by_host = $2)",
+        )
+        .bind(now)
+        .bind(host_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Revoke join token `id` (the first revocation's time stays). False
+    /// if there is no such token.
+    pub async fn revoke_join_token(&self, id: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE join_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1370,6 +1452,22 @@ fn key_from_row(r: &AnyRow) -> ApiKey {
             .parse()
             .unwrap_or(crate::auth::Role::ReadOnly),
         expires_at: r.get("expires_at"),
+    }
+}
+
+const JOIN_TOKEN_COLUMNS: &str =
+    "id, token_hash, created_at, expires_at, created_by, used_at, used_by_host, revoked_at";
+
+fn join_token_from_row(r: &AnyRow) -> JoinToken {
+    JoinToken {
+        id: r.get("id"),
+        token_hash: r.get("token_hash"),
+        created_at: r.get("created_at"),
+        expires_at: r.get("expires_at"),
+        created_by: r.get("created_by"),
+        used_at: r.get("used_at"),
+        used_by_host: r.get("used_by_host"),
+        revoked_at: r.get("revoked_at"),
     }
 }
 
