@@ -1494,11 +1494,17 @@ impl Agent {
         env: BTreeMap<String, String>,
         new_token: Option<String>,
         ingress: Option<IngressRecord>,
+        network: Option<EgressPolicy>,
     ) -> Result<SandboxRecord, AgentError> {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
         self.begin(&entry, Operation::Resume)?;
-        let record = entry.record();
+        let mut record = entry.record();
+        // The slot is made with the rules it resumes under; they are
+        // recorded only once it runs (a failed resume keeps the old ones).
+        if let Some(n) = &network {
+            record.network = n.clone();
+        }
         let admitted = self
             .check_pressure(self.expected_use_mib(record.memory_mib, record.build))
             .and_then(|()| self.reserve(record.vcpus, record.memory_mib));
@@ -1530,6 +1536,9 @@ impl Agent {
                     r.env = merged_env;
                     if let Some(ingress) = ingress {
                         r.ingress = ingress;
+                    }
+                    if let Some(network) = network {
+                        r.network = network;
                     }
                     r.last_operation_ms = ms;
                     r.last_operation_phases = timing;

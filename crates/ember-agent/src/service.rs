@@ -430,7 +430,9 @@ impl HostAgent for HostService {
         let (agent, id2) = (self.agent.clone(), id.clone());
         let env = r.env.into_iter().collect();
         let ingress = r.ingress.map(|i| ingress_record(Some(i))).transpose()?;
-        let rec = detached(async move { agent.resume(&id2, env, token, ingress).await }).await?;
+        let network = r.network.map(|n| policy(Some(n))).transpose()?;
+        let rec =
+            detached(async move { agent.resume(&id2, env, token, ingress, network).await }).await?;
         crate::failpoint::hit("resume.after").await?;
         Ok(Response::new(to_proto(&rec)))
     }

@@ -954,6 +954,28 @@ fn sandboxes_cannot_reach_the_host_or_each_other_but_allowed_cidrs_root_vm() {
             !reaches(&mut c, &b, &world.addr.to_string(), 8080).await,
             "refused again after SetNetworkPolicy"
         );
+        // A resume carries the rules it resumes under (the control plane
+        // sends its own, within today's ceiling): a grant withdrawn while
+        // the sandbox was paused no longer applies.
+        c.pause_sandbox(pb::SandboxRef {
+            sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        let resumed = c
+            .resume_sandbox(pb::ResumeSandboxRequest {
+                sandbox_id: a.clone(),
+                network: Some(pb::NetworkPolicy::default()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resumed.state, pb::SandboxState::Running as i32);
+        assert!(
+            !reaches(&mut c, &a, &world.addr.to_string(), 8080).await,
+            "the allow rule withdrawn at resume"
+        );
 
         // Every address of the host, at the test's port and at the port of
         // the host agent's gRPC API.

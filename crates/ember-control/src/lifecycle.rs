@@ -931,6 +931,10 @@ impl Operations {
             env: env.into_iter().collect(),
             guest_token: auth::new_guest_token(),
             ingress: Some(self.ingress_policy(id, &sb.ingress)),
+            network: Some(proto_network(
+                &sb.network,
+                &self.egress_for(&sb.team_id).await?,
+            )),
         };
         timer.lap("control.intent");
         match client
@@ -1635,5 +1639,26 @@ fn templates_over_quota(would: u64, max: u64) -> Error {
         would,
         max,
         remedy: "delete one of its templates first (the sandbox keeps running)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_get_only_the_rules_within_todays_ceiling() {
+        let policy = NetworkPolicy {
+            allow_out: vec!["10.9.0.0/16".into(), "1.1.1.0/24".into()],
+            deny_out: vec!["8.8.8.8/32".into()],
+        };
+        let granted = ember_types::cidr::EgressCeiling::new(&["10.9.0.0/16"]).unwrap();
+        let sent = proto_network(&policy, &granted);
+        assert_eq!(sent.allow_out, policy.allow_out);
+        assert_eq!(sent.deny_out, policy.deny_out);
+        // The grant withdrawn: the private range is left out, the rest kept.
+        let sent = proto_network(&policy, &Default::default());
+        assert_eq!(sent.allow_out, vec!["1.1.1.0/24".to_owned()]);
+        assert_eq!(sent.deny_out, policy.deny_out);
     }
 }
