@@ -534,6 +534,7 @@ impl Agent {
             runtime: None,
             pending_build: None,
             ingress: req.ingress.clone(),
+            build_stored_bytes: 0,
         };
         if let Err(e) = self.inner.records.save(&record) {
             self.release(vcpus, memory_mib);
@@ -1455,11 +1456,13 @@ impl Agent {
                 }
                 self.release(record.vcpus, record.memory_mib);
                 self.inner.metrics.pauses.fetch_add(1, Ordering::Relaxed);
+                let stored = self.build_sizes(build).await.0;
                 let ms = started.elapsed().as_millis() as u64;
                 let timing = phases.finish(started.elapsed());
                 let rec = self.update(&entry, |r| {
                     r.state = SandboxState::Paused;
                     r.build = Some(build);
+                    r.build_stored_bytes = stored;
                     r.pending_build = None;
                     r.runtime = None;
                     r.last_operation_ms = ms;
@@ -2051,9 +2054,24 @@ impl Agent {
 
     /// What the control plane shows about a template build.
     pub async fn snapshot_info(&self, t: &TemplateRecord) -> ember_proto::host::Snapshot {
+        let sizes = self.build_sizes(t.build).await;
+        ember_proto::host::Snapshot {
+            build_id: t.build.to_string(),
+            vcpus: t.vcpus,
+            memory_mib: t.memory_mib,
+            stored_bytes: sizes.0,
+            memory_bytes: sizes.1,
+            disk_bytes: sizes.2,
+            source_sandbox_id: t.source_sandbox.to_string(),
+            created_at: t.created_at.clone(),
+        }
+    }
+
+    /// Build `build`'s sizes: (bytes its own files take, memory size,
+    /// disk size); zeros where they cannot be read.
+    async fn build_sizes(&self, build: BuildId) -> (u64, u64, u64) {
         let store = self.inner.store.clone();
-        let build = t.build;
-        let sizes = blocking(move || {
+        blocking(move || {
             let meta = store.read_meta(build).map_err(AgentError::Store)?;
             let stored: u64 = meta.files.values().map(|f| f.size).sum();
             let mem = store
@@ -2067,17 +2085,7 @@ impl Agent {
             Ok((stored, mem, disk))
         })
         .await
-        .unwrap_or((0, 0, 0));
-        ember_proto::host::Snapshot {
-            build_id: t.build.to_string(),
-            vcpus: t.vcpus,
-            memory_mib: t.memory_mib,
-            stored_bytes: sizes.0,
-            memory_bytes: sizes.1,
-            disk_bytes: sizes.2,
-            source_sandbox_id: t.source_sandbox.to_string(),
-            created_at: t.created_at.clone(),
-        }
+        .unwrap_or((0, 0, 0))
     }
 }
 

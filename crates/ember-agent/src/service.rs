@@ -198,6 +198,7 @@ pub fn to_proto(r: &SandboxRecord) -> pb::Sandbox {
         }),
         last_traffic_unix_ms: 0,
         ingress_public: r.ingress.public,
+        build_stored_bytes: r.build_stored_bytes,
     }
 }
 

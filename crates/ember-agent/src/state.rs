@@ -159,6 +159,9 @@ pub struct SandboxRecord {
     /// Who may reach its ports through this host's ingress.
     #[serde(default)]
     pub ingress: IngressRecord,
+    /// Bytes the files of its latest pause's build take (0 before one).
+    #[serde(default)]
+    pub build_stored_bytes: u64,
 }
 
 /// A sandbox's port access as the control plane last set it. The token is

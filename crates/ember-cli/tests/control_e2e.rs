@@ -906,9 +906,17 @@ async fn every_endpoint_with_real_vms(db: support::server::TestDb) {
     assert_eq!(a.sandbox(sid).await["state"], "running", "untouched");
 
     // ---- pause, 409s, resume with a new timeout, timeout extension
+    let (_, before) = a.get("/v1/teams/me/usage").await;
     let (st, paused) = a.post_empty(&format!("/v1/sandboxes/{id}/pause")).await;
     assert_eq!(st, StatusCode::OK, "{paused}");
     assert_eq!(paused["state"], "paused");
+    // The host reports what the pause's build takes; the team's storage
+    // counts it.
+    let (_, after) = a.get("/v1/teams/me/usage").await;
+    assert!(
+        after["storage_mib"]["used"].as_u64() > before["storage_mib"]["used"].as_u64(),
+        "{before} -> {after}"
+    );
     assert!(
         paused.get("expires_at").is_none(),
         "paused sandboxes do not expire"

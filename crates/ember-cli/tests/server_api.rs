@@ -345,6 +345,7 @@ on_both_stores!(
     health_and_metrics,
     racing_transitions_have_exactly_one_winner,
     team_quotas_refuse_naming_the_limit,
+    the_storage_quota_refuses_pauses_and_snapshots,
     key_roles_and_expiry_are_enforced_and_changes_audited,
     rate_limits_answer_429_with_retry_after,
     lifetime_limits_end_long_runs_and_old_pauses,
@@ -821,6 +822,66 @@ async fn team_quotas_refuse_naming_the_limit(db: TestDb) {
         StatusCode::NOT_FOUND,
         "not_found",
     );
+    s.stop();
+}
+
+/// `storage_mib` bounds the snapshots a team holds: once its paused
+/// sandboxes' and templates' builds reach it, a pause or a snapshot is
+/// refused naming the limit, and the sandbox runs on.
+async fn the_storage_quota_refuses_pauses_and_snapshots(db: TestDb) {
+    let config = db.dir.path().join("limits.toml");
+    std::fs::write(&config, "[team_limits]\nstorage_mib = 2\n").unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let c = client();
+    let (team, key) = team_with_key(&s, "storage").await;
+    let running = insert_sandbox(&db, &team, SandboxState::Running, "t1", &[]).await;
+    let (st, usage) = call(c.get(s.url("/v1/teams/me/usage")).bearer_auth(&key)).await;
+    assert_eq!(st, StatusCode::OK, "{usage}");
+    assert_eq!(usage["storage_mib"], json!({"used": 0, "limit": 2}));
+    // A paused sandbox holding a 3 MiB build puts the team over it.
+    let paused = insert_sandbox(&db, &team, SandboxState::Paused, "t2", &[]).await;
+    let store = Store::open(&db.url).await.unwrap();
+    let build = ember_control::model::Build {
+        id: ember_types::BuildId::new().to_string(),
+        team_id: team.clone(),
+        host_id: "host-test".into(),
+        kind: ember_control::model::BuildKind::Pause,
+        source_sandbox_id: Some(paused.clone()),
+        vcpus: 1,
+        memory_mib: 512,
+        stored_bytes: 3 << 20,
+        created_at: now_ms(),
+        released_at: None,
+    };
+    store.insert_build(&build).await.unwrap();
+    sqlx::query("UPDATE sandboxes SET build_id = $1 WHERE id = $2")
+        .bind(&build.id)
+        .bind(&paused)
+        .execute(&mut sqlx::AnyConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    store.close().await;
+    let (_, usage) = call(c.get(s.url("/v1/teams/me/usage")).bearer_auth(&key)).await;
+    assert_eq!(usage["storage_mib"], json!({"used": 3, "limit": 2}));
+    for (path, body) in [
+        (format!("/v1/sandboxes/{running}/pause"), json!({})),
+        (
+            format!("/v1/sandboxes/{running}/snapshots"),
+            json!({"name": "kept"}),
+        ),
+    ] {
+        let got = call(c.post(s.url(&path)).bearer_auth(&key).json(&body)).await;
+        assert_error(&got, StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+        let msg = got.1["message"].as_str().unwrap();
+        assert!(msg.contains("team_limits.storage_mib"), "{path}: {msg}");
+        assert!(msg.contains("would be 3 of at most 2"), "{path}: {msg}");
+    }
+    let (_, sb) = call(
+        c.get(s.url(&format!("/v1/sandboxes/{running}")))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(sb["state"], "running", "refused before anything changed");
     s.stop();
 }
 

@@ -29,7 +29,7 @@ use crate::model::{
 };
 use crate::reconciler::{self, Action, HostView, Observed};
 use crate::scheduler::{self, Demand, NoCapacity};
-use crate::store::{CapacityCheck, Changes, Store};
+use crate::store::{CapacityCheck, Changes, Store, TeamUsage};
 use crate::{auth, ttl};
 
 /// The template name that means "boot the base image".
@@ -242,17 +242,40 @@ impl Operations {
 
     /// Would one more paused sandbox keep team `team_id` within its quota?
     async fn check_paused_quota(&self, team_id: &str) -> Result<()> {
-        let Some(max) = self.quota.paused_sandboxes else {
+        if self.quota.paused_sandboxes.is_none() && self.quota.storage_mib.is_none() {
+            return Ok(());
+        }
+        let usage = self.store.team_usage(team_id).await?;
+        if let Some(max) = self.quota.paused_sandboxes {
+            let would = usage.paused_sandboxes + 1;
+            if would > max {
+                return Err(Error::QuotaExceeded {
+                    what: "paused sandboxes",
+                    setting: "paused_sandboxes",
+                    would,
+                    max,
+                    remedy: "destroy one of its paused sandboxes first (this one keeps running)",
+                });
+            }
+        }
+        self.check_storage_quota(&usage)
+    }
+
+    /// Is there room left in the team's storage quota for another build?
+    /// A build's size is known only once written, so the check is that
+    /// the team is under its limit now; the last build may overrun it.
+    fn check_storage_quota(&self, usage: &TeamUsage) -> Result<()> {
+        let Some(max) = self.quota.storage_mib else {
             return Ok(());
         };
-        let would = self.store.team_usage(team_id).await?.paused_sandboxes + 1;
-        if would > max {
+        let used = usage.storage_mib();
+        if used >= max {
             return Err(Error::QuotaExceeded {
-                what: "paused sandboxes",
-                setting: "paused_sandboxes",
-                would,
+                what: "MiB of paused sandboxes' and templates' snapshots",
+                setting: "storage_mib",
+                would: used,
                 max,
-                remedy: "destroy one of its paused sandboxes first (this one keeps running)",
+                remedy: "delete templates or destroy paused sandboxes first (the sandbox keeps running)",
             });
         }
         Ok(())
@@ -667,6 +690,7 @@ impl Operations {
                     &sb,
                     &host_id,
                     &build_id,
+                    reply.build_stored_bytes,
                     SandboxState::Pausing,
                     Some(timing.clone()),
                 )
@@ -720,9 +744,11 @@ impl Operations {
             }
             Err(_) => return None,
         };
+        let mut stored_bytes = 0;
         let observed = match asked {
             Ok(reply) => {
                 let o = reply.into_inner();
+                stored_bytes = o.build_stored_bytes;
                 let state = pb::SandboxState::try_from(o.state)
                     .ok()
                     .and_then(proto_state);
@@ -759,7 +785,7 @@ impl Operations {
                     .then_some(SandboxState::Running)
             }
             (SandboxState::Pausing, (Some(SandboxState::Paused), Some(build), _)) => self
-                .record_pause(sb, host_id, &build, from, None)
+                .record_pause(sb, host_id, &build, stored_bytes, from, None)
                 .await
                 .ok()?
                 .then_some(SandboxState::Paused),
@@ -803,6 +829,7 @@ impl Operations {
         sb: &Sandbox,
         host_id: &str,
         build_id: &str,
+        stored_bytes: u64,
         from: SandboxState,
         timing: Option<OperationTiming>,
     ) -> Result<bool> {
@@ -816,7 +843,7 @@ impl Operations {
                 source_sandbox_id: Some(sb.id.clone()),
                 vcpus: sb.vcpus,
                 memory_mib: sb.memory_mib,
-                stored_bytes: 0,
+                stored_bytes,
                 created_at: now,
                 released_at: None,
             })
@@ -989,11 +1016,15 @@ impl Operations {
                 name: name.to_owned(),
             });
         }
-        if let Some(max) = self.quota.templates {
-            let would = self.store.team_usage(team_id).await?.templates + 1;
-            if would > max {
-                return Err(templates_over_quota(would, max));
+        if self.quota.templates.is_some() || self.quota.storage_mib.is_some() {
+            let usage = self.store.team_usage(team_id).await?;
+            if let Some(max) = self.quota.templates {
+                let would = usage.templates + 1;
+                if would > max {
+                    return Err(templates_over_quota(would, max));
+                }
             }
+            self.check_storage_quota(&usage)?;
         }
         let now = now_ms();
         if !self
@@ -1526,7 +1557,9 @@ impl Operations {
                 };
                 match build_id {
                     Some(b) => {
-                        self.record_pause(sb, host_id, b, *from, None).await?;
+                        // The listing does not say the build's size: it
+                        // counts as 0 against the storage quota.
+                        self.record_pause(sb, host_id, b, 0, *from, None).await?;
                     }
                     None => {
                         let changes = Changes {

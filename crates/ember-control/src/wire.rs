@@ -565,6 +565,10 @@ pub struct TeamUsage {
     pub paused_sandboxes: UsageItem,
     /// Named snapshots the team holds.
     pub templates: UsageItem,
+    /// MiB of the snapshots (builds) its paused sandboxes and templates
+    /// hold on hosts; each counts the blocks it wrote itself. Checked
+    /// before a pause or snapshot: under the limit, one more may be taken.
+    pub storage_mib: UsageItem,
     /// Each key's (and access token's) request allowance; 0 means none.
     pub requests_per_second: f64,
     pub request_burst: u32,

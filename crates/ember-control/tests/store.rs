@@ -114,6 +114,7 @@ on_both_stores!(
     concurrent_first_starts_agree_on_one_setting,
     host_credentials_are_kept_revoked_and_removed,
     a_join_token_admits_one_host,
+    storage_counts_the_builds_of_paused_sandboxes_and_templates,
     concurrent_templates_never_overrun_a_team_quota,
 );
 
@@ -149,6 +150,55 @@ async fn concurrent_templates_never_overrun_a_team_quota(url: &str) {
         TemplateInsert::Inserted,
         "another team's quota is its own"
     );
+    store.close().await;
+}
+
+async fn storage_counts_the_builds_of_paused_sandboxes_and_templates(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let h = host(&store, "host-a").await;
+    let sized = |team: &str, kind, bytes| Build {
+        stored_bytes: bytes,
+        ..build(team, &h.id, kind)
+    };
+    // A paused sandbox's build, a template's, and a running sandbox's
+    // (not counted: it is the parent of its next pause, not a hold).
+    let mut counted = 0;
+    for (state, bytes) in [
+        (SandboxState::Paused, 3 << 20),
+        (SandboxState::Running, 7 << 20),
+    ] {
+        let bl = sized(&a.id, BuildKind::Pause, bytes);
+        store.insert_build(&bl).await.unwrap();
+        let sb = Sandbox {
+            build_id: Some(bl.id.clone()),
+            ..sandbox(&a.id, &h.id, state, now_ms())
+        };
+        assert!(store.insert_sandbox(&sb, None).await.unwrap());
+        if state == SandboxState::Paused {
+            counted += bytes;
+        }
+    }
+    let bl = sized(&a.id, BuildKind::Template, (1 << 20) + 1);
+    assert!(
+        store
+            .insert_template(&bl, &template(&a.id, "t", &bl))
+            .await
+            .unwrap()
+    );
+    counted += (1 << 20) + 1;
+    let other = sized(&b.id, BuildKind::Template, 50 << 20);
+    assert!(
+        store
+            .insert_template(&other, &template(&b.id, "t", &other))
+            .await
+            .unwrap()
+    );
+    let usage = store.team_usage(&a.id).await.unwrap();
+    assert_eq!(usage.storage_bytes, counted);
+    assert_eq!(usage.storage_mib(), 5, "rounded up");
+    assert_eq!(store.team_usage(&b.id).await.unwrap().storage_mib(), 50);
     store.close().await;
 }
 
@@ -488,6 +538,7 @@ async fn concurrent_placements_never_overrun_a_team_quota(url: &str) {
         memory_mib: Some(4096),
         paused_sandboxes: None,
         templates: None,
+        storage_mib: None,
     };
     let cap = |host: &str, team: &str| CapacityCheck {
         host_id: host.into(),
@@ -519,6 +570,7 @@ async fn concurrent_placements_never_overrun_a_team_quota(url: &str) {
             memory_mib: 1536,
             paused_sandboxes: 0,
             templates: 0,
+            storage_bytes: 0,
         }
     );
     // Another team is not held back by a's use.

@@ -69,7 +69,7 @@ pub struct ServerArgs {
     /// max_running_s (default 86400), paused_retention_s (default: keep), a
     /// [rate_limits] table (requests_per_second, burst, concurrent_requests:
     /// per API key, defaults 100/200/64, 0 = none), and a [team_limits] table (running_sandboxes, vcpus, memory_mib,
-    /// paused_sandboxes, templates: per team, absent = no limit).
+    /// paused_sandboxes, templates, storage_mib: per team, absent = no limit).
     #[arg(long, env = "EMBER_CONFIG")]
     config: Option<PathBuf>,
     /// Serve the API over TLS with this PEM certificate (chain); needs
@@ -166,6 +166,8 @@ struct TeamLimits {
     paused_sandboxes: Option<u64>,
     /// Templates (named snapshots).
     templates: Option<u64>,
+    /// MiB of the snapshots its paused sandboxes and templates hold.
+    storage_mib: Option<u64>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -287,6 +289,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             memory_mib: l.memory_mib,
             paused_sandboxes: l.paused_sandboxes,
             templates: l.templates,
+            storage_mib: l.storage_mib,
         };
     }
 

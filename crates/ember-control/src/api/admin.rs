@@ -976,6 +976,7 @@ pub async fn team_usage(
         memory_mib: item(used.memory_mib, quota.memory_mib),
         paused_sandboxes: item(used.paused_sandboxes, quota.paused_sandboxes),
         templates: item(used.templates, quota.templates),
+        storage_mib: item(used.storage_mib(), quota.storage_mib),
         requests_per_second: rate.per_second,
         request_burst: rate.burst,
         concurrent_requests: rate.concurrent,

@@ -80,6 +80,8 @@ pub struct TeamQuota {
     pub memory_mib: Option<u64>,
     pub paused_sandboxes: Option<u64>,
     pub templates: Option<u64>,
+    /// MiB of the builds its paused sandboxes and templates hold.
+    pub storage_mib: Option<u64>,
 }
 
 /// How an insert of a template ended.
@@ -102,6 +104,16 @@ pub struct TeamUsage {
     pub memory_mib: u64,
     pub paused_sandboxes: u64,
     pub templates: u64,
+    /// Bytes of the builds its paused sandboxes and templates hold (each
+    /// build's own files: a diff generation counts the blocks it wrote).
+    pub storage_bytes: u64,
+}
+
+impl TeamUsage {
+    /// [`TeamUsage::storage_bytes`] in MiB, rounded up.
+    pub fn storage_mib(&self) -> u64 {
+        self.storage_bytes.div_ceil(1 << 20)
+    }
 }
 
 fn limit(v: Option<u64>) -> i64 {
@@ -948,9 +960,12 @@ impl Store {
                CAST((SELECT COALESCE(SUM(vcpus), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
                CAST((SELECT COALESCE(SUM(memory_mib), 0) FROM sandboxes WHERE team_id = $1 AND state IN ({occupying})) AS BIGINT), \
                (SELECT COUNT(*) FROM sandboxes WHERE team_id = $1 AND state IN ({paused})), \
-               (SELECT COUNT(*) FROM templates WHERE team_id = $1)"
+               (SELECT COUNT(*) FROM templates WHERE team_id = $1), \
+               CAST((SELECT COALESCE(SUM(b.stored_bytes), 0) FROM builds b WHERE b.team_id = $1 AND b.id IN ( \
+                 SELECT build_id FROM sandboxes WHERE team_id = $1 AND state IN ({paused}) AND build_id IS NOT NULL \
+                 UNION SELECT build_id FROM templates WHERE team_id = $1)) AS BIGINT)"
         );
-        let (r, v, m, p, t): (i64, i64, i64, i64, i64) = sqlx::query_as(&sql)
+        let (r, v, m, p, t, s): (i64, i64, i64, i64, i64, i64) = sqlx::query_as(&sql)
             .bind(team_id)
             .fetch_one(&self.pool)
             .await?;
@@ -961,6 +976,7 @@ impl Store {
             memory_mib: u(m),
             paused_sandboxes: u(p),
             templates: u(t),
+            storage_bytes: u(s),
         })
     }
 

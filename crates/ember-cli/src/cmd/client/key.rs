@@ -238,6 +238,7 @@ async fn usage_inner(args: UsageArgs) -> anyhow::Result<ExitCode> {
         ("memory MiB", u.memory_mib),
         ("paused sandboxes", u.paused_sandboxes),
         ("templates", u.templates),
+        ("snapshot storage MiB", u.storage_mib),
     ] {
         t.row(vec![
             what.to_owned(),
