@@ -102,6 +102,10 @@ struct Server {
 
 impl Server {
     fn start(db: &TestDb, extra: &[&str]) -> Server {
+        Server::start_with_env(db, extra, &[])
+    }
+
+    fn start_with_env(db: &TestDb, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
             .args([
                 "server",
@@ -116,6 +120,7 @@ impl Server {
             .args(extra)
             .env("EMBER_LOG", "info")
             .env_remove("EMBER_JOIN_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -1425,7 +1430,7 @@ async fn keys_and_teams_endpoints(db: TestDb) {
 }
 
 async fn host_registration_needs_the_join_token(db: TestDb) {
-    let s = Server::start(&db, &["--join-token", "emberjoin_testtoken"]);
+    let s = Server::start_with_env(&db, &[], &[("EMBER_JOIN_TOKEN", "emberjoin_testtoken")]);
     assert_eq!(s.join_token, None, "a given token is not printed");
     let c = client();
     let body = json!({"address": "http://127.0.0.1:9"});
@@ -2231,6 +2236,28 @@ async fn tokens_come_from_files_and_an_open_agent_is_refused() {
     std::fs::write(&empty, "\n").unwrap();
     let err = agent(&["--token-file", empty.to_str().unwrap()]);
     assert!(err.contains("is empty"), "{err}");
+    // A secret on the command line, readable in /proc by every local
+    // user, is refused, by the agent and by the server.
+    let err = agent(&["--token", "emberjoin_onargv"]);
+    assert!(
+        err.contains("visible to every local user") && err.contains("--token-file"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["server", "--no-agent", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("server-data"))
+        .arg("--join-token=emberjoin_onargv")
+        .env_remove("EMBER_JOIN_TOKEN")
+        .env_remove("EMBER_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("visible to every local user") && err.contains("--join-token-file"),
+        "{err}"
+    );
 
     // The server takes its join token from a file.
     let db = TestDb::sqlite();

@@ -162,9 +162,9 @@ pub struct AgentArgs {
     /// With --control-plane: a join token, sent once, at this host's first
     /// join: a one-time one (`ember host join-token create`) or the
     /// cluster's (`ember server` writes it to <data_dir>/join.token).
-    /// Without: the token every gRPC caller must present. Prefer
-    /// --token-file or the environment: a value on the command line is
-    /// visible to every local user.
+    /// Without: the token every gRPC caller must present. From the
+    /// environment only: on the command line, where every local user could
+    /// read it, it is refused (use --token-file).
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A file holding the join token (its first line).

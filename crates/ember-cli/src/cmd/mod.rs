@@ -9,7 +9,8 @@ pub mod uffd;
 
 /// A secret given as a value (`--flag`, or its environment variable) or as a
 /// file (`--flag-file`, first line, trimmed). A value typed on the command
-/// line is visible to every local user in `/proc/*/cmdline`: warn about it.
+/// line would be visible to every local user in `/proc/*/cmdline`: it is
+/// refused, with a message saying to use the file or the environment.
 pub fn secret(
     value: Option<String>,
     file: Option<&std::path::Path>,
@@ -31,9 +32,10 @@ pub fn secret(
     let on_argv =
         std::env::args().any(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
     if value.is_some() && on_argv {
-        tracing::warn!(
+        anyhow::bail!(
             "--{flag} on the command line is visible to every local user (/proc/*/cmdline): \
-             use --{flag}-file or the environment variable instead"
+             put the secret in a file only you can read and pass --{flag}-file FILE, or set \
+             EMBER_JOIN_TOKEN in the environment"
         );
     }
     Ok(value)

@@ -34,7 +34,9 @@ pub struct ServerArgs {
     #[arg(long, env = "EMBER_DATABASE_URL")]
     database_url: Option<String>,
     /// Token host agents present at their first join (each is then issued
-    /// its own credential); generated and stored on first start if not given.
+    /// its own credential); generated and stored on first start if not
+    /// given. From the environment only: on the command line, where every
+    /// local user could read it, it is refused (use --join-token-file).
     #[arg(long, env = "EMBER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// A file holding the join token (its first line); better than

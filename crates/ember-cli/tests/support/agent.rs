@@ -186,8 +186,11 @@ impl AgentHome {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if !self.token.is_empty() {
-            cmd.args(["--token", &self.token]);
+        // A token goes through the environment, never argv (refused there).
+        if self.token.is_empty() {
+            cmd.env_remove("EMBER_JOIN_TOKEN");
+        } else {
+            cmd.env("EMBER_JOIN_TOKEN", &self.token);
         }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);

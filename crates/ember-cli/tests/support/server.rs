@@ -185,9 +185,7 @@ impl<'a> ServerSpec<'a> {
             .arg(self.data_dir())
             .arg("--config")
             .arg(&config);
-        if !self.join_token.is_empty() {
-            cmd.args(["--join-token", &self.join_token]);
-        }
+
         match self.agent {
             Some(home) => {
                 cmd.args(home.agent_options());
@@ -203,12 +201,17 @@ impl<'a> ServerSpec<'a> {
         });
         cmd.args(&self.extra)
             .env("EMBER_LOG", "info,ember_control=debug,ember_agent=debug")
-            .env_remove("EMBER_JOIN_TOKEN")
             .env_remove("EMBER_DATA_DIR")
             .env_remove("EMBER_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // The join token goes through the environment (argv is refused).
+        if self.join_token.is_empty() {
+            cmd.env_remove("EMBER_JOIN_TOKEN");
+        } else {
+            cmd.env("EMBER_JOIN_TOKEN", &self.join_token);
+        }
         let mut child = cmd.spawn().expect("spawn ember server");
         let stderr = child.stderr.take().unwrap();
         let log_path = self.log_dir().join(format!("server-{}.log", child.id()));
