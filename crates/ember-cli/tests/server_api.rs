@@ -351,6 +351,7 @@ on_both_stores!(
     racing_transitions_have_exactly_one_winner,
     team_quotas_refuse_naming_the_limit,
     the_storage_quota_refuses_pauses_and_snapshots,
+    audit_entries_past_their_retention_are_deleted,
     key_roles_and_expiry_are_enforced_and_changes_audited,
     rate_limits_answer_429_with_retry_after,
     lifetime_limits_end_long_runs_and_old_pauses,
@@ -887,6 +888,41 @@ async fn the_storage_quota_refuses_pauses_and_snapshots(db: TestDb) {
     )
     .await;
     assert_eq!(sb["state"], "running", "refused before anything changed");
+    s.stop();
+}
+
+/// `audit_retention_s` bounds the audit log: entries go once that old.
+async fn audit_entries_past_their_retention_are_deleted(db: TestDb) {
+    let config = db.dir.path().join("audit.toml");
+    std::fs::write(&config, "audit_retention_s = 2\n").unwrap();
+    let s = Server::start(&db, &["--config", config.to_str().unwrap()]);
+    let admin = s.admin_key.clone().unwrap();
+    let c = client();
+    let (st, team) = call(
+        c.post(s.url("/v1/teams"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "audited"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{team}");
+    let (_, log) = call(c.get(s.url("/v1/audit")).bearer_auth(&admin)).await;
+    let entries = log["entries"].as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["route"] == "/v1/teams"),
+        "recorded first: {log}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, log) = call(c.get(s.url("/v1/audit")).bearer_auth(&admin)).await;
+        if log["entries"] == json!([]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still kept after its retention: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     s.stop();
 }
 

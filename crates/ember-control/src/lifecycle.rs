@@ -1285,6 +1285,12 @@ impl Operations {
         self.store
             .purge_destroyed(now - DESTROYED_RETENTION_MS)
             .await?;
+        if let Some(keep) = self.lifetime.audit_retention_s {
+            let gone = self.store.purge_audit(ttl::cutoff(now, keep)).await?;
+            if gone > 0 {
+                tracing::debug!(gone, "audit entries past their retention deleted");
+            }
+        }
         Ok(())
     }
 

@@ -29,6 +29,8 @@ pub struct Lifetime {
     pub max_running_s: Option<u64>,
     /// Longest a sandbox stays paused before it is destroyed.
     pub paused_retention_s: Option<u64>,
+    /// How long audit entries are kept (`None`: for ever).
+    pub audit_retention_s: Option<u64>,
 }
 
 impl Default for Lifetime {
@@ -38,6 +40,7 @@ impl Default for Lifetime {
         Lifetime {
             max_running_s: Some(DEFAULT_MAX_RUNNING_S),
             paused_retention_s: None,
+            audit_retention_s: None,
         }
     }
 }
@@ -170,6 +173,7 @@ mod tests {
         assert_eq!(cutoff(0, u64::MAX), -i64::MAX);
         assert_eq!(Lifetime::default().max_running_s, Some(24 * 3600));
         assert_eq!(Lifetime::default().paused_retention_s, None);
+        assert_eq!(Lifetime::default().audit_retention_s, None);
     }
 
     #[test]

@@ -68,7 +68,8 @@ pub struct ServerArgs {
     /// tls_cert, tls_key, ingress_domain, egress_grants, a [team_egress_grants] table (team name =
     /// [CIDR, …]), reconcile_interval_s, ttl_interval_s,
     /// orphan_grace_s, stuck_after_s, host_lost_after_s, answer_within_s,
-    /// max_running_s (default 86400), paused_retention_s (default: keep), a
+    /// max_running_s (default 86400), paused_retention_s (default: keep),
+    /// audit_retention_s (default: keep), a
     /// [rate_limits] table (requests_per_second, burst, concurrent_requests:
     /// per API key, defaults 100/200/64, 0 = none), and a [team_limits] table (running_sandboxes, vcpus, memory_mib,
     /// paused_sandboxes, templates, storage_mib: per team, absent = no limit).
@@ -113,6 +114,8 @@ struct ConfigFile {
     max_running_s: Option<u64>,
     /// Paused sandboxes older than this are destroyed (default: kept; 0: kept).
     paused_retention_s: Option<u64>,
+    /// Audit entries older than this are deleted (default: kept; 0: kept).
+    audit_retention_s: Option<u64>,
     /// Per API key (and per sandbox access token): requests_per_second,
     /// burst, concurrent_requests (defaults 100, 200, 64; 0: no limit).
     rate_limits: Option<RateLimitsFile>,
@@ -267,6 +270,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(s) = file.paused_retention_s {
         config.lifetime.paused_retention_s = (s > 0).then_some(s);
+    }
+    if let Some(s) = file.audit_retention_s {
+        config.lifetime.audit_retention_s = (s > 0).then_some(s);
     }
     if let Some(r) = file.rate_limits {
         let l = &mut config.rate_limits;

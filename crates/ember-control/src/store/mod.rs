@@ -1404,6 +1404,16 @@ impl Store {
         Ok(res.rows_affected())
     }
 
+    /// Delete audit entries older than `before` (the operator's
+    /// `audit_retention_s`); how many went.
+    pub async fn purge_audit(&self, before: i64) -> Result<u64> {
+        let res = sqlx::query("DELETE FROM audit_log WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected())
+    }
+
     /// How many sandboxes are in each state (for metrics).
     pub async fn count_by_state(&self) -> Result<Vec<(SandboxState, u64)>> {
         let rows = sqlx::query("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")
