@@ -42,6 +42,12 @@ pub enum Error {
         "ember-guest binary not found at {path}: build it with `cargo build -p ember-guest`, or point EMBER_GUEST_BIN at it"
     )]
     GuestBinaryMissing { path: PathBuf },
+    #[error(
+        "{path} is not a static ember-guest, and an imported image may lack the libraries a dynamic one needs: build one with scripts/build-guest and point EMBER_GUEST_BIN at it"
+    )]
+    GuestNotStatic { path: PathBuf },
+    #[error("image {image}: {reason}")]
+    ImageImport { image: String, reason: String },
     #[error("{path} is not a static busybox: apt-get install busybox-static")]
     BusyboxNotStatic { path: PathBuf },
     #[error("apt knows no package {package}: run `apt-get update`, or check the package name")]

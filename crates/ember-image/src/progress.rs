@@ -20,6 +20,10 @@ pub enum Step {
     Initramfs,
     /// Pack the root tree and `ember-guest` into `rootfs.ext4`.
     Pack,
+    /// Read and verify a container image's index, manifest and config.
+    ImageManifest,
+    /// Apply a container image's layers, in order, onto a fresh tree.
+    Layers,
 }
 
 impl Step {
@@ -31,6 +35,8 @@ impl Step {
             Step::RootTree => "root tree (debootstrap)",
             Step::Initramfs => "initramfs",
             Step::Pack => "pack rootfs.ext4",
+            Step::ImageManifest => "image manifest",
+            Step::Layers => "apply layers",
         }
     }
 }

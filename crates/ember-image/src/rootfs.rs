@@ -187,7 +187,17 @@ pub(crate) fn pack(
     cmd.arg("-a").arg("-l").arg(tree).arg(&stage);
     CP.output(&mut cmd)?;
     install_init(&stage, guest)?;
+    make_ext4(&stage, out, size, timer)
+}
 
+/// Write `tree` into a new `size`-byte sparse ext4 image at `out`
+/// (read-only once written: overlays stack on it).
+pub(crate) fn make_ext4(
+    stage: &Path,
+    out: &Path,
+    size: u64,
+    timer: &mut StepTimer<'_>,
+) -> Result<()> {
     let file = fs::File::create(out).map_err(Error::io("create", out))?;
     file.set_len(size).map_err(Error::io("size", out))?;
     drop(file);
@@ -196,7 +206,7 @@ pub(crate) fn pack(
         // The file is new and sparse, so the journal already reads as zeros;
         // writing them would allocate 64 MiB per image for nothing.
         .args(["-E", "lazy_journal_init=1", "-d"])
-        .arg(&stage)
+        .arg(stage)
         .arg(out);
     MKFS_EXT4
         .stream(cmd, |line| timer.detail(line))

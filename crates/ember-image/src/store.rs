@@ -79,6 +79,9 @@ impl Store {
         root.is_dir().then_some(Store { root })
     }
 
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
     pub(crate) fn image_dir(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }

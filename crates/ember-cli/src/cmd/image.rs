@@ -17,6 +17,23 @@ pub enum ImageCommand {
     Build(BuildArgs),
     /// Show the current image's files.
     Show(ShowArgs),
+    /// Import a container image (an OCI image layout or a `docker save`
+    /// archive) as a root filesystem sandboxes can boot.
+    Import(ImportArgs),
+    /// List imported container images.
+    List(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// oci:DIR[:REF] (an OCI image layout) or docker-archive:FILE[:TAG].
+    source: ember_image::oci::Source,
+    /// Ember's data directory; imports go under <DATA_DIR>/images/oci.
+    #[arg(long, env = "EMBER_DATA_DIR", default_value = "/var/lib/ember")]
+    data_dir: PathBuf,
+    /// A static ember-guest binary to boot the image with (see scripts/build-guest).
+    #[arg(long, env = "EMBER_GUEST_BIN")]
+    guest_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +67,39 @@ pub struct ShowArgs {
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::Build(args) => build(args).await,
+        ImageCommand::Import(args) => {
+            let guest = args
+                .guest_bin
+                .unwrap_or_else(ember_image::default_guest_binary);
+            let imported = tokio::task::spawn_blocking(move || {
+                let mut view = StepView::new();
+                ember_image::oci::import(&args.data_dir, &args.source, &guest, &mut |p| {
+                    view.show(p)
+                })
+            })
+            .await
+            .context("image import task")??;
+            print_imported(&imported);
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::List(args) => {
+            let images = ember_image::oci::list(&args.data_dir);
+            if images.is_empty() {
+                println!("no imported images: `ember image import oci:DIR` adds one");
+            }
+            for image in images {
+                let m = &image.manifest;
+                println!(
+                    "{}  {}  {} layers  {} MiB  {}",
+                    m.key,
+                    &m.digest[..m.digest.len().min(19)],
+                    m.layers,
+                    m.tree_bytes >> 20,
+                    m.source
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ImageCommand::Show(args) => {
             let image = Image::locate(&args.data_dir).with_context(|| {
                 format!(
@@ -80,6 +130,30 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     .context("image build task")??;
     print_image(&image);
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_imported(image: &ember_image::oci::ImportedImage) {
+    let m = &image.manifest;
+    println!("imported {} as image {}", m.source, m.key);
+    println!("  digest   {}", m.digest);
+    println!(
+        "  rootfs   {}  ({})",
+        image.rootfs.display(),
+        sizes(&image.rootfs)
+    );
+    let d = &m.defaults;
+    if !d.entrypoint.is_empty() || !d.cmd.is_empty() {
+        println!("  command  {:?} {:?}", d.entrypoint, d.cmd);
+    }
+    if let Some(dir) = &d.working_dir {
+        println!("  workdir  {dir}");
+    }
+    if let Some(user) = &d.user {
+        println!("  user     {user}");
+    }
+    for pair in &d.env {
+        println!("  env      {pair}");
+    }
 }
 
 fn print_image(image: &Image) {
