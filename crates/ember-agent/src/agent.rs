@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +75,18 @@ pub struct CreateRequest {
     /// Boot the image even where a warm base of this shape exists.
     pub cold: bool,
     pub ingress: IngressRecord,
+    /// Boot this imported container image (key or digest) instead of the
+    /// base image; only without `build`.
+    pub image: Option<String>,
+}
+
+/// What a cold boot starts from: a disk-only build, its root filesystem
+/// file, and the kernel command line that boots it.
+#[derive(Debug, Clone)]
+struct BootRoot {
+    build: BuildId,
+    rootfs: PathBuf,
+    kernel_args: String,
 }
 
 #[derive(Debug, Default)]
@@ -464,6 +476,24 @@ impl Agent {
             ));
         }
         let cfg = &self.inner.config;
+        let imported = match (&req.image, req.build) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(AgentError::InvalidArgument(
+                    "give an image or a build to start from, not both".to_owned(),
+                ));
+            }
+            (Some(name), None) => Some(self.imported_root(name).await?),
+        };
+        let mut env = req.env.clone();
+        if let Some((_, image)) = &imported {
+            // The image's environment (PATH above all) under the caller's.
+            for pair in &image.manifest.defaults.env {
+                if let Some((k, v)) = pair.split_once('=') {
+                    env.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+                }
+            }
+        }
         let (vcpus, memory_mib) = match req.build {
             None => (
                 if req.vcpus == 0 {
@@ -507,7 +537,9 @@ impl Agent {
         // A plain create forks from this shape's warm base where there is
         // one; the sandbox descends from it as a fork from its template.
         let warm_base = match req.build {
-            None if cfg.warm_base && !req.cold => self.warm_base(vcpus, memory_mib),
+            None if cfg.warm_base && !req.cold && imported.is_none() => {
+                self.warm_base(vcpus, memory_mib)
+            }
             _ => None,
         };
         self.check_pressure(self.expected_use_mib(memory_mib, req.build.or(warm_base)))?;
@@ -520,9 +552,14 @@ impl Agent {
             vcpus,
             memory_mib,
             source_build: req.build,
-            build: req.build.or(warm_base),
+            // A sandbox booted from an imported image descends from its
+            // disk-only build, as a fork from its template.
+            build: req
+                .build
+                .or(warm_base)
+                .or(imported.as_ref().map(|(root, _)| root.build)),
             image: self.inner.image.manifest.key.clone(),
-            env: req.env.clone(),
+            env: env.clone(),
             metadata: req.metadata.clone(),
             network: req.network.clone(),
             guest_token: req.guest_token.clone(),
@@ -544,13 +581,20 @@ impl Agent {
         let _op = entry.op.lock().await;
         let started = Instant::now();
         let phases = Phases::new();
-        let result = match req.build.or(warm_base) {
-            None => {
+        let result = match (req.build.or(warm_base), imported) {
+            (_, Some((root, _))) => self.boot_cold(&entry, &record, &root, false, &phases).await,
+            (None, None) => {
                 let make_warm = cfg.warm_base && !req.cold;
-                self.boot_cold(&entry, &record, make_warm, &phases).await
+                let root = BootRoot {
+                    build: self.inner.base_build,
+                    rootfs: self.inner.image.rootfs.clone(),
+                    kernel_args: self.inner.image.kernel_args().to_owned(),
+                };
+                self.boot_cold(&entry, &record, &root, make_warm, &phases)
+                    .await
             }
-            Some(build) => {
-                self.start_from_build(&record, build, &req.guest_token, &req.env, &phases)
+            (Some(build), None) => {
+                self.start_from_build(&record, build, &req.guest_token, &env, &phases)
                     .await
             }
         };
@@ -703,10 +747,33 @@ impl Agent {
         }
     }
 
+    /// An imported container image as a root to boot: its root filesystem
+    /// imported into the build store as a disk-only build (once).
+    async fn imported_root(
+        &self,
+        name: &str,
+    ) -> Result<(BootRoot, ember_image::oci::ImportedImage), AgentError> {
+        let data_dir = self.inner.config.data_dir.clone();
+        let wanted = name.to_owned();
+        let image = blocking(move || {
+            ember_image::oci::find(&data_dir, &wanted).ok_or(AgentError::ImageNotFound(wanted))
+        })
+        .await?;
+        let key = format!("oci:{}", image.manifest.key);
+        let build = import_rootfs_build(&self.inner.store, &key, &image.rootfs).await?;
+        let root = BootRoot {
+            build,
+            rootfs: image.rootfs.clone(),
+            kernel_args: format!("{} {}", self.inner.image.kernel_args(), image.kernel_args()),
+        };
+        Ok((root, image))
+    }
+
     async fn boot_cold(
         &self,
         entry: &Entry,
         record: &SandboxRecord,
+        root: &BootRoot,
         make_warm: bool,
         phases: &Phases,
     ) -> Result<Runtime, AgentError> {
@@ -719,8 +786,8 @@ impl Agent {
                         "disk",
                         self.disk_for(
                             &record.id,
-                            self.inner.base_build,
-                            Some(disk::LayerBase::raw(image.rootfs.clone())),
+                            root.build,
+                            Some(disk::LayerBase::raw(root.rootfs.clone())),
                         ),
                     )
                     .await?,
@@ -728,7 +795,7 @@ impl Agent {
             if self.inner.backend.strategy.memory == MemoryKind::RamFile {
                 rt.memory_file = Some(self.memory_file(&record.id));
             }
-            let launch = self.launch(record, &rt, &image, image.kernel_args());
+            let launch = self.launch(record, &rt, &image, &root.kernel_args);
             let vm = self
                 .inner
                 .backend
@@ -2120,13 +2187,26 @@ async fn ensure_image(config: &AgentConfig) -> Result<Image, AgentError> {
 /// The image's root filesystem as build `uuid5(image key)` (deterministic,
 /// so every agent on every host agrees on it).
 async fn import_base_image(store: &BuildStore, image: &Image) -> Result<BuildId, AgentError> {
-    let id = base_build_id(&image.manifest.key);
+    import_rootfs_build(store, &image.manifest.key, &image.rootfs).await
+}
+
+/// A root filesystem file as a disk-only build, named by `key` (made once;
+/// later calls find it).
+async fn import_rootfs_build(
+    store: &BuildStore,
+    key: &str,
+    rootfs: &Path,
+) -> Result<BuildId, AgentError> {
+    // Two creates from the same new image must not both write its build.
+    static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _importing = IMPORTING.lock().await;
+    let id = base_build_id(key);
     if store.exists(id) {
         return Ok(id);
     }
     let store = store.clone();
-    let rootfs = image.rootfs.clone();
-    let key = image.manifest.key.clone();
+    let rootfs = rootfs.to_owned();
+    let key = key.to_owned();
     blocking(move || {
         let started = Instant::now();
         let mut w = store

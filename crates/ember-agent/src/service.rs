@@ -371,6 +371,7 @@ impl HostAgent for HostService {
             guest_token: r.guest_token,
             cold: r.cold,
             ingress: ingress_record(r.ingress)?,
+            image: (!r.image.is_empty()).then_some(r.image),
         };
         crate::failpoint::hit("create.before").await?;
         let agent = self.agent.clone();

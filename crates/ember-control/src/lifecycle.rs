@@ -494,6 +494,9 @@ impl Operations {
             guest_token: auth::new_guest_token(),
             cold: spec.cold,
             ingress: Some(self.ingress_policy(&id, &row.ingress)),
+            // Imported images reach tenants as templates built from them
+            // (issue 16); the control plane does not boot them directly.
+            image: String::new(),
         };
         timer.lap("control.intent");
         match client
