@@ -494,3 +494,201 @@ fn a_sandbox_boots_an_imported_image_root_vm() {
     agent.stop();
     assert_clean(&home);
 }
+
+/// A Distribution registry (Debian's `docker-registry`) on loopback, with
+/// TLS and htpasswd auth, or plain HTTP and anonymous; killed on drop.
+struct Registry {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+    ca: Option<PathBuf>,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    fn start(auth: Option<(&str, &str)>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
+            dir.path().join("store").display()
+        );
+        let mut ca = None;
+        if let Some((user, password)) = auth {
+            let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+            let cert = dir.path().join("cert.pem");
+            let key = dir.path().join("key.pem");
+            std::fs::write(&cert, made.cert.pem()).unwrap();
+            std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+            let htpasswd = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils) is installed by setup-host");
+            assert!(htpasswd.status.success());
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, htpasswd.stdout).unwrap();
+            config += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: ember-test\n    path: {}\n",
+                cert.display(),
+                key.display(),
+                file.display()
+            );
+            ca = Some(cert);
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed by setup-host");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            address,
+            _dir: dir,
+            ca,
+        }
+    }
+
+    /// Push an OCI layout's `v1` with skopeo (a real client of the registry).
+    fn push(&self, layout: &Path, name: &str, creds: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        let out = cmd
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{}/{name}", self.address))
+            .output()
+            .expect("skopeo is installed by setup-host");
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn import_from(
+    data: &Path,
+    registry: &Registry,
+    name: &str,
+    creds: Option<(&str, &str)>,
+) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args([
+        "image",
+        "import",
+        &format!("docker://{}/{name}", registry.address),
+    ])
+    .env("EMBER_DATA_DIR", data)
+    .env("EMBER_GUEST_BIN", static_guest().unwrap())
+    .env_remove("EMBER_REGISTRY_USERNAME")
+    .env_remove("EMBER_REGISTRY_PASSWORD");
+    match &registry.ca {
+        Some(ca) => cmd.arg("--registry-ca").arg(ca),
+        None => cmd.arg("--plain-http"),
+    };
+    if let Some((user, password)) = creds {
+        cmd.env("EMBER_REGISTRY_USERNAME", user)
+            .env("EMBER_REGISTRY_PASSWORD", password);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn pulls_from_a_registry_with_and_without_auth_root() {
+    require_import!();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let layout = work.path().join("layout");
+    write_layout(&layout, &busybox_layers(), "amd64");
+    let pulls_left = || -> usize {
+        std::fs::read_dir(data.join("images/pull"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+
+    // Anonymous, plain HTTP.
+    let open = Registry::start(None);
+    open.push(&layout, "busy:v1", None);
+    let (ok, out, err) = import_from(&data, &open, "busy:v1", None);
+    assert!(ok, "anonymous pull: {err}");
+    assert!(err.contains("pull from registry"), "progress: {err}");
+    let key = imported_key(&out);
+    let rootfs = data.join("images/oci").join(&key).join("rootfs.ext4");
+    assert!(debugfs(&rootfs, "ls /etc").contains("hello"));
+    let (_, list, _) = ember(&data, &["image", "list"]);
+    assert!(
+        list.contains(&format!("docker://{}/busy:v1", open.address)),
+        "{list}"
+    );
+    assert_eq!(pulls_left(), 0, "the pulled layout is removed");
+
+    let (ok, _, err) = import_from(&data, &open, "busy:nope", None);
+    assert!(!ok);
+    assert!(err.contains("has no busy:nope"), "{err}");
+
+    // TLS with a private CA, and htpasswd auth.
+    let locked = Registry::start(Some(("ember", "s3cret")));
+    locked.push(&layout, "private/busy:v1", Some("ember:s3cret"));
+    let (ok, out, err) = import_from(&data, &locked, "private/busy:v1", Some(("ember", "s3cret")));
+    assert!(ok, "authenticated pull: {err}");
+    // The same image: found by its digest, not imported twice.
+    assert_eq!(imported_key(&out), key);
+    let (ok, _, err) = import_from(&data, &locked, "private/busy:v1", Some(("ember", "wrong")));
+    assert!(!ok);
+    assert!(
+        err.contains("EMBER_REGISTRY_PASSWORD"),
+        "bad credentials: {err}"
+    );
+    let (ok, _, err) = import_from(&data, &locked, "private/busy:v1", None);
+    assert!(!ok);
+    assert!(
+        err.contains("EMBER_REGISTRY_PASSWORD"),
+        "no credentials: {err}"
+    );
+    assert_eq!(pulls_left(), 0, "failed pulls leave nothing");
+
+    // Nothing listens.
+    let gone = Registry {
+        child: Command::new("true").spawn().unwrap(),
+        address: format!("127.0.0.1:{}", free_port()),
+        _dir: tempfile::tempdir().unwrap(),
+        ca: None,
+    };
+    let (ok, _, err) = import_from(&data, &gone, "busy:v1", None);
+    assert!(!ok);
+    assert!(err.contains("cannot reach the registry"), "{err}");
+}

@@ -38,6 +38,7 @@ pub mod lz4;
 pub mod modules;
 pub mod oci;
 mod progress;
+pub mod registry;
 mod rootfs;
 mod store;
 

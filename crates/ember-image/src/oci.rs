@@ -83,8 +83,8 @@ impl FromStr for Source {
             Ok(Source::DockerArchive { path, reference })
         } else {
             Err(format!(
-                "`{s}` names no image source: write oci:DIR[:REF] for an OCI image layout \
-                 or docker-archive:FILE[:REF] for a `docker save` archive"
+                "`{s}` names no image source: write docker://HOST/REPOSITORY[:TAG] for a registry, \
+                 oci:DIR[:REF] for an OCI image layout or docker-archive:FILE[:REF] for a `docker save` archive"
             ))
         }
     }
@@ -890,6 +890,18 @@ pub fn import(
     guest: &Path,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ImportedImage> {
+    import_labelled(data_dir, source, &source.to_string(), guest, progress)
+}
+
+/// [`import`], recording `label` as where the image came from (a registry
+/// reference for a layout pulled from one).
+pub(crate) fn import_labelled(
+    data_dir: &Path,
+    source: &Source,
+    label: &str,
+    guest: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ImportedImage> {
     let guest_bytes = fs::read(guest).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::GuestBinaryMissing {
             path: guest.to_owned(),
@@ -987,7 +999,7 @@ pub fn import(
         format: FORMAT_VERSION,
         key: key.clone(),
         digest: resolved.digest.to_string(),
-        source: source.to_string(),
+        source: label.to_owned(),
         architecture: resolved.config.architecture.clone(),
         defaults: ImageDefaults {
             env: run.env.unwrap_or_default(),

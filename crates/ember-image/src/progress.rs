@@ -20,6 +20,8 @@ pub enum Step {
     Initramfs,
     /// Pack the root tree and `ember-guest` into `rootfs.ext4`.
     Pack,
+    /// Fetch a container image's manifest and blobs from a registry.
+    Pull,
     /// Read and verify a container image's index, manifest and config.
     ImageManifest,
     /// Apply a container image's layers, in order, onto a fresh tree.
@@ -35,6 +37,7 @@ impl Step {
             Step::RootTree => "root tree (debootstrap)",
             Step::Initramfs => "initramfs",
             Step::Pack => "pack rootfs.ext4",
+            Step::Pull => "pull from registry",
             Step::ImageManifest => "image manifest",
             Step::Layers => "apply layers",
         }

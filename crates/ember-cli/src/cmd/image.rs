@@ -17,8 +17,8 @@ pub enum ImageCommand {
     Build(BuildArgs),
     /// Show the current image's files.
     Show(ShowArgs),
-    /// Import a container image (an OCI image layout or a `docker save`
-    /// archive) as a root filesystem sandboxes can boot.
+    /// Import a container image (from a registry, an OCI image layout or a
+    /// `docker save` archive) as a root filesystem sandboxes can boot.
     Import(ImportArgs),
     /// List imported container images.
     List(ShowArgs),
@@ -26,8 +26,19 @@ pub enum ImageCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
+    /// docker://HOST[:PORT]/REPOSITORY[:TAG|@DIGEST] (a registry),
     /// oci:DIR[:REF] (an OCI image layout) or docker-archive:FILE[:TAG].
-    source: ember_image::oci::Source,
+    source: String,
+    /// Registry user; the password is read from EMBER_REGISTRY_PASSWORD
+    /// (never the command line).
+    #[arg(long, env = "EMBER_REGISTRY_USERNAME")]
+    registry_user: Option<String>,
+    /// Reach the registry over plain HTTP (loopback or a trusted network).
+    #[arg(long)]
+    plain_http: bool,
+    /// A PEM CA certificate to trust for the registry, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    registry_ca: Vec<PathBuf>,
     /// Ember's data directory; imports go under <DATA_DIR>/images/oci.
     #[arg(long, env = "EMBER_DATA_DIR", default_value = "/var/lib/ember")]
     data_dir: PathBuf,
@@ -71,14 +82,34 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             let guest = args
                 .guest_bin
                 .unwrap_or_else(ember_image::default_guest_binary);
-            let imported = tokio::task::spawn_blocking(move || {
+            let imported = if let Some(reference) = args.source.strip_prefix("docker://") {
+                let options = ember_image::registry::RegistryOptions {
+                    username: args.registry_user,
+                    password: std::env::var("EMBER_REGISTRY_PASSWORD").ok(),
+                    plain_http: args.plain_http,
+                    ca_certificates: args.registry_ca,
+                };
                 let mut view = StepView::new();
-                ember_image::oci::import(&args.data_dir, &args.source, &guest, &mut |p| {
-                    view.show(p)
+                ember_image::registry::import(
+                    &args.data_dir,
+                    reference,
+                    &options,
+                    &guest,
+                    &mut |p| view.show(p),
+                )
+                .await?
+            } else {
+                let source: ember_image::oci::Source = args
+                    .source
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!(e))?;
+                tokio::task::spawn_blocking(move || {
+                    let mut view = StepView::new();
+                    ember_image::oci::import(&args.data_dir, &source, &guest, &mut |p| view.show(p))
                 })
-            })
-            .await
-            .context("image import task")??;
+                .await
+                .context("image import task")??
+            };
             print_imported(&imported);
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,288 @@
+//! Pulling an image from a registry (the OCI distribution API, through the
+//! `oci-client` crate) into a local OCI image layout, which
+//! [`crate::oci::import`] then verifies and unpacks like any other layout.
+//! Nothing pulled is trusted before that check: the layout holds each blob
+//! under the digest the manifest names, and the import hashes every byte.
+
+use std::path::{Path, PathBuf};
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::oci::{ImportedImage, Source, host_architecture, import_labelled};
+use crate::progress::{Progress, Step};
+use crate::{Error, Result};
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Basic credentials (exchanged for a token where the registry asks).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Speak plain HTTP (a registry on loopback or a trusted network).
+    pub plain_http: bool,
+    /// PEM certificates to trust besides the system's (a private CA).
+    pub ca_certificates: Vec<PathBuf>,
+}
+
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+fn pull_error(reference: &str, reason: impl Into<String>) -> Error {
+    Error::ImageImport {
+        image: format!("docker://{reference}"),
+        reason: reason.into(),
+    }
+}
+
+/// Say what went wrong in the user's terms: which of reach, credentials,
+/// name or tag to change.
+fn explain(reference: &Reference, e: OciDistributionError) -> String {
+    let registry = reference.registry();
+    match &e {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => format!(
+            "the registry {registry} refused the credentials ({e}): set EMBER_REGISTRY_USERNAME and EMBER_REGISTRY_PASSWORD"
+        ),
+        OciDistributionError::ImageManifestNotFoundError(_) => format!(
+            "the registry {registry} has no {}:{} ({e}): check the repository and tag",
+            reference.repository(),
+            reference.tag().unwrap_or("latest")
+        ),
+        OciDistributionError::RequestError(inner) if inner.is_connect() || inner.is_timeout() => {
+            format!(
+                "cannot reach the registry {registry} ({e}): check the address, or --plain-http for a registry without TLS"
+            )
+        }
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|x| {
+                matches!(
+                    format!("{:?}", x.code).as_str(),
+                    "ManifestUnknown" | "NameUnknown"
+                )
+            }) =>
+        {
+            format!(
+                "the registry {registry} has no {}:{}: check the repository and tag",
+                reference.repository(),
+                reference.tag().unwrap_or("latest")
+            )
+        }
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|x| matches!(format!("{:?}", x.code).as_str(), "Unauthorized" | "Denied")) =>
+        {
+            format!(
+                "the registry {registry} refused access ({e}): set EMBER_REGISTRY_USERNAME and EMBER_REGISTRY_PASSWORD"
+            )
+        }
+        _ => format!("the registry {registry} answered: {e}"),
+    }
+}
+
+/// Pull `reference` (`host[:port]/repository[:tag|@digest]`) into a new OCI
+/// image layout at `dir`: its manifest (and the index above it, if any),
+/// config and layers. Returns the number of bytes fetched.
+pub async fn pull(
+    reference: &str,
+    options: &RegistryOptions,
+    dir: &Path,
+    progress: &mut (dyn FnMut(String) + Send),
+) -> Result<u64> {
+    let parsed: Reference = reference.parse().map_err(|e| {
+        pull_error(
+            reference,
+            format!("not an image reference ({e}): write HOST[:PORT]/REPOSITORY[:TAG]"),
+        )
+    })?;
+    let mut certificates = Vec::new();
+    for path in &options.ca_certificates {
+        let data = std::fs::read(path).map_err(Error::io("read", path))?;
+        certificates.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        });
+    }
+    let client = Client::new(ClientConfig {
+        protocol: if options.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        extra_root_certificates: certificates,
+        ..ClientConfig::default()
+    });
+    let auth = match (&options.username, &options.password) {
+        (Some(user), Some(password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(pull_error(
+                reference,
+                "give both a registry username and a password, or neither",
+            ));
+        }
+        (None, None) => RegistryAuth::Anonymous,
+    };
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(Error::io("create", &blobs))?;
+    let put = |digest: &str, bytes: &[u8]| -> Result<()> {
+        let hex = blob_hex(reference, digest)?;
+        let path = blobs.join(hex);
+        std::fs::write(&path, bytes).map_err(Error::io("write", &path))
+    };
+
+    let (top, top_digest) = client
+        .pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES)
+        .await
+        .map_err(|e| pull_error(reference, explain(&parsed, e)))?;
+    put(&top_digest, &top)?;
+    let mut fetched = top.len() as u64;
+    let top_json: serde_json::Value = serde_json::from_slice(&top)
+        .map_err(|e| pull_error(reference, format!("the manifest is not JSON: {e}")))?;
+    let manifest = if top_json.get("manifests").is_some() {
+        let arch = host_architecture();
+        let pick = top_json["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
+            .and_then(|m| m["digest"].as_str())
+            .ok_or_else(|| pull_error(reference, format!("the image has no linux/{arch} variant")))?
+            .to_owned();
+        let (bytes, digest) = client
+            .pull_manifest_raw(&parsed.clone_with_digest(pick), &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| pull_error(reference, explain(&parsed, e)))?;
+        put(&digest, &bytes)?;
+        fetched += bytes.len() as u64;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| pull_error(reference, format!("the manifest is not JSON: {e}")))?
+    } else {
+        top_json.clone()
+    };
+    let mut wanted: Vec<(String, u64)> = Vec::new();
+    for d in std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().into_iter().flatten())
+    {
+        let digest = d["digest"]
+            .as_str()
+            .ok_or_else(|| pull_error(reference, "a manifest descriptor has no digest"))?;
+        wanted.push((digest.to_owned(), d["size"].as_u64().unwrap_or(0)));
+    }
+    let total: u64 = wanted.iter().map(|(_, s)| s).sum();
+    for (i, (digest, size)) in wanted.iter().enumerate() {
+        let path = blobs.join(blob_hex(reference, digest)?);
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(Error::io("create", &path))?;
+        let mut out = tokio::io::BufWriter::new(file);
+        client
+            .pull_blob(&parsed, digest.as_str(), &mut out)
+            .await
+            .map_err(|e| pull_error(reference, explain(&parsed, e)))?;
+        out.flush().await.map_err(Error::io("write", &path))?;
+        fetched += size;
+        progress(format!(
+            "blob {}/{}: {} ({} of {} MiB)",
+            i + 1,
+            wanted.len(),
+            &digest[..digest.len().min(19)],
+            fetched >> 20,
+            total >> 20
+        ));
+    }
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(Error::io("write", dir.join("oci-layout")))?;
+    let media_type = top_json["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": media_type,
+            "digest": top_digest,
+            "size": top.len(),
+            "annotations": {"org.opencontainers.image.ref.name": reference},
+        }],
+    });
+    let path = dir.join("index.json");
+    std::fs::write(&path, serde_json::to_vec(&index).expect("index serialises"))
+        .map_err(Error::io("write", &path))?;
+    Ok(fetched)
+}
+
+/// A registry-given digest's hex, checked (it becomes a file name).
+fn blob_hex<'a>(reference: &str, digest: &'a str) -> Result<&'a str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .ok_or_else(|| pull_error(reference, format!("`{digest}` is not a sha256 digest")))
+}
+
+/// A pull's scratch layout, removed however the import ends.
+struct PullDir(PathBuf);
+
+impl Drop for PullDir {
+    fn drop(&mut self) {
+        if let Err(e) = crate::store::remove_tree(&self.0) {
+            tracing::warn!(path = %self.0.display(), %e, "could not remove a pulled layout");
+        }
+    }
+}
+
+/// Pull `reference` and import it (see [`crate::oci::import`]); the
+/// import is recorded as coming from `docker://reference`. Call on a
+/// multi-threaded runtime: the unpacking blocks its thread.
+pub async fn import(
+    data_dir: &Path,
+    reference: &str,
+    options: &RegistryOptions,
+    guest: &Path,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<ImportedImage> {
+    let parent = data_dir.join("images").join("pull");
+    std::fs::create_dir_all(&parent).map_err(Error::io("create", &parent))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let dir = PullDir(parent.join(format!("{}.{nanos}", std::process::id())));
+    std::fs::create_dir(&dir.0).map_err(Error::io("create", &dir.0))?;
+    progress(Progress::Started(Step::Pull));
+    let started = std::time::Instant::now();
+    let fetched = pull(reference, options, &dir.0, &mut |line| {
+        progress(Progress::Detail {
+            step: Step::Pull,
+            line,
+        })
+    })
+    .await?;
+    progress(Progress::Detail {
+        step: Step::Pull,
+        line: format!("{} MiB fetched", fetched >> 20),
+    });
+    progress(Progress::Finished {
+        step: Step::Pull,
+        elapsed: started.elapsed(),
+        cached: false,
+    });
+    let source = Source::Layout {
+        dir: dir.0.clone(),
+        reference: None,
+    };
+    let label = format!("docker://{reference}");
+    tokio::task::block_in_place(|| import_labelled(data_dir, &source, &label, guest, progress))
+}
