@@ -259,18 +259,9 @@ fn debugfs(image: &Path, request: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn oci_entries(data: &Path) -> Vec<String> {
-    std::fs::read_dir(data.join("images/oci"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn staging_left(data: &Path) -> Vec<String> {
-    std::fs::read_dir(data.join("images/tmp"))
+/// The names in `dir` (none if it does not exist).
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -344,7 +335,7 @@ fn imports_keep_the_image_and_refuse_bad_ones_root() {
         .join(imported_key(&out))
         .join("rootfs.ext4");
     assert!(debugfs(&docker_rootfs, "stat /bin/bb2").contains("Links: 2"));
-    let imported = oci_entries(&data).len();
+    let imported = names_in(&data.join("images/oci")).len();
 
     // Bad input: each a clear error naming the problem; nothing left behind.
     let refuse = |source: String, needle: &str| {
@@ -355,12 +346,12 @@ fn imports_keep_the_image_and_refuse_bad_ones_root() {
             "{source}: wanted {needle:?} in: {err}"
         );
         assert_eq!(
-            oci_entries(&data).len(),
+            names_in(&data.join("images/oci")).len(),
             imported,
             "{source} left an import"
         );
         assert_eq!(
-            staging_left(&data),
+            names_in(&data.join("images/tmp")),
             Vec::<String>::new(),
             "{source} left staging"
         );
@@ -511,14 +502,6 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Registry {
     fn start(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
@@ -634,11 +617,7 @@ fn pulls_from_a_registry_with_and_without_auth_root() {
     let data = work.path().join("data");
     let layout = work.path().join("layout");
     write_layout(&layout, &busybox_layers(), "amd64");
-    let pulls_left = || -> usize {
-        std::fs::read_dir(data.join("images/pull"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
+    let pulls_left = || names_in(&data.join("images/pull")).len();
 
     // Anonymous, plain HTTP.
     let open = Registry::start(None);

@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::agent::AgentHome;
+use support::agent::{AgentHome, free_port};
 use support::server::{Api, ServerSpec, TestDb, assert_error, metric};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -608,15 +608,6 @@ async fn call_put(a: &Api, path: &str, body: Value) -> (StatusCode, Value) {
         .await
         .unwrap();
     json_of(resp).await
-}
-
-/// A port nothing listens on now (for an agent's `--ingress-listen`).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

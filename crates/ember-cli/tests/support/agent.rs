@@ -450,6 +450,15 @@ impl Drop for AgentProc {
     }
 }
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn create_request(id: &str) -> pb::CreateSandboxRequest {
     pb::CreateSandboxRequest {
         sandbox_id: id.to_owned(),
