@@ -219,6 +219,45 @@ impl Tree {
         }
     }
 
+    /// Put `data` at `/<dir>/<name>` (root-owned, `mode`), replacing
+    /// whatever the layers left at `/<dir>` — removed without following
+    /// anything, so a symlink the image planted there leads nowhere.
+    pub fn install(&self, dir: &str, name: &str, data: &[u8], mode: u32) -> io::Result<()> {
+        use std::io::Write;
+        let dir = OsStr::new(dir);
+        remove_at(self.root.as_fd(), dir)?;
+        nix::sys::stat::mkdirat(
+            Some(self.root.as_raw_fd()),
+            dir,
+            Mode::from_bits_truncate(0o755),
+        )?;
+        let sub = nix::fcntl::openat(
+            Some(self.root.as_raw_fd()),
+            dir,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        // SAFETY: a new descriptor from openat.
+        let sub = unsafe { OwnedFd::from_raw_fd(sub) };
+        nix::sys::stat::fchmodat(
+            Some(sub.as_raw_fd()),
+            ".",
+            Mode::from_bits_truncate(0o755),
+            FchmodatFlags::FollowSymlink,
+        )?;
+        let fd = nix::fcntl::openat(
+            Some(sub.as_raw_fd()),
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        // SAFETY: a new descriptor from openat.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(data)?;
+        nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode))?;
+        Ok(())
+    }
+
     /// Apply one layer's tar stream.
     pub fn apply(&self, layer: impl Read) -> Result<LayerStats, LayerError> {
         let mut stats = LayerStats::default();
@@ -783,6 +822,31 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("no/such/file"), "{err}");
+    }
+
+    #[test]
+    fn install_replaces_a_planted_symlink_without_following_it() {
+        let (dir, tree) = tree();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("precious"), b"keep").unwrap();
+        tree.apply(
+            &Layer::default()
+                .link(".ember", tar::EntryType::Symlink, outside.to_str().unwrap())
+                .bytes()[..],
+        )
+        .unwrap();
+        tree.install(".ember", "init", b"guest", 0o755).unwrap();
+        assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        let ember = tree.path().join(".ember");
+        assert!(std::fs::symlink_metadata(&ember).unwrap().is_dir());
+        assert_eq!(std::fs::read(ember.join("init")).unwrap(), b"guest");
+        let mode = std::fs::metadata(ember.join("init"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
     }
 
     #[test]

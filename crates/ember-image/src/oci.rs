@@ -962,6 +962,13 @@ pub(crate) fn import_labelled(
     let staging = store.staging(&lock, "oci")?;
     let entry = staging.path().join("entry");
     let root = staging.path().join("root");
+    // The unpacked tree holds the image's setuid files and device nodes
+    // as real host files until it is packed: no one else may reach them.
+    fs::set_permissions(
+        staging.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(Error::io("chmod", staging.path()))?;
     for dir in [&entry, &root] {
         fs::create_dir(dir).map_err(Error::io("create", dir))?;
     }
@@ -982,7 +989,13 @@ pub(crate) fn import_labelled(
             stats.hard_links
         ));
     }
-    install_guest(&root, &guest_bytes)?;
+    // Through the tree, never by path: the image may have put a symlink
+    // to anywhere at `/.ember`.
+    tree.install(".ember", "init", &guest_bytes, 0o755)
+        .map_err(Error::io(
+            "install ember-guest into",
+            root.join(".ember/init"),
+        ))?;
     timer.finish(false);
 
     let mut timer = StepTimer::start(Step::Pack, progress);
@@ -1025,21 +1038,6 @@ pub(crate) fn import_labelled(
     staging.publish("entry", &dest)?;
     timer.finish(false);
     ImportedImage::open(&dest)
-}
-
-/// `ember-guest` at [`GUEST_INIT`], replacing whatever the image had there.
-fn install_guest(root: &Path, guest: &[u8]) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = root.join(".ember");
-    if dir.symlink_metadata().is_ok() {
-        store::remove_tree(&dir)?;
-    }
-    fs::create_dir(&dir).map_err(Error::io("create", &dir))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
-        .map_err(Error::io("chmod", &dir))?;
-    let init = dir.join("init");
-    fs::write(&init, guest).map_err(Error::io("write", &init))?;
-    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(Error::io("chmod", &init))
 }
 
 #[cfg(test)]
