@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde_json::json;
@@ -65,8 +65,8 @@ fn explain(reference: &Reference, e: OciDistributionError) -> String {
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|x| {
                 matches!(
-                    format!("{:?}", x.code).as_str(),
-                    "ManifestUnknown" | "NameUnknown"
+                    x.code,
+                    OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
                 )
             }) =>
         {
@@ -80,7 +80,7 @@ fn explain(reference: &Reference, e: OciDistributionError) -> String {
             if envelope
                 .errors
                 .iter()
-                .any(|x| matches!(format!("{:?}", x.code).as_str(), "Unauthorized" | "Denied")) =>
+                .any(|x| matches!(x.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
         {
             format!(
                 "the registry {registry} refused access ({e}): set EMBER_REGISTRY_USERNAME and EMBER_REGISTRY_PASSWORD"
