@@ -75,9 +75,27 @@ pub struct CreateRequest {
     /// Boot the image even where a warm base of this shape exists.
     pub cold: bool,
     pub ingress: IngressRecord,
-    /// Boot this imported container image (key or digest) instead of the
-    /// base image; only without `build`.
+    /// Boot this container image instead of the base image; only without
+    /// `build`: an imported one (key or digest) or a `docker://` reference.
     pub image: Option<String>,
+    /// Credentials for pulling `image`; never stored.
+    pub registry: RegistryCredentials,
+}
+
+/// Registry credentials for one pull. `Debug` hides the password.
+#[derive(Clone, Default)]
+pub struct RegistryCredentials {
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| ".."))
+            .finish()
+    }
 }
 
 /// What a cold boot starts from: a disk-only build, its root filesystem
@@ -483,7 +501,7 @@ impl Agent {
                     "give an image or a build to start from, not both".to_owned(),
                 ));
             }
-            (Some(name), None) => Some(self.imported_root(name).await?),
+            (Some(name), None) => Some(self.imported_root(name, &req.registry).await?),
         };
         let mut env = req.env.clone();
         if let Some((_, image)) = &imported {
@@ -752,13 +770,35 @@ impl Agent {
     async fn imported_root(
         &self,
         name: &str,
+        registry: &RegistryCredentials,
     ) -> Result<(BootRoot, ember_image::oci::ImportedImage), AgentError> {
-        let data_dir = self.inner.config.data_dir.clone();
-        let wanted = name.to_owned();
-        let image = blocking(move || {
-            ember_image::oci::find(&data_dir, &wanted).ok_or(AgentError::ImageNotFound(wanted))
-        })
-        .await?;
+        let cfg = &self.inner.config;
+        let data_dir = cfg.data_dir.clone();
+        let image = if let Some(reference) = name.strip_prefix("docker://") {
+            // Only registry references come from the API: a local layout or
+            // archive path would let a caller make the agent read host files.
+            let host = reference.split('/').next().unwrap_or_default();
+            let options = ember_image::registry::RegistryOptions {
+                username: registry.username.clone(),
+                password: registry.password.clone(),
+                plain_http: cfg.insecure_registries.iter().any(|r| r == host),
+                ca_certificates: cfg.registry_ca.clone(),
+            };
+            let guest = cfg
+                .static_guest_bin
+                .clone()
+                .unwrap_or_else(ember_image::default_guest_binary);
+            let mut log = |p: ember_image::Progress| info!(image = %reference, progress = ?p, "pulling image");
+            ember_image::registry::import(&data_dir, reference, &options, &guest, &mut log)
+                .await
+                .map_err(AgentError::ImageImport)?
+        } else {
+            let wanted = name.to_owned();
+            blocking(move || {
+                ember_image::oci::find(&data_dir, &wanted).ok_or(AgentError::ImageNotFound(wanted))
+            })
+            .await?
+        };
         let key = format!("oci:{}", image.manifest.key);
         let build = import_rootfs_build(&self.inner.store, &key, &image.rootfs).await?;
         let root = BootRoot {

@@ -76,6 +76,14 @@ pub struct AgentConfig {
     pub default_memory_mib: u32,
     /// The guest agent's binary baked into the base image.
     pub guest_bin: Option<PathBuf>,
+    /// A statically linked `ember-guest`, put into container images pulled
+    /// for a create (it must run on any libc, or none) [default: `guest_bin`].
+    pub static_guest_bin: Option<PathBuf>,
+    /// Registries (`HOST[:PORT]`) reached over plain HTTP: loopback or a
+    /// trusted network only.
+    pub insecure_registries: Vec<String>,
+    /// PEM CA certificates trusted for registries, besides the system's.
+    pub registry_ca: Vec<PathBuf>,
     /// Use this built image (an `images/<key>` directory) instead of
     /// building or finding one under `data_dir` (several agents on one
     /// machine, or tests, share one image this way).
@@ -175,6 +183,9 @@ impl AgentConfig {
             default_vcpus: 1,
             default_memory_mib: 512,
             guest_bin: None,
+            static_guest_bin: None,
+            insecure_registries: Vec::new(),
+            registry_ca: Vec::new(),
             image_dir: None,
             confine: crate::confine::ConfineConfig::default(),
             warm_base: true,

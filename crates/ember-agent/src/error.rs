@@ -30,6 +30,9 @@ pub enum AgentError {
         "no imported image `{0}` on this host: import it with `ember image import`, and name it by the key or digest that printed"
     )]
     ImageNotFound(String),
+    /// Pulling or importing a container image failed (the message says what to change).
+    #[error(transparent)]
+    ImageImport(ember_image::Error),
     #[error(
         "template build {build} has {template_vcpus} vCPUs and {template_memory_mib} MiB of memory baked in; \
          omit vcpus and memory_mib or pass exactly those values (asked for {asked_vcpus} vCPUs, {asked_memory_mib} MiB)"
@@ -178,6 +181,7 @@ impl AgentError {
             AgentError::SandboxNotFound(_) => simple(Code::NotFound, "sandbox_not_found"),
             AgentError::BuildNotFound(_) => simple(Code::NotFound, "build_not_found"),
             AgentError::ImageNotFound(_) => simple(Code::NotFound, "image_not_found"),
+            AgentError::ImageImport(_) => simple(Code::FailedPrecondition, "image_import_failed"),
             AgentError::SandboxExists(_) => simple(Code::AlreadyExists, "already_exists"),
             AgentError::IllegalTransition { .. } => simple(Code::FailedPrecondition, "conflict"),
             AgentError::NoGuestAgent(_) => simple(Code::FailedPrecondition, "no_guest_agent"),

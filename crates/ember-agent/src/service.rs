@@ -372,6 +372,10 @@ impl HostAgent for HostService {
             cold: r.cold,
             ingress: ingress_record(r.ingress)?,
             image: (!r.image.is_empty()).then_some(r.image),
+            registry: crate::agent::RegistryCredentials {
+                username: (!r.registry_username.is_empty()).then_some(r.registry_username),
+                password: (!r.registry_password.is_empty()).then_some(r.registry_password),
+            },
         };
         crate::failpoint::hit("create.before").await?;
         let agent = self.agent.clone();

@@ -6,12 +6,15 @@
 //! them; [`lifecycle`] moves sandboxes through their state machine;
 //! [`store`] persists everything; [`scheduler`], [`reconciler`] and [`ttl`]
 //! hold their policies as pure functions beside the loops that run them;
+//! [`builds`] runs template builds (images, [`dockerfile`]s) in sandboxes;
 //! [`hosts`] keeps a client per host agent; [`ingress`] proxies traffic to
 //! sandbox ports through them; [`server`] ties it together.
 
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod builds;
+pub mod dockerfile;
 pub mod e2b;
 pub mod error;
 pub mod hosts;

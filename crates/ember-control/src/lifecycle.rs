@@ -55,6 +55,26 @@ pub struct CreateSpec {
     /// Boot `base` rather than fork the host's warm base.
     pub cold: bool,
     pub ingress: crate::model::Ingress,
+    /// With `base`: boot this container image (`docker://…`) instead of
+    /// the base image. Template builds use it.
+    pub image: Option<ImageSource>,
+}
+
+/// A container image for a create, with the credentials to pull it.
+#[derive(Clone)]
+pub struct ImageSource {
+    pub reference: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSource")
+            .field("reference", &self.reference)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The key access tokens are derived from; its `Debug` shows no secret.
@@ -400,6 +420,7 @@ impl Operations {
             }
             (Some(t.build_id), t.vcpus, t.memory_mib)
         };
+        let image = spec.image.filter(|_| spec.template == BASE_TEMPLATE);
         let usage = self.store.host_usage().await?;
         let mut snapshots = self.hosts.snapshots(&usage);
         if let Some(build) = &build_id {
@@ -494,15 +515,27 @@ impl Operations {
             guest_token: auth::new_guest_token(),
             cold: spec.cold,
             ingress: Some(self.ingress_policy(&id, &row.ingress)),
-            // Imported images reach tenants as templates built from them
-            // (issue 16); the control plane does not boot them directly.
-            image: String::new(),
+            image: image
+                .as_ref()
+                .map(|i| i.reference.clone())
+                .unwrap_or_default(),
+            registry_username: image
+                .as_ref()
+                .and_then(|i| i.username.clone())
+                .unwrap_or_default(),
+            registry_password: image
+                .as_ref()
+                .and_then(|i| i.password.clone())
+                .unwrap_or_default(),
+        };
+        // A pull can take long; a plain boot cannot.
+        let deadline = if image.is_some() {
+            LONG_OPERATION_TIMEOUT
+        } else {
+            LIFECYCLE_TIMEOUT
         };
         timer.lap("control.intent");
-        match client
-            .create_sandbox(with_timeout(req, LIFECYCLE_TIMEOUT))
-            .await
-        {
+        match client.create_sandbox(with_timeout(req, deadline)).await {
             Ok(reply) => {
                 timer.host(reply.get_ref());
                 let timing = timer.finish();

@@ -371,6 +371,31 @@ pub struct Template {
     pub created_at: i64,
 }
 
+/// A template build job (`POST /v1/templates`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateBuild {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    /// `queued`, `running`, `ready` or `failed`.
+    pub status: String,
+    /// `image docker://…` or `Dockerfile`.
+    pub source: String,
+    pub step: u32,
+    pub steps_total: u32,
+    pub step_text: String,
+    pub error: Option<String>,
+    /// The newest part of the log; `log_dropped` bytes came before it.
+    pub log: String,
+    pub log_dropped: u64,
+    pub sandbox_id: Option<String>,
+    pub cached_steps: u32,
+    pub created_at: i64,
+    /// Written every few seconds by the control plane running the build.
+    pub heartbeat_at: i64,
+    pub finished_at: Option<i64>,
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

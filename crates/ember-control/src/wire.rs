@@ -215,6 +215,97 @@ pub struct CreateSnapshotRequest {
     pub name: String,
 }
 
+/// Build a template from a container image or a Dockerfile (`POST
+/// /v1/templates`). Give `image`, or `dockerfile` (and, for its COPY/ADD,
+/// `context_tar_base64`). The build runs in a sandbox; the template is its
+/// memory snapshot taken once the start command is ready, so sandboxes
+/// made from it start with the service already running.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplateRequest {
+    /// Template name, as for snapshots: 1–63 of `a-z 0-9 . _ -`.
+    pub name: String,
+    /// `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`, pulled on the build's host.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// A Dockerfile's text: one stage; FROM (an image, a template of
+    /// yours, or `base`), RUN, COPY/ADD, ENV, ARG, WORKDIR, USER, CMD,
+    /// ENTRYPOINT, LABEL, EXPOSE.
+    #[serde(default)]
+    pub dockerfile: Option<String>,
+    /// The build context: a tar (or .tar.gz) of files COPY reads, base64.
+    /// At most 48 MiB before encoding.
+    #[serde(default)]
+    pub context_tar_base64: Option<String>,
+    /// Values for the Dockerfile's ARGs.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// A shell command started (in the background) before the snapshot;
+    /// defaults to the Dockerfile's ENTRYPOINT/CMD.
+    #[serde(default)]
+    pub start_cmd: Option<String>,
+    /// The service is ready when this shell command exits 0.
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
+    /// The service is ready when this port accepts connections.
+    #[serde(default)]
+    pub ready_port: Option<u16>,
+    /// How long to wait for the ready check (default 300 s, at most 3600).
+    #[serde(default)]
+    pub ready_timeout_s: Option<u64>,
+    /// The template's vCPUs and memory (defaults 1 and 512).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Credentials for the image's registry: used for this build's pulls,
+    /// never stored.
+    #[serde(default)]
+    pub registry_username: Option<String>,
+    #[serde(default)]
+    pub registry_password: Option<String>,
+}
+
+/// A template build job and its log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuild {
+    pub build_id: String,
+    pub name: String,
+    /// `queued`, `running`, `ready` or `failed`.
+    pub status: String,
+    /// `image docker://…` or `Dockerfile`.
+    pub source: String,
+    /// The step running (1-based) of `steps_total`, and its instruction.
+    pub step: u32,
+    pub steps_total: u32,
+    pub step_text: String,
+    /// Leading steps skipped because the step cache held them.
+    pub cached_steps: u32,
+    /// Why it failed: the step, its command, exit code and last output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The log from `offset` (the query parameter) on.
+    pub log: String,
+    /// Pass this as `offset` to get only what follows.
+    pub log_offset: u64,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuildList {
+    pub builds: Vec<TemplateBuild>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct BuildLogQuery {
+    /// Log bytes already seen: the reply carries only what follows.
+    #[serde(default)]
+    pub offset: u64,
+}
+
 /// A named template: a build frozen from a sandbox. New sandboxes from it
 /// inherit its vCPUs and memory.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

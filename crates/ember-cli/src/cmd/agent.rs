@@ -80,6 +80,18 @@ pub struct AgentOptions {
     /// sandbox.
     #[arg(long, env = "EMBER_WARM_BASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub warm_base: bool,
+    /// A statically linked ember-guest (`scripts/build-guest`) to boot
+    /// container images with [default: EMBER_GUEST_BIN's, which must then
+    /// be static].
+    #[arg(long, env = "EMBER_STATIC_GUEST_BIN")]
+    pub static_guest_bin: Option<PathBuf>,
+    /// A registry (HOST[:PORT]) to pull images from over plain HTTP, for
+    /// loopback or a trusted network (repeatable, or comma-separated).
+    #[arg(long, env = "EMBER_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registry: Vec<String>,
+    /// A PEM CA certificate to trust for registries, besides the system's.
+    #[arg(long, env = "EMBER_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Vec<PathBuf>,
     /// Testing only: treat a guest as up when a line holding TEXT appears
     /// on its serial console, instead of waiting for Ember's guest agent.
     /// For test guests that have none (Firecracker's tiny test guests,
@@ -137,6 +149,9 @@ impl AgentOptions {
             c.confine.uid_base = base;
         }
         c.warm_base = self.warm_base;
+        c.static_guest_bin = self.static_guest_bin.clone();
+        c.insecure_registries = self.insecure_registry.clone();
+        c.registry_ca = self.registry_ca.clone();
         if let Some(text) = &self.guest_ready_serial {
             c.guest_readiness = ember_agent::config::GuestReadiness::Serial(text.clone());
         }

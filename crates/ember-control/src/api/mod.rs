@@ -16,6 +16,7 @@ mod ports;
 pub(crate) mod processes;
 pub(crate) mod sandboxes;
 mod snapshots;
+mod templates;
 
 use std::sync::Arc;
 
@@ -94,6 +95,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(files::make_dir))
         .routes(routes!(files::rename))
         .routes(routes!(files::watch))
+        .routes(routes!(
+            templates::create_template,
+            templates::list_templates
+        ))
+        .routes(routes!(templates::get_template, templates::delete_template))
+        .routes(routes!(templates::list_builds))
+        .routes(routes!(templates::get_build))
         .routes(routes!(snapshots::list_snapshots))
         .routes(routes!(snapshots::get_snapshot, snapshots::delete_snapshot))
         .routes(routes!(admin::create_key, admin::list_keys))

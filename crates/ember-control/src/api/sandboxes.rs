@@ -211,6 +211,7 @@ pub async fn create_sandbox(
             public: req.public,
             auto_resume: req.auto_resume,
         },
+        image: None,
     };
     let (sb, token) = state.ops.create(spec).await?;
     let mut out = to_wire(&state, sb);

@@ -449,6 +449,7 @@ async fn create(
         network,
         cold: false,
         ingress: ingress(&v)?,
+        image: None,
     };
     let (sb, _token) = state.ops.create(spec).await?;
     Ok((

@@ -47,10 +47,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "join_tokens",
         include_str!("../../migrations/0007_join_tokens.sql"),
     ),
+    (
+        8,
+        "template_builds",
+        include_str!("../../migrations/0008_template_builds.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 7;
+pub const LATEST: i64 = 8;
 
 pub(super) async fn apply(store: &Store) -> Result<()> {
     let mut conn = store.pool().acquire().await?;

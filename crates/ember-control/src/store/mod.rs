@@ -25,7 +25,7 @@ use sqlx::{AnyPool, Row};
 use crate::error::{Error, Result};
 use crate::model::{
     ApiKey, AuditEntry, Build, BuildKind, Host, HostCredential, HostUsage, Ingress, JoinToken,
-    NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template,
+    NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template, TemplateBuild,
 };
 
 /// Which database the store talks to.
@@ -896,6 +896,112 @@ impl Store {
         Ok(TemplateInsert::Inserted)
     }
 
+    pub async fn insert_template_build(&self, b: &TemplateBuild) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO template_builds (id, team_id, name, status, source, step, steps_total, \
+             step_text, error, log, log_dropped, sandbox_id, cached_steps, created_at, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&b.id)
+        .bind(&b.team_id)
+        .bind(&b.name)
+        .bind(&b.status)
+        .bind(&b.source)
+        .bind(i64::from(b.step))
+        .bind(i64::from(b.steps_total))
+        .bind(&b.step_text)
+        .bind(&b.error)
+        .bind(&b.log)
+        .bind(b.log_dropped as i64)
+        .bind(&b.sandbox_id)
+        .bind(i64::from(b.cached_steps))
+        .bind(b.created_at)
+        .bind(b.heartbeat_at)
+        .bind(b.finished_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Write a build's progress (everything but its identity).
+    pub async fn update_template_build(&self, b: &TemplateBuild) -> Result<()> {
+        sqlx::query(
+            "UPDATE template_builds SET status = $2, step = $3, steps_total = $4, step_text = $5, \
+             error = $6, log = $7, log_dropped = $8, sandbox_id = $9, cached_steps = $10, \
+             finished_at = $11, heartbeat_at = $12 WHERE id = $1",
+        )
+        .bind(&b.id)
+        .bind(&b.status)
+        .bind(i64::from(b.step))
+        .bind(i64::from(b.steps_total))
+        .bind(&b.step_text)
+        .bind(&b.error)
+        .bind(&b.log)
+        .bind(b.log_dropped as i64)
+        .bind(&b.sandbox_id)
+        .bind(i64::from(b.cached_steps))
+        .bind(b.finished_at)
+        .bind(b.heartbeat_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The build is still being run (by this control plane).
+    pub async fn heartbeat_template_build(&self, id: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE template_builds SET heartbeat_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn template_build(&self, team_id: &str, id: &str) -> Result<Option<TemplateBuild>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TEMPLATE_BUILD_COLUMNS} FROM template_builds WHERE team_id = $1 AND id = $2"
+        ))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| template_build_from_row(&r)))
+    }
+
+    /// A team's builds of one template name (all names when `None`), newest first.
+    pub async fn list_template_builds(
+        &self,
+        team_id: &str,
+        name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TemplateBuild>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TEMPLATE_BUILD_COLUMNS} FROM template_builds \
+             WHERE team_id = $1 AND ($2 = '' OR name = $2) ORDER BY created_at DESC, id LIMIT $3"
+        ))
+        .bind(team_id)
+        .bind(name.unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(template_build_from_row).collect())
+    }
+
+    /// Fail the active builds whose heartbeat stopped before `stale_before`
+    /// (the control plane running them is gone). Returns how many.
+    pub async fn fail_orphaned_template_builds(&self, stale_before: i64, now: i64) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE template_builds SET status = 'failed', finished_at = $2, \\
+             error = 'the control plane running this build stopped; start the build again' \\
+             WHERE status IN ('queued', 'running') AND heartbeat_at < $1",
+        )
+        .bind(stale_before)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     pub async fn template(&self, team_id: &str, name: &str) -> Result<Option<Template>> {
         let row = sqlx::query(
             "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at \
@@ -908,10 +1014,11 @@ impl Store {
         Ok(row.map(|r| template_from_row(&r)))
     }
 
+    /// A team's templates by name, without the step cache's hidden ones.
     pub async fn list_templates(&self, team_id: &str) -> Result<Vec<Template>> {
         let rows = sqlx::query(
             "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at \
-             FROM templates WHERE team_id = $1 ORDER BY name",
+             FROM templates WHERE team_id = $1 AND name NOT LIKE '.%' ORDER BY name",
         )
         .bind(team_id)
         .fetch_all(&self.pool)
@@ -1541,6 +1648,30 @@ fn build_from_row(r: &AnyRow) -> Result<Build> {
         created_at: r.get("created_at"),
         released_at: r.get("released_at"),
     })
+}
+
+const TEMPLATE_BUILD_COLUMNS: &str = "id, team_id, name, status, source, step, steps_total, \
+     step_text, error, log, log_dropped, sandbox_id, cached_steps, created_at, heartbeat_at, finished_at";
+
+fn template_build_from_row(r: &AnyRow) -> TemplateBuild {
+    TemplateBuild {
+        id: r.get("id"),
+        team_id: r.get("team_id"),
+        name: r.get("name"),
+        status: r.get("status"),
+        source: r.get("source"),
+        step: r.get::<i64, _>("step") as u32,
+        steps_total: r.get::<i64, _>("steps_total") as u32,
+        step_text: r.get("step_text"),
+        error: r.get("error"),
+        log: r.get("log"),
+        log_dropped: r.get::<i64, _>("log_dropped") as u64,
+        sandbox_id: r.get("sandbox_id"),
+        cached_steps: r.get::<i64, _>("cached_steps") as u32,
+        created_at: r.get("created_at"),
+        heartbeat_at: r.get("heartbeat_at"),
+        finished_at: r.get("finished_at"),
+    }
 }
 
 fn template_from_row(r: &AnyRow) -> Template {
