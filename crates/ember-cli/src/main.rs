@@ -45,6 +45,9 @@ enum Command {
     Server(Box<cmd::server::ServerArgs>),
     /// Templates frozen from running sandboxes: create, list, get, delete.
     Snapshot(cmd::client::snapshot::SnapshotArgs),
+    /// Templates built from container images and Dockerfiles: build, list,
+    /// follow builds, delete.
+    Template(cmd::client::template::TemplateArgs),
     /// What your team holds against the server's limits.
     Usage(cmd::client::key::UsageArgs),
     /// Serve a restored VM's memory through userfaultfd (started by the host agent).
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
             Command::Sandbox(a) => cmd::client::sandbox::run(a).await,
             Command::Server(a) => cmd::server::run(*a).await,
             Command::Snapshot(a) => cmd::client::snapshot::run(a).await,
+            Command::Template(a) => cmd::client::template::run(a).await,
             Command::Usage(a) => cmd::client::key::usage(a).await,
             Command::Uffd(a) => cmd::uffd::run(*a).await,
         }

@@ -29,6 +29,9 @@ use utoipa::{Modify, OpenApi};
         (name = "processes", description = "Commands in a running sandbox"),
         (name = "files", description = "Files in a running sandbox"),
         (name = "snapshots", description = "Named templates"),
+        (name = "templates", description = "Templates built from container images and \
+            Dockerfiles: the build runs in a sandbox and snapshots it once its start command \
+            is ready; follow a build's log with `offset`"),
         (name = "ports", description = "Servers inside a sandbox. Any request to \
             `/v1/sandboxes/{id}/ports/{port}/…` (or to `{port}-{id}.{domain}` with \
             `--ingress-domain`, or carrying `X-Ember-Sandbox-Id` and `X-Ember-Port`) is \

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ember_control::model::{
-    Build, BuildKind, Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template, now_ms,
+    Build, BuildKind, Host, NetworkPolicy, OnTimeout, Sandbox, SandboxState, Team, Template,
+    TemplateBuild, now_ms,
 };
 use ember_control::store::{
     CapacityCheck, Changes, PageAfter, SandboxFilter, Store, TeamQuota, TeamUsage,
@@ -116,6 +117,7 @@ on_both_stores!(
     a_join_token_admits_one_host,
     storage_counts_the_builds_of_paused_sandboxes_and_templates,
     concurrent_templates_never_overrun_a_team_quota,
+    template_builds_keep_progress_and_orphans_fail,
 );
 
 async fn concurrent_templates_never_overrun_a_team_quota(url: &str) {
@@ -342,6 +344,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
             vec![Some("5".into()), Some("running_since".into())],
             vec![Some("6".into()), Some("host_credentials".into())],
             vec![Some("7".into()), Some("join_tokens".into())],
+            vec![Some("8".into()), Some("template_builds".into())],
         ]
     );
     store.close().await;
@@ -355,7 +358,7 @@ async fn migrations_apply_from_empty_and_only_once(url: &str) {
         .fetch_all_text("SELECT COUNT(*) FROM schema_migrations")
         .await
         .unwrap();
-    assert_eq!(rows[0][0].as_deref(), Some("7"));
+    assert_eq!(rows[0][0].as_deref(), Some("8"));
     if store.backend() == ember_control::store::Backend::Sqlite {
         let fk = store.fetch_all_text("PRAGMA foreign_keys").await.unwrap();
         assert_eq!(fk[0][0].as_deref(), Some("1"), "foreign keys must be on");
@@ -1186,5 +1189,95 @@ async fn concurrent_first_starts_agree_on_one_setting(url: &str) {
     assert_eq!(
         store.setting("join_token").await.unwrap().as_deref(),
         Some("new")
+    );
+}
+
+async fn template_builds_keep_progress_and_orphans_fail(url: &str) {
+    let store = open(url).await;
+    let a = team(&store, "a").await;
+    let b = team(&store, "b").await;
+    let now = now_ms();
+    let mut job = TemplateBuild {
+        id: format!("tb-{}", now),
+        team_id: a.id.clone(),
+        name: "web".into(),
+        status: "running".into(),
+        source: "Dockerfile".into(),
+        step: 1,
+        steps_total: 4,
+        step_text: "FROM base".into(),
+        error: None,
+        log: "step 1/4: FROM base\n".into(),
+        log_dropped: 0,
+        sandbox_id: None,
+        cached_steps: 0,
+        created_at: now,
+        heartbeat_at: now,
+        finished_at: None,
+    };
+    store.insert_template_build(&job).await.unwrap();
+    job.step = 2;
+    job.log.push_str("it's \"quoted\" ü\n");
+    job.log_dropped = 7;
+    job.sandbox_id = Some("sb-1".into());
+    store.update_template_build(&job).await.unwrap();
+    assert_eq!(
+        store.template_build(&a.id, &job.id).await.unwrap(),
+        Some(job.clone())
+    );
+    assert_eq!(
+        store.template_build(&b.id, &job.id).await.unwrap(),
+        None,
+        "another team's build"
+    );
+    assert_eq!(
+        store
+            .list_template_builds(&a.id, Some("web"), 10)
+            .await
+            .unwrap(),
+        vec![job.clone()]
+    );
+    assert!(
+        store
+            .list_template_builds(&a.id, Some("other"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_template_builds(&a.id, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A live heartbeat keeps it running; a stale one fails it, once.
+    assert_eq!(
+        store
+            .fail_orphaned_template_builds(now - 60_000, now)
+            .await
+            .unwrap(),
+        0
+    );
+    store
+        .heartbeat_template_build(&job.id, now - 120_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .fail_orphaned_template_builds(now - 60_000, now)
+            .await
+            .unwrap(),
+        1
+    );
+    let failed = store.template_build(&a.id, &job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, "failed");
+    assert!(failed.error.unwrap().contains("control plane"));
+    assert_eq!(failed.finished_at, Some(now));
+    assert_eq!(
+        store.fail_orphaned_template_builds(now, now).await.unwrap(),
+        0
     );
 }

@@ -5,12 +5,13 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import Live
 
 import ember
-from ember import Sandbox, SandboxState
+from ember import Sandbox, SandboxState, Template
 
 
 def test_sandbox_lifecycle(api: Live) -> None:
@@ -154,6 +155,39 @@ def test_snapshots_and_templates(api: Live) -> None:
                 c.get_snapshot(name)
     with pytest.raises(ember.NotFound):
         Sandbox.create(template=name)
+
+
+def test_template_build_from_a_dockerfile_serves_in_its_sandboxes(api: Live, tmp_path: Path) -> None:
+    name = f"py-build-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("from the context\n")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM base\n"
+        "WORKDIR /srv\n"
+        "COPY www/ ./\n"
+        "RUN echo built > /srv/built.txt\n"
+        'CMD ["python3", "-m", "http.server", "8000", "--directory", "/srv"]\n'
+    )
+    seen: list[str] = []
+    build = Template.build(name, dockerfile=str(tmp_path / "Dockerfile"), ready_port=8000, on_log=seen.append)
+    assert build.status == "ready"
+    assert "step 3/6: COPY www/ ./" in build.log
+    assert "".join(seen) == build.log
+    try:
+        with create_from(name) as child:
+            fetch = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/index.html').read().decode(), end='')"
+            r = child.commands.run(f'python3 -c "{fetch}"')
+            assert r.stdout == "from the context\n"
+            assert child.files.read_text("/srv/built.txt") == "built\n"
+        with pytest.raises(ember.BuildFailed) as failed:
+            Template.build(f"{name}-bad", dockerfile="FROM base\nRUN echo nope && exit 7\n")
+        assert "exited with code 7" in str(failed.value)
+        assert "nope" in (failed.value.build.error or "")
+        with pytest.raises(ember.InvalidRequest, match="line 2"):
+            Template.build(f"{name}-x", dockerfile="FROM base\nVOLUME /data\n")
+    finally:
+        with ember.Client() as c:
+            c.delete_snapshot(name)
 
 
 def test_context_manager_kills_on_exit_and_on_error(api: Live) -> None:

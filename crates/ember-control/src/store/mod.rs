@@ -899,8 +899,8 @@ impl Store {
     pub async fn insert_template_build(&self, b: &TemplateBuild) -> Result<()> {
         sqlx::query(
             "INSERT INTO template_builds (id, team_id, name, status, source, step, steps_total, \
-             step_text, error, log, log_dropped, sandbox_id, cached_steps, created_at, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             step_text, error, log, log_dropped, sandbox_id, cached_steps, created_at, heartbeat_at, \
+             finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&b.id)
         .bind(&b.team_id)
@@ -991,8 +991,8 @@ impl Store {
     /// (the control plane running them is gone). Returns how many.
     pub async fn fail_orphaned_template_builds(&self, stale_before: i64, now: i64) -> Result<u64> {
         let r = sqlx::query(
-            "UPDATE template_builds SET status = 'failed', finished_at = $2, \\
-             error = 'the control plane running this build stopped; start the build again' \\
+            "UPDATE template_builds SET status = 'failed', finished_at = $2, \
+             error = 'the control plane running this build stopped; start the build again' \
              WHERE status IN ('queued', 'running') AND heartbeat_at < $1",
         )
         .bind(stale_before)

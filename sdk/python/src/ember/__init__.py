@@ -13,6 +13,7 @@ The server and key come from ``api_url=``/``api_key=``, else
 from .aio import AsyncClient, AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
 from .errors import (
     AuthError,
+    BuildFailed,
     CapacityError,
     ConfigError,
     Conflict,
@@ -34,9 +35,10 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
+    TemplateBuildInfo,
     WatchEvent,
 )
-from .sandbox import Client, CommandHandle, Commands, Files, Sandbox
+from .sandbox import Client, CommandHandle, Commands, Files, Sandbox, Template
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncSandbox",
     "AuthError",
+    "BuildFailed",
     "CapacityError",
     "Client",
     "CommandHandle",
@@ -71,5 +74,7 @@ __all__ = [
     "SandboxState",
     "ServerError",
     "SnapshotInfo",
+    "Template",
+    "TemplateBuildInfo",
     "TimeoutError",
 ]

@@ -12,6 +12,73 @@ from . import errors
 from .models import SandboxInfo, WatchEvent
 
 
+def template_build_path(name: str, build_id: str, offset: int = 0) -> str:
+    return f"/v1/templates/{quote(name, safe='')}/builds/{quote(build_id, safe='')}?offset={int(offset)}"
+
+
+#: How often a template build is polled for progress.
+BUILD_POLL_S = 0.5
+
+
+def template_build_body(
+    name: str,
+    *,
+    image: str | None,
+    dockerfile: str | None,
+    context: str | None,
+    start_cmd: str | None,
+    ready_cmd: str | None,
+    ready_port: int | None,
+    ready_timeout: int | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    build_args: Mapping[str, str] | None,
+    registry_username: str | None,
+    registry_password: str | None,
+) -> dict[str, Any]:
+    """The body of ``POST /v1/templates``. ``dockerfile`` is the Dockerfile's
+    text or a path to one; ``context`` a directory, packed here as a tar
+    (default: the Dockerfile's directory when a path was given)."""
+    import base64
+    import io
+    import os
+    import tarfile
+
+    if (image is None) == (dockerfile is None):
+        raise errors.InvalidRequest("give image= (docker://…) or dockerfile=, exactly one")
+    body: dict[str, Any] = {"name": name}
+    if image is not None:
+        body["image"] = image
+    if dockerfile is not None:
+        text = dockerfile
+        if "\n" not in dockerfile and os.path.isfile(dockerfile):
+            with open(dockerfile, encoding="utf-8") as f:
+                text = f.read()
+            if context is None:
+                context = os.path.dirname(os.path.abspath(dockerfile))
+        body["dockerfile"] = text
+        if context is not None:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                tar.add(context, arcname=".")
+            body["context_tar_base64"] = base64.b64encode(buf.getvalue()).decode()
+    for key, value in (
+        ("start_cmd", start_cmd),
+        ("ready_cmd", ready_cmd),
+        ("ready_port", ready_port),
+        ("ready_timeout_s", ready_timeout),
+        ("vcpus", vcpus),
+        ("memory_mib", memory_mib),
+        ("registry_username", registry_username),
+        ("registry_password", registry_password),
+    ):
+        if value is not None:
+            body[key] = value
+    if build_args:
+        body["build_args"] = dict(build_args)
+    return body
+
+
 def sandbox_path(sandbox_id: str) -> str:
     return f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
 

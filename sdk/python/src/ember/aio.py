@@ -40,6 +40,7 @@ from .models import (
     SandboxState,
     SnapshotInfo,
     WatchEvent,
+    TemplateBuildInfo,
 )
 from .sandbox import _PAGE, STREAM_TIMEOUT, _class_or_instance
 
@@ -253,6 +254,41 @@ class AsyncClient:
     async def delete_snapshot(self, name: str) -> DeletedSnapshot:
         resp = await self._t.request("DELETE", _api.snapshot_path(name))
         return DeletedSnapshot.from_json(resp.json())
+
+    async def build_template(self, name: str, *, on_log: Any = None, wait: bool = True, **options: Any) -> TemplateBuildInfo:
+        """The asyncio twin of :meth:`ember.Client.build_template` (same
+        options); ``on_log`` may be a coroutine function."""
+        keys = (
+            "image", "dockerfile", "context", "start_cmd", "ready_cmd", "ready_port", "ready_timeout",
+            "vcpus", "memory_mib", "build_args", "registry_username", "registry_password",
+        )
+        unknown = set(options) - set(keys)
+        if unknown:
+            raise TypeError(f"unknown options: {sorted(unknown)}")
+        body = _api.template_build_body(name, **{k: options.get(k) for k in keys})
+        resp = await self._t.request("POST", "/v1/templates", json=body)
+        build = TemplateBuildInfo.from_json(resp.json())
+        if not wait:
+            return build
+        offset, log = 0, []
+        while True:
+            resp = await self._t.request("GET", _api.template_build_path(name, build.build_id, offset), safe=True)
+            build = TemplateBuildInfo.from_json(resp.json())
+            if build.log:
+                log.append(build.log)
+                if on_log is not None:
+                    r = on_log(build.log)
+                    if inspect.isawaitable(r):
+                        await r
+            offset = build.log_offset
+            if build.done:
+                import dataclasses
+
+                build = dataclasses.replace(build, log="".join(log))
+                if build.status == "failed":
+                    raise errors.BuildFailed(build)
+                return build
+            await asyncio.sleep(_api.BUILD_POLL_S)
 
 
 def _client(client: AsyncClient | None, api_url: str | None, api_key: str | None) -> tuple[AsyncClient, bool]:

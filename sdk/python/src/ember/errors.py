@@ -72,6 +72,14 @@ class TimeoutError(EmberError, builtins.TimeoutError):  # noqa: A001 - the SDK's
         self.result = result
 
 
+class BuildFailed(EmberError):
+    """A template build ended ``failed``; ``build`` holds its log and error."""
+
+    def __init__(self, build: Any) -> None:
+        super().__init__(f"template build {build.build_id} of {build.name!r} failed: {build.error}")
+        self.build = build
+
+
 class ConfigError(EmberError):
     """The SDK's settings (arguments, environment, config file) are unusable."""
 

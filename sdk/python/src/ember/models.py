@@ -166,6 +166,52 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateBuildInfo:
+    """A template build job (``Template.build``): its status, the step it is
+    at, and its log (from the offset asked for)."""
+
+    build_id: str
+    name: str
+    #: ``queued``, ``running``, ``ready`` or ``failed``.
+    status: str
+    source: str
+    step: int
+    steps_total: int
+    step_text: str
+    #: Leading steps the step cache held.
+    cached_steps: int
+    log: str
+    #: Pass back as ``offset`` to get only the log that follows.
+    log_offset: int
+    created_at: datetime
+    finished_at: datetime | None = None
+    #: Why it failed: the step, its command, exit code and last output.
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("ready", "failed")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TemplateBuildInfo:
+        return cls(
+            build_id=d["build_id"],
+            name=d["name"],
+            status=d["status"],
+            source=d.get("source", ""),
+            step=int(d.get("step", 0)),
+            steps_total=int(d.get("steps_total", 0)),
+            step_text=d.get("step_text", ""),
+            cached_steps=int(d.get("cached_steps", 0)),
+            log=d.get("log", ""),
+            log_offset=int(d.get("log_offset", 0)),
+            created_at=_req_time(d.get("created_at")),
+            finished_at=_time(d.get("finished_at")),
+            error=d.get("error"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class DeletedSnapshot:
     name: str
     build_id: str

@@ -37,6 +37,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
+    TemplateBuildInfo,
     WatchEvent,
 )
 
@@ -284,6 +285,79 @@ class Client:
         """Delete a template: the name goes now, its data once nothing uses it."""
         resp = self._t.request("DELETE", _api.snapshot_path(name))
         return DeletedSnapshot.from_json(resp.json())
+
+    # -------------------------------------------------------------- templates
+
+    def build_template(
+        self,
+        name: str,
+        *,
+        image: str | None = None,
+        dockerfile: str | None = None,
+        context: str | None = None,
+        start_cmd: str | None = None,
+        ready_cmd: str | None = None,
+        ready_port: int | None = None,
+        ready_timeout: int | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        build_args: Mapping[str, str] | None = None,
+        registry_username: str | None = None,
+        registry_password: str | None = None,
+        on_log: OutputCallback | None = None,
+        wait: bool = True,
+    ) -> TemplateBuildInfo:
+        """Build the template ``name`` from a container image (``image=
+        "docker://…"``) or a Dockerfile (its text or path; ``context`` is the
+        directory COPY reads). The server runs it in a sandbox and snapshots
+        it once ``start_cmd`` (default: the Dockerfile's CMD) passes the ready
+        check (``ready_cmd`` exits 0, or ``ready_port`` accepts connections).
+        ``on_log`` receives the log as it grows. Waits for the end unless
+        ``wait=False``; raises :class:`errors.BuildFailed` if it fails."""
+        body = _api.template_build_body(
+            name,
+            image=image,
+            dockerfile=dockerfile,
+            context=context,
+            start_cmd=start_cmd,
+            ready_cmd=ready_cmd,
+            ready_port=ready_port,
+            ready_timeout=ready_timeout,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            build_args=build_args,
+            registry_username=registry_username,
+            registry_password=registry_password,
+        )
+        build = TemplateBuildInfo.from_json(self._t.request("POST", "/v1/templates", json=body).json())
+        if not wait:
+            return build
+        return self.wait_template_build(name, build.build_id, on_log=on_log)
+
+    def get_template_build(self, name: str, build_id: str, offset: int = 0) -> TemplateBuildInfo:
+        resp = self._t.request("GET", _api.template_build_path(name, build_id, offset), safe=True)
+        return TemplateBuildInfo.from_json(resp.json())
+
+    def wait_template_build(
+        self, name: str, build_id: str, *, on_log: OutputCallback | None = None
+    ) -> TemplateBuildInfo:
+        """Follow a build to its end; the result carries the whole log."""
+        offset, log = 0, []
+        while True:
+            build = self.get_template_build(name, build_id, offset)
+            if build.log:
+                log.append(build.log)
+                if on_log is not None:
+                    on_log(build.log)
+            offset = build.log_offset
+            if build.done:
+                import dataclasses
+
+                build = dataclasses.replace(build, log="".join(log))
+                if build.status == "failed":
+                    raise errors.BuildFailed(build)
+                return build
+            time.sleep(_api.BUILD_POLL_S)
 
 
 def _client(client: Client | None, api_url: str | None, api_key: str | None) -> tuple[Client, bool]:
@@ -883,3 +957,32 @@ class Files:
             self._base,
             params=_api.file_params(path, user=user, recursive=recursive or None),
         )
+
+
+class Template:
+    """Templates built from container images and Dockerfiles::
+
+        from ember import Template
+
+        Template.build("web", dockerfile="./Dockerfile", ready_port=8000, on_log=print)
+
+    A template is a memory snapshot taken with its start command already
+    serving; ``Sandbox.create(template="web")`` starts from it.
+    """
+
+    @staticmethod
+    def build(
+        name: str,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+        **options: Any,
+    ) -> TemplateBuildInfo:
+        """:meth:`Client.build_template` on a client of its own (or ``client``)."""
+        c, owned = _client(client, api_url, api_key)
+        try:
+            return c.build_template(name, **options)
+        finally:
+            if owned:
+                c.close()

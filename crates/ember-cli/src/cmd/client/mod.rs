@@ -20,6 +20,7 @@ pub mod ports;
 pub mod run;
 pub mod sandbox;
 pub mod snapshot;
+pub mod template;
 pub mod terminal;
 
 use std::process::ExitCode;
