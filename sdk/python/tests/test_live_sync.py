@@ -175,7 +175,8 @@ def test_template_build_from_a_dockerfile_serves_in_its_sandboxes(api: Live, tmp
     assert "".join(seen) == build.log
     try:
         with create_from(name) as child:
-            fetch = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/index.html').read().decode(), end='')"
+            url = "http://127.0.0.1:8000/index.html"
+            fetch = f"import urllib.request as u; print(u.urlopen('{url}').read().decode(), end='')"
             r = child.commands.run(f'python3 -c "{fetch}"')
             assert r.stdout == "from the context\n"
             assert child.files.read_text("/srv/built.txt") == "built\n"

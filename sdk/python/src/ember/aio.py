@@ -39,8 +39,8 @@ from .models import (
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
-    WatchEvent,
     TemplateBuildInfo,
+    WatchEvent,
 )
 from .sandbox import _PAGE, STREAM_TIMEOUT, _class_or_instance
 
@@ -255,12 +255,24 @@ class AsyncClient:
         resp = await self._t.request("DELETE", _api.snapshot_path(name))
         return DeletedSnapshot.from_json(resp.json())
 
-    async def build_template(self, name: str, *, on_log: Any = None, wait: bool = True, **options: Any) -> TemplateBuildInfo:
+    async def build_template(
+        self, name: str, *, on_log: Any = None, wait: bool = True, **options: Any
+    ) -> TemplateBuildInfo:
         """The asyncio twin of :meth:`ember.Client.build_template` (same
         options); ``on_log`` may be a coroutine function."""
         keys = (
-            "image", "dockerfile", "context", "start_cmd", "ready_cmd", "ready_port", "ready_timeout",
-            "vcpus", "memory_mib", "build_args", "registry_username", "registry_password",
+            "image",
+            "dockerfile",
+            "context",
+            "start_cmd",
+            "ready_cmd",
+            "ready_port",
+            "ready_timeout",
+            "vcpus",
+            "memory_mib",
+            "build_args",
+            "registry_username",
+            "registry_password",
         )
         unknown = set(options) - set(keys)
         if unknown:
@@ -272,7 +284,8 @@ class AsyncClient:
             return build
         offset, log = 0, []
         while True:
-            resp = await self._t.request("GET", _api.template_build_path(name, build.build_id, offset), safe=True)
+            path = _api.template_build_path(name, build.build_id, offset)
+            resp = await self._t.request("GET", path, safe=True)
             build = TemplateBuildInfo.from_json(resp.json())
             if build.log:
                 log.append(build.log)
