@@ -157,29 +157,71 @@ def test_snapshots_and_templates(api: Live) -> None:
         Sandbox.create(template=name)
 
 
-def test_template_build_from_a_dockerfile_serves_in_its_sandboxes(api: Live, tmp_path: Path) -> None:
+def _wheel(path: Path) -> None:
+    """A pure-Python wheel of ``hello_ember``: an HTTP server on port 8000."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "hello_ember/__init__.py": "GREETING = 'installed by pip from the context'\n",
+        "hello_ember/__main__.py": (
+            "import http.server\n"
+            "from hello_ember import GREETING\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        self.send_response(200); self.end_headers(); self.wfile.write(GREETING.encode())\n"
+            "http.server.HTTPServer(('0.0.0.0', 8000), H).serve_forever()\n"
+        ),
+        "hello_ember-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: hello-ember\nVersion: 1.0\n",
+        "hello_ember-1.0.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(text.encode())}")
+        record.append("hello_ember-1.0.dist-info/RECORD,,")
+        z.writestr("hello_ember-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+
+
+def test_template_build_pip_installs_from_the_context_and_serves_at_once(api: Live, tmp_path: Path) -> None:
+    import shutil
+
+    import pip
+
     name = f"py-build-{uuid.uuid4().hex[:8]}"
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "index.html").write_text("from the context\n")
+    # The guest image has Python but no pip, and this machine no internet:
+    # pip itself and the wheel travel in the build context.
+    shutil.copytree(
+        Path(pip.__file__).parent, tmp_path / "pip" / "pip", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    _wheel(tmp_path / "hello_ember-1.0-py3-none-any.whl")
     (tmp_path / "Dockerfile").write_text(
         "FROM base\n"
-        "WORKDIR /srv\n"
-        "COPY www/ ./\n"
-        "RUN echo built > /srv/built.txt\n"
-        'CMD ["python3", "-m", "http.server", "8000", "--directory", "/srv"]\n'
+        "COPY pip/ /opt/pip/\n"
+        "COPY *.whl /tmp/wheels/\n"
+        "ENV PYTHONPATH=/opt/pip\n"
+        # Debian marks its Python externally managed; images built on it say so.
+        "RUN python3 -m pip install --no-index --no-cache-dir --break-system-packages"
+        " /tmp/wheels/hello_ember-1.0-py3-none-any.whl\n"
+        'CMD ["python3", "-m", "hello_ember"]\n'
     )
     seen: list[str] = []
     build = Template.build(name, dockerfile=str(tmp_path / "Dockerfile"), ready_port=8000, on_log=seen.append)
     assert build.status == "ready"
-    assert "step 3/6: COPY www/ ./" in build.log
+    assert "Successfully installed hello-ember-1.0" in build.log
     assert "".join(seen) == build.log
     try:
         with create_from(name) as child:
-            url = "http://127.0.0.1:8000/index.html"
+            # The first request, no retry: the server was frozen serving.
+            url = "http://127.0.0.1:8000/"
             fetch = f"import urllib.request as u; print(u.urlopen('{url}').read().decode(), end='')"
             r = child.commands.run(f'python3 -c "{fetch}"')
-            assert r.stdout == "from the context\n"
-            assert child.files.read_text("/srv/built.txt") == "built\n"
+            assert r.stdout == "installed by pip from the context"
         with pytest.raises(ember.BuildFailed) as failed:
             Template.build(f"{name}-bad", dockerfile="FROM base\nRUN echo nope && exit 7\n")
         assert "exited with code 7" in str(failed.value)
