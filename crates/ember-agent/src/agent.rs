@@ -590,6 +590,9 @@ impl Agent {
             pending_build: None,
             ingress: req.ingress.clone(),
             build_stored_bytes: 0,
+            image_defaults: imported
+                .as_ref()
+                .map(|(_, image)| image.manifest.defaults.clone()),
         };
         if let Err(e) = self.inner.records.save(&record) {
             self.release(vcpus, memory_mib);

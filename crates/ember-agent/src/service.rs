@@ -199,6 +199,13 @@ pub fn to_proto(r: &SandboxRecord) -> pb::Sandbox {
         last_traffic_unix_ms: 0,
         ingress_public: r.ingress.public,
         build_stored_bytes: r.build_stored_bytes,
+        image: r.image_defaults.as_ref().map(|d| pb::ImageConfig {
+            env: d.env.clone(),
+            working_dir: d.working_dir.clone().unwrap_or_default(),
+            user: d.user.clone().unwrap_or_default(),
+            entrypoint: d.entrypoint.clone(),
+            cmd: d.cmd.clone(),
+        }),
     }
 }
 

@@ -162,6 +162,10 @@ pub struct SandboxRecord {
     /// Bytes the files of its latest pause's build take (0 before one).
     #[serde(default)]
     pub build_stored_bytes: u64,
+    /// What the container image it booted asks of processes (its config's
+    /// Env, WorkingDir, User, Entrypoint, Cmd); `None` unless booted from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_defaults: Option<ember_image::oci::ImageDefaults>,
 }
 
 /// A sandbox's port access as the control plane last set it. The token is

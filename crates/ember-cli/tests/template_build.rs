@@ -177,6 +177,15 @@ fn a_dockerfile_becomes_a_template_serving_at_once_root_vm() {
         assert_eq!(first.stdout, "served from the template\n");
         let built = api.sh(id, "cat /srv/www/built.txt /srv/www/extra.txt").await;
         assert_eq!(built.stdout, "hello from /srv/www\nextra\n", "{built:?}");
+        // Its sandboxes inherit the image's Env and the Dockerfile's ENV
+        // (not its ARGs), under their own.
+        let env = api
+            .exec(
+                id,
+                json!({"cmd": "/bin/sh", "args": ["-c", "echo $SITE $GREETING $PATH"]}),
+            )
+            .await;
+        assert_eq!(env.stdout, "/srv/www from-image /bin\n", "{env:?}");
         eprintln!(
             "measured: cold build {:.1} s; create from the template to its first HTTP answer {:.2} s, \
              against {cold_boot_and_start:.2} s to boot the image cold and start the service ({:.1}x)",
@@ -232,6 +241,26 @@ fn a_dockerfile_becomes_a_template_serving_at_once_root_vm() {
         let id = sb["id"].as_str().unwrap();
         let built = api.sh(id, "cat /srv/www/built.txt").await;
         assert_eq!(built.stdout, "hi from /srv/www\n", "{built:?}");
+        api.delete(&format!("/v1/sandboxes/{id}")).await;
+
+        // An image alone: its Cmd is the start command, its WorkingDir and
+        // Env the template's defaults.
+        let plain = start_build(
+            &api,
+            json!({"name": "plain", "image": format!("docker://{}/busy:v1", registry.address)}),
+        )
+        .await;
+        let b = finished(&api, "plain", &plain).await;
+        assert_eq!(b["status"], "ready", "{b}");
+        assert!(b["log"].as_str().unwrap().contains("step 2/2: start sh"), "{b}");
+        let sb = api
+            .create(json!({"template": "plain", "timeout_s": 300, "env": {"CALLER": "x"}}))
+            .await;
+        let id = sb["id"].as_str().unwrap();
+        let env = api
+            .exec(id, json!({"cmd": "/bin/sh", "args": ["-c", "echo $GREETING $CALLER"]}))
+            .await;
+        assert_eq!(env.stdout, "from-image x\n", "{env:?}");
         api.delete(&format!("/v1/sandboxes/{id}")).await;
 
         // A failing step: its command, exit code and output; no template,

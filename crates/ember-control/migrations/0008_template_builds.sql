@@ -23,3 +23,7 @@ CREATE TABLE template_builds (
     finished_at BIGINT
 );
 CREATE INDEX template_builds_team_name ON template_builds (team_id, name, created_at);
+-- What a template's sandboxes inherit (JSON: env, workdir, user, start),
+-- from the image it was built on and its Dockerfile; NULL for a plain
+-- snapshot of a sandbox.
+ALTER TABLE templates ADD COLUMN defaults TEXT;

@@ -31,7 +31,7 @@ use crate::dockerfile::{self, Command, Dockerfile, Instruction, Kind};
 use crate::error::Error;
 use crate::hosts::HostClient;
 use crate::lifecycle::{BASE_TEMPLATE, CreateSpec, ImageSource, Operations};
-use crate::model::{Ingress, NetworkPolicy, OnTimeout, TemplateBuild, now_ms};
+use crate::model::{Ingress, NetworkPolicy, OnTimeout, TemplateBuild, TemplateDefaults, now_ms};
 
 /// The newest bytes of a build's log that are kept.
 pub const LOG_KEPT: usize = 256 * 1024;
@@ -356,8 +356,9 @@ enum Action {
     Run {
         argv: Vec<String>,
         env: BTreeMap<String, String>,
-        cwd: String,
-        user: String,
+        /// `None`: the image's (or template's) default, else `/` and root.
+        cwd: Option<String>,
+        user: Option<String>,
     },
     Copy(Vec<CopyFile>),
     Mkdir {
@@ -380,9 +381,11 @@ struct Step {
 struct Plan {
     from: From,
     steps: Vec<Step>,
+    /// The Dockerfile's ENV (ARGs are for the build only).
     env: BTreeMap<String, String>,
-    workdir: String,
-    user: String,
+    /// Set by WORKDIR / USER; `None` leaves the image's.
+    workdir: Option<String>,
+    user: Option<String>,
     start: Option<Vec<String>>,
 }
 
@@ -404,8 +407,8 @@ async fn plan(ops: &Operations, spec: &BuildSpec) -> Result<Plan, String> {
     };
     let mut args: BTreeMap<String, String> = BTreeMap::new();
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    let mut workdir = "/".to_owned();
-    let mut user = String::new();
+    let mut workdir: Option<String> = None;
+    let mut user: Option<String> = None;
     let mut from = None;
     let mut key = String::new();
     let mut steps = Vec::new();
@@ -470,17 +473,19 @@ async fn plan(ops: &Operations, spec: &BuildSpec) -> Result<Plan, String> {
             }
             Kind::Workdir(dir) => {
                 let dir = x(dir);
-                workdir = if dir.starts_with('/') {
+                let dir = if dir.starts_with('/') {
                     dir
                 } else {
-                    format!("{}/{dir}", workdir.trim_end_matches('/'))
+                    format!(
+                        "{}/{dir}",
+                        workdir.as_deref().unwrap_or("").trim_end_matches('/')
+                    )
                 };
-                Action::Mkdir {
-                    path: workdir.clone(),
-                }
+                workdir = Some(dir.clone());
+                Action::Mkdir { path: dir }
             }
             Kind::User(u) => {
-                user = x(u);
+                user = Some(x(u));
                 Action::Nothing
             }
             Kind::Run(c) => {
@@ -495,7 +500,8 @@ async fn plan(ops: &Operations, spec: &BuildSpec) -> Result<Plan, String> {
             }
             Kind::Copy { sources, dest } => {
                 let sources: Vec<String> = sources.iter().map(|s| x(s)).collect();
-                Action::Copy(plan_copy(&context, &sources, &x(dest), &workdir)?)
+                let base = workdir.as_deref().unwrap_or("/");
+                Action::Copy(plan_copy(&context, &sources, &x(dest), base)?)
             }
             Kind::Cmd(c) => {
                 cmd = Some(c.clone());
@@ -730,9 +736,9 @@ async fn build(
     let t = Instant::now();
     let mut metadata = BTreeMap::new();
     metadata.insert("ember.template_build".to_owned(), job.row.id.clone());
-    let (sb, _token) = job
+    let (sb, _token, image_config) = job
         .ops
-        .create(CreateSpec {
+        .create_reporting_image(CreateSpec {
             team_id: spec.team_id.clone(),
             template,
             vcpus,
@@ -755,6 +761,30 @@ async fn build(
         sb.id,
         t.elapsed().as_secs_f64()
     ));
+    // What the image (or the template built on it) asks of processes: the
+    // steps' defaults, kept with every cache entry so a build resumed from
+    // one knows them without the image.
+    let base = match image_config {
+        Some(c) => image_defaults(&c),
+        None => job
+            .ops
+            .store
+            .template(&spec.team_id, &sb.template)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|t| t.defaults)
+            .unwrap_or_default(),
+    };
+    let cwd_of = |cwd: &Option<String>| {
+        cwd.clone()
+            .or_else(|| base.workdir.clone())
+            .unwrap_or_else(|| "/".to_owned())
+    };
+    let user_of = |user: &Option<String>| {
+        user.clone()
+            .or_else(|| base.user.clone())
+            .unwrap_or_default()
+    };
     let first = resume_at.as_ref().map_or(1, |(i, _)| i + 1);
     for (i, step) in plan.steps.iter().enumerate().skip(first.max(1)) {
         job.row.step = i as u32 + 1;
@@ -786,9 +816,19 @@ async fn build(
                 cwd,
                 user,
             } => {
-                let exit = exec(job, &mut client, &sb.id, argv, env, cwd, user, RUN_TIMEOUT)
-                    .await
-                    .map_err(|e| failed(step, &e))?;
+                let (cwd, user) = (cwd_of(cwd), user_of(user));
+                let exit = exec(
+                    job,
+                    &mut client,
+                    &sb.id,
+                    argv,
+                    env,
+                    &cwd,
+                    &user,
+                    RUN_TIMEOUT,
+                )
+                .await
+                .map_err(|e| failed(step, &e))?;
                 if let Some(why) = exit_failure(&exit) {
                     return Err(format!(
                         "step {} (line {}) `{}` {why}; the last lines of its output:\n{}",
@@ -814,7 +854,11 @@ async fn build(
         // Cache the sandbox as it is now (it keeps running).
         let name = cache_name(&step.key);
         let t = Instant::now();
-        match job.ops.snapshot(&spec.team_id, &sb.id, &name).await {
+        match job
+            .ops
+            .snapshot_with(&spec.team_id, &sb.id, &name, Some(base.clone()))
+            .await
+        {
             Ok(_) => job.log(&format!(
                 "  cached as {name} in {:.1} s",
                 t.elapsed().as_secs_f64()
@@ -830,7 +874,22 @@ async fn build(
         .map_err(|e| format!("the build sandbox is gone: {}", describe(e)))?;
     job.row.step = job.row.steps_total;
     job.row.step_text = "start and snapshot".to_owned();
-    if let Some(argv) = &plan.start {
+    // What the template's sandboxes inherit: the image's defaults under the
+    // Dockerfile's, and the start command (the request's, the Dockerfile's
+    // ENTRYPOINT/CMD, else the image's).
+    let mut env = base.env.clone();
+    env.extend(plan.env.clone());
+    let start_argv = plan
+        .start
+        .clone()
+        .or_else(|| (!base.start.is_empty()).then(|| base.start.clone()));
+    let defaults = TemplateDefaults {
+        env,
+        workdir: Some(cwd_of(&plan.workdir)),
+        user: plan.user.clone().or_else(|| base.user.clone()),
+        start: start_argv.clone().unwrap_or_default(),
+    };
+    if let Some(argv) = &start_argv {
         job.log(&format!(
             "step {}/{}: start {}",
             job.row.steps_total,
@@ -838,7 +897,7 @@ async fn build(
             shell_words(argv)
         ));
         job.flush(true).await;
-        start(&mut client, &sb.id, argv, &plan).await?;
+        start(&mut client, &sb.id, argv, &defaults).await?;
     } else {
         job.log(&format!(
             "step {}/{}: snapshot (no start command)",
@@ -847,14 +906,22 @@ async fn build(
     }
     if let Some(ready) = &spec.ready {
         let t = Instant::now();
-        wait_ready(job, &mut client, &sb.id, ready, spec.ready_timeout, &plan).await?;
+        wait_ready(
+            job,
+            &mut client,
+            &sb.id,
+            ready,
+            spec.ready_timeout,
+            &defaults,
+        )
+        .await?;
         job.log(&format!("  ready in {:.1} s", t.elapsed().as_secs_f64()));
     }
     job.flush(true).await;
     let t = Instant::now();
     let template = job
         .ops
-        .snapshot(&spec.team_id, &sb.id, &spec.name)
+        .snapshot_with(&spec.team_id, &sb.id, &spec.name, Some(defaults))
         .await
         .map_err(|e| format!("snapshotting the template: {}", describe(e)))?;
     job.log(&format!(
@@ -864,6 +931,22 @@ async fn build(
         t.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// An image's config as template defaults (`NAME=value` pairs to a map;
+/// Entrypoint then Cmd as the start command).
+fn image_defaults(c: &pb::ImageConfig) -> TemplateDefaults {
+    TemplateDefaults {
+        env: c
+            .env
+            .iter()
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        workdir: (!c.working_dir.is_empty()).then(|| c.working_dir.clone()),
+        user: (!c.user.is_empty()).then(|| c.user.clone()),
+        start: c.entrypoint.iter().chain(&c.cmd).cloned().collect(),
+    }
 }
 
 /// An operation's error as the API would show it to the team.
@@ -1018,15 +1101,15 @@ async fn start(
     client: &mut HostClient,
     sandbox: &str,
     argv: &[String],
-    plan: &Plan,
+    defaults: &TemplateDefaults,
 ) -> Result<(), String> {
     let req = pb::ExecRequest {
         sandbox_id: sandbox.to_owned(),
         cmd: argv[0].clone(),
         args: argv[1..].to_vec(),
-        env: plan.env.clone().into_iter().collect(),
-        cwd: plan.workdir.clone(),
-        user: plan.user.clone(),
+        env: defaults.env.clone().into_iter().collect(),
+        cwd: defaults.workdir.clone().unwrap_or_default(),
+        user: defaults.user.clone().unwrap_or_default(),
         timeout_ms: 0,
         stdin: false,
         pty: None,
@@ -1059,7 +1142,7 @@ async fn wait_ready(
     sandbox: &str,
     ready: &Ready,
     timeout: Duration,
-    plan: &Plan,
+    defaults: &TemplateDefaults,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let what = match ready {
@@ -1080,9 +1163,9 @@ async fn wait_ready(
                     sandbox_id: sandbox.to_owned(),
                     cmd: "/bin/sh".to_owned(),
                     args: vec!["-c".to_owned(), c.clone()],
-                    env: plan.env.clone().into_iter().collect(),
-                    cwd: plan.workdir.clone(),
-                    user: plan.user.clone(),
+                    env: defaults.env.clone().into_iter().collect(),
+                    cwd: defaults.workdir.clone().unwrap_or_default(),
+                    user: defaults.user.clone().unwrap_or_default(),
                     timeout_ms: 10_000,
                     ..Default::default()
                 };

@@ -389,6 +389,16 @@ impl Operations {
     /// Create a sandbox: place it, reserve its row, boot it on the host.
     /// Returns the row and the access token (shown once).
     pub async fn create(&self, spec: CreateSpec) -> Result<(Sandbox, String)> {
+        let (sb, token, _) = self.create_reporting_image(spec).await?;
+        Ok((sb, token))
+    }
+
+    /// [`Operations::create`], also returning the config of the container
+    /// image it booted (when `spec.image` was given).
+    pub async fn create_reporting_image(
+        &self,
+        mut spec: CreateSpec,
+    ) -> Result<(Sandbox, String, Option<pb::ImageConfig>)> {
         let started = Instant::now();
         let mut timer = Timer::start(if spec.template == BASE_TEMPLATE {
             "create"
@@ -417,6 +427,13 @@ impl Operations {
                     vcpus: t.vcpus,
                     memory_mib: t.memory_mib,
                 });
+            }
+            // The template's environment (its image's and Dockerfile's)
+            // under the caller's.
+            if let Some(defaults) = &t.defaults {
+                for (k, v) in &defaults.env {
+                    spec.env.entry(k.clone()).or_insert_with(|| v.clone());
+                }
             }
             (Some(t.build_id), t.vcpus, t.memory_mib)
         };
@@ -559,8 +576,9 @@ impl Operations {
                 self.metrics
                     .observe("create", started.elapsed().as_secs_f64());
                 self.metrics.observe_phases(&timing);
+                let image = reply.into_inner().image;
                 let row = self.load(None, &id).await?;
-                Ok((row, access_token))
+                Ok((row, access_token, image))
             }
             Err(status) => {
                 let reason = format!(
@@ -1045,6 +1063,17 @@ impl Operations {
 
     /// Freeze a running sandbox into a named template; the sandbox keeps running.
     pub async fn snapshot(&self, team_id: &str, id: &str, name: &str) -> Result<Template> {
+        self.snapshot_with(team_id, id, name, None).await
+    }
+
+    /// [`Operations::snapshot`], recording what the template's sandboxes inherit.
+    pub async fn snapshot_with(
+        &self,
+        team_id: &str,
+        id: &str,
+        name: &str,
+        defaults: Option<crate::model::TemplateDefaults>,
+    ) -> Result<Template> {
         let _claim = self.in_flight.claim(id);
         // Both checked again atomically at insert; these save a wasted snapshot.
         if self.store.template(team_id, name).await?.is_some() {
@@ -1135,6 +1164,7 @@ impl Operations {
             source_sandbox_id: Some(id.to_owned()),
             size_bytes: snap.stored_bytes,
             created_at: now,
+            defaults,
         };
         let inserted = self
             .store

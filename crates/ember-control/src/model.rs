@@ -369,6 +369,23 @@ pub struct Template {
     pub source_sandbox_id: Option<String>,
     pub size_bytes: u64,
     pub created_at: i64,
+    /// What its sandboxes inherit; `None` for a plain snapshot.
+    pub defaults: Option<TemplateDefaults>,
+}
+
+/// What a template built from an image or Dockerfile hands its sandboxes:
+/// environment under the caller's, and (recorded) the working directory,
+/// user and start command the build used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateDefaults {
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub start: Vec<String>,
 }
 
 /// A template build job (`POST /v1/templates`).

@@ -98,6 +98,7 @@ fn template(team: &str, name: &str, build: &Build) -> Template {
         source_sandbox_id: None,
         size_bytes: build.stored_bytes,
         created_at: now_ms(),
+        defaults: None,
     }
 }
 

@@ -858,8 +858,8 @@ impl Store {
         }
         insert_build_on(&mut *tx, build).await?;
         let res = sqlx::query(
-            "INSERT INTO templates (id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO templates (id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at, defaults) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&template.id)
         .bind(&template.team_id)
@@ -870,6 +870,12 @@ impl Store {
         .bind(template.source_sandbox_id.clone())
         .bind(template.size_bytes as i64)
         .bind(template.created_at)
+        .bind(
+            template
+                .defaults
+                .as_ref()
+                .map(|d| serde_json::to_string(d).expect("defaults serialize")),
+        )
         .execute(&mut *tx)
         .await;
         match res {
@@ -1004,7 +1010,7 @@ impl Store {
 
     pub async fn template(&self, team_id: &str, name: &str) -> Result<Option<Template>> {
         let row = sqlx::query(
-            "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at \
+            "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at, defaults \
              FROM templates WHERE team_id = $1 AND name = $2",
         )
         .bind(team_id)
@@ -1017,7 +1023,7 @@ impl Store {
     /// A team's templates by name, without the step cache's hidden ones.
     pub async fn list_templates(&self, team_id: &str) -> Result<Vec<Template>> {
         let rows = sqlx::query(
-            "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at \
+            "SELECT id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at, defaults \
              FROM templates WHERE team_id = $1 AND name NOT LIKE '.%' ORDER BY name",
         )
         .bind(team_id)
@@ -1037,7 +1043,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "DELETE FROM templates WHERE team_id = $1 AND name = $2 \
-             RETURNING id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at",
+             RETURNING id, team_id, name, build_id, vcpus, memory_mib, source_sandbox_id, size_bytes, created_at, defaults",
         )
         .bind(team_id)
         .bind(name)
@@ -1685,6 +1691,10 @@ fn template_from_row(r: &AnyRow) -> Template {
         source_sandbox_id: r.get("source_sandbox_id"),
         size_bytes: opt_u64(Some(r.get("size_bytes"))),
         created_at: r.get("created_at"),
+        // Written by this code only; unreadable JSON means no defaults.
+        defaults: r
+            .get::<Option<String>, _>("defaults")
+            .and_then(|j| serde_json::from_str(&j).ok()),
     }
 }
 
