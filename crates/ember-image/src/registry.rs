@@ -243,6 +243,31 @@ impl Drop for PullDir {
     }
 }
 
+/// Remove the scratch layouts of pulls whose process is gone (killed
+/// mid-pull: its `Drop` never ran). Names are `<pid>.<nanos>`.
+fn sweep_abandoned(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split_once('.'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new("/proc").join(p.to_string()).exists());
+        if !alive {
+            let path = entry.path();
+            match crate::store::remove_tree(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed an abandoned pull"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), %e, "could not remove an abandoned pull")
+                }
+            }
+        }
+    }
+}
+
 /// Pull `reference` and import it (see [`crate::oci::import`]); the
 /// import is recorded as coming from `docker://reference`. Call on a
 /// multi-threaded runtime: the unpacking blocks its thread.
@@ -255,6 +280,7 @@ pub async fn import(
 ) -> Result<ImportedImage> {
     let parent = data_dir.join("images").join("pull");
     std::fs::create_dir_all(&parent).map_err(Error::io("create", &parent))?;
+    sweep_abandoned(&parent);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -285,4 +311,23 @@ pub async fn import(
     };
     let label = format!("docker://{reference}");
     tokio::task::block_in_place(|| import_labelled(data_dir, &source, &label, guest, progress))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abandoned_pulls_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("4000000000.1");
+        let live = dir.path().join(format!("{}.2", std::process::id()));
+        let junk = dir.path().join("not-a-pull");
+        for d in [&dead, &live, &junk] {
+            std::fs::create_dir_all(d.join("blobs")).unwrap();
+        }
+        sweep_abandoned(dir.path());
+        assert!(!dead.exists() && !junk.exists());
+        assert!(live.join("blobs").exists());
+    }
 }
