@@ -410,3 +410,99 @@ fn pulls_from_a_registry_with_and_without_auth_root() {
     assert!(!ok);
     assert!(err.contains("cannot reach the registry"), "{err}");
 }
+
+/// An Alpine-style image: a dynamically linked musl binary and musl's
+/// loader; no glibc, no shell.
+fn musl_layers(dir: &Path) -> Vec<Vec<u8>> {
+    let src = dir.join("hello.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(int c, char **v) { printf(\"musl says %s\\n\", c > 1 ? v[1] : \"nothing\"); return 0; }\n",
+    )
+    .unwrap();
+    let bin = dir.join("hello");
+    let out = Command::new("musl-gcc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("musl-gcc (musl-tools) is installed by setup-host");
+    assert!(
+        out.status.success(),
+        "musl-gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elf = std::fs::read(&bin).unwrap();
+    const LOADER: &[u8] = b"/lib/ld-musl-x86_64.so.1";
+    assert!(
+        elf.windows(LOADER.len()).any(|w| w == LOADER),
+        "a dynamic musl binary names musl's loader"
+    );
+    let loader = std::fs::read("/lib/ld-musl-x86_64.so.1").expect("musl's loader (musl)");
+    let mut layer = Layer::default();
+    layer.dir("bin/").dir("lib/").dir("etc/");
+    layer
+        .file("lib/ld-musl-x86_64.so.1", 0o755, &loader)
+        .file("bin/hello", 0o755, &elf)
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/sbin/nologin\n",
+        );
+    vec![layer.bytes()]
+}
+
+#[test]
+fn a_musl_image_without_a_shell_runs_its_binaries_root_vm() {
+    require_vm!();
+    require_import!();
+    let home = AgentHome::new();
+    let layout = home.dir.path().join("layout");
+    write_layout(&layout, &musl_layers(home.dir.path()), "amd64");
+    let (ok, out, err) = ember(
+        &home.data(),
+        &["image", "import", &format!("oci:{}", layout.display())],
+    );
+    assert!(ok, "import failed: {err}");
+    let key = imported_key(&out);
+
+    let mut agent = home.start();
+    runtime().block_on(async {
+        let mut c = agent.client().await;
+        let id = new_id();
+        let mut req = create_request(&id);
+        req.image = key.clone();
+        let sb = c.create_sandbox(req).await.unwrap().into_inner();
+        assert_eq!(state(&sb), pb::SandboxState::Running);
+        let (out, err, code) = exec(&mut c, &id, "/bin/hello", &["world"]).await;
+        assert_eq!((out.as_str(), code), ("musl says world\n", 0), "{err}");
+        // No shell in the image: a command needing one fails, clearly.
+        let missing = c
+            .exec(pb::ExecRequest {
+                sandbox_id: id.clone(),
+                cmd: "sh".into(),
+                args: vec!["-c".into(), "true".into()],
+                ..Default::default()
+            })
+            .await;
+        let text = match missing {
+            Err(status) => status.message().to_owned(),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut text = String::new();
+                while let Ok(Some(ev)) = stream.message().await {
+                    text.push_str(&format!("{ev:?}"));
+                }
+                text
+            }
+        };
+        assert!(text.contains("sh"), "{text}");
+        c.destroy_sandbox(pb::SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    });
+    agent.stop();
+    assert_clean(&home);
+}
