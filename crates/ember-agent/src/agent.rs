@@ -80,6 +80,10 @@ pub struct CreateRequest {
     pub image: Option<String>,
     /// Credentials for pulling `image`; never stored.
     pub registry: RegistryCredentials,
+    /// Working directory and user of an exec that names none (default:
+    /// the image's WorkingDir and User, when booting one).
+    pub exec_cwd: Option<String>,
+    pub exec_user: Option<String>,
 }
 
 /// Registry credentials for one pull. `Debug` hides the password.
@@ -593,6 +597,16 @@ impl Agent {
             image_defaults: imported
                 .as_ref()
                 .map(|(_, image)| image.manifest.defaults.clone()),
+            exec_cwd: req.exec_cwd.clone().or_else(|| {
+                imported
+                    .as_ref()
+                    .and_then(|(_, i)| i.manifest.defaults.working_dir.clone())
+            }),
+            exec_user: req.exec_user.clone().or_else(|| {
+                imported
+                    .as_ref()
+                    .and_then(|(_, i)| i.manifest.defaults.user.clone())
+            }),
         };
         if let Err(e) = self.inner.records.save(&record) {
             self.release(vcpus, memory_mib);

@@ -383,6 +383,8 @@ impl HostAgent for HostService {
                 username: (!r.registry_username.is_empty()).then_some(r.registry_username),
                 password: (!r.registry_password.is_empty()).then_some(r.registry_password),
             },
+            exec_cwd: (!r.default_cwd.is_empty()).then_some(r.default_cwd),
+            exec_user: (!r.default_user.is_empty()).then_some(r.default_user),
         };
         crate::failpoint::hit("create.before").await?;
         let agent = self.agent.clone();
@@ -517,12 +519,25 @@ impl HostAgent for HostService {
             return Err(Status::invalid_argument("cmd must not be empty"));
         }
         let guest = self.agent.guest(&id).await?;
+        // The sandbox's defaults (its template's or image's) for what the
+        // caller left out.
+        let record = self.agent.get(&id)?;
+        let cwd = if r.cwd.is_empty() {
+            record.exec_cwd
+        } else {
+            Some(r.cwd)
+        };
+        let user_name = if r.user.is_empty() {
+            record.exec_user.unwrap_or_default()
+        } else {
+            r.user
+        };
         let start = StartProcess {
             cmd: r.cmd,
             args: r.args,
             env: r.env.into_iter().collect::<BTreeMap<_, _>>(),
-            cwd: (!r.cwd.is_empty()).then_some(r.cwd),
-            user: user(&r.user),
+            cwd,
+            user: user(&user_name),
             timeout_ms: (r.timeout_ms > 0).then_some(r.timeout_ms),
             stdin: r.stdin,
             pty: r.pty.map(|p| PtySize {

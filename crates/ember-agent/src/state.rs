@@ -166,6 +166,11 @@ pub struct SandboxRecord {
     /// Env, WorkingDir, User, Entrypoint, Cmd); `None` unless booted from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_defaults: Option<ember_image::oci::ImageDefaults>,
+    /// Working directory and user of an exec that names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_user: Option<String>,
 }
 
 /// A sandbox's port access as the control plane last set it. The token is

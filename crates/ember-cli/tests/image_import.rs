@@ -230,19 +230,25 @@ fn imports_keep_the_image_and_refuse_bad_ones_root() {
     assert!(!Path::new("/tmp/ember-escaped").exists());
 }
 
-#[test]
-fn a_sandbox_boots_an_imported_image_root_vm() {
-    require_vm!();
-    require_import!();
-    let home = AgentHome::new();
+/// Import `layers` (as an OCI layout) into `home`'s data with the real
+/// `ember image import`; returns the import's key.
+fn import_into(home: &AgentHome, layers: &[Vec<u8>]) -> String {
     let layout = home.dir.path().join("layout");
-    write_layout(&layout, &busybox_layers(), "amd64");
+    write_layout(&layout, layers, "amd64");
     let (ok, out, err) = ember(
         &home.data(),
         &["image", "import", &format!("oci:{}", layout.display())],
     );
     assert!(ok, "import failed: {err}");
-    let key = imported_key(&out);
+    imported_key(&out)
+}
+
+#[test]
+fn a_sandbox_boots_an_imported_image_root_vm() {
+    require_vm!();
+    require_import!();
+    let home = AgentHome::new();
+    let key = import_into(&home, &busybox_layers());
 
     let mut agent = home.start();
     runtime().block_on(async {
@@ -457,14 +463,7 @@ fn a_musl_image_without_a_shell_runs_its_binaries_root_vm() {
     require_vm!();
     require_import!();
     let home = AgentHome::new();
-    let layout = home.dir.path().join("layout");
-    write_layout(&layout, &musl_layers(home.dir.path()), "amd64");
-    let (ok, out, err) = ember(
-        &home.data(),
-        &["image", "import", &format!("oci:{}", layout.display())],
-    );
-    assert!(ok, "import failed: {err}");
-    let key = imported_key(&out);
+    let key = import_into(&home, &musl_layers(home.dir.path()));
 
     let mut agent = home.start();
     runtime().block_on(async {
@@ -474,6 +473,8 @@ fn a_musl_image_without_a_shell_runs_its_binaries_root_vm() {
         req.image = key.clone();
         let sb = c.create_sandbox(req).await.unwrap().into_inner();
         assert_eq!(state(&sb), pb::SandboxState::Running);
+        // Its WorkingDir (/opt/app), absent from its layers, is made at
+        // import, as a container runtime would at start.
         let (out, err, code) = exec(&mut c, &id, "/bin/hello", &["world"]).await;
         assert_eq!((out.as_str(), code), ("musl says world\n", 0), "{err}");
         // No shell in the image: a command needing one fails, clearly.

@@ -186,6 +186,17 @@ fn a_dockerfile_becomes_a_template_serving_at_once_root_vm() {
             )
             .await;
         assert_eq!(env.stdout, "/srv/www from-image /bin\n", "{env:?}");
+        // An exec naming no directory runs in the template's WORKDIR.
+        let pwd = api
+            .exec(id, json!({"cmd": "/bin/sh", "args": ["-c", "pwd"]}))
+            .await;
+        assert_eq!(pwd.stdout, "/srv/www\n", "{pwd:?}");
+        let (_, t) = api.get("/v1/templates/web").await;
+        assert_eq!(t["defaults"]["workdir"], "/srv/www", "{t}");
+        assert_eq!(t["defaults"]["start"][1], "httpd", "{t}");
+        let names = t["defaults"]["env_names"].to_string();
+        assert!(names.contains("SITE") && names.contains("GREETING"), "{t}");
+        assert!(!t.to_string().contains("from-image"), "env values are never returned: {t}");
         eprintln!(
             "measured: cold build {:.1} s; create from the template to its first HTTP answer {:.2} s, \
              against {cold_boot_and_start:.2} s to boot the image cold and start the service ({:.1}x)",
@@ -261,6 +272,10 @@ fn a_dockerfile_becomes_a_template_serving_at_once_root_vm() {
             .exec(id, json!({"cmd": "/bin/sh", "args": ["-c", "echo $GREETING $CALLER"]}))
             .await;
         assert_eq!(env.stdout, "from-image x\n", "{env:?}");
+        let pwd = api
+            .exec(id, json!({"cmd": "/bin/sh", "args": ["-c", "pwd"]}))
+            .await;
+        assert_eq!(pwd.stdout, "/opt/app\n", "the image's WorkingDir: {pwd:?}");
         api.delete(&format!("/v1/sandboxes/{id}")).await;
 
         // A failing step: its command, exit code and output; no template,

@@ -405,6 +405,7 @@ impl Operations {
         } else {
             "fork"
         });
+        let mut exec_defaults: (Option<String>, Option<String>) = (None, None);
         let (build_id, vcpus, memory_mib) = if spec.template == BASE_TEMPLATE {
             (
                 None,
@@ -429,11 +430,12 @@ impl Operations {
                 });
             }
             // The template's environment (its image's and Dockerfile's)
-            // under the caller's.
+            // under the caller's; its working directory and user for execs.
             if let Some(defaults) = &t.defaults {
                 for (k, v) in &defaults.env {
                     spec.env.entry(k.clone()).or_insert_with(|| v.clone());
                 }
+                exec_defaults = (defaults.workdir.clone(), defaults.user.clone());
             }
             (Some(t.build_id), t.vcpus, t.memory_mib)
         };
@@ -544,6 +546,8 @@ impl Operations {
                 .as_ref()
                 .and_then(|i| i.password.clone())
                 .unwrap_or_default(),
+            default_cwd: exec_defaults.0.unwrap_or_default(),
+            default_user: exec_defaults.1.unwrap_or_default(),
         };
         // A pull can take long; a plain boot cannot.
         let deadline = if image.is_some() {

@@ -319,6 +319,23 @@ pub struct Snapshot {
     /// Bytes this build stores itself.
     pub size_bytes: u64,
     pub created_at: String,
+    /// What its sandboxes inherit, for a template built from an image or
+    /// a Dockerfile (absent for a snapshot of a sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<TemplateDefaults>,
+}
+
+/// A built template's defaults: environment variables (names only: values
+/// are never returned), and the working directory and user of an exec that
+/// names none, and the command that was serving when it was frozen.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateDefaults {
+    pub env_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub start: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

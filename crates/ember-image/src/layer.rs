@@ -219,6 +219,12 @@ impl Tree {
         }
     }
 
+    /// Make the directory `path` and its missing parents (0755), resolved
+    /// inside the tree as the guest will see it.
+    pub fn ensure_dir(&self, path: &str) -> io::Result<()> {
+        self.dir(Path::new(path.trim_start_matches('/'))).map(drop)
+    }
+
     /// Put `data` at `/<dir>/<name>` (root-owned, `mode`), replacing
     /// whatever the layers left at `/<dir>` — removed without following
     /// anything, so a symlink the image planted there leads nowhere.
@@ -847,6 +853,25 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn a_working_dir_is_made_inside_the_tree_through_planted_links() {
+        let (dir, tree) = tree();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        tree.apply(
+            &Layer::default()
+                .link("opt", tar::EntryType::Symlink, outside.to_str().unwrap())
+                .bytes()[..],
+        )
+        .unwrap();
+        tree.ensure_dir("/opt/app/work").unwrap();
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // The absolute link means the tree's own /<outside path>.
+        let inside = tree.path().join(outside.strip_prefix("/").unwrap());
+        assert!(inside.join("app/work").is_dir());
+        tree.ensure_dir("/opt/app/work").unwrap();
     }
 
     #[test]

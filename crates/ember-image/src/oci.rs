@@ -31,7 +31,7 @@ use crate::{DEFAULT_DISK_SIZE, Error, Result, elf, rootfs};
 pub const GUEST_INIT: &str = "/.ember/init";
 
 /// Bump when an import's output changes for the same image.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 const MANIFEST: &str = "image.json";
 /// Index, manifest and config documents are small; a bigger one is not an image.
 const MAX_DOCUMENT: u64 = 4 << 20;
@@ -988,6 +988,21 @@ pub(crate) fn import_labelled(
             stats.whiteouts,
             stats.hard_links
         ));
+    }
+    // A container runtime makes the WorkingDir at start when the image
+    // lacks it; execs run there by default, so the disk gets it now,
+    // through the tree like every other path the image names.
+    let working_dir = resolved
+        .config
+        .config
+        .as_ref()
+        .and_then(|c| c.working_dir.as_deref())
+        .filter(|w| !w.is_empty() && *w != "/");
+    if let Some(wd) = working_dir {
+        tree.ensure_dir(wd).map_err(Error::io(
+            "create the image's WorkingDir",
+            root.join(wd.trim_start_matches('/')),
+        ))?;
     }
     // Through the tree, never by path: the image may have put a symlink
     // to anywhere at `/.ember`.

@@ -21,6 +21,12 @@ pub(super) fn to_wire(t: Template) -> wire::Snapshot {
         source_sandbox_id: t.source_sandbox_id,
         size_bytes: t.size_bytes,
         created_at: rfc3339(t.created_at),
+        defaults: t.defaults.map(|d| wire::TemplateDefaults {
+            env_names: d.env.into_keys().collect(),
+            workdir: d.workdir,
+            user: d.user,
+            start: d.start,
+        }),
     }
 }
 
