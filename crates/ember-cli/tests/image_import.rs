@@ -230,6 +230,72 @@ fn imports_keep_the_image_and_refuse_bad_ones_root() {
     assert!(!Path::new("/tmp/ember-escaped").exists());
 }
 
+#[test]
+fn a_zstd_image_imports_like_its_gzip_twin_root() {
+    require_import!();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, &busybox_layers(), "amd64");
+    // skopeo recompresses every layer with zstd, as newer builders emit.
+    let zstd = work.path().join("zstd");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd", "--dest-compress"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci:{}:v1", zstd.display()))
+        .output()
+        .expect("skopeo is installed by setup-host");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index = std::fs::read_to_string(zstd.join("index.json")).unwrap();
+    let manifest_digest = index.split("sha256:").nth(1).unwrap()[..64].to_owned();
+    let manifest =
+        std::fs::read_to_string(zstd.join("blobs/sha256").join(&manifest_digest)).unwrap();
+    assert!(manifest.contains("tar+zstd"), "{manifest}");
+
+    let data = work.path().join("data");
+    let listing = |source: &Path| {
+        let (ok, out, err) = ember(
+            &data,
+            &["image", "import", &format!("oci:{}:v1", source.display())],
+        );
+        assert!(ok, "import of {}: {err}", source.display());
+        let rootfs = data
+            .join("images/oci")
+            .join(imported_key(&out))
+            .join("rootfs.ext4");
+        ["ls -l /etc", "ls -l /opt/app", "stat /bin/bb2"]
+            .map(|r| {
+                // Inode numbers and times may differ; names, modes and
+                // link counts may not.
+                debugfs(&rootfs, r)
+                    .lines()
+                    .filter(|l| l.contains("Links:") || l.contains('('))
+                    .map(|l| {
+                        // `ls -l` starts with the inode number: drop it.
+                        let skip = usize::from(l.contains('('));
+                        l.split_whitespace()
+                            .skip(skip)
+                            .filter(|w| !w.contains(':') || w.starts_with("Links"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .join("\n")
+    };
+    let gzip_tree = listing(&layout);
+    let zstd_tree = listing(&zstd);
+    assert!(
+        gzip_tree.contains("upper") && gzip_tree.contains("Links: 2"),
+        "{gzip_tree}"
+    );
+    assert_eq!(zstd_tree, gzip_tree);
+}
+
 /// Import `layers` (as an OCI layout) into `home`'s data with the real
 /// `ember image import`; returns the import's key.
 fn import_into(home: &AgentHome, layers: &[Vec<u8>]) -> String {

@@ -813,12 +813,12 @@ fn apply_layer(
     let unpacked: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(stored))
     } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        return Err(import_error(
-            source,
-            format!(
-                "{label} is zstd-compressed, which Ember cannot unpack yet: rebuild or copy the image with gzip layers (e.g. skopeo copy --dest-compress-format gzip)"
-            ),
-        ));
+        // One zstd frame per layer, as image builders write them; a stream
+        // of several stops after the first, and the digest of the stored
+        // bytes then fails the import rather than dropping files quietly.
+        let decoder = ruzstd::decoding::StreamingDecoder::new(stored)
+            .map_err(|e| import_error(source, format!("{label}: not a zstd stream: {e}")))?;
+        Box::new(decoder)
     } else {
         Box::new(stored)
     };
