@@ -794,11 +794,21 @@ impl Agent {
         let image = if let Some(reference) = name.strip_prefix("docker://") {
             // Only registry references come from the API: a local layout or
             // archive path would let a caller make the agent read host files.
-            let host = reference.split('/').next().unwrap_or_default();
+            // The caller names the host this agent connects to: only a
+            // public one, unless the operator listed it (no SSRF into the
+            // host's network).
+            let host =
+                ember_image::registry::registry_of(reference).map_err(AgentError::ImageImport)?;
+            let listed = |list: &[String]| list.contains(&host);
+            if !listed(&cfg.insecure_registries) && !listed(&cfg.private_registries) {
+                ember_image::registry::check_public(&host)
+                    .await
+                    .map_err(AgentError::ImageImport)?;
+            }
             let options = ember_image::registry::RegistryOptions {
                 username: registry.username.clone(),
                 password: registry.password.clone(),
-                plain_http: cfg.insecure_registries.iter().any(|r| r == host),
+                plain_http: listed(&cfg.insecure_registries),
                 ca_certificates: cfg.registry_ca.clone(),
             };
             let guest = cfg

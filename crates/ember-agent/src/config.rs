@@ -82,6 +82,9 @@ pub struct AgentConfig {
     /// Registries (`HOST[:PORT]`) reached over plain HTTP: loopback or a
     /// trusted network only.
     pub insecure_registries: Vec<String>,
+    /// Registries (`HOST[:PORT]`) on a private address that creates may
+    /// pull from over TLS; any other must resolve to public addresses.
+    pub private_registries: Vec<String>,
     /// PEM CA certificates trusted for registries, besides the system's.
     pub registry_ca: Vec<PathBuf>,
     /// Use this built image (an `images/<key>` directory) instead of
@@ -185,6 +188,7 @@ impl AgentConfig {
             guest_bin: None,
             static_guest_bin: None,
             insecure_registries: Vec::new(),
+            private_registries: Vec::new(),
             registry_ca: Vec::new(),
             image_dir: None,
             confine: crate::confine::ConfineConfig::default(),

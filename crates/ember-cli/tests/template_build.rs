@@ -311,6 +311,22 @@ fn a_dockerfile_becomes_a_template_serving_at_once_root_vm() {
             "{b}"
         );
 
+        // A registry on this host's network that the operator did not list:
+        // refused, so callers cannot reach into it through the agent.
+        let port = registry.address.rsplit(':').next().unwrap();
+        let inside = start_build(
+            &api,
+            json!({"name": "inside", "image": format!("docker://localhost:{port}/busy:v1")}),
+        )
+        .await;
+        let b = finished(&api, "inside", &inside).await;
+        assert_eq!(b["status"], "failed", "{b}");
+        let error = b["error"].as_str().unwrap();
+        assert!(
+            error.contains("loopback address") && error.contains("--private-registry"),
+            "{error}"
+        );
+
         // Refused before anything starts: an unsupported instruction (with
         // its line), a taken name, a context entry leaving the context.
         let (st, e) = api

@@ -243,6 +243,95 @@ impl Drop for PullDir {
     }
 }
 
+/// The registry (`HOST[:PORT]`) a reference pulls from, as the pull will
+/// resolve it (a name without one is Docker Hub's).
+pub fn registry_of(reference: &str) -> Result<String> {
+    let parsed: Reference = reference.parse().map_err(|e| {
+        pull_error(
+            reference,
+            format!("not an image reference ({e}): write HOST[:PORT]/REPOSITORY[:TAG]"),
+        )
+    })?;
+    Ok(parsed.resolve_registry().to_owned())
+}
+
+/// Why `ip` is not a public address, if it is not: a registry there is
+/// inside the host's network, which the API must not lend to callers.
+pub fn private_kind(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    let v4 = match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => {
+                let seg = v6.segments()[0];
+                return if v6.is_loopback() {
+                    Some("loopback")
+                } else if v6.is_unspecified() {
+                    Some("unspecified")
+                } else if v6.is_multicast() {
+                    Some("multicast")
+                } else if seg & 0xfe00 == 0xfc00 {
+                    Some("unique local (private)")
+                } else if seg & 0xffc0 == 0xfe80 {
+                    Some("link-local")
+                } else {
+                    None
+                };
+            }
+        },
+    };
+    let [a, b, ..] = v4.octets();
+    if v4.is_loopback() {
+        Some("loopback")
+    } else if v4.is_private() {
+        Some("private")
+    } else if v4.is_link_local() {
+        Some("link-local (cloud metadata lives here)")
+    } else if v4.is_unspecified() || a == 0 {
+        Some("unspecified")
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("shared (carrier-grade NAT)")
+    } else if v4.is_multicast() || v4.is_broadcast() || a >= 240 {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// Refuse a registry whose name resolves to a non-public address. Checked
+/// before the pull connects; a name whose answers change between the
+/// check and the pull (DNS rebinding) is not caught here.
+pub async fn check_public(registry: &str) -> Result<()> {
+    let with_port = if registry.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !h.ends_with(':') && p.chars().all(|c| c.is_ascii_digit())
+    }) {
+        registry.to_owned()
+    } else {
+        format!("{registry}:443")
+    };
+    let addrs = tokio::net::lookup_host(&with_port).await.map_err(|e| {
+        pull_error(
+            registry,
+            format!("cannot resolve the registry {registry}: {e}"),
+        )
+    })?;
+    for addr in addrs {
+        if let Some(kind) = private_kind(addr.ip()) {
+            return Err(pull_error(
+                registry,
+                format!(
+                    "the registry {registry} resolves to {}, a {kind} address: this host pulls from \
+                     public registries only, unless its operator lists the registry with \
+                     --insecure-registry or --private-registry",
+                    addr.ip()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Remove the scratch layouts of pulls whose process is gone (killed
 /// mid-pull: its `Drop` never ran). Names are `<pid>.<nanos>`.
 fn sweep_abandoned(parent: &Path) {
@@ -316,6 +405,55 @@ pub async fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_inside_a_network_are_told_apart_from_public_ones() {
+        for (ip, kind) in [
+            ("127.0.0.1", Some("loopback")),
+            ("10.1.2.3", Some("private")),
+            ("172.16.0.1", Some("private")),
+            ("192.168.1.1", Some("private")),
+            (
+                "169.254.169.254",
+                Some("link-local (cloud metadata lives here)"),
+            ),
+            ("100.64.0.1", Some("shared (carrier-grade NAT)")),
+            ("0.0.0.0", Some("unspecified")),
+            ("::1", Some("loopback")),
+            ("fd00::1", Some("unique local (private)")),
+            ("fe80::1", Some("link-local")),
+            ("::ffff:10.0.0.1", Some("private")),
+            ("93.184.216.34", None),
+            ("2606:4700::1111", None),
+        ] {
+            assert_eq!(private_kind(ip.parse().unwrap()), kind, "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_registry_of_a_reference_is_where_the_pull_goes() {
+        assert_eq!(
+            registry_of("127.0.0.1:5000/busy:v1").unwrap(),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(registry_of("localhost/x").unwrap(), "localhost");
+        assert_eq!(registry_of("python:3.12").unwrap(), "index.docker.io");
+        assert!(registry_of("UPPER/Case").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_registry_on_loopback_is_refused_naming_the_flag() {
+        let e = check_public("localhost:5000")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("loopback") && e.contains("--private-registry"),
+            "{e}"
+        );
+        let e = check_public("127.0.0.1").await.unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1, a loopback address"), "{e}");
+    }
 
     #[test]
     fn abandoned_pulls_are_swept_and_live_ones_kept() {

@@ -86,9 +86,16 @@ pub struct AgentOptions {
     #[arg(long, env = "EMBER_STATIC_GUEST_BIN")]
     pub static_guest_bin: Option<PathBuf>,
     /// A registry (HOST[:PORT]) to pull images from over plain HTTP, for
-    /// loopback or a trusted network (repeatable, or comma-separated).
+    /// loopback or a trusted network (repeatable, or comma-separated); it
+    /// may be on a private address.
     #[arg(long, env = "EMBER_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registry: Vec<String>,
+    /// A registry (HOST[:PORT]) on a private or loopback address that
+    /// template builds may pull from over TLS (repeatable, or
+    /// comma-separated). Other registries must resolve to public addresses,
+    /// so callers cannot reach into this host's network.
+    #[arg(long, env = "EMBER_PRIVATE_REGISTRIES", value_delimiter = ',')]
+    pub private_registry: Vec<String>,
     /// A PEM CA certificate to trust for registries, besides the system's.
     #[arg(long, env = "EMBER_REGISTRY_CA", value_name = "FILE")]
     pub registry_ca: Vec<PathBuf>,
@@ -151,6 +158,7 @@ impl AgentOptions {
         c.warm_base = self.warm_base;
         c.static_guest_bin = self.static_guest_bin.clone();
         c.insecure_registries = self.insecure_registry.clone();
+        c.private_registries = self.private_registry.clone();
         c.registry_ca = self.registry_ca.clone();
         if let Some(text) = &self.guest_ready_serial {
             c.guest_readiness = ember_agent::config::GuestReadiness::Serial(text.clone());
