@@ -39,6 +39,8 @@ pub const LOG_KEPT: usize = 256 * 1024;
 const TAIL_LINES: usize = 20;
 /// How long one `RUN` may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Bytes of one output line held before it is logged unfinished.
+const MAX_LINE: usize = 16 * 1024;
 /// Prefix of the hidden templates the step cache keeps.
 pub const CACHE_PREFIX: &str = ".cache-";
 
@@ -1020,8 +1022,14 @@ async fn exec(
             Ok(Some(ev)) => match ev.event {
                 Some(pb::exec_event::Event::Stdout(b) | pb::exec_event::Event::Stderr(b)) => {
                     pending.extend_from_slice(&b);
-                    if let Some(end) = pending.iter().rposition(|&c| c == b'\n') {
-                        let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+                    // A step's output is the tenant's: a line that never
+                    // ends is logged in pieces, never held whole.
+                    let end = pending
+                        .iter()
+                        .rposition(|&c| c == b'\n')
+                        .or((pending.len() > MAX_LINE).then(|| pending.len() - 1));
+                    if let Some(end) = end {
+                        let text = String::from_utf8_lossy(&pending[..=end]).into_owned();
                         for line in text.lines() {
                             job.log(&format!("  | {line}"));
                         }
